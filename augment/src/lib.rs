@@ -1,0 +1,1 @@
+//! BYOL augmentation: two asymmetric views per image (pure image ops, no IO).

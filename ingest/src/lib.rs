@@ -1,0 +1,1 @@
+//! Packs images into byol shards.

@@ -1,0 +1,1 @@
+//! Shuffled, resumable two-view batches from memory-mapped shards.

@@ -1,0 +1,1 @@
+//! BYOL training in candle. The only crate that uses candle.
