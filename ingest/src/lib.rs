@@ -1,1 +1,41 @@
-//! Packs images into byol shards.
+//! Packs image folders, image files and IDX files into memory-mapped, zstd-compressed
+//! shards with a manifest, and reads them back.
+//!
+//! - [`shard`]: the shard file format, writer and reader (specified in `FORMAT.md`);
+//! - [`manifest`]: the dataset manifest, the single source of truth;
+//! - [`ingest()`]: the incremental, parallel, crash-safe ingest run;
+//! - [`Dataset`]: a packed dataset opened for reading;
+//! - [`inspect`]: statistics and verification of a dataset.
+//!
+//! ```no_run
+//! use byol_ingest::{Dataset, IngestOptions, NoProgress, ingest};
+//! let opts = IngestOptions::new(vec!["photos/".into()], "dataset/".into());
+//! let report = ingest(&opts, &NoProgress)?;
+//! println!("{} records added", report.summary.ingested);
+//! let ds = Dataset::open("dataset/".as_ref())?;
+//! println!("{} records in {} shards", ds.len(), ds.shards().len());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod dataset;
+pub mod decode;
+pub mod fsutil;
+pub mod idx;
+mod ingest;
+pub mod inspect;
+pub mod manifest;
+mod pipeline;
+pub mod reject;
+pub mod shard;
+pub mod source;
+
+pub use dataset::{Dataset, DatasetError, RecordRef, RecordScratch};
+pub use decode::DecodeLimits;
+pub use ingest::{
+    IngestError, IngestOptions, IngestReport, IngestSummary, LOCK_FILE, NoProgress, Progress,
+    SettingsOverride, ingest,
+};
+pub use manifest::{IngestSettings, Manifest};
+pub use reject::{Reject, RejectReason};
+pub use shard::Codec;
+pub use source::Layout;

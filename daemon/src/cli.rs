@@ -1,0 +1,104 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Self-supervised image pretraining with BYOL.
+///
+/// Without a subcommand, runs the built-in demo: packs a small embedded sample of
+/// photos into ./byol-demo/dataset and reports on it.
+#[derive(Debug, Parser)]
+#[command(name = "byol", version, about, long_about)]
+pub struct Cli {
+    /// More log output (-v: info, -vv: debug). BYOL_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// What to do (default: the demo).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Pack image folders, image files or IDX files into a dataset (incremental).
+    Ingest(IngestArgs),
+    /// Report what a dataset holds; --verify checks every record.
+    Inspect(InspectArgs),
+}
+
+/// Payload codec choices.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CodecArg {
+    /// Raw RGB8 pixels (fastest to read).
+    Raw,
+    /// The original JPEG/PNG/WebP bytes (smallest for large photos).
+    Encoded,
+}
+
+/// Source layout choices.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LayoutArg {
+    /// ImageFolder if the top level holds only folders, flat otherwise.
+    Auto,
+    /// Class = first-level subfolder.
+    Imagefolder,
+    /// Unlabelled, every image in the tree.
+    Flat,
+}
+
+/// `byol ingest`.
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    /// Folders, image files or IDX image files (e.g. train-images-idx3-ubyte.gz).
+    #[arg(required = true)]
+    pub sources: Vec<PathBuf>,
+    /// Dataset folder (created if missing; later runs add only new files).
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Layout of source folders.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub layout: LayoutArg,
+    /// Payload codec of a new dataset [default: raw].
+    #[arg(long, value_enum)]
+    pub codec: Option<CodecArg>,
+    /// Resize so the short side is at most this many pixels; 0 keeps the decoded size
+    /// [default for a new dataset: 256].
+    #[arg(long)]
+    pub max_side: Option<u32>,
+    /// zstd level of each record [default: 3].
+    #[arg(long)]
+    pub zstd_level: Option<i32>,
+    /// JPEG quality when the encoded codec must re-encode [default: 95].
+    #[arg(long)]
+    pub jpeg_quality: Option<u8>,
+    /// Target shard size in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub shard_size_mib: u64,
+    /// Worker threads (0: one per core).
+    #[arg(long, short = 'j', default_value_t = 0)]
+    pub threads: usize,
+    /// Largest accepted image, in megapixels (decompression-bomb guard).
+    #[arg(long, default_value_t = 128)]
+    pub max_megapixels: u64,
+    /// Exit with status 3 when the run added nothing.
+    #[arg(long)]
+    pub fail_if_empty: bool,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `byol inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Dataset folder.
+    pub dataset: PathBuf,
+    /// Read every record and check its checksum; exit 1 if any is corrupt.
+    #[arg(long)]
+    pub verify: bool,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,114 @@
+//! `byol ingest`: pack sources into a dataset and print the summary.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use byol_ingest::{Codec, DecodeLimits, IngestOptions, IngestReport, Layout, SettingsOverride};
+use indicatif::HumanBytes;
+
+use crate::cli::{CodecArg, IngestArgs, LayoutArg};
+use crate::progress::Bar;
+
+/// Exit status when `--fail-if-empty` is given and nothing was added.
+pub const EXIT_NOTHING_INGESTED: u8 = 3;
+/// How many rejects are listed on the terminal (all are in rejects.jsonl).
+const REJECTS_SHOWN: usize = 10;
+
+/// Runs `byol ingest`.
+pub fn run(args: IngestArgs) -> anyhow::Result<ExitCode> {
+    let mut opts = IngestOptions::new(args.sources, args.out);
+    opts.layout = match args.layout {
+        LayoutArg::Auto => Layout::Auto,
+        LayoutArg::Imagefolder => Layout::ImageFolder,
+        LayoutArg::Flat => Layout::Flat,
+    };
+    opts.settings = SettingsOverride {
+        codec: args.codec.map(|c| match c {
+            CodecArg::Raw => Codec::RawRgb8,
+            CodecArg::Encoded => Codec::Encoded,
+        }),
+        max_side: args.max_side,
+        zstd_level: args.zstd_level,
+        jpeg_quality: args.jpeg_quality,
+    };
+    opts.shard_bytes = args.shard_size_mib.saturating_mul(1 << 20);
+    opts.threads = args.threads;
+    opts.limits = DecodeLimits {
+        max_pixels: args.max_megapixels.saturating_mul(1_000_000),
+        ..DecodeLimits::default()
+    };
+    let report = ingest_with_bar(&opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report.summary)?);
+    } else {
+        print_report(&report, &opts);
+    }
+    if args.fail_if_empty && report.summary.ingested == 0 {
+        return Ok(ExitCode::from(EXIT_NOTHING_INGESTED));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs an ingest with a progress bar on stderr.
+pub fn ingest_with_bar(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
+    let bar = Bar::new(0, "ingest");
+    let report = byol_ingest::ingest(opts, &bar);
+    bar.finish();
+    report.with_context(|| format!("ingest into {} failed", opts.out.display()))
+}
+
+/// Prints the human-readable summary of a run.
+pub fn print_report(report: &IngestReport, opts: &IngestOptions) {
+    let s = &report.summary;
+    println!("dataset          {}", opts.out.display());
+    println!("files seen       {}", s.files_seen);
+    println!(
+        "ingested         {} images from {} sources",
+        s.ingested, s.sources_added
+    );
+    println!("already present  {}", s.already_present);
+    println!("duplicates       {}", s.duplicates);
+    println!("rejected         {}", s.rejected_total());
+    for (reason, n) in &s.rejected {
+        println!("  {reason:<15} {n}");
+    }
+    let ratio = if s.bytes_stored > 0 {
+        s.bytes_raw as f64 / s.bytes_stored as f64
+    } else {
+        0.0
+    };
+    println!(
+        "new shards       {} ({} stored, {} raw, {ratio:.2}x)",
+        s.shards_written,
+        HumanBytes(s.bytes_stored),
+        HumanBytes(s.bytes_raw)
+    );
+    if s.retired > 0 {
+        println!("retired          {} records of changed files", s.retired);
+    }
+    if s.leftovers_removed > 0 {
+        println!(
+            "cleaned up       {} leftovers of an interrupted run",
+            s.leftovers_removed
+        );
+    }
+    let rate = if s.seconds > 0.0 {
+        s.ingested as f64 / s.seconds
+    } else {
+        0.0
+    };
+    println!(
+        "time             {:.1} s ({rate:.0} images/s), generation {}",
+        s.seconds, s.generation
+    );
+    for r in report.rejects.iter().take(REJECTS_SHOWN) {
+        println!("rejected: {}: {}: {}", r.path.display(), r.reason, r.detail);
+    }
+    if report.rejects.len() > REJECTS_SHOWN {
+        println!(
+            "... and {} more, see {}",
+            report.rejects.len() - REJECTS_SHOWN,
+            opts.out.join(byol_ingest::reject::REJECTS_FILE).display()
+        );
+    }
+}

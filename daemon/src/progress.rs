@@ -1,0 +1,39 @@
+//! Progress bars on stderr (hidden when stderr is not a terminal).
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// A progress bar counting images.
+pub struct Bar(ProgressBar);
+
+impl Bar {
+    /// A bar with `len` units, labelled `what`.
+    pub fn new(len: u64, what: &str) -> Self {
+        let bar = ProgressBar::new(len);
+        bar.set_style(
+            ProgressStyle::with_template(&format!(
+                "{{spinner}} {what} {{bar:40}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}, {{per_sec}}]"
+            ))
+            .expect("valid template"),
+        );
+        Bar(bar)
+    }
+
+    /// Advances by `n`.
+    pub fn inc(&self, n: u64) {
+        self.0.inc(n);
+    }
+
+    /// Removes the bar.
+    pub fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+impl byol_ingest::Progress for Bar {
+    fn add_total(&self, n: u64) {
+        self.0.inc_length(n);
+    }
+    fn advance(&self, n: u64) {
+        self.0.inc(n);
+    }
+}

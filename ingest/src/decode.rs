@@ -1,0 +1,188 @@
+//! Decoding any supported image file to RGB8, safely, and the ingest resize.
+
+use std::io::Cursor;
+
+use fast_image_resize::images::Image as FirImage;
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::{
+    DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage, metadata::Orientation,
+};
+
+/// Limits that protect a run from decompression bombs and absurd files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// Largest accepted `width * height`.
+    pub max_pixels: u64,
+    /// Largest accepted width or height.
+    pub max_dimension: u32,
+    /// Largest memory a decoder may allocate, in bytes.
+    pub max_alloc: u64,
+    /// Largest accepted source file, in bytes.
+    pub max_file_bytes: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        DecodeLimits {
+            max_pixels: 128 * 1024 * 1024,
+            max_dimension: 65_535,
+            max_alloc: 1 << 30,
+            max_file_bytes: 1 << 30,
+        }
+    }
+}
+
+/// Why an image could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The content is not a format we decode.
+    #[error("not an image (unrecognised content)")]
+    NotAnImage,
+    /// Dimensions or memory exceed the limits.
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// Truncated or corrupt data.
+    #[error("corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// A decoded image and how it was stored in its file.
+pub struct Decoded {
+    /// The pixels, EXIF orientation applied, converted to RGB8.
+    pub image: RgbImage,
+    /// The container format found by content.
+    pub format: ImageFormat,
+    /// True when the file's pixels needed an orientation transform.
+    pub reoriented: bool,
+}
+
+/// Decodes `bytes` by content (never by file name) into RGB8, applying EXIF orientation.
+///
+/// Grayscale, RGBA, 16-bit, palette and CMYK inputs are converted to RGB8 (alpha is
+/// dropped). Dimensions are checked against `limits` before any pixel is decoded.
+pub fn decode_rgb8(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, DecodeError> {
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    let format = reader.format().ok_or(DecodeError::NotAnImage)?;
+    let mut reader = reader;
+    let mut lim = image::Limits::default();
+    lim.max_image_width = Some(limits.max_dimension);
+    lim.max_image_height = Some(limits.max_dimension);
+    lim.max_alloc = Some(limits.max_alloc);
+    reader.limits(lim);
+    let mut decoder = reader.into_decoder().map_err(classify)?;
+    let (w, h) = decoder.dimensions();
+    if w == 0 || h == 0 {
+        return Err(DecodeError::Corrupt(format!("{w}x{h} image has no pixels")));
+    }
+    if u64::from(w) * u64::from(h) > limits.max_pixels {
+        return Err(DecodeError::TooLarge(format!(
+            "{w}x{h} exceeds the limit of {} pixels",
+            limits.max_pixels
+        )));
+    }
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(classify)?;
+    img.apply_orientation(orientation);
+    Ok(Decoded {
+        image: img.into_rgb8(),
+        format,
+        reoriented: orientation != Orientation::NoTransforms,
+    })
+}
+
+fn classify(e: image::ImageError) -> DecodeError {
+    use image::ImageError as E;
+    match e {
+        E::Limits(l) => DecodeError::TooLarge(l.to_string()),
+        E::Unsupported(u) => DecodeError::Corrupt(format!("unsupported: {u}")),
+        other => DecodeError::Corrupt(other.to_string()),
+    }
+}
+
+/// Output size when the short side is limited to `max_side` (aspect ratio kept).
+///
+/// Returns the input size when it is already small enough or `max_side` is `None`.
+pub fn target_size(width: u32, height: u32, max_side: Option<u32>) -> (u32, u32) {
+    let Some(max_side) = max_side else {
+        return (width, height);
+    };
+    let short = width.min(height);
+    if short <= max_side || max_side == 0 {
+        return (width, height);
+    }
+    let scale = f64::from(max_side) / f64::from(short);
+    let scaled = |v: u32| ((f64::from(v) * scale).round() as u32).max(1);
+    if width <= height {
+        (max_side, scaled(height))
+    } else {
+        (scaled(width), max_side)
+    }
+}
+
+/// Resizes so the short side is at most `max_side`, with a Lanczos3 (antialiased)
+/// filter. Images already small enough are returned unchanged.
+pub fn resize_short_side(img: RgbImage, max_side: Option<u32>) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let (nw, nh) = target_size(w, h, max_side);
+    if (nw, nh) == (w, h) {
+        return img;
+    }
+    let src = FirImage::from_vec_u8(w, h, img.into_raw(), PixelType::U8x3)
+        .expect("RgbImage buffer has width*height*3 bytes");
+    let mut dst = FirImage::new(nw, nh, PixelType::U8x3);
+    Resizer::new()
+        .resize(
+            &src,
+            &mut dst,
+            &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3)),
+        )
+        .expect("same pixel type on both sides");
+    RgbImage::from_raw(nw, nh, dst.into_vec()).expect("resizer output has nw*nh*3 bytes")
+}
+
+/// Encodes `img` as a JPEG at `quality` (the `encoded` codec's fallback when the
+/// original bytes cannot be kept).
+pub fn encode_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, DecodeError> {
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
+        .encode_image(img)
+        .map_err(|e| DecodeError::Corrupt(format!("jpeg encode: {e}")))?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_size_limits_the_short_side() {
+        assert_eq!(target_size(4000, 3000, Some(256)), (341, 256));
+        assert_eq!(target_size(3000, 4000, Some(256)), (256, 341));
+        assert_eq!(target_size(200, 100, Some(256)), (200, 100));
+        assert_eq!(target_size(4000, 3000, None), (4000, 3000));
+        assert_eq!(target_size(10_000, 1, Some(256)), (10_000, 1));
+    }
+
+    #[test]
+    fn resize_keeps_aspect_and_a_constant_image() {
+        let img = RgbImage::from_pixel(600, 300, image::Rgb([10, 200, 30]));
+        let out = resize_short_side(img, Some(100));
+        assert_eq!(out.dimensions(), (200, 100));
+        assert!(out.pixels().all(|p| p.0 == [10, 200, 30]));
+    }
+
+    #[test]
+    fn garbage_is_not_an_image() {
+        let limits = DecodeLimits::default();
+        assert_eq!(
+            decode_rgb8(b"hello, this is text", &limits).err(),
+            Some(DecodeError::NotAnImage)
+        );
+        assert_eq!(
+            decode_rgb8(b"", &limits).err(),
+            Some(DecodeError::NotAnImage)
+        );
+    }
+}

@@ -1,0 +1,153 @@
+//! Statistics and verification of a packed dataset (`byol inspect`).
+
+use std::collections::BTreeMap;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::dataset::{Dataset, RecordRef, RecordScratch};
+use crate::manifest::IngestSettings;
+
+/// Upper bounds (exclusive) of the short-side histogram buckets; the last is open.
+pub const SHORT_SIDE_BUCKETS: [u32; 6] = [32, 64, 128, 256, 512, 1024];
+
+/// Everything `byol inspect` reports about a dataset.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DatasetStats {
+    /// Dataset generation.
+    pub generation: u64,
+    /// Fixed ingest settings.
+    pub settings: IngestSettings,
+    /// Number of shards.
+    pub shards: usize,
+    /// Number of source files listed.
+    pub sources: usize,
+    /// Records, retired ones included.
+    pub records: u64,
+    /// Records readers skip because their source changed.
+    pub retired: u64,
+    /// Live records per class name, in class order.
+    pub per_class: Vec<(String, u64)>,
+    /// Live records without a label.
+    pub unlabelled: u64,
+    /// Bytes of the shard files.
+    pub bytes_stored: u64,
+    /// Uncompressed payload bytes.
+    pub bytes_raw: u64,
+    /// Smallest, median and largest width of live records.
+    pub width: [u32; 3],
+    /// Smallest, median and largest height of live records.
+    pub height: [u32; 3],
+    /// Live records by short side: `< 32, < 64, ... , < 1024, >= 1024`.
+    pub short_side_histogram: Vec<(String, u64)>,
+}
+
+fn min_median_max(mut v: Vec<u32>) -> [u32; 3] {
+    if v.is_empty() {
+        return [0; 3];
+    }
+    v.sort_unstable();
+    [v[0], v[v.len() / 2], v[v.len() - 1]]
+}
+
+/// Computes [`DatasetStats`] from the manifest and the shard indexes (no record is read).
+pub fn stats(ds: &Dataset) -> DatasetStats {
+    let m = ds.manifest();
+    let mut per_class = vec![0u64; m.classes.len()];
+    let mut unlabelled = 0;
+    let mut widths = Vec::new();
+    let mut heights = Vec::new();
+    let mut hist = [0u64; SHORT_SIDE_BUCKETS.len() + 1];
+    for r in ds.live_records() {
+        let meta = ds.meta(r);
+        match meta.label() {
+            Some(l) if (l as usize) < per_class.len() => per_class[l as usize] += 1,
+            _ => unlabelled += 1,
+        }
+        widths.push(meta.width);
+        heights.push(meta.height);
+        let short = meta.width.min(meta.height);
+        hist[SHORT_SIDE_BUCKETS
+            .iter()
+            .position(|&b| short < b)
+            .unwrap_or(SHORT_SIDE_BUCKETS.len())] += 1;
+    }
+    let mut labels: Vec<String> = SHORT_SIDE_BUCKETS
+        .iter()
+        .map(|b| format!("< {b}"))
+        .collect();
+    labels.push(format!(
+        ">= {}",
+        SHORT_SIDE_BUCKETS[SHORT_SIDE_BUCKETS.len() - 1]
+    ));
+    DatasetStats {
+        generation: m.generation,
+        settings: m.settings,
+        shards: m.shards.len(),
+        sources: m.sources.len(),
+        records: m.total_records(),
+        retired: m.total_records() - m.live_records(),
+        per_class: m.classes.iter().cloned().zip(per_class).collect(),
+        unlabelled,
+        bytes_stored: m.shards.iter().map(|s| s.bytes).sum(),
+        bytes_raw: m.shards.iter().map(|s| s.raw_bytes).sum(),
+        width: min_median_max(widths),
+        height: min_median_max(heights),
+        short_side_histogram: labels.into_iter().zip(hist).collect(),
+    }
+}
+
+/// A record that failed verification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CorruptRecord {
+    /// Shard file name.
+    pub shard: String,
+    /// Record index in the shard.
+    pub index: u32,
+    /// What failed.
+    pub reason: String,
+}
+
+/// Reads every record (retired ones too), checks its checksum, decompresses and, for
+/// the `encoded` codec, decodes it. Returns the corrupt records in shard order.
+/// `progress` is called with the number of records checked, from worker threads.
+pub fn verify(ds: &Dataset, progress: &(dyn Fn(u64) + Sync)) -> Vec<CorruptRecord> {
+    let refs: Vec<RecordRef> = ds
+        .shards()
+        .iter()
+        .enumerate()
+        .flat_map(|(shard, s)| (0..s.len() as u32).map(move |index| RecordRef { shard, index }))
+        .collect();
+    let mut bad: Vec<CorruptRecord> = refs
+        .par_chunks(256)
+        .map_init(
+            || (RecordScratch::default(), Vec::new()),
+            |(scratch, buf), chunk| {
+                let bad: Vec<CorruptRecord> = chunk
+                    .iter()
+                    .filter_map(|&r| {
+                        ds.read_rgb(r, scratch, buf).err().map(|e| CorruptRecord {
+                            shard: ds.manifest().shards[r.shard].file.clone(),
+                            index: r.index,
+                            reason: e.to_string(),
+                        })
+                    })
+                    .collect();
+                progress(chunk.len() as u64);
+                bad
+            },
+        )
+        .flatten()
+        .collect();
+    bad.sort_by(|a, b| (&a.shard, a.index).cmp(&(&b.shard, b.index)));
+    bad
+}
+
+/// Live records per shard file, for reports.
+pub fn records_per_shard(ds: &Dataset) -> BTreeMap<String, u64> {
+    ds.manifest()
+        .shards
+        .iter()
+        .map(|s| (s.file.clone(), s.records - s.retired.len() as u64))
+        .collect()
+}

@@ -1,0 +1,318 @@
+//! The dataset manifest: the single source of truth about what a dataset holds.
+//!
+//! A shard not listed here does not exist. The manifest is replaced atomically
+//! (see [`crate::fsutil::write_atomic`]); its layout is specified in `ingest/FORMAT.md`.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil;
+use crate::shard::Codec;
+
+/// File name of the manifest inside a dataset folder.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// Folder of the shards inside a dataset folder.
+pub const SHARDS_DIR: &str = "shards";
+/// The `format` field of every manifest.
+pub const FORMAT_NAME: &str = "byol-dataset";
+/// The manifest version this build writes and reads.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// Errors loading or saving a manifest.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// Reading or writing the file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The manifest file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The file is not a valid manifest.
+    #[error("{path}: not a valid dataset manifest: {reason}")]
+    Invalid {
+        /// The manifest file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Settings fixed when a dataset is created; every later ingest uses the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestSettings {
+    /// Payload codec of every shard.
+    pub codec: Codec,
+    /// Images are resized so their short side is at most this (None: kept as decoded).
+    pub max_side: Option<u32>,
+    /// zstd compression level of each record.
+    pub zstd_level: i32,
+    /// JPEG quality used when the `encoded` codec must re-encode an image.
+    pub jpeg_quality: u8,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        IngestSettings {
+            codec: Codec::RawRgb8,
+            max_side: Some(256),
+            zstd_level: 3,
+            jpeg_quality: 95,
+        }
+    }
+}
+
+/// One shard of the dataset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardEntry {
+    /// Shard id, unique and increasing within the dataset.
+    pub id: u32,
+    /// File name inside `shards/`.
+    pub file: String,
+    /// Number of records in the shard.
+    pub records: u64,
+    /// File size in bytes.
+    pub bytes: u64,
+    /// Sum of the records' uncompressed payload sizes.
+    pub raw_bytes: u64,
+    /// Records no longer live (their source file changed); readers skip them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<u32>,
+}
+
+/// A run of consecutive records in one shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Span {
+    /// Shard id.
+    pub shard: u32,
+    /// Index of the first record.
+    pub first: u32,
+    /// Number of records.
+    pub count: u32,
+}
+
+/// Size and modification time of a file, used to skip unchanged files without reading them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileStamp {
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+}
+
+impl FileStamp {
+    /// Reads the stamp of `meta`.
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        let mtime_ns = meta
+            .modified()
+            .ok()
+            .and_then(|t| match t.duration_since(std::time::UNIX_EPOCH) {
+                Ok(d) => i64::try_from(d.as_nanos()).ok(),
+                Err(e) => i64::try_from(e.duration().as_nanos()).ok().map(|n| -n),
+            })
+            .unwrap_or(0);
+        FileStamp {
+            size: meta.len(),
+            mtime_ns,
+        }
+    }
+}
+
+/// One ingested source file (an image file, or an IDX image file with its labels file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceEntry {
+    /// Id stored in every record made from this source.
+    pub id: u64,
+    /// Absolute path of the file as it was found.
+    pub path: String,
+    /// Size and modification time when ingested.
+    #[serde(flatten)]
+    pub stamp: FileStamp,
+    /// blake3 of the file content (for IDX: of the image file and the labels file).
+    pub hash: String,
+    /// Class name, if the source is labelled by its folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// IDX labels file paired with this IDX image file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels_file: Option<LabelsFile>,
+    /// Id of the source whose records hold the same content, if this one was a duplicate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_of: Option<u64>,
+    /// The records holding this source's images.
+    pub records: Vec<Span>,
+}
+
+/// The labels half of an IDX pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelsFile {
+    /// Absolute path.
+    pub path: String,
+    /// Size and modification time when ingested.
+    #[serde(flatten)]
+    pub stamp: FileStamp,
+}
+
+/// The whole manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Always [`FORMAT_NAME`].
+    pub format: String,
+    /// Always [`MANIFEST_VERSION`] for manifests this build reads.
+    pub version: u32,
+    /// Incremented by every ingest run that changed the dataset.
+    pub generation: u64,
+    /// Settings every shard was written with.
+    pub settings: IngestSettings,
+    /// Class names; a record's label is an index into this list. Only ever appended to.
+    pub classes: Vec<String>,
+    /// The shards, in id order.
+    pub shards: Vec<ShardEntry>,
+    /// Every ingested source file.
+    pub sources: Vec<SourceEntry>,
+}
+
+impl Manifest {
+    /// An empty manifest for a new dataset.
+    pub fn new(settings: IngestSettings) -> Self {
+        Manifest {
+            format: FORMAT_NAME.into(),
+            version: MANIFEST_VERSION,
+            generation: 0,
+            settings,
+            classes: Vec::new(),
+            shards: Vec::new(),
+            sources: Vec::new(),
+        }
+    }
+
+    /// Path of the manifest of the dataset in `dir`.
+    pub fn path_in(dir: &Path) -> PathBuf {
+        dir.join(MANIFEST_FILE)
+    }
+
+    /// Loads the manifest of the dataset in `dir`; `Ok(None)` if there is none yet.
+    pub fn load(dir: &Path) -> Result<Option<Self>, ManifestError> {
+        let path = Self::path_in(dir);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(ManifestError::Io { path, source }),
+        };
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| ManifestError::Invalid {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        m.validate()
+            .map_err(|reason| ManifestError::Invalid { path, reason })?;
+        Ok(Some(m))
+    }
+
+    /// Writes the manifest atomically into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<(), ManifestError> {
+        let path = Self::path_in(dir);
+        let mut bytes = serde_json::to_vec_pretty(self).expect("manifest serialises");
+        bytes.push(b'\n');
+        fsutil::write_atomic(&path, &bytes).map_err(|source| ManifestError::Io { path, source })
+    }
+
+    /// Checks the invariants a reader relies on.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.format != FORMAT_NAME {
+            return Err(format!(
+                "format is {:?}, expected {FORMAT_NAME:?}",
+                self.format
+            ));
+        }
+        if self.version != MANIFEST_VERSION {
+            return Err(format!(
+                "manifest version {} is not supported (this build reads version {MANIFEST_VERSION})",
+                self.version
+            ));
+        }
+        let mut ids = HashSet::new();
+        for s in &self.shards {
+            if !ids.insert(s.id) {
+                return Err(format!("shard id {} listed twice", s.id));
+            }
+            if s.file.contains('/') || s.file.contains('\\') || s.file.starts_with('.') {
+                return Err(format!(
+                    "shard file name {:?} is not a plain file name",
+                    s.file
+                ));
+            }
+            if let Some(r) = s.retired.iter().find(|&&r| u64::from(r) >= s.records) {
+                return Err(format!(
+                    "shard {} retires record {r} of {}",
+                    s.id, s.records
+                ));
+            }
+        }
+        for src in &self.sources {
+            for span in &src.records {
+                let Some(shard) = self.shards.iter().find(|s| s.id == span.shard) else {
+                    return Err(format!(
+                        "source {} points to unknown shard {}",
+                        src.path, span.shard
+                    ));
+                };
+                if u64::from(span.first) + u64::from(span.count) > shard.records {
+                    return Err(format!(
+                        "source {} points past the end of shard {}",
+                        src.path, span.shard
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Total number of records in all shards (live and retired).
+    pub fn total_records(&self) -> u64 {
+        self.shards.iter().map(|s| s.records).sum()
+    }
+
+    /// Number of live (not retired) records.
+    pub fn live_records(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.records - s.retired.len() as u64)
+            .sum()
+    }
+
+    /// Id for the next shard.
+    pub fn next_shard_id(&self) -> u32 {
+        self.shards.iter().map(|s| s.id + 1).max().unwrap_or(0)
+    }
+
+    /// Id for the next source.
+    pub fn next_source_id(&self) -> u64 {
+        self.sources.iter().map(|s| s.id + 1).max().unwrap_or(0)
+    }
+
+    /// Index of `name` in the class list, appending it if new.
+    pub fn class_index(&mut self, name: &str) -> u32 {
+        match self.classes.iter().position(|c| c == name) {
+            Some(i) => i as u32,
+            None => {
+                self.classes.push(name.to_owned());
+                (self.classes.len() - 1) as u32
+            }
+        }
+    }
+
+    /// File name of shard `id`.
+    pub fn shard_file_name(id: u32) -> String {
+        format!("{id:06}.shard")
+    }
+}

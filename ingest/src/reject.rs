@@ -1,0 +1,108 @@
+//! Rejected inputs: why a file was not ingested, and the rejects report.
+
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// File name of the rejects report inside a dataset folder (JSON Lines, appended).
+pub const REJECTS_FILE: &str = "rejects.jsonl";
+
+/// Why an input was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RejectReason {
+    /// A zero-byte file.
+    Empty,
+    /// The file could not be read (permissions, IO error).
+    Unreadable,
+    /// A fifo, socket or device.
+    NotRegularFile,
+    /// A symlink whose target does not exist.
+    BrokenSymlink,
+    /// A symlink that leads back to itself or an ancestor folder.
+    SymlinkLoop,
+    /// Content of no image format we decode.
+    NotAnImage,
+    /// Truncated or corrupt image data.
+    Corrupt,
+    /// Dimensions, pixels, memory or file size over the limits.
+    TooLarge,
+    /// The decoder panicked on this input (caught; the run went on).
+    DecoderPanic,
+    /// An IDX file (or its labels) that is malformed or inconsistent.
+    InvalidIdx,
+}
+
+impl RejectReason {
+    /// The kebab-case name used in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Empty => "empty",
+            RejectReason::Unreadable => "unreadable",
+            RejectReason::NotRegularFile => "not-regular-file",
+            RejectReason::BrokenSymlink => "broken-symlink",
+            RejectReason::SymlinkLoop => "symlink-loop",
+            RejectReason::NotAnImage => "not-an-image",
+            RejectReason::Corrupt => "corrupt",
+            RejectReason::TooLarge => "too-large",
+            RejectReason::DecoderPanic => "decoder-panic",
+            RejectReason::InvalidIdx => "invalid-idx",
+        }
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One rejected input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reject {
+    /// The file.
+    pub path: PathBuf,
+    /// The category.
+    pub reason: RejectReason,
+    /// The specific message (decoder error, limits, ...).
+    pub detail: String,
+}
+
+impl Reject {
+    /// A reject of `path` for `reason`.
+    pub fn new(path: &Path, reason: RejectReason, detail: impl Into<String>) -> Self {
+        Reject {
+            path: path.to_owned(),
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ReportLine<'a> {
+    run_unix: u64,
+    #[serde(flatten)]
+    reject: &'a Reject,
+}
+
+/// Appends `rejects` to the report in `dataset_dir`, one JSON object per line.
+pub fn append_report(dataset_dir: &Path, run_unix: u64, rejects: &[Reject]) -> io::Result<()> {
+    if rejects.is_empty() {
+        return Ok(());
+    }
+    let mut buf = Vec::new();
+    for reject in rejects {
+        serde_json::to_writer(&mut buf, &ReportLine { run_unix, reject })
+            .map_err(io::Error::other)?;
+        buf.push(b'\n');
+    }
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dataset_dir.join(REJECTS_FILE))?;
+    f.write_all(&buf)?;
+    f.sync_data()
+}

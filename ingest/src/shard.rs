@@ -1,0 +1,643 @@
+//! The shard file: writer and reader in one place.
+//!
+//! The byte layout is specified in `ingest/FORMAT.md`; this module is its only
+//! implementation. A shard is immutable once renamed to its final name.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::fsutil;
+
+/// First eight bytes of every shard.
+pub const MAGIC: [u8; 8] = *b"BYOLSHRD";
+/// The shard format version this build writes and the only one it reads.
+pub const VERSION: u32 = 1;
+/// Size of the fixed header at the start of the file.
+pub const HEADER_LEN: usize = 64;
+/// Size of one index entry.
+pub const INDEX_ENTRY_LEN: usize = 48;
+/// `label` value of a record without a label.
+pub const NO_LABEL: u32 = u32::MAX;
+
+/// How the payload of every record in a shard is encoded (before zstd).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Codec {
+    /// Raw RGB8 pixels, row-major, `width * height * 3` bytes.
+    RawRgb8,
+    /// An encoded image file (JPEG, PNG or WebP), decoded by content.
+    Encoded,
+}
+
+impl Codec {
+    fn to_u32(self) -> u32 {
+        match self {
+            Codec::RawRgb8 => 0,
+            Codec::Encoded => 1,
+        }
+    }
+
+    fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            0 => Some(Codec::RawRgb8),
+            1 => Some(Codec::Encoded),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Codec::RawRgb8 => "raw-rgb8",
+            Codec::Encoded => "encoded",
+        })
+    }
+}
+
+/// What the index says about one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordMeta {
+    /// Byte offset of the stored (compressed) bytes from the start of the file.
+    pub offset: u64,
+    /// Length of the stored bytes.
+    pub stored_len: u32,
+    /// Length of the payload after decompression.
+    pub raw_len: u32,
+    /// Image width in pixels.
+    pub width: u32,
+    /// Image height in pixels.
+    pub height: u32,
+    /// Class index into the manifest's class list, or [`NO_LABEL`].
+    pub label: u32,
+    /// Position of this image inside its source (0 for image files, n for IDX).
+    pub item: u32,
+    /// Id of the source entry in the manifest.
+    pub source_id: u64,
+    /// xxh3-64 of the stored bytes.
+    pub checksum: u64,
+}
+
+impl RecordMeta {
+    /// The label, if the record has one.
+    pub fn label(&self) -> Option<u32> {
+        (self.label != NO_LABEL).then_some(self.label)
+    }
+
+    fn encode(&self, out: &mut [u8]) {
+        out[0..8].copy_from_slice(&self.offset.to_le_bytes());
+        out[8..12].copy_from_slice(&self.stored_len.to_le_bytes());
+        out[12..16].copy_from_slice(&self.raw_len.to_le_bytes());
+        out[16..20].copy_from_slice(&self.width.to_le_bytes());
+        out[20..24].copy_from_slice(&self.height.to_le_bytes());
+        out[24..28].copy_from_slice(&self.label.to_le_bytes());
+        out[28..32].copy_from_slice(&self.item.to_le_bytes());
+        out[32..40].copy_from_slice(&self.source_id.to_le_bytes());
+        out[40..48].copy_from_slice(&self.checksum.to_le_bytes());
+    }
+
+    fn decode(b: &[u8]) -> Self {
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+        RecordMeta {
+            offset: u64_at(0),
+            stored_len: u32_at(8),
+            raw_len: u32_at(12),
+            width: u32_at(16),
+            height: u32_at(20),
+            label: u32_at(24),
+            item: u32_at(28),
+            source_id: u64_at(32),
+            checksum: u64_at(40),
+        }
+    }
+}
+
+/// Errors reading or writing a shard.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    /// An IO error on the shard file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The shard file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The file is not a shard or is damaged.
+    #[error("{path}: not a valid shard: {reason}")]
+    Invalid {
+        /// The shard file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The shard was written by a format version this build does not read.
+    #[error(
+        "{path}: shard format version {found} is not supported (this build reads version {VERSION})"
+    )]
+    UnsupportedVersion {
+        /// The shard file.
+        path: PathBuf,
+        /// The version in the file.
+        found: u32,
+    },
+    /// A record's stored bytes do not match its checksum or do not decompress.
+    #[error("{path}: record {index} is corrupt: {reason}")]
+    CorruptRecord {
+        /// The shard file.
+        path: PathBuf,
+        /// Index of the record in the shard.
+        index: usize,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ShardError + '_ {
+    move |source| ShardError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A record ready to be appended: payload compressed and checksummed.
+///
+/// Built in worker threads ([`StoredRecord::compress`]) so the writer only copies bytes.
+#[derive(Debug, Clone)]
+pub struct StoredRecord {
+    /// The compressed bytes as they go on disk.
+    pub bytes: Vec<u8>,
+    /// Length of the uncompressed payload.
+    pub raw_len: u32,
+    /// Image width.
+    pub width: u32,
+    /// Image height.
+    pub height: u32,
+    /// Class index or [`NO_LABEL`].
+    pub label: u32,
+    /// Position inside the source.
+    pub item: u32,
+    /// Manifest source id (may be set after compression, before appending).
+    pub source_id: u64,
+    /// xxh3-64 of `bytes`.
+    pub checksum: u64,
+}
+
+impl StoredRecord {
+    /// Compresses `payload` with zstd at `level` and checksums the result.
+    pub fn compress(
+        payload: &[u8],
+        level: i32,
+        width: u32,
+        height: u32,
+        label: Option<u32>,
+        item: u32,
+    ) -> std::io::Result<Self> {
+        let bytes = zstd::bulk::compress(payload, level)?;
+        let raw_len = u32::try_from(payload.len())
+            .map_err(|_| std::io::Error::other("record payload exceeds 4 GiB"))?;
+        Ok(StoredRecord {
+            checksum: xxh3_64(&bytes),
+            bytes,
+            raw_len,
+            width,
+            height,
+            label: label.unwrap_or(NO_LABEL),
+            item,
+            source_id: 0,
+        })
+    }
+}
+
+/// Writes one shard under a temporary name; [`ShardWriter::finish`] makes it durable
+/// and gives it its final name. Dropping an unfinished writer deletes the temp file.
+pub struct ShardWriter {
+    file: Option<BufWriter<File>>,
+    tmp_path: PathBuf,
+    final_path: PathBuf,
+    codec: Codec,
+    index: Vec<RecordMeta>,
+    offset: u64,
+}
+
+impl ShardWriter {
+    /// Starts a shard that will be named `final_path` once finished.
+    pub fn create(final_path: &Path, codec: Codec) -> Result<Self, ShardError> {
+        let tmp_path = fsutil::tmp_path(final_path);
+        let file = File::create(&tmp_path).map_err(io_err(&tmp_path))?;
+        let mut file = BufWriter::with_capacity(1 << 20, file);
+        // Placeholder header, rewritten by `finish` once the index is known.
+        file.write_all(&[0u8; HEADER_LEN])
+            .map_err(io_err(&tmp_path))?;
+        Ok(ShardWriter {
+            file: Some(file),
+            tmp_path,
+            final_path: final_path.to_owned(),
+            codec,
+            index: Vec::new(),
+            offset: HEADER_LEN as u64,
+        })
+    }
+
+    /// Appends a record and returns its index in this shard.
+    pub fn append(&mut self, rec: &StoredRecord) -> Result<u32, ShardError> {
+        let file = self.file.as_mut().expect("writer used after finish");
+        file.write_all(&rec.bytes).map_err(io_err(&self.tmp_path))?;
+        let index = self.index.len() as u32;
+        self.index.push(RecordMeta {
+            offset: self.offset,
+            stored_len: rec.bytes.len() as u32,
+            raw_len: rec.raw_len,
+            width: rec.width,
+            height: rec.height,
+            label: rec.label,
+            item: rec.item,
+            source_id: rec.source_id,
+            checksum: rec.checksum,
+        });
+        self.offset += rec.bytes.len() as u64;
+        Ok(index)
+    }
+
+    /// Number of records appended so far.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// True when no record was appended.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Bytes of record data written so far (excluding header and index).
+    pub fn data_bytes(&self) -> u64 {
+        self.offset - HEADER_LEN as u64
+    }
+
+    /// Sum of the uncompressed payload lengths written so far.
+    pub fn raw_bytes(&self) -> u64 {
+        self.index.iter().map(|m| u64::from(m.raw_len)).sum()
+    }
+
+    /// Writes index and header, fsyncs, renames to the final name and fsyncs the folder.
+    /// Returns the total file size.
+    pub fn finish(mut self) -> Result<u64, ShardError> {
+        let path = self.tmp_path.clone();
+        let mut file = self.file.take().expect("finish called twice");
+        let mut index_bytes = vec![0u8; self.index.len() * INDEX_ENTRY_LEN];
+        for (meta, slot) in self
+            .index
+            .iter()
+            .zip(index_bytes.chunks_exact_mut(INDEX_ENTRY_LEN))
+        {
+            meta.encode(slot);
+        }
+        file.write_all(&index_bytes).map_err(io_err(&path))?;
+        let header = encode_header(
+            self.codec,
+            self.index.len() as u64,
+            self.offset,
+            xxh3_64(&index_bytes),
+        );
+        file.seek(SeekFrom::Start(0)).map_err(io_err(&path))?;
+        file.write_all(&header).map_err(io_err(&path))?;
+        let file = file
+            .into_inner()
+            .map_err(|e| io_err(&path)(e.into_error()))?;
+        file.sync_all().map_err(io_err(&path))?;
+        drop(file);
+        fsutil::rename_durable(&path, &self.final_path).map_err(io_err(&self.final_path))?;
+        Ok(self.offset + index_bytes.len() as u64)
+    }
+}
+
+impl Drop for ShardWriter {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.tmp_path);
+        }
+    }
+}
+
+fn encode_header(codec: Codec, count: u64, index_offset: u64, index_checksum: u64) -> [u8; 64] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..8].copy_from_slice(&MAGIC);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&codec.to_u32().to_le_bytes());
+    h[16..24].copy_from_slice(&count.to_le_bytes());
+    h[24..32].copy_from_slice(&index_offset.to_le_bytes());
+    h[32..40].copy_from_slice(&index_checksum.to_le_bytes());
+    let sum = xxh3_64(&h[0..56]);
+    h[56..64].copy_from_slice(&sum.to_le_bytes());
+    h
+}
+
+/// A memory-mapped shard. Record `i` is found in O(1) through the index.
+pub struct ShardReader {
+    map: Mmap,
+    path: PathBuf,
+    codec: Codec,
+    count: usize,
+    index_offset: usize,
+}
+
+impl std::fmt::Debug for ShardReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardReader")
+            .field("path", &self.path)
+            .field("codec", &self.codec)
+            .field("count", &self.count)
+            .finish()
+    }
+}
+
+impl ShardReader {
+    /// Maps `path` and validates header and index (not the records: see [`Self::verify`]).
+    pub fn open(path: &Path) -> Result<Self, ShardError> {
+        let file = File::open(path).map_err(io_err(path))?;
+        // SAFETY: shards are immutable once renamed to their final name (see FORMAT.md);
+        // nothing in this project writes to a mapped shard.
+        let map = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
+        let invalid = |reason: String| ShardError::Invalid {
+            path: path.to_owned(),
+            reason,
+        };
+        if map.len() < HEADER_LEN {
+            return Err(invalid(format!(
+                "{} bytes is shorter than the header",
+                map.len()
+            )));
+        }
+        let h = &map[..HEADER_LEN];
+        if h[0..8] != MAGIC {
+            return Err(invalid("bad magic".into()));
+        }
+        let version = u32::from_le_bytes(h[8..12].try_into().unwrap());
+        if version != VERSION {
+            return Err(ShardError::UnsupportedVersion {
+                path: path.to_owned(),
+                found: version,
+            });
+        }
+        if u64::from_le_bytes(h[56..64].try_into().unwrap()) != xxh3_64(&h[0..56]) {
+            return Err(invalid("header checksum mismatch".into()));
+        }
+        let codec_id = u32::from_le_bytes(h[12..16].try_into().unwrap());
+        let codec = Codec::from_u32(codec_id)
+            .ok_or_else(|| invalid(format!("unknown codec {codec_id}")))?;
+        let count = u64::from_le_bytes(h[16..24].try_into().unwrap());
+        let index_offset = u64::from_le_bytes(h[24..32].try_into().unwrap());
+        let index_checksum = u64::from_le_bytes(h[32..40].try_into().unwrap());
+        let expected_len = count
+            .checked_mul(INDEX_ENTRY_LEN as u64)
+            .and_then(|n| n.checked_add(index_offset));
+        if expected_len != Some(map.len() as u64) || index_offset < HEADER_LEN as u64 {
+            return Err(invalid(format!(
+                "file is {} bytes but the header says {count} records with the index at {index_offset}",
+                map.len()
+            )));
+        }
+        let index_offset = index_offset as usize;
+        if xxh3_64(&map[index_offset..]) != index_checksum {
+            return Err(invalid("index checksum mismatch".into()));
+        }
+        let reader = ShardReader {
+            map,
+            path: path.to_owned(),
+            codec,
+            count: count as usize,
+            index_offset,
+        };
+        for i in 0..reader.count {
+            let m = reader.meta(i);
+            if m.offset < HEADER_LEN as u64
+                || m.offset + u64::from(m.stored_len) > index_offset as u64
+            {
+                return Err(invalid(format!("record {i} points outside the data area")));
+            }
+        }
+        Ok(reader)
+    }
+
+    /// The file this shard was mapped from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The payload codec of every record.
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// True for a shard without records.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Size of the mapped file in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    /// Index entry of record `i`. Panics if `i >= len()`.
+    pub fn meta(&self, i: usize) -> RecordMeta {
+        assert!(
+            i < self.count,
+            "record {i} out of range ({} records)",
+            self.count
+        );
+        let at = self.index_offset + i * INDEX_ENTRY_LEN;
+        RecordMeta::decode(&self.map[at..at + INDEX_ENTRY_LEN])
+    }
+
+    /// The stored (compressed) bytes of record `i`, unchecked.
+    pub fn stored(&self, i: usize) -> &[u8] {
+        let m = self.meta(i);
+        &self.map[m.offset as usize..(m.offset + u64::from(m.stored_len)) as usize]
+    }
+
+    /// Checks record `i` against its checksum.
+    pub fn verify(&self, i: usize) -> Result<RecordMeta, ShardError> {
+        let m = self.meta(i);
+        if xxh3_64(self.stored(i)) != m.checksum {
+            return Err(self.corrupt(i, "checksum mismatch".into()));
+        }
+        Ok(m)
+    }
+
+    /// Verifies record `i` and decompresses its payload into `out` (resized to fit),
+    /// reusing the decompression context in `scratch`.
+    pub fn read_into(
+        &self,
+        i: usize,
+        scratch: &mut ReadScratch,
+        out: &mut Vec<u8>,
+    ) -> Result<RecordMeta, ShardError> {
+        let m = self.verify(i)?;
+        out.clear();
+        out.reserve(m.raw_len as usize);
+        let n = scratch
+            .dctx
+            .decompress_to_buffer(self.stored(i), out)
+            .map_err(|e| self.corrupt(i, format!("zstd: {e}")))?;
+        if n != m.raw_len as usize {
+            return Err(self.corrupt(i, format!("payload is {n} bytes, index says {}", m.raw_len)));
+        }
+        if self.codec == Codec::RawRgb8
+            && u64::from(m.width) * u64::from(m.height) * 3 != u64::from(m.raw_len)
+        {
+            return Err(self.corrupt(
+                i,
+                format!("{}x{} RGB8 is not {} bytes", m.width, m.height, m.raw_len),
+            ));
+        }
+        Ok(m)
+    }
+
+    fn corrupt(&self, index: usize, reason: String) -> ShardError {
+        ShardError::CorruptRecord {
+            path: self.path.clone(),
+            index,
+            reason,
+        }
+    }
+}
+
+/// Reusable per-thread state for [`ShardReader::read_into`].
+pub struct ReadScratch {
+    dctx: zstd::bulk::Decompressor<'static>,
+}
+
+impl ReadScratch {
+    /// A fresh decompression context.
+    pub fn new() -> Self {
+        ReadScratch {
+            dctx: zstd::bulk::Decompressor::new().expect("zstd context allocation"),
+        }
+    }
+}
+
+impl Default for ReadScratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(payload: &[u8], w: u32, h: u32, label: Option<u32>) -> StoredRecord {
+        StoredRecord::compress(payload, 3, w, h, label, 0).unwrap()
+    }
+
+    fn write_shard(dir: &Path, payloads: &[Vec<u8>]) -> PathBuf {
+        let path = dir.join("000000.shard");
+        let mut w = ShardWriter::create(&path, Codec::RawRgb8).unwrap();
+        for (i, p) in payloads.iter().enumerate() {
+            let mut r = record(p, (p.len() / 3) as u32, 1, Some(i as u32));
+            r.source_id = 100 + i as u64;
+            assert_eq!(w.append(&r).unwrap(), i as u32);
+        }
+        w.finish().unwrap();
+        path
+    }
+
+    fn payloads() -> Vec<Vec<u8>> {
+        (0..5u8)
+            .map(|i| {
+                (0..(3 * (i as usize + 1) * 7))
+                    .map(|j| (j as u8).wrapping_mul(i + 1))
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_trip_every_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let ps = payloads();
+        let path = write_shard(dir.path(), &ps);
+        assert!(!fsutil::tmp_path(&path).exists());
+        let r = ShardReader::open(&path).unwrap();
+        assert_eq!(r.len(), ps.len());
+        let mut scratch = ReadScratch::new();
+        let mut out = Vec::new();
+        for (i, p) in ps.iter().enumerate() {
+            let m = r.read_into(i, &mut scratch, &mut out).unwrap();
+            assert_eq!(&out, p);
+            assert_eq!(m.label(), Some(i as u32));
+            assert_eq!(m.source_id, 100 + i as u64);
+            assert_eq!(m.width as usize * 3, p.len());
+        }
+    }
+
+    #[test]
+    fn rejects_unknown_version_and_bad_magic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_shard(dir.path(), &payloads());
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[8] = 9;
+        let sum = xxh3_64(&bytes[0..56]);
+        bytes[56..64].copy_from_slice(&sum.to_le_bytes());
+        fs::write(&path, &bytes).unwrap();
+        match ShardReader::open(&path) {
+            Err(ShardError::UnsupportedVersion { found: 9, .. }) => {}
+            other => panic!("expected UnsupportedVersion, got {other:?}"),
+        }
+        bytes[0] = b'X';
+        fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            ShardReader::open(&path),
+            Err(ShardError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn truncated_shard_is_invalid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_shard(dir.path(), &payloads());
+        let bytes = fs::read(&path).unwrap();
+        for cut in [0, 10, HEADER_LEN, bytes.len() - 1] {
+            fs::write(&path, &bytes[..cut]).unwrap();
+            assert!(ShardReader::open(&path).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn flipped_data_byte_fails_only_that_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_shard(dir.path(), &payloads());
+        let r = ShardReader::open(&path).unwrap();
+        let victim = r.meta(2).offset as usize + 1;
+        drop(r);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[victim] ^= 0x40;
+        fs::write(&path, &bytes).unwrap();
+        let r = ShardReader::open(&path).unwrap();
+        for i in 0..r.len() {
+            assert_eq!(r.verify(i).is_err(), i == 2, "record {i}");
+        }
+    }
+
+    #[test]
+    fn dropped_writer_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.shard");
+        let mut w = ShardWriter::create(&path, Codec::Encoded).unwrap();
+        w.append(&record(b"abc", 1, 1, None)).unwrap();
+        drop(w);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}
