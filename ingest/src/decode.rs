@@ -5,7 +5,8 @@ use std::io::Cursor;
 use fast_image_resize::images::Image as FirImage;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::{
-    DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage, metadata::Orientation,
+    DynamicImage, ImageDecoder, ImageEncoder, ImageFormat, ImageReader, RgbImage,
+    metadata::Orientation,
 };
 
 /// Limits that protect a run from decompression bombs and absurd files.
@@ -65,6 +66,12 @@ pub fn decode_rgb8(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, Decod
         .with_guessed_format()
         .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
     let format = reader.format().ok_or(DecodeError::NotAnImage)?;
+    if format == ImageFormat::Jpeg && !jpeg_has_end(bytes) {
+        // Decoders fill a truncated scan with gray and succeed; we refuse the file.
+        return Err(DecodeError::Corrupt(
+            "truncated JPEG (no end-of-image marker after the last scan)".into(),
+        ));
+    }
     let mut reader = reader;
     let mut lim = image::Limits::default();
     lim.max_image_width = Some(limits.max_dimension);
@@ -90,6 +97,20 @@ pub fn decode_rgb8(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, Decod
         format,
         reoriented: orientation != Orientation::NoTransforms,
     })
+}
+
+/// True when an end-of-image marker follows the last start-of-scan marker.
+fn jpeg_has_end(bytes: &[u8]) -> bool {
+    let last = |marker: u8| {
+        bytes
+            .windows(2)
+            .rposition(|w| w[0] == 0xFF && w[1] == marker)
+    };
+    match (last(0xDA), last(0xD9)) {
+        (Some(sos), Some(eoi)) => eoi > sos,
+        (None, _) => true, // no scan at all: the decoder reports that
+        (Some(_), None) => false,
+    }
 }
 
 fn classify(e: image::ImageError) -> DecodeError {
@@ -149,6 +170,20 @@ pub fn encode_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, DecodeError> 
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
         .encode_image(img)
         .map_err(|e| DecodeError::Corrupt(format!("jpeg encode: {e}")))?;
+    Ok(out)
+}
+
+/// Encodes `img` as a PNG (the `encoded` codec's lossless fallback).
+pub fn encode_png(img: &RgbImage) -> Result<Vec<u8>, DecodeError> {
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut out)
+        .write_image(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            image::ExtendedColorType::Rgb8,
+        )
+        .map_err(|e| DecodeError::Corrupt(format!("png encode: {e}")))?;
     Ok(out)
 }
 

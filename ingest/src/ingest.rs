@@ -689,7 +689,7 @@ impl<'a> Run<'a> {
                 let img =
                     image::RgbImage::from_raw(images.cols, images.rows, rgb).expect("sizes match");
                 let label = label_values.as_ref().map(|l| class_of[l[i] as usize]);
-                let r = encode_record(img, None, &settings, label, i as u32);
+                let r = encode_record(img, Original::default(), &settings, label, i as u32);
                 progress.advance(1);
                 r
             },
@@ -896,20 +896,33 @@ fn process_image(
             decoded.format,
             ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP
         );
-    let original = keep_original.then_some(bytes.as_slice());
+    let original = Original {
+        bytes: keep_original.then_some(bytes.as_slice()),
+        lossy: matches!(decoded.format, ImageFormat::Jpeg | ImageFormat::WebP),
+    };
     match encode_record(decoded.image, original, settings, label, 0) {
         Ok(record) => Outcome::Stored { hash, record },
         Err(e) => reject(RejectReason::Corrupt, e.to_string()),
     }
 }
 
+/// What the `encoded` codec may keep of the source file.
+#[derive(Clone, Copy, Default)]
+struct Original<'a> {
+    /// The file's bytes, when a reader can decode them to the same pixels.
+    bytes: Option<&'a [u8]>,
+    /// The source format is lossy (JPEG, WebP): a re-encode may be lossy too.
+    lossy: bool,
+}
+
 /// Resizes `img` per the settings and turns it into a compressed record payload.
 ///
-/// With the `encoded` codec, `original` (the source file's bytes) is stored as is
-/// when no resize is needed; otherwise the image is re-encoded as JPEG.
+/// With the `encoded` codec, the source file's bytes are stored as they are when no
+/// resize is needed; otherwise the image is re-encoded: as JPEG at the configured
+/// quality when the source was lossy, as PNG (lossless) when it was not.
 fn encode_record(
     img: image::RgbImage,
-    original: Option<&[u8]>,
+    original: Original<'_>,
     settings: &IngestSettings,
     label: Option<u32>,
     item: u32,
@@ -922,9 +935,12 @@ fn encode_record(
         StoredRecord::compress(payload, settings.zstd_level, w, h, label, item)
             .map_err(|e| DecodeError::Corrupt(format!("zstd: {e}")))
     };
-    match (settings.codec, original) {
+    match (settings.codec, original.bytes) {
         (Codec::RawRgb8, _) => compress(img.as_raw()),
         (Codec::Encoded, Some(bytes)) if !resize_needed => compress(bytes),
-        (Codec::Encoded, _) => compress(&decode::encode_jpeg(&img, settings.jpeg_quality)?),
+        (Codec::Encoded, _) if original.lossy => {
+            compress(&decode::encode_jpeg(&img, settings.jpeg_quality)?)
+        }
+        (Codec::Encoded, _) => compress(&decode::encode_png(&img)?),
     }
 }
