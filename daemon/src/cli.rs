@@ -82,6 +82,10 @@ pub struct IngestArgs {
     /// Largest accepted image, in megapixels (decompression-bomb guard).
     #[arg(long, default_value_t = 128)]
     pub max_megapixels: u64,
+    /// Shortest time between two manifest saves while a run is going; work finished
+    /// before a crash is kept up to the last save.
+    #[arg(long, default_value_t = 10.0)]
+    pub commit_interval_secs: f64,
     /// Exit with status 3 when the run added nothing.
     #[arg(long)]
     pub fail_if_empty: bool,

@@ -33,6 +33,11 @@ pub fn run(args: IngestArgs) -> anyhow::Result<ExitCode> {
     };
     opts.shard_bytes = args.shard_size_mib.saturating_mul(1 << 20);
     opts.threads = args.threads;
+    anyhow::ensure!(
+        args.commit_interval_secs.is_finite() && args.commit_interval_secs >= 0.0,
+        "--commit-interval-secs must be a non-negative number of seconds"
+    );
+    opts.commit_interval = std::time::Duration::from_secs_f64(args.commit_interval_secs);
     opts.limits = DecodeLimits {
         max_pixels: args.max_megapixels.saturating_mul(1_000_000),
         ..DecodeLimits::default()
