@@ -29,16 +29,19 @@ pub enum Command {
 }
 
 /// Payload codec choices.
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum CodecArg {
     /// Raw RGB8 pixels (fastest to read).
+    #[serde(alias = "raw-rgb8")]
     Raw,
     /// The original JPEG/PNG/WebP bytes (smallest for large photos).
     Encoded,
 }
 
 /// Source layout choices.
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum LayoutArg {
     /// ImageFolder if the top level holds only folders, flat otherwise.
     Auto,
@@ -57,9 +60,12 @@ pub struct IngestArgs {
     /// Dataset folder (created if missing; later runs add only new files).
     #[arg(long, short)]
     pub out: PathBuf,
-    /// Layout of source folders.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub layout: LayoutArg,
+    /// Read settings from the [ingest] table of this TOML file; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Layout of source folders [default: auto].
+    #[arg(long, value_enum)]
+    pub layout: Option<LayoutArg>,
     /// Payload codec of a new dataset [default: raw].
     #[arg(long, value_enum)]
     pub codec: Option<CodecArg>,
@@ -73,19 +79,19 @@ pub struct IngestArgs {
     /// JPEG quality when the encoded codec must re-encode [default: 95].
     #[arg(long)]
     pub jpeg_quality: Option<u8>,
-    /// Target shard size in MiB.
-    #[arg(long, default_value_t = 256)]
-    pub shard_size_mib: u64,
-    /// Worker threads (0: one per core).
-    #[arg(long, short = 'j', default_value_t = 0)]
-    pub threads: usize,
-    /// Largest accepted image, in megapixels (decompression-bomb guard).
-    #[arg(long, default_value_t = 128)]
-    pub max_megapixels: u64,
+    /// Target shard size in MiB [default: 256].
+    #[arg(long)]
+    pub shard_size_mib: Option<u64>,
+    /// Worker threads, 0 for one per core [default: 0].
+    #[arg(long, short = 'j')]
+    pub threads: Option<usize>,
+    /// Largest accepted image in megapixels, a decompression-bomb guard [default: 128].
+    #[arg(long)]
+    pub max_megapixels: Option<u64>,
     /// Shortest time between two manifest saves while a run is going; work finished
-    /// before a crash is kept up to the last save.
-    #[arg(long, default_value_t = 10.0)]
-    pub commit_interval_secs: f64,
+    /// before a crash is kept up to the last save [default: 10].
+    #[arg(long)]
+    pub commit_interval_secs: Option<f64>,
     /// Exit with status 3 when the run added nothing.
     #[arg(long)]
     pub fail_if_empty: bool,

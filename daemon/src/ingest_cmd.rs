@@ -7,6 +7,7 @@ use byol_ingest::{Codec, DecodeLimits, IngestOptions, IngestReport, Layout, Sett
 use indicatif::HumanBytes;
 
 use crate::cli::{CodecArg, IngestArgs, LayoutArg};
+use crate::config::{Config, IngestConfig};
 use crate::progress::Bar;
 
 /// Exit status when `--fail-if-empty` is given and nothing was added.
@@ -16,32 +17,42 @@ const REJECTS_SHOWN: usize = 10;
 
 /// Runs `byol ingest`.
 pub fn run(args: IngestArgs) -> anyhow::Result<ExitCode> {
+    let cfg = match &args.config {
+        Some(path) => Config::load(path)?.ingest,
+        None => IngestConfig::default(),
+    };
     let mut opts = IngestOptions::new(args.sources, args.out);
-    opts.layout = match args.layout {
+    opts.layout = match args.layout.or(cfg.layout).unwrap_or(LayoutArg::Auto) {
         LayoutArg::Auto => Layout::Auto,
         LayoutArg::Imagefolder => Layout::ImageFolder,
         LayoutArg::Flat => Layout::Flat,
     };
     opts.settings = SettingsOverride {
-        codec: args.codec.map(|c| match c {
+        codec: args.codec.or(cfg.codec).map(|c| match c {
             CodecArg::Raw => Codec::RawRgb8,
             CodecArg::Encoded => Codec::Encoded,
         }),
-        max_side: args.max_side,
-        zstd_level: args.zstd_level,
-        jpeg_quality: args.jpeg_quality,
+        max_side: args.max_side.or(cfg.max_side),
+        zstd_level: args.zstd_level.or(cfg.zstd_level),
+        jpeg_quality: args.jpeg_quality.or(cfg.jpeg_quality),
     };
-    opts.shard_bytes = args.shard_size_mib.saturating_mul(1 << 20);
-    opts.threads = args.threads;
-    anyhow::ensure!(
-        args.commit_interval_secs.is_finite() && args.commit_interval_secs >= 0.0,
-        "--commit-interval-secs must be a non-negative number of seconds"
-    );
-    opts.commit_interval = std::time::Duration::from_secs_f64(args.commit_interval_secs);
-    opts.limits = DecodeLimits {
-        max_pixels: args.max_megapixels.saturating_mul(1_000_000),
-        ..DecodeLimits::default()
-    };
+    if let Some(mib) = args.shard_size_mib.or(cfg.shard_size_mib) {
+        opts.shard_bytes = mib.saturating_mul(1 << 20);
+    }
+    opts.threads = args.threads.or(cfg.threads).unwrap_or(0);
+    if let Some(mp) = args.max_megapixels.or(cfg.max_megapixels) {
+        opts.limits = DecodeLimits {
+            max_pixels: mp.saturating_mul(1_000_000),
+            ..DecodeLimits::default()
+        };
+    }
+    if let Some(secs) = args.commit_interval_secs.or(cfg.commit_interval_secs) {
+        anyhow::ensure!(
+            secs.is_finite() && secs >= 0.0,
+            "commit interval must be a non-negative number of seconds, not {secs}"
+        );
+        opts.commit_interval = std::time::Duration::from_secs_f64(secs);
+    }
     let report = ingest_with_bar(&opts)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report.summary)?);

@@ -1,6 +1,7 @@
 //! The `byol` command. Thin: parses arguments, sets up logging, calls the library crates.
 
 mod cli;
+mod config;
 mod demo;
 mod ingest_cmd;
 mod inspect_cmd;

@@ -219,7 +219,7 @@ fn killed_runs_leave_a_readable_dataset_and_the_next_run_completes() {
     ];
     for delay_ms in [20u64, 50, 90, 140, 200] {
         let mut child = byol()
-            .args(&args)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

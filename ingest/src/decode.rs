@@ -100,16 +100,14 @@ pub fn decode_rgb8(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, Decod
 }
 
 /// True when an end-of-image marker follows the last start-of-scan marker.
+///
+/// Searches from the end: only the bytes after the last EOI are scanned for an SOS.
 fn jpeg_has_end(bytes: &[u8]) -> bool {
-    let last = |marker: u8| {
-        bytes
-            .windows(2)
-            .rposition(|w| w[0] == 0xFF && w[1] == marker)
-    };
-    match (last(0xDA), last(0xD9)) {
-        (Some(sos), Some(eoi)) => eoi > sos,
-        (None, _) => true, // no scan at all: the decoder reports that
-        (Some(_), None) => false,
+    let is_marker = |w: &[u8], m: u8| w[0] == 0xFF && w[1] == m;
+    match bytes.windows(2).rposition(|w| is_marker(w, 0xD9)) {
+        Some(eoi) => !bytes[eoi..].windows(2).any(|w| is_marker(w, 0xDA)),
+        // No EOI at all: truncated, unless there is no scan either (the decoder reports that).
+        None => !bytes.windows(2).any(|w| is_marker(w, 0xDA)),
     }
 }
 

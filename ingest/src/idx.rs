@@ -262,7 +262,7 @@ mod tests {
         let p = dir.path().join("t-images-idx3-ubyte");
         std::fs::write(&p, &img[..img.len() - 5]).unwrap();
         assert!(matches!(read_images(&p), Err(IdxError::Invalid { .. })));
-        std::fs::write(&p, gzip(&img)[..20].to_vec()).unwrap();
+        std::fs::write(&p, &gzip(&img)[..20]).unwrap();
         assert!(read_images(&p).is_err());
         std::fs::write(&p, b"\x1f\x8bnot gzip at all").unwrap();
         assert!(!is_idx_images(&p));

@@ -127,12 +127,13 @@ pub fn scan(src: &Path, layout: Layout, exclude: Option<&Path>) -> io::Result<Sc
         .sort_by_file_name()
         .into_iter()
         .filter_entry(|e| {
-            e.depth() == 0
-                || (!is_hidden(e.file_name())
-                    && !(e.file_type().is_dir()
-                        && exclude
-                            .as_deref()
-                            .is_some_and(|x| fs::canonicalize(e.path()).is_ok_and(|p| p == x))))
+            let excluded = || {
+                e.file_type().is_dir()
+                    && exclude
+                        .as_deref()
+                        .is_some_and(|x| fs::canonicalize(e.path()).is_ok_and(|p| p == x))
+            };
+            e.depth() == 0 || !(is_hidden(e.file_name()) || excluded())
         });
     let mut paired_labels = Vec::new();
     for entry in walker {

@@ -1,1 +1,1 @@
-//! End-to-end tests live in `tests/`; this library is empty.
+//! End-to-end tests across crates, on real data; see `tests/`. This library is empty.

@@ -1,0 +1,237 @@
+//! Ingest throughput beside decode-only throughput, same files, same decoder, same run.
+//!
+//! ```text
+//! cargo bench -p byol-ingest --bench ingest              # Debian wallpapers + Fashion-MNIST
+//! cargo bench -p byol-ingest --bench ingest -- DIR...    # your own folders
+//! ```
+//! Wallpapers: `apt-get install -y mate-backgrounds plasma-workspace-wallpapers`;
+//! Fashion-MNIST: `apt-get install -y dataset-fashion-mnist`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use byol_ingest::decode::{DecodeLimits, decode_rgb8};
+use byol_ingest::{IngestOptions, NoProgress, ingest};
+use rayon::prelude::*;
+
+const WALLPAPERS: [&str; 2] = ["/usr/share/backgrounds", "/usr/share/wallpapers"];
+const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+
+fn image_files(dirs: &[PathBuf]) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = dirs
+        .iter()
+        .flat_map(|d| {
+            walkdir::WalkDir::new(d)
+                .follow_links(true)
+                .sort_by_file_name()
+        })
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.into_path())
+        .collect();
+    files.sort();
+    // Distinct content only (wallpaper packages link one picture under several names),
+    // and only what decodes, so both sides do the same work per file.
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|p| {
+        std::fs::read(p).is_ok_and(|b| {
+            seen.insert(blake3::hash(&b)) && decode_rgb8(&b, &DecodeLimits::default()).is_ok()
+        })
+    });
+    files
+}
+
+/// Reads and decodes every file with `threads` threads; returns images/s.
+fn decode_only(files: &[PathBuf], threads: usize) -> f64 {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    let pixels: u64 = pool.install(|| {
+        files
+            .par_iter()
+            .map(|p| {
+                let bytes = std::fs::read(p).unwrap();
+                let img = decode_rgb8(&bytes, &DecodeLimits::default()).unwrap().image;
+                u64::from(img.width()) * u64::from(img.height())
+            })
+            .sum()
+    });
+    assert!(pixels > 0);
+    files.len() as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Ingests `sources` into a fresh dataset with `threads` threads; returns (images/s, summary).
+fn ingest_once(
+    sources: &[PathBuf],
+    threads: usize,
+    max_side: Option<u32>,
+) -> (f64, byol_ingest::IngestSummary) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = IngestOptions::new(sources.to_vec(), dir.path().join("ds"));
+    opts.threads = threads;
+    opts.settings.max_side = max_side;
+    let start = Instant::now();
+    let report = ingest(&opts, &NoProgress).unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    (report.summary.ingested as f64 / secs, report.summary)
+}
+
+/// Milliseconds per image of each ingest stage, one thread.
+fn stages(files: &[PathBuf]) {
+    let (mut read, mut hash, mut decode, mut resize, mut compress) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+    for f in files {
+        let t = Instant::now();
+        let bytes = std::fs::read(f).unwrap();
+        read += ms(t);
+        let t = Instant::now();
+        std::hint::black_box(blake3::hash(&bytes));
+        hash += ms(t);
+        let t = Instant::now();
+        let img = decode_rgb8(&bytes, &DecodeLimits::default()).unwrap().image;
+        decode += ms(t);
+        let t = Instant::now();
+        let img = byol_ingest::decode::resize_short_side(img, Some(256));
+        resize += ms(t);
+        let t = Instant::now();
+        std::hint::black_box(zstd::bulk::compress(img.as_raw(), 3).unwrap());
+        compress += ms(t);
+    }
+    let n = files.len() as f64;
+    println!(
+        "ms per image, 1 thread: read {:.1}, hash {:.1}, decode {:.1}, resize {:.1}, compress {:.1}",
+        read / n,
+        hash / n,
+        decode / n,
+        resize / n,
+        compress / n
+    );
+}
+
+/// Repeats per measurement (BYOL_BENCH_REPEATS, default 3); the median is reported.
+fn repeats() -> usize {
+    std::env::var("BYOL_BENCH_REPEATS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn photos(dirs: &[PathBuf]) {
+    // Only the decodable images, linked into one folder, so both sides see the same files.
+    let files = image_files(dirs);
+    if files.is_empty() {
+        println!("no images under {dirs:?}; skipped");
+        return;
+    }
+    let staging = tempfile::tempdir().unwrap();
+    for (i, f) in files.iter().enumerate() {
+        std::os::unix::fs::symlink(f, staging.path().join(format!("{i:05}"))).unwrap();
+    }
+    let src_bytes: u64 = files
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .sum();
+    println!(
+        "photos: {} files, {:.1} MiB encoded",
+        files.len(),
+        src_bytes as f64 / (1 << 20) as f64
+    );
+    stages(&files);
+    println!("| threads | decode-only img/s | ingest img/s (max side 256) | ingest / decode |");
+    println!("|---|---|---|---|");
+    let mut rates = Vec::new();
+    let mut last = None;
+    for threads in [1, 2] {
+        let mut dec = Vec::new();
+        let mut ing = Vec::new();
+        // Interleaved repeats: both sides see the same machine noise.
+        for _ in 0..repeats() {
+            dec.push(decode_only(&files, threads));
+            let (rate, summary) = ingest_once(&[staging.path().to_owned()], threads, Some(256));
+            ing.push(rate);
+            last = Some(summary);
+        }
+        let s = last.as_ref().unwrap();
+        assert_eq!(
+            s.ingested,
+            files.len() as u64,
+            "every file is ingested once: {s:?}"
+        );
+        let (d, i) = (median(dec), median(ing));
+        println!("| {threads} | {d:.2} | {i:.2} | {:.2} |", i / d);
+        rates.push((d, i));
+    }
+    println!(
+        "2 threads / 1 thread: decode {:.2}x, ingest {:.2}x",
+        rates[1].0 / rates[0].0,
+        rates[1].1 / rates[0].1
+    );
+    let s = last.unwrap();
+    println!(
+        "stored {:.2} MiB vs raw RGB after resize {:.2} MiB ({:.2}x) vs encoded sources {:.1} MiB",
+        s.bytes_stored as f64 / (1 << 20) as f64,
+        s.bytes_raw as f64 / (1 << 20) as f64,
+        s.bytes_raw as f64 / s.bytes_stored as f64,
+        src_bytes as f64 / (1 << 20) as f64
+    );
+}
+
+fn fashion_mnist() {
+    let dir = Path::new(FASHION_MNIST);
+    let splits = [
+        dir.join("train-images-idx3-ubyte.gz"),
+        dir.join("t10k-images-idx3-ubyte.gz"),
+    ];
+    if !splits.iter().all(|p| p.exists()) {
+        println!("Fashion-MNIST not installed; skipped");
+        return;
+    }
+    println!("Fashion-MNIST, train and test split, 70,000 images:");
+    println!("| threads | seconds | img/s | stored MiB | raw MiB | ratio |");
+    println!("|---|---|---|---|---|---|");
+    for threads in [1, 2] {
+        let mut secs = Vec::new();
+        let mut stored = (0, 0);
+        for _ in 0..repeats() {
+            let start = Instant::now();
+            let mut s = (0, 0);
+            for split in &splits {
+                let (_, summary) = ingest_once(std::slice::from_ref(split), threads, None);
+                s.0 += summary.bytes_stored;
+                s.1 += summary.bytes_raw;
+            }
+            secs.push(start.elapsed().as_secs_f64());
+            stored = s;
+        }
+        let t = median(secs);
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        println!(
+            "| {threads} | {t:.2} | {:.0} | {:.1} | {:.1} | {:.2}x |",
+            70_000.0 / t,
+            mib(stored.0),
+            mib(stored.1),
+            stored.1 as f64 / stored.0 as f64
+        );
+    }
+}
+
+fn main() {
+    let args: Vec<PathBuf> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .map(PathBuf::from)
+        .collect();
+    if args.is_empty() {
+        photos(&WALLPAPERS.map(PathBuf::from));
+        fashion_mnist();
+    } else {
+        photos(&args);
+    }
+}
