@@ -4,11 +4,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use byol_ingest::{Codec, DecodeLimits, IngestOptions, IngestReport, Layout, SettingsOverride};
-use indicatif::HumanBytes;
 
 use crate::cli::{CodecArg, IngestArgs, LayoutArg};
 use crate::config::{Config, IngestConfig};
-use crate::progress::Bar;
+use crate::progress::{Bar, stored_vs_raw};
 
 /// Exit status when `--fail-if-empty` is given and nothing was added.
 pub const EXIT_NOTHING_INGESTED: u8 = 3;
@@ -88,16 +87,10 @@ pub fn print_report(report: &IngestReport, opts: &IngestOptions) {
     for (reason, n) in &s.rejected {
         println!("  {reason:<15} {n}");
     }
-    let ratio = if s.bytes_stored > 0 {
-        s.bytes_raw as f64 / s.bytes_stored as f64
-    } else {
-        0.0
-    };
     println!(
-        "new shards       {} ({} stored, {} raw, {ratio:.2}x)",
+        "new shards       {} ({})",
         s.shards_written,
-        HumanBytes(s.bytes_stored),
-        HumanBytes(s.bytes_raw)
+        stored_vs_raw(s.bytes_stored, s.bytes_raw)
     );
     if s.retired > 0 {
         println!("retired          {} records of changed files", s.retired);

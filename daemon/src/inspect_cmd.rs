@@ -5,11 +5,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use byol_ingest::Dataset;
 use byol_ingest::inspect::{self, CorruptRecord, DatasetStats};
-use indicatif::HumanBytes;
 use serde::Serialize;
 
 use crate::cli::InspectArgs;
-use crate::progress::Bar;
+use crate::progress::{Bar, stored_vs_raw};
 
 #[derive(Serialize)]
 struct Report {
@@ -60,15 +59,9 @@ pub fn print_stats(name: &str, s: &DatasetStats) {
     println!("shards           {}", s.shards);
     println!("sources          {}", s.sources);
     println!("records          {} ({} retired)", s.records, s.retired);
-    let ratio = if s.bytes_stored > 0 {
-        s.bytes_raw as f64 / s.bytes_stored as f64
-    } else {
-        0.0
-    };
     println!(
-        "bytes            {} stored, {} raw ({ratio:.2}x)",
-        HumanBytes(s.bytes_stored),
-        HumanBytes(s.bytes_raw)
+        "bytes            {}",
+        stored_vs_raw(s.bytes_stored, s.bytes_raw)
     );
     println!(
         "width            min {} / median {} / max {}",

@@ -1,6 +1,21 @@
-//! Progress bars on stderr (hidden when stderr is not a terminal).
+//! Terminal output helpers: progress bars on stderr (hidden when stderr is not a
+//! terminal) and byte counts.
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+
+/// "1.2 MiB stored, 2.4 MiB raw (2.00x)".
+pub fn stored_vs_raw(stored: u64, raw: u64) -> String {
+    let ratio = if stored > 0 {
+        raw as f64 / stored as f64
+    } else {
+        0.0
+    };
+    format!(
+        "{} stored, {} raw ({ratio:.2}x)",
+        HumanBytes(stored),
+        HumanBytes(raw)
+    )
+}
 
 /// A progress bar counting images.
 pub struct Bar(ProgressBar);

@@ -132,37 +132,16 @@ fn exit_codes() {
     let src = folder(dir.path(), 3, 16);
     let ds = dir.path().join("ds");
     let ds_s = ds.to_str().unwrap();
-    assert_eq!(
-        run(&[
-            "ingest",
-            src.to_str().unwrap(),
-            "--out",
-            ds_s,
-            "--fail-if-empty"
-        ])
-        .status
-        .code(),
-        Some(0)
-    );
-    // Nothing new: success, unless asked to fail.
-    assert_eq!(
-        run(&["ingest", src.to_str().unwrap(), "--out", ds_s])
+    let src_s = src.to_str().unwrap();
+    let status = |extra: &[&str]| {
+        run(&[&["ingest", src_s, "--out", ds_s], extra].concat())
             .status
-            .code(),
-        Some(0)
-    );
-    assert_eq!(
-        run(&[
-            "ingest",
-            src.to_str().unwrap(),
-            "--out",
-            ds_s,
-            "--fail-if-empty"
-        ])
-        .status
-        .code(),
-        Some(3)
-    );
+            .code()
+    };
+    assert_eq!(status(&["--fail-if-empty"]), Some(0));
+    // Nothing new: success, unless asked to fail.
+    assert_eq!(status(&[]), Some(0));
+    assert_eq!(status(&["--fail-if-empty"]), Some(3));
     // Usage errors.
     assert_eq!(run(&["ingest", "--out", ds_s]).status.code(), Some(2));
     assert_eq!(

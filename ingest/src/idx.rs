@@ -149,20 +149,37 @@ pub fn is_idx_images(path: &Path) -> bool {
     matches!(read_header(path, &mut s), Ok(Some(d)) if d.len() == 3)
 }
 
-/// Reads an IDX3 image file.
-pub fn read_images(path: &Path) -> Result<IdxImages, IdxError> {
+/// Opens `path` and reads its header, which must have `ndims` dimensions.
+fn open_checked(
+    path: &Path,
+    ndims: usize,
+    what: &str,
+) -> Result<(Box<dyn Read>, Vec<u32>), IdxError> {
+    let invalid = |reason: String| IdxError::Invalid {
+        path: path.to_owned(),
+        reason,
+    };
     let mut s = open_stream(path).map_err(|source| IdxError::Io {
         path: path.to_owned(),
         source,
     })?;
-    let dims = read_header(path, &mut s)?.ok_or_else(|| IdxError::Invalid {
-        path: path.to_owned(),
-        reason: "bad magic (expected 00 00 08 03)".into(),
-    })?;
-    if dims.len() != 3 || dims[1] == 0 || dims[2] == 0 {
+    let dims = read_header(path, &mut s)?
+        .ok_or_else(|| invalid(format!("bad magic (expected 00 00 08 {ndims:02})")))?;
+    if dims.len() != ndims {
+        return Err(invalid(format!(
+            "{what} files have {ndims} dimensions, found {dims:?}"
+        )));
+    }
+    Ok((s, dims))
+}
+
+/// Reads an IDX3 image file.
+pub fn read_images(path: &Path) -> Result<IdxImages, IdxError> {
+    let (mut s, dims) = open_checked(path, 3, "image")?;
+    if dims[1] == 0 || dims[2] == 0 {
         return Err(IdxError::Invalid {
             path: path.to_owned(),
-            reason: format!("image files have 3 non-empty dimensions, found {dims:?}"),
+            reason: format!("images of {}x{} pixels", dims[2], dims[1]),
         });
     }
     let pixels = read_payload(path, &mut s, &dims)?;
@@ -176,20 +193,7 @@ pub fn read_images(path: &Path) -> Result<IdxImages, IdxError> {
 
 /// Reads an IDX1 label file.
 pub fn read_labels(path: &Path) -> Result<Vec<u8>, IdxError> {
-    let mut s = open_stream(path).map_err(|source| IdxError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    let dims = read_header(path, &mut s)?.ok_or_else(|| IdxError::Invalid {
-        path: path.to_owned(),
-        reason: "bad magic (expected 00 00 08 01)".into(),
-    })?;
-    if dims.len() != 1 {
-        return Err(IdxError::Invalid {
-            path: path.to_owned(),
-            reason: format!("label files have 1 dimension, found {}", dims.len()),
-        });
-    }
+    let (mut s, dims) = open_checked(path, 1, "label")?;
     read_payload(path, &mut s, &dims)
 }
 

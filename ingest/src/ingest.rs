@@ -555,7 +555,7 @@ impl<'a> Run<'a> {
             }
             (None, Some(mut record)) => {
                 let id = self.new_source_id();
-                record.source_id = id;
+                record.meta.source_id = id;
                 let span = self.append(&record)?;
                 self.summary.ingested += 1;
                 self.summary.sources_added += 1;
@@ -698,7 +698,7 @@ impl<'a> Run<'a> {
                     path: c.path.clone(),
                     source: io::Error::other(format!("image {i}: {e}")),
                 })?;
-                record.source_id = id;
+                record.meta.source_id = id;
                 let span = self.append(&record)?;
                 push_span(&mut spans, span);
                 self.summary.ingested += 1;

@@ -173,20 +173,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ShardError + '_ {
 pub struct StoredRecord {
     /// The compressed bytes as they go on disk.
     pub bytes: Vec<u8>,
-    /// Length of the uncompressed payload.
-    pub raw_len: u32,
-    /// Image width.
-    pub width: u32,
-    /// Image height.
-    pub height: u32,
-    /// Class index or [`NO_LABEL`].
-    pub label: u32,
-    /// Position inside the source.
-    pub item: u32,
-    /// Manifest source id (may be set after compression, before appending).
-    pub source_id: u64,
-    /// xxh3-64 of `bytes`.
-    pub checksum: u64,
+    /// The index entry; `offset` is set by [`ShardWriter::append`], `source_id` by the
+    /// caller before appending.
+    pub meta: RecordMeta,
 }
 
 impl StoredRecord {
@@ -200,18 +189,19 @@ impl StoredRecord {
         item: u32,
     ) -> std::io::Result<Self> {
         let bytes = zstd::bulk::compress(payload, level)?;
-        let raw_len = u32::try_from(payload.len())
-            .map_err(|_| std::io::Error::other("record payload exceeds 4 GiB"))?;
-        Ok(StoredRecord {
-            checksum: xxh3_64(&bytes),
-            bytes,
-            raw_len,
+        let too_big = || std::io::Error::other("record exceeds 4 GiB");
+        let meta = RecordMeta {
+            offset: 0,
+            stored_len: u32::try_from(bytes.len()).map_err(|_| too_big())?,
+            raw_len: u32::try_from(payload.len()).map_err(|_| too_big())?,
             width,
             height,
             label: label.unwrap_or(NO_LABEL),
             item,
             source_id: 0,
-        })
+            checksum: xxh3_64(&bytes),
+        };
+        Ok(StoredRecord { bytes, meta })
     }
 }
 
@@ -252,14 +242,7 @@ impl ShardWriter {
         let index = self.index.len() as u32;
         self.index.push(RecordMeta {
             offset: self.offset,
-            stored_len: rec.bytes.len() as u32,
-            raw_len: rec.raw_len,
-            width: rec.width,
-            height: rec.height,
-            label: rec.label,
-            item: rec.item,
-            source_id: rec.source_id,
-            checksum: rec.checksum,
+            ..rec.meta
         });
         self.offset += rec.bytes.len() as u64;
         Ok(index)
@@ -547,7 +530,7 @@ mod tests {
         let mut w = ShardWriter::create(&path, Codec::RawRgb8).unwrap();
         for (i, p) in payloads.iter().enumerate() {
             let mut r = record(p, (p.len() / 3) as u32, 1, Some(i as u32));
-            r.source_id = 100 + i as u64;
+            r.meta.source_id = 100 + i as u64;
             assert_eq!(w.append(&r).unwrap(), i as u32);
         }
         w.finish().unwrap();
