@@ -1,0 +1,89 @@
+//! The end of every view: final clip to [0,1], then per-channel normalisation
+//! `(x - mean_c) / std_c` (computed as `(x - mean_c) * (1 / std_c)` in the fused last pass) (ImageNet mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)
+//! by default) into f32 CHW, and/or `round(255 x)` into u8 HWC for consumers that
+//! normalise on the GPU.
+
+use crate::simd::clip01;
+use crate::solarize::solarize_value;
+
+/// ImageNet channel means (BYOL's normalisation).
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// ImageNet channel standard deviations.
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+multiversion! {
+    /// `x = clip(x, 0, 1)` on every value.
+    pub fn clip(img: &mut [f32]) {
+        for x in img.iter_mut() {
+            *x = clip01(*x);
+        }
+    }
+}
+
+multiversion! {
+    /// `x = (x - mean_c) / std_c` in place on a planar image with `n` values per plane.
+    pub fn normalize(img: &mut [f32], n: usize, mean: [f32; 3], std: [f32; 3]) {
+        for ((plane, m), s) in img.chunks_exact_mut(n).zip(mean).zip(std) {
+            for x in plane.iter_mut() {
+                *x = (*x - m) / s;
+            }
+        }
+    }
+}
+
+/// `round(255 * clip(x))` (half away from zero), as the u8 output stores it.
+#[inline(always)]
+pub fn to_u8(x: f32) -> u8 {
+    (clip01(x) * 255.0 + 0.5) as u8
+}
+
+multiversion! {
+    /// The fused last pass of a view: optional solarize (threshold), clip to [0,1], then
+    /// write the normalised f32 CHW output and/or the u8 HWC output.
+    pub(crate) fn finish(
+        img: &[f32],
+        n: usize,
+        solarize: Option<f32>,
+        mean: [f32; 3],
+        std: [f32; 3],
+        chw: Option<&mut [f32]>,
+        hwc: Option<&mut [u8]>,
+    ) {
+        let (sol, t) = match solarize {
+            Some(t) => (true, t),
+            None => (false, 0.0),
+        };
+        if let Some(chw) = chw {
+            for c in 0..3 {
+                // Multiplying by 1/std instead of dividing: within 1 ulp, 10x cheaper.
+                let (m, s) = (mean[c], 1.0 / std[c]);
+                let src = &img[c * n..(c + 1) * n];
+                let dst = &mut chw[c * n..(c + 1) * n];
+                if sol {
+                    for (d, &x) in dst.iter_mut().zip(src) {
+                        *d = (clip01(solarize_value(x, t)) - m) * s;
+                    }
+                } else {
+                    for (d, &x) in dst.iter_mut().zip(src) {
+                        *d = (clip01(x) - m) * s;
+                    }
+                }
+            }
+        }
+        if let Some(hwc) = hwc {
+            let (r, rest) = img.split_at(n);
+            let (g, b) = rest.split_at(n);
+            for (i, px) in hwc.chunks_exact_mut(3).enumerate().take(n) {
+                let (mut x0, mut x1, mut x2) = (r[i], g[i], b[i]);
+                if sol {
+                    x0 = solarize_value(x0, t);
+                    x1 = solarize_value(x1, t);
+                    x2 = solarize_value(x2, t);
+                }
+                px[0] = to_u8(x0);
+                px[1] = to_u8(x1);
+                px[2] = to_u8(x2);
+            }
+        }
+    }
+}

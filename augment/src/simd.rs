@@ -1,0 +1,45 @@
+//! Function multiversioning: hot loops are written once as plain f32 code the compiler
+//! vectorises, and compiled twice: for the baseline target and with AVX2 + FMA, picked at
+//! run time (the check is a cached atomic load). No hand-written intrinsics.
+
+/// Defines `fn name(args)` that runs an AVX2 build of `body` when the CPU has it.
+/// The body should only call `#[inline(always)]` helpers so they get the same features.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident ( $($arg:ident : $ty:ty),* $(,)? ) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2($($arg: $ty),*) $(-> $ret)? $body
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU supports every feature `avx2` was compiled with.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            #[allow(clippy::too_many_arguments)]
+            fn generic($($arg: $ty),*) $(-> $ret)? $body
+            generic($($arg),*)
+        }
+    };
+}
+
+/// `floor(x)` for |x| < 2^22, exact, in plain float ops so it vectorises everywhere (no
+/// SSE4.1 `roundps` needed, and no saturating `as i32` cast, which LLVM scalarises).
+#[inline(always)]
+pub(crate) fn floor_f32(x: f32) -> f32 {
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer (ties to even).
+    const MAGIC: f32 = 12_582_912.0;
+    let t = (x + MAGIC) - MAGIC;
+    if t > x { t - 1.0 } else { t }
+}
+
+/// `min(max(x, 0), 1)`.
+#[inline(always)]
+pub(crate) fn clip01(x: f32) -> f32 {
+    x.clamp(0.0, 1.0)
+}
