@@ -6,15 +6,14 @@
 //! over-large side is clamped, which changes the aspect ratio), then uniform integer offsets.
 //!
 //! The resize is Pillow's antialiased bicubic (Keys cubic, a = -0.5, kernel widened by the
-//! scale factor when shrinking), computed by `fast_image_resize` on the u8 crop, the same
-//! way Pillow does it (fixed point, u8 between and after the two passes). See the crate
+//! scale factor when shrinking), computed by our port of Pillow's resampler
+//! ([`crate::resample`]) on the u8 crop, exactly as Pillow does it (fixed point, u8 between and after the two passes). See the crate
 //! README for why we follow Pillow rather than TensorFlow's non-antialiased bicubic.
 
-use fast_image_resize::images::{CroppedImage, Image, ImageRef};
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use serde::{Deserialize, Serialize};
 
 use crate::error::AugmentError;
+use crate::resample::{Filter, Resampler};
 
 /// A crop rectangle in pixels of the source image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -100,21 +99,19 @@ pub enum Interpolation {
 }
 
 impl Interpolation {
-    fn alg(self) -> ResizeAlg {
-        ResizeAlg::Convolution(match self {
-            Interpolation::Bicubic => FilterType::CatmullRom,
-            Interpolation::Bilinear => FilterType::Bilinear,
-            Interpolation::Lanczos3 => FilterType::Lanczos3,
-        })
+    fn filter(self) -> Filter {
+        match self {
+            Interpolation::Bicubic => Filter::Bicubic,
+            Interpolation::Bilinear => Filter::Bilinear,
+            Interpolation::Lanczos3 => Filter::Lanczos3,
+        }
     }
 }
 
 /// Fused crop + resize of an RGB8 HWC image into an RGB8 HWC buffer (reusable state).
 #[derive(Debug, Default, Clone)]
 pub struct CropResizer {
-    resizer: Resizer,
-    /// The horizontally resized crop (out_w x crop.h), between the two passes.
-    mid: Vec<u8>,
+    resampler: Resampler,
 }
 
 impl CropResizer {
@@ -138,23 +135,42 @@ impl CropResizer {
         out_w: u32,
         out_h: u32,
     ) -> Result<(), AugmentError> {
-        let src = ImageRef::new(width, height, src, PixelType::U8x3)
-            .map_err(|e| AugmentError::BadInput(e.to_string()))?;
-        let cropped = CroppedImage::new(&src, crop.offset_w, crop.offset_h, crop.w, crop.h)
-            .map_err(|e| AugmentError::BadInput(e.to_string()))?;
-        let opts = ResizeOptions::new().resize_alg(interpolation.alg());
-        let err = |e: fast_image_resize::ResizeError| AugmentError::Resize(e.to_string());
-        // Two calls so the horizontal pass runs first, as in Pillow: for u8 images
-        // fast_image_resize would otherwise run the vertical pass first, and the u8
-        // rounding and clamping between the passes then differ from Pillow by up to 3/255.
-        self.mid.resize(out_w as usize * crop.h as usize * 3, 0);
-        let mut mid = Image::from_slice_u8(out_w, crop.h, &mut self.mid, PixelType::U8x3)
-            .map_err(|e| AugmentError::Resize(e.to_string()))?;
-        self.resizer
-            .resize(&cropped, &mut mid, &opts)
-            .map_err(err)?;
-        let mut dst = Image::from_slice_u8(out_w, out_h, dst, PixelType::U8x3)
-            .map_err(|e| AugmentError::Resize(e.to_string()))?;
-        self.resizer.resize(&mid, &mut dst, &opts).map_err(err)
+        if src.len() != width as usize * height as usize * 3 {
+            return Err(AugmentError::BadInput(format!(
+                "{} bytes is not a {width}x{height} RGB8 image",
+                src.len()
+            )));
+        }
+        if crop.w == 0
+            || crop.h == 0
+            || crop.offset_w + crop.w > width
+            || crop.offset_h + crop.h > height
+        {
+            return Err(AugmentError::BadInput(format!(
+                "crop {crop:?} outside a {width}x{height} image"
+            )));
+        }
+        if out_w == 0 || out_h == 0 || dst.len() != out_w as usize * out_h as usize * 3 {
+            return Err(AugmentError::Resize(format!(
+                "output of {} bytes for {out_w}x{out_h} RGB8",
+                dst.len()
+            )));
+        }
+        let window = (
+            crop.offset_w as usize,
+            crop.offset_h as usize,
+            crop.w as usize,
+            crop.h as usize,
+        );
+        self.resampler.crop_resize(
+            src,
+            width as usize,
+            window,
+            interpolation.filter(),
+            dst,
+            out_w as usize,
+            out_h as usize,
+        );
+        Ok(())
     }
 }

@@ -33,6 +33,7 @@ pub mod grayscale;
 pub mod layout;
 pub mod normalize;
 mod pipeline;
+pub mod resample;
 pub mod rng;
 pub mod solarize;
 pub mod spec;
