@@ -26,6 +26,42 @@ pub enum Command {
     Ingest(IngestArgs),
     /// Report what a dataset holds; --verify checks every record.
     Inspect(InspectArgs),
+    /// Draw a PNG grid of images and their two augmented views.
+    Preview(PreviewArgs),
+}
+
+/// Augmentation preset choices.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PresetArg {
+    /// The official BYOL views (blur in both).
+    Byol,
+    /// Small images: no blur.
+    Small,
+}
+
+/// `byol preview`.
+#[derive(Debug, Args)]
+pub struct PreviewArgs {
+    /// A dataset folder, or a folder of image files.
+    pub dataset: PathBuf,
+    /// The PNG to write.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Number of images (rows).
+    #[arg(long, default_value_t = 16)]
+    pub n: usize,
+    /// Seed choosing the images and their augmentations.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Read the [augment] table of this TOML file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Start from this preset instead of the config's.
+    #[arg(long, value_enum)]
+    pub preset: Option<PresetArg>,
+    /// View size in pixels (overrides the config).
+    #[arg(long)]
+    pub size: Option<u32>,
 }
 
 /// Payload codec choices.

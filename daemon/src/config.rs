@@ -14,6 +14,9 @@ pub struct Config {
     /// Settings of `byol ingest`.
     #[serde(default)]
     pub ingest: IngestConfig,
+    /// BYOL's two views (`preset`, `size`, `view1`, `view2`); see `configs/default.toml`.
+    #[serde(default)]
+    pub augment: Option<byol_augment::AugmentConfig>,
 }
 
 /// The `[ingest]` table; every key is optional and a command-line flag overrides it.

@@ -5,6 +5,7 @@ mod config;
 mod demo;
 mod ingest_cmd;
 mod inspect_cmd;
+mod preview_cmd;
 mod progress;
 
 use std::process::ExitCode;
@@ -28,6 +29,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         None => demo::run(),
         Some(cli::Command::Ingest(args)) => ingest_cmd::run(args),
         Some(cli::Command::Inspect(args)) => inspect_cmd::run(args),
+        Some(cli::Command::Preview(args)) => preview_cmd::run(args),
     }
 }
 

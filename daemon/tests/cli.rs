@@ -247,3 +247,72 @@ fn no_arguments_runs_the_demo() {
     ]);
     assert_eq!(json(&o)["stats"]["records"], 16);
 }
+
+#[test]
+fn preview_draws_one_row_per_image_from_a_dataset_or_a_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = folder(dir.path(), 6, 48);
+    let ds = dir.path().join("ds");
+    assert!(
+        run(&[
+            "ingest",
+            src.to_str().unwrap(),
+            "--out",
+            ds.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    for (input, n) in [(ds.clone(), "4"), (src.join("even"), "2")] {
+        let png = dir.path().join(format!("grid{n}.png"));
+        let o = run(&[
+            "preview",
+            input.to_str().unwrap(),
+            "--out",
+            png.to_str().unwrap(),
+            "--n",
+            n,
+            "--size",
+            "32",
+            "--seed",
+            "3",
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let img = image::open(&png).unwrap();
+        let rows: u32 = n.parse().unwrap();
+        assert_eq!(
+            (img.width(), img.height()),
+            (3 * 32 + 4 * 4, rows * 32 + (rows + 1) * 4)
+        );
+    }
+    // Same seed, same picture.
+    let again = dir.path().join("again.png");
+    let o = run(&[
+        "preview",
+        ds.to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
+        "--n",
+        "4",
+        "--size",
+        "32",
+        "--seed",
+        "3",
+    ]);
+    assert!(o.status.success());
+    assert_eq!(
+        std::fs::read(&again).unwrap(),
+        std::fs::read(dir.path().join("grid4.png")).unwrap()
+    );
+    // Bad settings name the key.
+    let o = run(&[
+        "preview",
+        ds.to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
+        "--size",
+        "0",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("size"), "{}", text(&o));
+}

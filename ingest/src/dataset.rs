@@ -1,6 +1,7 @@
 //! Reading a packed dataset: its manifest and its memory-mapped shards.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::decode::{self, DecodeLimits};
 use crate::manifest::{Manifest, ManifestError, SHARDS_DIR};
@@ -40,11 +41,12 @@ pub struct RecordRef {
     pub index: u32,
 }
 
-/// A dataset opened for reading. Shards are mapped, not read.
+/// A dataset opened for reading. Shards are mapped, not read; shard mappings are shared
+/// (`Arc`) between a dataset and the ones [`Dataset::refreshed`] makes from it.
 pub struct Dataset {
     dir: PathBuf,
     manifest: Manifest,
-    shards: Vec<ShardReader>,
+    shards: Vec<Arc<ShardReader>>,
 }
 
 impl Dataset {
@@ -64,10 +66,30 @@ impl Dataset {
 
     /// Re-reads the manifest and maps shards added since opening; returns how many.
     pub fn refresh(&mut self) -> Result<usize, DatasetError> {
-        let manifest = Manifest::load(&self.dir)?.ok_or_else(|| DatasetError::NotADataset {
-            path: self.dir.clone(),
-        })?;
+        let manifest = self.load_manifest()?;
         self.refresh_with(manifest)
+    }
+
+    /// A new view of the dataset as of its current manifest, sharing the mappings of the
+    /// shards both know; `None` when the manifest has not changed.
+    pub fn refreshed(&self) -> Result<Option<Dataset>, DatasetError> {
+        let manifest = self.load_manifest()?;
+        if manifest == self.manifest {
+            return Ok(None);
+        }
+        let mut next = Dataset {
+            dir: self.dir.clone(),
+            manifest: self.manifest.clone(),
+            shards: self.shards.clone(),
+        };
+        next.refresh_with(manifest)?;
+        Ok(Some(next))
+    }
+
+    fn load_manifest(&self) -> Result<Manifest, DatasetError> {
+        Manifest::load(&self.dir)?.ok_or_else(|| DatasetError::NotADataset {
+            path: self.dir.clone(),
+        })
     }
 
     fn refresh_with(&mut self, manifest: Manifest) -> Result<usize, DatasetError> {
@@ -105,7 +127,7 @@ impl Dataset {
                     ),
                 });
             }
-            opened.push(reader);
+            opened.push(Arc::new(reader));
         }
         self.shards.truncate(before);
         self.shards.extend(opened);
@@ -124,7 +146,7 @@ impl Dataset {
     }
 
     /// The mapped shards, in manifest order.
-    pub fn shards(&self) -> &[ShardReader] {
+    pub fn shards(&self) -> &[Arc<ShardReader>] {
         &self.shards
     }
 

@@ -1,0 +1,610 @@
+//! The loader: persistent workers fill a ring of batch buffers; the consumer takes
+//! finished batches in order and hands each buffer back when done with it.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use byol_augment::{Augmenter, SampleKey, Scratch, ViewOut};
+use byol_ingest::{Dataset, RecordScratch};
+use crossbeam_channel::{Receiver, Sender};
+use serde::{Deserialize, Serialize};
+
+use crate::LoaderError;
+use crate::config::{LoaderConfig, Output};
+use crate::plan::{EpochPlan, Global};
+use crate::slots::Slot;
+
+/// Substitutes tried before a slot is left blank (all-zero) because every probed record
+/// is unusable.
+const MAX_PROBES: u64 = 64;
+/// How long a waiting worker sleeps before re-checking for shutdown.
+const WAIT_TICK: Duration = Duration::from_millis(5);
+
+/// Where a run stands: enough to resume with bit-identical batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoaderState {
+    /// The run seed (a resume with another seed is refused).
+    pub seed: u64,
+    /// Epoch of the next batch.
+    pub epoch: u64,
+    /// Batch number within that epoch of the next batch.
+    pub batch: u64,
+    /// Shards in that epoch's domain (the dataset may have grown since).
+    pub shards: u64,
+}
+
+/// Throughput and health counters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LoaderStats {
+    /// Batches handed to the consumer.
+    pub batches: u64,
+    /// Images (samples) handed to the consumer.
+    pub images: u64,
+    /// Batches per second since the loader started.
+    pub batches_per_sec: f64,
+    /// Images per second since the loader started.
+    pub images_per_sec: f64,
+    /// Finished batches waiting for the consumer right now.
+    pub queue_depth: usize,
+    /// Total seconds the consumer waited in [`Loader::next_batch`].
+    pub wait_secs: f64,
+    /// Records skipped because they are corrupt or undecodable (each counted once).
+    pub skipped: u64,
+}
+
+struct Plans {
+    /// Plans still in use, oldest first.
+    queue: VecDeque<Arc<EpochPlan>>,
+    /// The newest view of the dataset; the next epoch is planned over it.
+    latest: Arc<Dataset>,
+}
+
+struct Shared {
+    cfg: LoaderConfig,
+    aug: Augmenter,
+    f32_len: usize,
+    u8_len: usize,
+    stop: AtomicBool,
+    next_sample: AtomicU64,
+    slots: Vec<Slot>,
+    plans: Mutex<Plans>,
+    wake: (Mutex<()>, Condvar),
+    ready: Sender<usize>,
+    bad: Mutex<HashSet<(usize, u32)>>,
+    skipped: AtomicU64,
+}
+
+/// Shuffled, resumable two-view batches from a dataset.
+///
+/// Batches come in order from [`Loader::next_batch`]; epochs follow one another without end
+/// (stop when you have had enough). Dropping the loader stops and joins its workers.
+pub struct Loader {
+    shared: Arc<Shared>,
+    ready: Receiver<usize>,
+    workers: Option<JoinHandle<()>>,
+    /// Global number of the next batch to hand out.
+    next_global: u64,
+    /// Slots finished out of order, waiting for their turn.
+    early: Vec<bool>,
+    state: LoaderState,
+    started: Instant,
+    images: u64,
+    wait: Duration,
+}
+
+impl Loader {
+    /// Starts workers over `dataset`, from `state` (a resume) or from epoch 0.
+    pub fn new(
+        dataset: Dataset,
+        aug: Augmenter,
+        cfg: LoaderConfig,
+        state: Option<LoaderState>,
+    ) -> Result<Self, LoaderError> {
+        cfg.validate()?;
+        let dataset = Arc::new(dataset);
+        let state = state.unwrap_or(LoaderState {
+            seed: cfg.seed,
+            epoch: 0,
+            batch: 0,
+            shards: dataset.shards().len() as u64,
+        });
+        if state.seed != cfg.seed {
+            return Err(LoaderError::State(format!(
+                "the state is for seed {}, the config says {}",
+                state.seed, cfg.seed
+            )));
+        }
+        if state.shards as usize > dataset.shards().len() {
+            return Err(LoaderError::State(format!(
+                "the state covers {} shards but {} has {}",
+                state.shards,
+                dataset.dir().display(),
+                dataset.shards().len()
+            )));
+        }
+        let first = EpochPlan::new(
+            &cfg,
+            dataset.clone(),
+            state.shards as usize,
+            state.epoch,
+            state.batch,
+            0,
+        );
+        if first.total() > u64::from(Global::MAX) {
+            return Err(LoaderError::State(format!(
+                "{} records is more than the loader addresses",
+                first.total()
+            )));
+        }
+        if first.batches == 0 {
+            return Err(LoaderError::TooFewRecords {
+                records: first.total(),
+                batch_size: cfg.batch_size,
+            });
+        }
+        if state.batch > first.batches {
+            return Err(LoaderError::State(format!(
+                "batch {} of epoch {} is past its end ({} batches)",
+                state.batch, state.epoch, first.batches
+            )));
+        }
+        let (f32_len, u8_len) = match cfg.output {
+            Output::F32 => (aug.view_len(), 0),
+            Output::U8 => (0, aug.view_len()),
+            Output::Both => (aug.view_len(), aug.view_len()),
+        };
+        let pool = cfg.batches_ahead + 2;
+        let slots = (0..pool as u64)
+            .map(|b| Slot::new(b, cfg.batch_size, f32_len, u8_len))
+            .collect();
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded(pool);
+        let threads = cfg.threads;
+        let shared = Arc::new(Shared {
+            cfg,
+            aug,
+            f32_len,
+            u8_len,
+            stop: AtomicBool::new(false),
+            next_sample: AtomicU64::new(0),
+            slots,
+            plans: Mutex::new(Plans {
+                queue: VecDeque::from([Arc::new(first)]),
+                latest: dataset,
+            }),
+            wake: (Mutex::new(()), Condvar::new()),
+            ready: ready_tx,
+            bad: Mutex::new(HashSet::new()),
+            skipped: AtomicU64::new(0),
+        });
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("byol-loader-{i}"))
+            .build()
+            .map_err(|e| LoaderError::Config {
+                key: "threads",
+                reason: e.to_string(),
+            })?;
+        let worker_shared = shared.clone();
+        // Every pool thread runs one long-lived worker loop: no per-batch task spawning.
+        let workers = std::thread::Builder::new()
+            .name("byol-loader".into())
+            .spawn(move || {
+                pool.broadcast(|_| worker_loop(&worker_shared));
+            })
+            .map_err(LoaderError::Spawn)?;
+        Ok(Loader {
+            early: vec![false; shared.slots.len()],
+            shared,
+            ready: ready_rx,
+            workers: Some(workers),
+            next_global: 0,
+            state,
+            started: Instant::now(),
+            images: 0,
+            wait: Duration::ZERO,
+        })
+    }
+
+    /// The next batch (blocks until it is ready). Its buffer returns to the pool when
+    /// the batch is dropped.
+    pub fn next_batch(&mut self) -> Batch<'_> {
+        let n = self.shared.slots.len();
+        let slot = (self.next_global % n as u64) as usize;
+        let start = Instant::now();
+        while !self.early[slot] {
+            let done = self
+                .ready
+                .recv()
+                .expect("workers live as long as the loader");
+            self.early[done] = true;
+        }
+        self.wait += start.elapsed();
+        self.early[slot] = false;
+        let s = &self.shared.slots[slot];
+        let (epoch, index) = (
+            s.epoch.load(Ordering::Acquire),
+            s.index_in_epoch.load(Ordering::Acquire),
+        );
+        let len = s.len.load(Ordering::Acquire);
+        let shards = s.shards.load(Ordering::Acquire);
+        self.next_global += 1;
+        self.images += len as u64;
+        self.state = self.state_after(epoch, index, shards);
+        Batch {
+            loader: self,
+            slot,
+            epoch,
+            index_in_epoch: index,
+            len,
+        }
+    }
+
+    /// State after batch `index` of `epoch`: where a resume would continue.
+    fn state_after(&self, epoch: u64, index: u64, shards: u64) -> LoaderState {
+        let mut plans = self.shared.plans.lock().unwrap();
+        // Plans the consumer has moved past are no longer needed.
+        while plans.queue.len() > 1 && plans.queue[0].end_global() < self.next_global {
+            plans.queue.pop_front();
+        }
+        let plan = plans
+            .queue
+            .iter()
+            .find(|p| p.epoch == epoch)
+            .expect("plan of a live batch");
+        if index + 1 < plan.batches {
+            LoaderState {
+                seed: self.shared.cfg.seed,
+                epoch,
+                batch: index + 1,
+                shards,
+            }
+        } else {
+            // The next epoch's domain is decided when it is planned; a resume re-plans it
+            // over the shards present then, exactly as a run that did not stop.
+            let next_shards = plans
+                .queue
+                .iter()
+                .find(|p| p.epoch == epoch + 1)
+                .map_or(plans.latest.shards().len() as u64, |p| p.shards as u64);
+            LoaderState {
+                seed: self.shared.cfg.seed,
+                epoch: epoch + 1,
+                batch: 0,
+                shards: next_shards,
+            }
+        }
+    }
+
+    /// Where the run stands after the last batch handed out.
+    pub fn state(&self) -> LoaderState {
+        self.state
+    }
+
+    /// Batches in the current epoch.
+    pub fn batches_per_epoch(&self) -> u64 {
+        let plans = self.shared.plans.lock().unwrap();
+        plans
+            .queue
+            .iter()
+            .find(|p| p.epoch == self.state.epoch)
+            .map_or(plans.queue[0].batches, |p| p.batches)
+    }
+
+    /// Looks for shards added to the manifest since the dataset was opened; the next
+    /// epoch samples them. Returns how many shards the next epoch will see.
+    pub fn refresh(&self) -> Result<usize, LoaderError> {
+        let mut plans = self.shared.plans.lock().unwrap();
+        if let Some(ds) = plans.latest.refreshed()? {
+            plans.latest = Arc::new(ds);
+        }
+        Ok(plans.latest.shards().len())
+    }
+
+    /// Throughput and health counters.
+    pub fn stats(&self) -> LoaderStats {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        LoaderStats {
+            batches: self.next_global,
+            images: self.images,
+            batches_per_sec: self.next_global as f64 / secs,
+            images_per_sec: self.images as f64 / secs,
+            queue_depth: self.ready.len() + self.early.iter().filter(|&&e| e).count(),
+            wait_secs: self.wait.as_secs_f64(),
+            skipped: self.shared.skipped.load(Ordering::Relaxed),
+        }
+    }
+
+    fn recycle(&self, slot: usize) {
+        let s = &self.shared.slots[slot];
+        s.filled.store(0, Ordering::Relaxed);
+        let pool = self.shared.slots.len() as u64;
+        s.batch.fetch_add(pool, Ordering::Release);
+        self.shared.wake.1.notify_all();
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.1.notify_all();
+        if let Some(w) = self.workers.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// A finished batch: two views per image, labels and record ids. Borrowed from the
+/// loader; dropping it returns the buffer to the pool.
+pub struct Batch<'a> {
+    loader: &'a Loader,
+    slot: usize,
+    /// Epoch of this batch.
+    pub epoch: u64,
+    /// Batch number within the epoch.
+    pub index_in_epoch: u64,
+    len: usize,
+}
+
+impl Batch<'_> {
+    fn slot(&self) -> &Slot {
+        &self.loader.shared.slots[self.slot]
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty batch (never produced).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Side of the square views.
+    pub fn image_size(&self) -> u32 {
+        self.loader.shared.aug.size()
+    }
+
+    /// View 1 (T), normalised f32 NCHW: `len * 3 * size * size` values (empty without f32 output).
+    pub fn view1(&self) -> &[f32] {
+        // SAFETY: the slot is published and not yet recycled (module invariant of `slots`).
+        unsafe {
+            self.slot()
+                .view1
+                .slice(self.len * self.loader.shared.f32_len)
+        }
+    }
+
+    /// View 2 (T'), normalised f32 NCHW.
+    pub fn view2(&self) -> &[f32] {
+        // SAFETY: as in `view1`.
+        unsafe {
+            self.slot()
+                .view2
+                .slice(self.len * self.loader.shared.f32_len)
+        }
+    }
+
+    /// View 1 as u8 NHWC, un-normalised (empty without u8 output).
+    pub fn view1_u8(&self) -> &[u8] {
+        // SAFETY: as in `view1`.
+        unsafe {
+            self.slot()
+                .view1_u8
+                .slice(self.len * self.loader.shared.u8_len)
+        }
+    }
+
+    /// View 2 as u8 NHWC, un-normalised.
+    pub fn view2_u8(&self) -> &[u8] {
+        // SAFETY: as in `view1`.
+        unsafe {
+            self.slot()
+                .view2_u8
+                .slice(self.len * self.loader.shared.u8_len)
+        }
+    }
+
+    /// Class index per image ([`byol_ingest::shard::NO_LABEL`] when unlabelled).
+    pub fn labels(&self) -> &[u32] {
+        // SAFETY: as in `view1`.
+        unsafe { self.slot().labels.slice(self.len) }
+    }
+
+    /// Augmentation index per image: the record's global index (newest-pool draws
+    /// carry their batch position in the upper 32 bits).
+    pub fn records(&self) -> &[u64] {
+        // SAFETY: as in `view1`.
+        unsafe { self.slot().records.slice(self.len) }
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        self.loader.recycle(self.slot);
+    }
+}
+
+/// The output slots of one view: the non-empty ones.
+fn view_out<'a>(chw: &'a mut [f32], hwc: &'a mut [u8]) -> ViewOut<'a> {
+    ViewOut {
+        chw: (!chw.is_empty()).then_some(chw),
+        hwc: (!hwc.is_empty()).then_some(hwc),
+    }
+}
+
+/// Buffers one worker reuses for every sample.
+struct WorkerScratch {
+    record: RecordScratch,
+    rgb: Vec<u8>,
+    aug: Scratch,
+}
+
+fn worker_loop(shared: &Shared) {
+    let mut scratch = WorkerScratch {
+        record: RecordScratch::default(),
+        rgb: Vec::new(),
+        aug: Scratch::new(),
+    };
+    let batch_size = shared.cfg.batch_size as u64;
+    let pool = shared.slots.len() as u64;
+    while !shared.stop.load(Ordering::Acquire) {
+        let g = shared.next_sample.fetch_add(1, Ordering::Relaxed);
+        let (global_batch, slot_in_batch) = (g / batch_size, (g % batch_size) as usize);
+        let Some(plan) = plan_for(shared, global_batch) else {
+            return;
+        };
+        let batch = plan.first_batch + (global_batch - plan.first_global);
+        let len = plan.batch_len(batch);
+        if slot_in_batch >= len {
+            continue; // the short last batch of an epoch
+        }
+        let slot = &shared.slots[(global_batch % pool) as usize];
+        if !wait_for_slot(shared, slot, global_batch) {
+            return;
+        }
+        fill_sample(shared, &plan, batch, slot_in_batch, slot, &mut scratch);
+        if slot_in_batch == 0 {
+            slot.epoch.store(plan.epoch, Ordering::Relaxed);
+            slot.index_in_epoch.store(batch, Ordering::Relaxed);
+            slot.shards.store(plan.shards as u64, Ordering::Relaxed);
+            slot.len.store(len, Ordering::Relaxed);
+        }
+        if slot.filled.fetch_add(1, Ordering::AcqRel) + 1 == len {
+            // Capacity equals the pool size, so this never blocks.
+            let _ = shared.ready.send((global_batch % pool) as usize);
+        }
+    }
+}
+
+/// The plan that holds `global_batch`, planning the next epoch when needed.
+fn plan_for(shared: &Shared, global_batch: u64) -> Option<Arc<EpochPlan>> {
+    let mut plans = shared.plans.lock().unwrap();
+    loop {
+        if let Some(p) = plans
+            .queue
+            .iter()
+            .find(|p| p.first_global <= global_batch && global_batch < p.end_global())
+        {
+            return Some(p.clone());
+        }
+        let last = plans.queue.back()?.clone();
+        // Epoch boundary: pick up shards added since, then plan the next epoch.
+        match plans.latest.refreshed() {
+            Ok(Some(ds)) => plans.latest = Arc::new(ds),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "dataset refresh failed; the next epoch uses the shards known so far")
+            }
+        }
+        let dataset = plans.latest.clone();
+        let shards = dataset.shards().len();
+        let next = EpochPlan::new(
+            &shared.cfg,
+            dataset,
+            shards,
+            last.epoch + 1,
+            0,
+            last.end_global(),
+        );
+        if next.batches == 0 {
+            return None; // impossible: datasets only grow
+        }
+        plans.queue.push_back(Arc::new(next));
+    }
+}
+
+/// Waits until `slot` may hold `global_batch`; false when the loader stops.
+fn wait_for_slot(shared: &Shared, slot: &Slot, global_batch: u64) -> bool {
+    while slot.batch.load(Ordering::Acquire) != global_batch {
+        if shared.stop.load(Ordering::Acquire) {
+            return false;
+        }
+        let guard = shared.wake.0.lock().unwrap();
+        let _ = shared.wake.1.wait_timeout(guard, WAIT_TICK).unwrap();
+    }
+    true
+}
+
+/// Decodes and augments one sample into its place in `slot`, substituting a usable
+/// record (deterministically) when the planned one is retired or corrupt.
+fn fill_sample(
+    shared: &Shared,
+    plan: &EpochPlan,
+    batch: u64,
+    slot_in_batch: usize,
+    slot: &Slot,
+    sc: &mut WorkerScratch,
+) {
+    let ds = &plan.dataset;
+    let f32_len = shared.f32_len;
+    let u8_len = shared.u8_len;
+    // SAFETY: this worker alone claimed sample `slot_in_batch` of this batch (module
+    // invariant of `slots`), so these ranges are written by no one else.
+    let (v1, v2, u1, u2, label, record) = unsafe {
+        (
+            slot.view1.slice_mut(slot_in_batch * f32_len, f32_len),
+            slot.view2.slice_mut(slot_in_batch * f32_len, f32_len),
+            slot.view1_u8.slice_mut(slot_in_batch * u8_len, u8_len),
+            slot.view2_u8.slice_mut(slot_in_batch * u8_len, u8_len),
+            &mut slot.labels.slice_mut(slot_in_batch, 1)[0],
+            &mut slot.records.slice_mut(slot_in_batch, 1)[0],
+        )
+    };
+    for probe in 0..MAX_PROBES {
+        let (g, aug_index) = plan.sample(batch, slot_in_batch, probe);
+        let r = plan.locate(g);
+        let retired = &ds.manifest().shards[r.shard].retired;
+        if retired.binary_search(&r.index).is_ok() {
+            continue;
+        }
+        let result = ds
+            .read_rgb(r, &mut sc.record, &mut sc.rgb)
+            .map_err(|e| e.to_string())
+            .and_then(|meta| {
+                let key = SampleKey::new(shared.cfg.seed, plan.epoch, aug_index);
+                shared
+                    .aug
+                    .two_views(
+                        &sc.rgb,
+                        meta.width,
+                        meta.height,
+                        key,
+                        &mut sc.aug,
+                        [view_out(&mut *v1, &mut *u1), view_out(&mut *v2, &mut *u2)],
+                    )
+                    .map(|_| meta)
+                    .map_err(|e| e.to_string())
+            });
+        match result {
+            Ok(meta) => {
+                *label = meta.label;
+                *record = aug_index;
+                return;
+            }
+            Err(reason) => {
+                if shared.bad.lock().unwrap().insert((r.shard, r.index)) {
+                    shared.skipped.fetch_add(1, Ordering::Relaxed);
+                    let shard = &ds.manifest().shards[r.shard].file;
+                    tracing::warn!(shard = %shard, index = r.index, %reason, "skipping corrupt record");
+                }
+            }
+        }
+    }
+    tracing::error!(
+        epoch = plan.epoch,
+        batch,
+        slot = slot_in_batch,
+        "no usable record found; slot left blank"
+    );
+    v1.fill(0.0);
+    v2.fill(0.0);
+    u1.fill(0);
+    u2.fill(0);
+    *label = byol_ingest::shard::NO_LABEL;
+    *record = u64::MAX;
+}

@@ -1,0 +1,162 @@
+//! The plan of one epoch: which record fills which slot of which batch.
+//!
+//! Everything here is a pure function of (seed, epoch, the first `shards` shards of the
+//! dataset, the config), which is what makes a resumed run yield the same batches.
+
+use std::sync::Arc;
+
+use byol_augment::rng::mix64;
+use byol_ingest::{Dataset, RecordRef};
+use rand_core::{RngCore, SeedableRng};
+use rand_xoshiro::Xoshiro256PlusPlus;
+
+use crate::config::{LoaderConfig, Order};
+
+/// Records are addressed by a global index: shard after shard, in manifest order.
+pub(crate) type Global = u32;
+
+/// Step used to look for a substitute when a record cannot be used (a prime, so that
+/// probing visits many distinct positions).
+const PROBE_STEP: u64 = 7_919;
+
+/// One epoch's order over the records of its first `shards` shards.
+pub(crate) struct EpochPlan {
+    pub epoch: u64,
+    pub dataset: Arc<Dataset>,
+    /// Number of shards in this epoch's domain.
+    pub shards: usize,
+    /// Global index of each shard's first record; one more entry holds the total.
+    starts: Vec<u64>,
+    /// The epoch order (a permutation of `0..total`).
+    order: Vec<Global>,
+    /// Batches in this epoch.
+    pub batches: u64,
+    /// Batch of this epoch that global batch `first_global` is (non-zero when resuming).
+    pub first_batch: u64,
+    /// Global (loader-lifetime) number of batch `first_batch`.
+    pub first_global: u64,
+    seq_per_batch: usize,
+    newest_per_batch: usize,
+    /// How many of the last records form the newest pool.
+    newest_pool: u64,
+    batch_size: usize,
+    seed: u64,
+}
+
+impl EpochPlan {
+    /// Plans `epoch` over the first `shards` shards of `dataset`.
+    pub fn new(
+        cfg: &LoaderConfig,
+        dataset: Arc<Dataset>,
+        shards: usize,
+        epoch: u64,
+        first_batch: u64,
+        first_global: u64,
+    ) -> Self {
+        let mut starts = Vec::with_capacity(shards + 1);
+        let mut total = 0u64;
+        for s in &dataset.shards()[..shards] {
+            starts.push(total);
+            total += s.len() as u64;
+        }
+        starts.push(total);
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(mix64(
+            mix64(cfg.seed ^ 0x243F_6A88_85A3_08D3) ^ epoch,
+        ));
+        let order = match cfg.order {
+            Order::Global => {
+                let mut order: Vec<Global> = (0..total as Global).collect();
+                shuffle(&mut order, &mut rng);
+                order
+            }
+            Order::ShardWindows => {
+                let mut shard_order: Vec<usize> = (0..shards).collect();
+                shuffle(&mut shard_order, &mut rng);
+                let mut order = Vec::with_capacity(total as usize);
+                for window in shard_order.chunks(cfg.shard_window) {
+                    let from = order.len();
+                    for &s in window {
+                        order.extend(starts[s] as Global..starts[s + 1] as Global);
+                    }
+                    shuffle(&mut order[from..], &mut rng);
+                }
+                order
+            }
+        };
+        let seq = cfg.sequential_per_batch() as u64;
+        let batches = if cfg.drop_last {
+            total / seq
+        } else {
+            total.div_ceil(seq)
+        };
+        EpochPlan {
+            epoch,
+            dataset,
+            shards,
+            starts,
+            order,
+            batches,
+            first_batch,
+            first_global,
+            seq_per_batch: cfg.sequential_per_batch(),
+            newest_per_batch: cfg.newest_per_batch(),
+            newest_pool: cfg.newest_records as u64,
+            batch_size: cfg.batch_size,
+            seed: cfg.seed,
+        }
+    }
+
+    /// Records in this epoch's domain.
+    pub fn total(&self) -> u64 {
+        self.order.len() as u64
+    }
+
+    /// One past the last global batch number of this plan.
+    pub fn end_global(&self) -> u64 {
+        self.first_global + self.batches.saturating_sub(self.first_batch)
+    }
+
+    /// Number of samples in batch `batch` of this epoch.
+    pub fn batch_len(&self, batch: u64) -> usize {
+        let seq_left = self.total() - batch * self.seq_per_batch as u64;
+        seq_left.min(self.seq_per_batch as u64) as usize + self.newest_per_batch
+    }
+
+    /// The record planned for slot `slot` of batch `batch`, after `probe` substitutions,
+    /// and the augmentation index that goes with it.
+    pub fn sample(&self, batch: u64, slot: usize, probe: u64) -> (Global, u64) {
+        let n = self.total();
+        let position_in_epoch = batch * self.batch_size as u64 + slot as u64;
+        if slot < self.seq_per_batch {
+            let pos = batch * self.seq_per_batch as u64 + slot as u64;
+            let g = self.order[((pos + probe * PROBE_STEP) % n) as usize];
+            (g, u64::from(g))
+        } else {
+            // A draw from the newest records, keyed by its place in the epoch.
+            let pool = self.newest_pool.min(n).max(1);
+            let key = mix64(
+                mix64(self.seed ^ 0x1319_8A2E_0370_7344) ^ mix64(self.epoch) ^ position_in_epoch,
+            );
+            let g = (n - pool + (key.wrapping_add(probe * PROBE_STEP)) % pool) as Global;
+            (g, u64::from(g) | ((position_in_epoch + 1) << 32))
+        }
+    }
+
+    /// Shard and index of a global record index.
+    pub fn locate(&self, g: Global) -> RecordRef {
+        let g = u64::from(g);
+        let shard = self.starts.partition_point(|&s| s <= g) - 1;
+        RecordRef {
+            shard,
+            index: (g - self.starts[shard]) as u32,
+        }
+    }
+}
+
+/// Fisher-Yates with the plan's generator (same sequence on every platform).
+fn shuffle<T>(xs: &mut [T], rng: &mut Xoshiro256PlusPlus) {
+    for i in (1..xs.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        xs.swap(i, j);
+    }
+}

@@ -1,0 +1,231 @@
+//! Loader behaviour on generated datasets: order, exact resume, corruption, growth, drop.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use byol_loader::{Loader, LoaderConfig, LoaderError, LoaderState, Order};
+use common::*;
+
+#[test]
+fn every_record_appears_once_per_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset(dir.path(), 48);
+    for order in [Order::Global, Order::ShardWindows] {
+        let cfg = LoaderConfig {
+            order,
+            shard_window: 2,
+            ..config(8, 2)
+        };
+        let mut loader = Loader::new(open(&ds), augmenter(), cfg, None).unwrap();
+        assert_eq!(loader.batches_per_epoch(), 6);
+        let seen = take(&mut loader, 12);
+        for epoch in 0..2 {
+            let mut recs: Vec<u64> = seen
+                .iter()
+                .filter(|s| s.epoch == epoch)
+                .flat_map(|s| s.records.clone())
+                .collect();
+            recs.sort();
+            assert_eq!(
+                recs,
+                (0..48).collect::<Vec<u64>>(),
+                "{order:?} epoch {epoch}"
+            );
+        }
+        let e0: Vec<u64> = seen[..6].iter().flat_map(|s| s.records.clone()).collect();
+        let e1: Vec<u64> = seen[6..].iter().flat_map(|s| s.records.clone()).collect();
+        assert_ne!(e0, e1, "each epoch has its own order");
+        assert_ne!(e0, (0..48).collect::<Vec<u64>>(), "shuffled");
+        // Labels come from the folder names: a = 0, b = 1, alternating by file number.
+        assert!(seen.iter().all(|s| s.labels.iter().all(|&l| l <= 1)));
+    }
+}
+
+#[test]
+fn drop_last_false_gives_a_short_last_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset(dir.path(), 21);
+    let cfg = LoaderConfig {
+        drop_last: false,
+        ..config(8, 2)
+    };
+    let mut loader = Loader::new(open(&ds), augmenter(), cfg, None).unwrap();
+    let lens: Vec<usize> = take(&mut loader, 4)
+        .iter()
+        .map(|s| s.records.len())
+        .collect();
+    assert_eq!(lens, vec![8, 8, 5, 8]);
+}
+
+#[test]
+fn same_batches_whatever_the_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset(dir.path(), 40);
+    let one = take(
+        &mut Loader::new(open(&ds), augmenter(), config(8, 1), None).unwrap(),
+        7,
+    );
+    let four = take(
+        &mut Loader::new(open(&ds), augmenter(), config(8, 4), None).unwrap(),
+        7,
+    );
+    assert!(one == four);
+}
+
+#[test]
+fn resume_is_exact_at_every_stop_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset(dir.path(), 40); // 5 batches of 8 per epoch
+    let straight = take(
+        &mut Loader::new(open(&ds), augmenter(), config(8, 2), None).unwrap(),
+        12,
+    );
+    for threads in [1, 4] {
+        for stop in [1, 3, 4, 5, 6, 11] {
+            let mut first = Loader::new(open(&ds), augmenter(), config(8, threads), None).unwrap();
+            let mut got = take(&mut first, stop);
+            let state = first.state();
+            drop(first);
+            // The state survives serialisation (it goes into checkpoints).
+            let state: LoaderState =
+                serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+            let mut resumed =
+                Loader::new(open(&ds), augmenter(), config(8, threads), Some(state)).unwrap();
+            got.extend(take(&mut resumed, 12 - stop));
+            assert!(
+                got == straight,
+                "{threads} threads, stopped after {stop} batches"
+            );
+        }
+    }
+}
+
+#[test]
+fn resume_with_another_seed_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset(dir.path(), 16);
+    let state = Loader::new(open(&ds), augmenter(), config(8, 1), None)
+        .unwrap()
+        .state();
+    let cfg = LoaderConfig {
+        seed: 9,
+        ..config(8, 1)
+    };
+    assert!(matches!(
+        Loader::new(open(&ds), augmenter(), cfg, Some(state)),
+        Err(LoaderError::State(_))
+    ));
+}
+
+#[test]
+fn corrupt_record_is_skipped_counted_and_the_batch_still_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dataset(dir.path(), 24);
+    let victim = {
+        let ds = open(&path);
+        let shard = &ds.shards()[0];
+        let m = shard.meta(shard.len() / 2);
+        (
+            shard.path().to_owned(),
+            m.offset as usize + 2,
+            ds.shards()[0].len() as u64 / 2,
+        )
+    };
+    let mut bytes = std::fs::read(&victim.0).unwrap();
+    bytes[victim.1] ^= 0xFF;
+    std::fs::write(&victim.0, &bytes).unwrap();
+    let mut loader = Loader::new(open(&path), augmenter(), config(8, 2), None).unwrap();
+    let seen = take(&mut loader, 3);
+    assert!(seen.iter().all(|s| s.records.len() == 8));
+    let recs: Vec<u64> = seen.iter().flat_map(|s| s.records.clone()).collect();
+    assert!(
+        !recs.contains(&victim.2),
+        "the corrupt record is never served"
+    );
+    assert_eq!(loader.stats().skipped, 1);
+}
+
+#[test]
+fn refresh_sees_a_new_shard_at_the_next_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dataset(dir.path(), 16);
+    let shards_before = open(&path).shards().len();
+    let mut loader = Loader::new(open(&path), augmenter(), config(8, 1), None).unwrap();
+    take(&mut loader, 1);
+    let src = write_images(dir.path(), 16, 16);
+    ingest_into(&src, dir.path());
+    assert!(loader.refresh().unwrap() > shards_before);
+    // Finish what was already planned, then a later epoch covers all 32 records.
+    let seen = take(&mut loader, 14);
+    // The last complete epoch (one more started after it) spans all 32 records.
+    let epoch = seen.last().unwrap().epoch - 1;
+    let mut recs: Vec<u64> = seen
+        .iter()
+        .filter(|s| s.epoch == epoch)
+        .flat_map(|s| s.records.clone())
+        .collect();
+    recs.sort();
+    assert_eq!(recs, (0..32).collect::<Vec<u64>>(), "epoch {epoch}");
+}
+
+#[test]
+fn newest_share_draws_from_the_newest_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dataset(dir.path(), 40);
+    let cfg = LoaderConfig {
+        newest_share: 0.25,
+        newest_records: 5,
+        ..config(8, 2)
+    };
+    let mut loader = Loader::new(open(&path), augmenter(), cfg, None).unwrap();
+    assert_eq!(loader.batches_per_epoch(), 40 / 6);
+    for s in take(&mut loader, 6) {
+        let newest = &s.records[6..];
+        assert!(
+            newest
+                .iter()
+                .all(|&r| (35..40).contains(&(r & 0xFFFF_FFFF))),
+            "{newest:?}"
+        );
+    }
+    let bad = LoaderConfig {
+        newest_share: 1.0,
+        ..config(8, 1)
+    };
+    assert!(matches!(
+        Loader::new(open(&path), augmenter(), bad, None),
+        Err(LoaderError::Config {
+            key: "newest_share",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn dropping_mid_epoch_with_a_full_queue_returns_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dataset(dir.path(), 64);
+    let mut loader = Loader::new(open(&path), augmenter(), config(8, 4), None).unwrap();
+    take(&mut loader, 1);
+    std::thread::sleep(Duration::from_millis(200)); // workers fill every buffer and wait
+    assert!(loader.stats().queue_depth >= 2);
+    let start = Instant::now();
+    drop(loader);
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn too_small_a_dataset_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dataset(dir.path(), 5);
+    match Loader::new(open(&path), augmenter(), config(8, 1), None) {
+        Err(e @ LoaderError::TooFewRecords { .. }) => assert!(e.to_string().contains("5 records")),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("expected an error"),
+    }
+}
