@@ -28,6 +28,31 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Draw a PNG grid of images and their two augmented views.
     Preview(PreviewArgs),
+    /// Pretrain an encoder with BYOL on a dataset.
+    Train(TrainArgs),
+}
+
+/// `byol train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// TOML config ([model], [optim], [train], [augment], [loader]); defaults otherwise.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Dataset folder (from `byol ingest`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Run folder: metrics.jsonl and checkpoints/.
+    #[arg(long, default_value = "byol-run")]
+    pub run: PathBuf,
+    /// Train until this many steps are done [default: train.total_steps].
+    #[arg(long, conflicts_with = "epochs")]
+    pub steps: Option<u64>,
+    /// Train for this many epochs of the dataset.
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    /// Continue from the newest checkpoint of the run folder.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 /// Augmentation preset choices.

@@ -17,6 +17,18 @@ pub struct Config {
     /// BYOL's two views (`preset`, `size`, `view1`, `view2`); see `configs/default.toml`.
     #[serde(default)]
     pub augment: Option<byol_augment::AugmentConfig>,
+    /// Batches: size, seed, threads, order, sampling policy.
+    #[serde(default)]
+    pub loader: byol_loader::LoaderConfig,
+    /// Encoder, projector and predictor.
+    #[serde(default)]
+    pub model: byol_trainer::ModelConfig,
+    /// Optimizer and schedules.
+    #[serde(default)]
+    pub optim: byol_trainer::OptimConfig,
+    /// Device, seed, length, logging and checkpoints.
+    #[serde(default)]
+    pub train: byol_trainer::TrainConfig,
 }
 
 /// The `[ingest]` table; every key is optional and a command-line flag overrides it.

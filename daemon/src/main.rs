@@ -7,6 +7,7 @@ mod ingest_cmd;
 mod inspect_cmd;
 mod preview_cmd;
 mod progress;
+mod train_cmd;
 
 use std::process::ExitCode;
 
@@ -30,6 +31,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         Some(cli::Command::Ingest(args)) => ingest_cmd::run(args),
         Some(cli::Command::Inspect(args)) => inspect_cmd::run(args),
         Some(cli::Command::Preview(args)) => preview_cmd::run(args),
+        Some(cli::Command::Train(args)) => train_cmd::run(args),
     }
 }
 

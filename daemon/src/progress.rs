@@ -26,7 +26,7 @@ impl Bar {
         let bar = ProgressBar::new(len);
         bar.set_style(
             ProgressStyle::with_template(&format!(
-                "{{spinner}} {what} {{bar:40}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}, {{per_sec}}]"
+                "{{spinner}} {what} {{bar:40}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}, {{per_sec}}] {{msg}}"
             ))
             .expect("valid template"),
         );
@@ -36,6 +36,11 @@ impl Bar {
     /// Advances by `n`.
     pub fn inc(&self, n: u64) {
         self.0.inc(n);
+    }
+
+    /// Shows `msg` after the bar.
+    pub fn message(&self, msg: &str) {
+        self.0.set_message(msg.to_owned());
     }
 
     /// Removes the bar.

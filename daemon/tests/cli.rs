@@ -316,3 +316,105 @@ fn preview_draws_one_row_per_image_from_a_dataset_or_a_folder() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("size"), "{}", text(&o));
 }
+
+const TINY_TRAIN: &str = r#"
+[augment]
+preset = "small"
+size = 16
+[loader]
+batch_size = 8
+threads = 2
+[model]
+arch = "resnet18"
+width = 4
+small_stem = true
+projector_hidden = 32
+projection_dim = 16
+predictor_hidden = 32
+[optim]
+optimizer = "adamw"
+base_lr = 1e-3
+[train]
+device = "cpu"
+total_steps = 20
+log_every = 2
+checkpoint_every_steps = 3
+keep_last = 2
+"#;
+
+#[test]
+fn train_logs_metrics_checkpoints_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = folder(dir.path(), 24, 24);
+    let ds = dir.path().join("ds");
+    assert!(
+        run(&[
+            "ingest",
+            src.to_str().unwrap(),
+            "--out",
+            ds.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    let cfg = dir.path().join("tiny.toml");
+    std::fs::write(&cfg, TINY_TRAIN).unwrap();
+    let run_dir = dir.path().join("run");
+    let train = |extra: &[&str]| {
+        let base = [
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--data",
+            ds.to_str().unwrap(),
+            "--run",
+            run_dir.to_str().unwrap(),
+        ];
+        run(&[&base[..], extra].concat())
+    };
+    let o = train(&["--steps", "4"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines
+            .iter()
+            .map(|l| l["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![2, 4]
+    );
+    for key in [
+        "loss",
+        "lr",
+        "tau",
+        "collapse",
+        "images_per_sec",
+        "data_wait_secs",
+        "epoch",
+    ] {
+        assert!(lines[0].get(key).is_some(), "{key} missing: {}", lines[0]);
+    }
+    assert!(
+        run_dir
+            .join("checkpoints/step-0000000004/meta.json")
+            .exists()
+    );
+    // An existing run is not overwritten by accident.
+    let o = train(&["--steps", "6"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("--resume"), "{}", text(&o));
+    let o = train(&["--steps", "6", "--resume"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3, "{metrics}");
+    assert!(run_dir.join("checkpoints/step-0000000006").exists());
+    // A config with an unknown key: one clear error, nothing written.
+    std::fs::write(&cfg, format!("{TINY_TRAIN}\nbogus = 1\n")).unwrap();
+    let o = train(&["--steps", "8", "--resume"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("bogus"), "{}", text(&o));
+    assert!(!run_dir.join("checkpoints/step-0000000008").exists());
+}

@@ -1,1 +1,45 @@
-//! BYOL training in candle. The only crate that uses candle.
+//! BYOL training in candle: ResNet encoders in torchvision's layout, projector and
+//! predictor MLPs, an EMA target, LARS and AdamW, schedules, and checkpoints.
+//! The only crate that uses candle. CPU by default; CUDA with `--features cuda`.
+
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod loss;
+pub mod model;
+pub mod optim;
+pub mod schedule;
+mod trainer;
+
+pub use checkpoint::{CheckpointMeta, latest as latest_checkpoint, save as save_checkpoint};
+pub use config::{
+    Arch, ModelConfig, OptimConfig, OptimizerKind, Schedule, TrainConfig, TrainerConfig,
+};
+pub use trainer::{StepStats, Trainer};
+
+/// Errors of the trainer.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A config value is out of range.
+    #[error("invalid setting {key}: {reason}")]
+    Config {
+        /// The config key.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A checkpoint is unreadable or does not fit this run.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+}

@@ -1,0 +1,257 @@
+//! Training settings: the `[model]`, `[optim]` and `[train]` tables of the config file.
+
+use serde::{Deserialize, Serialize};
+
+use crate::TrainError;
+
+/// Encoder depth (torchvision layouts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// BasicBlocks 2-2-2-2, output `8 * width`.
+    Resnet18,
+    /// Bottlenecks 3-4-6-3, output `32 * width`.
+    Resnet50,
+}
+
+/// The networks: encoder, projector and predictor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Encoder architecture.
+    pub arch: Arch,
+    /// Channels of the first stage (torchvision: 64); later stages 2x, 4x, 8x.
+    pub width: usize,
+    /// Small-image stem: 3x3 conv stride 1, no max-pool (for 32-64 px images).
+    pub small_stem: bool,
+    /// Hidden size of the projector MLP.
+    pub projector_hidden: usize,
+    /// Output size of projector and predictor.
+    pub projection_dim: usize,
+    /// Hidden size of the predictor MLP.
+    pub predictor_hidden: usize,
+    /// BatchNorm running-statistics momentum (PyTorch convention).
+    pub bn_momentum: f64,
+    /// BatchNorm epsilon.
+    pub bn_eps: f64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            arch: Arch::Resnet50,
+            width: 64,
+            small_stem: false,
+            projector_hidden: 4096,
+            projection_dim: 256,
+            predictor_hidden: 4096,
+            bn_momentum: 0.1,
+            bn_eps: 1e-5,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// ResNet-18 with the small-image stem and smaller heads, for 32 px data.
+    pub fn small(width: usize) -> Self {
+        ModelConfig {
+            arch: Arch::Resnet18,
+            width,
+            small_stem: true,
+            projector_hidden: 1024,
+            projection_dim: 128,
+            predictor_hidden: 1024,
+            ..ModelConfig::default()
+        }
+    }
+
+    /// Feature size of the encoder output.
+    pub fn feature_dim(&self) -> usize {
+        match self.arch {
+            Arch::Resnet18 => 8 * self.width,
+            Arch::Resnet50 => 32 * self.width,
+        }
+    }
+}
+
+/// Optimizer choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// LARS, as in the BYOL paper.
+    Lars,
+    /// AdamW, for small experiments.
+    Adamw,
+}
+
+/// Learning-rate schedule after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Cosine decay to 0 at `total_steps` (τ follows its cosine to 1).
+    Cosine,
+    /// Constant after warm-up; τ stays at `tau_base` (open-ended runs).
+    Constant,
+}
+
+/// Optimisation settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// LARS or AdamW.
+    pub optimizer: OptimizerKind,
+    /// Learning rate at batch 256; the run uses `base_lr * batch / 256`.
+    pub base_lr: f64,
+    /// Weight decay (not applied to biases and BatchNorm parameters).
+    pub weight_decay: f64,
+    /// LARS momentum.
+    pub momentum: f64,
+    /// LARS trust coefficient η.
+    pub trust_coefficient: f64,
+    /// AdamW β1, β2, ε.
+    pub adam_betas: [f64; 2],
+    /// AdamW ε.
+    pub adam_eps: f64,
+    /// Linear warm-up from 0, in steps.
+    pub warmup_steps: u64,
+    /// Schedule after warm-up.
+    pub schedule: Schedule,
+    /// EMA coefficient at step 0.
+    pub tau_base: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            optimizer: OptimizerKind::Lars,
+            base_lr: 0.2,
+            weight_decay: 1.5e-6,
+            momentum: 0.9,
+            trust_coefficient: 1e-3,
+            adam_betas: [0.9, 0.999],
+            adam_eps: 1e-8,
+            warmup_steps: 0,
+            schedule: Schedule::Cosine,
+            tau_base: 0.996,
+        }
+    }
+}
+
+/// Run settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// `auto` (CUDA if built in and present, else CPU), `cpu`, or `cuda:N`.
+    pub device: String,
+    /// Seed of weight initialisation (the loader has its own seed).
+    pub seed: u64,
+    /// Steps of a cosine schedule (also the default length of `byol train`).
+    pub total_steps: u64,
+    /// Log a metrics line every this many steps.
+    pub log_every: u64,
+    /// Checkpoint every this many steps (0: never by steps).
+    pub checkpoint_every_steps: u64,
+    /// Checkpoint every this many minutes (0: never by time).
+    pub checkpoint_every_minutes: f64,
+    /// Checkpoints kept.
+    pub keep_last: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            device: "auto".into(),
+            seed: 0,
+            total_steps: 1000,
+            log_every: 10,
+            checkpoint_every_steps: 500,
+            checkpoint_every_minutes: 30.0,
+            keep_last: 3,
+        }
+    }
+}
+
+/// Everything the trainer needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainerConfig {
+    /// Networks.
+    pub model: ModelConfig,
+    /// Optimisation.
+    pub optim: OptimConfig,
+    /// Run.
+    pub train: TrainConfig,
+}
+
+impl TrainerConfig {
+    /// Checks every value; the error names the key.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |key: &'static str, reason: String| Err(TrainError::Config { key, reason });
+        let m = &self.model;
+        if m.width == 0
+            || m.projector_hidden == 0
+            || m.projection_dim == 0
+            || m.predictor_hidden == 0
+        {
+            return bad("model", "width and MLP sizes must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&m.bn_momentum) {
+            return bad(
+                "model.bn_momentum",
+                format!("{} is outside [0, 1]", m.bn_momentum),
+            );
+        }
+        if m.bn_eps.is_nan() || m.bn_eps <= 0.0 {
+            return bad("model.bn_eps", "must be positive".into());
+        }
+        let o = &self.optim;
+        if !(o.base_lr > 0.0 && o.base_lr.is_finite()) {
+            return bad("optim.base_lr", format!("{} must be positive", o.base_lr));
+        }
+        if o.weight_decay.is_nan() || o.weight_decay < 0.0 {
+            return bad("optim.weight_decay", "must be at least 0".into());
+        }
+        if !(0.0..1.0).contains(&o.momentum) {
+            return bad(
+                "optim.momentum",
+                format!("{} is outside [0, 1)", o.momentum),
+            );
+        }
+        if o.trust_coefficient.is_nan() || o.trust_coefficient <= 0.0 {
+            return bad("optim.trust_coefficient", "must be positive".into());
+        }
+        if !(0.0..=1.0).contains(&o.tau_base) {
+            return bad(
+                "optim.tau_base",
+                format!("{} is outside [0, 1]", o.tau_base),
+            );
+        }
+        if o.adam_betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return bad(
+                "optim.adam_betas",
+                format!("{:?} must be in [0, 1)", o.adam_betas),
+            );
+        }
+        let t = &self.train;
+        if t.total_steps == 0 {
+            return bad("train.total_steps", "must be at least 1".into());
+        }
+        if o.warmup_steps >= t.total_steps && o.schedule == Schedule::Cosine {
+            return bad(
+                "optim.warmup_steps",
+                format!(
+                    "{} leaves no cosine phase before total_steps {}",
+                    o.warmup_steps, t.total_steps
+                ),
+            );
+        }
+        if t.log_every == 0 {
+            return bad("train.log_every", "must be at least 1".into());
+        }
+        if t.keep_last == 0 {
+            return bad("train.keep_last", "must be at least 1".into());
+        }
+        crate::device::parse_device(&t.device)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,79 @@
+//! Seeded weight initialisation (candle's CPU generator cannot be seeded), following
+//! torchvision and PyTorch defaults. Each variable's values depend only on the seed and
+//! the variable's name, never on creation order.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarMap;
+use rand_core::{RngCore, SeedableRng};
+use rand_xoshiro::Xoshiro256PlusPlus;
+
+use super::is_running_stat;
+
+fn name_seed(seed: u64, name: &str) -> u64 {
+    // FNV-1a over the name, then mixed with the seed.
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    byol_augment::rng::mix64(seed ^ byol_augment::rng::mix64(h))
+}
+
+fn uniform(rng: &mut Xoshiro256PlusPlus) -> f64 {
+    (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+fn normal(rng: &mut Xoshiro256PlusPlus) -> f64 {
+    // Box-Muller; 1 - u keeps the logarithm finite.
+    let (u1, u2) = (1.0 - uniform(rng), uniform(rng));
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+/// Re-initialises every variable of `vars` from `seed`:
+/// convolutions: Kaiming normal, fan-out, ReLU gain (torchvision ResNet);
+/// linear weights and biases: U(−1/√fan_in, 1/√fan_in) (PyTorch `nn.Linear`);
+/// BatchNorm: weight 1, bias 0, running mean 0, running variance 1.
+pub fn reinit(vars: &VarMap, seed: u64) -> Result<()> {
+    let data = vars.data().lock().unwrap();
+    for (name, var) in data.iter() {
+        let dims = var.dims().to_vec();
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(name_seed(seed, name));
+        let n = var.elem_count();
+        let values: Vec<f32> = if is_running_stat(name) {
+            vec![
+                if name.ends_with("running_var") {
+                    1.0
+                } else {
+                    0.0
+                };
+                n
+            ]
+        } else if dims.len() == 4 {
+            let fan_out = (dims[0] * dims[2] * dims[3]) as f64;
+            let std = (2.0 / fan_out).sqrt();
+            (0..n).map(|_| (normal(&mut rng) * std) as f32).collect()
+        } else if dims.len() == 2 {
+            let bound = 1.0 / (dims[1] as f64).sqrt();
+            (0..n)
+                .map(|_| ((uniform(&mut rng) * 2.0 - 1.0) * bound) as f32)
+                .collect()
+        } else if let Some(fan_in) = linear_fan_in(&data, name) {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            (0..n)
+                .map(|_| ((uniform(&mut rng) * 2.0 - 1.0) * bound) as f32)
+                .collect()
+        } else {
+            vec![if name.ends_with(".weight") { 1.0 } else { 0.0 }; n]
+        };
+        var.set(&Tensor::from_vec(values, dims, var.device())?)?;
+    }
+    Ok(())
+}
+
+/// For the bias of a linear layer, the fan-in of its weight.
+fn linear_fan_in(
+    data: &std::collections::HashMap<String, candle_core::Var>,
+    name: &str,
+) -> Option<usize> {
+    let weight = format!("{}.weight", name.strip_suffix(".bias")?);
+    let w = data.get(&weight)?;
+    (w.dims().len() == 2).then(|| w.dims()[1])
+}

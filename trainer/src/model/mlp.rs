@@ -1,0 +1,42 @@
+//! The projector and predictor: Linear → BatchNorm → ReLU → Linear.
+
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder};
+
+/// A two-layer MLP with BatchNorm in between (BYOL's projector and predictor).
+pub struct Mlp {
+    fc1: Linear,
+    bn: BatchNorm,
+    fc2: Linear,
+}
+
+impl Mlp {
+    /// `input → hidden → output`; parameters `0.*` (linear), `1.*` (BatchNorm), `3.*` (linear),
+    /// as in a PyTorch `nn.Sequential(Linear, BatchNorm1d, ReLU, Linear)`.
+    pub fn new(
+        input: usize,
+        hidden: usize,
+        output: usize,
+        bn_momentum: f64,
+        bn_eps: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let bn_cfg = BatchNormConfig {
+            eps: bn_eps,
+            remove_mean: true,
+            affine: true,
+            momentum: bn_momentum,
+        };
+        Ok(Mlp {
+            fc1: candle_nn::linear(input, hidden, vb.pp("0"))?,
+            bn: candle_nn::batch_norm(hidden, bn_cfg, vb.pp("1"))?,
+            fc2: candle_nn::linear(hidden, output, vb.pp("3"))?,
+        })
+    }
+
+    /// Forward pass; BatchNorm uses batch statistics when `train`.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let h = self.bn.forward_t(&self.fc1.forward(x)?, train)?.relu()?;
+        self.fc2.forward(&h)
+    }
+}

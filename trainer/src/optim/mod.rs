@@ -1,0 +1,82 @@
+//! Optimizers over the trainable online variables, with state that checkpoints save.
+
+mod adamw;
+mod lars;
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor, Var};
+
+pub use adamw::AdamW;
+pub use lars::Lars;
+
+use crate::config::{OptimConfig, OptimizerKind};
+
+/// True for parameters excluded from weight decay and LARS adaptation: biases and
+/// BatchNorm parameters, i.e. every parameter of rank 1.
+pub fn is_excluded(var: &Var) -> bool {
+    var.rank() <= 1
+}
+
+/// One of the supported optimizers.
+pub enum Optimizer {
+    /// LARS.
+    Lars(Lars),
+    /// AdamW.
+    AdamW(AdamW),
+}
+
+impl Optimizer {
+    /// An optimizer over `params` (name, variable), as the config says.
+    pub fn new(cfg: &OptimConfig, params: Vec<(String, Var)>) -> Result<Self> {
+        Ok(match cfg.optimizer {
+            OptimizerKind::Lars => Optimizer::Lars(Lars::new(cfg, params)?),
+            OptimizerKind::Adamw => Optimizer::AdamW(AdamW::new(cfg, params)?),
+        })
+    }
+
+    /// Applies one update with learning rate `lr`.
+    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        match self {
+            Optimizer::Lars(o) => o.step(grads, lr),
+            Optimizer::AdamW(o) => o.step(grads, lr),
+        }
+    }
+
+    /// The state tensors by name (for checkpoints).
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        match self {
+            Optimizer::Lars(o) => o.state(),
+            Optimizer::AdamW(o) => o.state(),
+        }
+    }
+
+    /// Restores the state saved by [`Optimizer::state`].
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        match self {
+            Optimizer::Lars(o) => o.load_state(state),
+            Optimizer::AdamW(o) => o.load_state(state),
+        }
+    }
+}
+
+/// Copies `state[name]` into `slot`, checking the shape.
+pub(crate) fn restore_tensor(
+    state: &HashMap<String, Tensor>,
+    name: &str,
+    slot: &mut Tensor,
+) -> Result<()> {
+    let t = state
+        .get(name)
+        .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state {name} is missing")))?;
+    if t.dims() != slot.dims() {
+        candle_core::bail!(
+            "optimizer state {name} has shape {:?}, expected {:?}",
+            t.dims(),
+            slot.dims()
+        );
+    }
+    *slot = t.to_device(slot.device())?;
+    Ok(())
+}

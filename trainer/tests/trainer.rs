@@ -1,0 +1,395 @@
+//! The BYOL step, optimizers, EMA, checkpoints and resume, on tiny models.
+
+use std::collections::HashMap;
+
+use byol_trainer::config::{Arch, ModelConfig, OptimizerKind, Schedule};
+use byol_trainer::loss::byol_loss;
+use byol_trainer::model::{ByolModel, is_running_stat};
+use byol_trainer::optim::Lars;
+use byol_trainer::{OptimConfig, TrainConfig, TrainError, Trainer, TrainerConfig, checkpoint};
+use candle_core::{Device, Tensor, Var};
+use rand_core::{RngCore, SeedableRng};
+
+fn tiny() -> TrainerConfig {
+    TrainerConfig {
+        model: ModelConfig {
+            width: 4,
+            projector_hidden: 32,
+            projection_dim: 16,
+            predictor_hidden: 32,
+            ..ModelConfig::small(4)
+        },
+        optim: OptimConfig {
+            optimizer: OptimizerKind::Lars,
+            base_lr: 0.5,
+            weight_decay: 1e-4,
+            warmup_steps: 2,
+            schedule: Schedule::Cosine,
+            tau_base: 0.9,
+            ..OptimConfig::default()
+        },
+        train: TrainConfig {
+            total_steps: 20,
+            device: "cpu".into(),
+            seed: 7,
+            ..TrainConfig::default()
+        },
+    }
+}
+
+/// Seeded pseudo-images `(n, 3, s, s)`.
+fn views(n: usize, s: usize, seed: u64) -> (Tensor, Tensor) {
+    let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed);
+    let mut fill = || -> Vec<f32> {
+        (0..n * 3 * s * s)
+            .map(|_| (rng.next_u32() as f32 / u32::MAX as f32) * 2.0 - 1.0)
+            .collect()
+    };
+    let a = Tensor::from_vec(fill(), (n, 3, s, s), &Device::Cpu).unwrap();
+    let b = Tensor::from_vec(fill(), (n, 3, s, s), &Device::Cpu).unwrap();
+    (a, b)
+}
+
+fn snapshot(vars: Vec<(String, Var)>) -> HashMap<String, Vec<f32>> {
+    vars.into_iter()
+        .map(|(n, v)| {
+            (
+                n,
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn gradients_reach_the_online_network_and_never_the_target() {
+    let model = ByolModel::new(&tiny().model, 1, &Device::Cpu).unwrap();
+    let (v1, v2) = views(6, 8, 1);
+    let (_, p1) = model.online.forward_t(&v1, true).unwrap();
+    let (_, p2) = model.online.forward_t(&v2, true).unwrap();
+    let (z1, _) = model.target.forward_t(&v1, true).unwrap();
+    let (z2, _) = model.target.forward_t(&v2, true).unwrap();
+    let loss = byol_loss(&p1.unwrap(), &p2.unwrap(), &z1, &z2).unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, var) in model.trainable() {
+        let g = grads
+            .get(&var)
+            .unwrap_or_else(|| panic!("no gradient for online {name}"));
+        assert!(
+            g.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0,
+            "{name}"
+        );
+    }
+    for (name, var) in model.target_named() {
+        assert!(grads.get(&var).is_none(), "target {name} got a gradient");
+    }
+}
+
+#[test]
+fn ema_update_matches_the_formula_and_skips_running_stats() {
+    let model = ByolModel::new(&tiny().model, 1, &Device::Cpu).unwrap();
+    // Make online and target differ: one forward pass moves running stats; perturb weights.
+    for (_, v) in model.trainable() {
+        let t = (v.as_tensor() * 1.5).unwrap();
+        v.set(&t.affine(1.0, 0.25).unwrap()).unwrap();
+    }
+    let online = snapshot(model.online_named());
+    let target = snapshot(model.target_named());
+    model.update_target(0.9).unwrap();
+    let after = snapshot(model.target_named());
+    for (name, t) in &target {
+        let o = &online[name];
+        for i in 0..t.len() {
+            let expected = if is_running_stat(name) {
+                t[i]
+            } else {
+                0.9 * t[i] + 0.1 * o[i]
+            };
+            assert!((after[name][i] - expected).abs() < 1e-6, "{name}[{i}]");
+        }
+    }
+}
+
+#[test]
+fn lars_step_matches_a_hand_computed_step() {
+    let dev = Device::Cpu;
+    let w = Var::from_vec(vec![1.0f32, 2.0, -2.0, 1.0], (2, 2), &dev).unwrap();
+    let b = Var::from_vec(vec![0.5f32, -1.0], 2, &dev).unwrap();
+    let gw = [0.3f32, -0.1, 0.2, 0.4];
+    let gb = [1.0f32, 2.0];
+    let cfg = OptimConfig {
+        momentum: 0.9,
+        weight_decay: 0.01,
+        trust_coefficient: 1e-3,
+        ..OptimConfig::default()
+    };
+    let mut lars = Lars::new(&cfg, vec![("w".into(), w.clone()), ("b".into(), b.clone())]).unwrap();
+    let (mut wh, mut bh) = ([1.0f64, 2.0, -2.0, 1.0], [0.5f64, -1.0]);
+    let (mut mw, mut mb) = ([0.0f64; 4], [0.0f64; 2]);
+    let lr = 0.1;
+    for _ in 0..2 {
+        // loss = Σ w·gw + Σ b·gb has exactly these gradients.
+        let loss = ((w.as_tensor()
+            * Tensor::new(&[[gw[0], gw[1]], [gw[2], gw[3]]], &dev).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+            + (b.as_tensor() * Tensor::new(&gb, &dev).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap())
+        .unwrap();
+        lars.step(&loss.backward().unwrap(), lr).unwrap();
+        // By hand: w is adapted and decayed, b (rank 1) is plain momentum SGD.
+        let g: Vec<f64> = (0..4).map(|i| gw[i] as f64 + 0.01 * wh[i]).collect();
+        let wn = wh.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let gn = g.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let trust = 1e-3 * wn / gn;
+        for i in 0..4 {
+            mw[i] = 0.9 * mw[i] + g[i] * trust;
+            wh[i] -= lr * mw[i];
+        }
+        for i in 0..2 {
+            mb[i] = 0.9 * mb[i] + gb[i] as f64;
+            bh[i] -= lr * mb[i];
+        }
+    }
+    let got_w = w
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let got_b = b.as_tensor().to_vec1::<f32>().unwrap();
+    for i in 0..4 {
+        assert!(
+            (got_w[i] as f64 - wh[i]).abs() < 1e-6,
+            "w[{i}]: {} vs {}",
+            got_w[i],
+            wh[i]
+        );
+    }
+    for i in 0..2 {
+        assert!(
+            (got_b[i] as f64 - bh[i]).abs() < 1e-6,
+            "b[{i}]: {} vs {}",
+            got_b[i],
+            bh[i]
+        );
+    }
+}
+
+#[test]
+fn resume_from_a_checkpoint_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    for kind in [OptimizerKind::Lars, OptimizerKind::Adamw] {
+        let mut cfg = tiny();
+        cfg.optim.optimizer = kind;
+        if kind == OptimizerKind::Adamw {
+            cfg.optim.base_lr = 1e-3;
+        }
+        let batches: Vec<(Tensor, Tensor)> = (0..6).map(|i| views(4, 8, 100 + i)).collect();
+        let mut straight = Trainer::new(cfg.clone(), 4).unwrap();
+        for (a, b) in &batches {
+            straight.step_tensors(a, b).unwrap();
+        }
+        let mut first = Trainer::new(cfg.clone(), 4).unwrap();
+        for (a, b) in &batches[..3] {
+            first.step_tensors(a, b).unwrap();
+        }
+        let ckdir = dir.path().join(format!("{kind:?}"));
+        let path = checkpoint::save(&ckdir, &first, 0, None).unwrap();
+        drop(first);
+        let mut resumed = Trainer::new(cfg.clone(), 4).unwrap();
+        let meta = resumed.load_checkpoint(&path).unwrap();
+        assert_eq!(meta.step, 3);
+        for (a, b) in &batches[3..] {
+            resumed.step_tensors(a, b).unwrap();
+        }
+        assert_eq!(
+            snapshot(straight.model().online_named()),
+            snapshot(resumed.model().online_named()),
+            "{kind:?} online"
+        );
+        assert_eq!(
+            snapshot(straight.model().target_named()),
+            snapshot(resumed.model().target_named()),
+            "{kind:?} target"
+        );
+    }
+}
+
+#[test]
+fn a_killed_checkpoint_write_leaves_the_previous_one_loadable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(tiny(), 4).unwrap();
+    let (a, b) = views(4, 8, 3);
+    t.step_tensors(&a, &b).unwrap();
+    let good = checkpoint::save(dir.path(), &t, 0, None).unwrap();
+    // A write killed half-way: a temp folder with a partial file, never renamed.
+    let partial = dir.path().join("step-0000000002.tmp");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("online.safetensors"), b"partial").unwrap();
+    assert_eq!(checkpoint::latest(dir.path()), Some(good.clone()));
+    let mut fresh = Trainer::new(tiny(), 4).unwrap();
+    assert_eq!(fresh.load_checkpoint(&good).unwrap().step, 1);
+    // The next save removes the leftover; keep_last prunes old checkpoints.
+    let mut cfg = tiny();
+    cfg.train.keep_last = 2;
+    let mut t = Trainer::new(cfg, 4).unwrap();
+    for _ in 0..3 {
+        t.step_tensors(&a, &b).unwrap();
+        checkpoint::save(dir.path(), &t, 0, None).unwrap();
+    }
+    assert!(!partial.exists());
+    let steps: Vec<u64> = checkpoint::list(dir.path())
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(steps, vec![2, 3]);
+}
+
+#[test]
+fn an_incompatible_checkpoint_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Trainer::new(tiny(), 4).unwrap();
+    let path = checkpoint::save(dir.path(), &t, 0, None).unwrap();
+    let mut other = tiny();
+    other.model.width = 8;
+    let mut wider = Trainer::new(other, 4).unwrap();
+    let before = snapshot(wider.model().online_named());
+    match wider.load_checkpoint(&path) {
+        Err(TrainError::Checkpoint(m)) => assert!(m.contains("model"), "{m}"),
+        other => panic!("expected a refusal, got {:?}", other.map(|m| m.step)),
+    }
+    assert_eq!(
+        before,
+        snapshot(wider.model().online_named()),
+        "nothing changed"
+    );
+    let mut other_batch = Trainer::new(tiny(), 8).unwrap();
+    assert!(
+        matches!(other_batch.load_checkpoint(&path), Err(TrainError::Checkpoint(m)) if m.contains("batch size"))
+    );
+    std::fs::write(path.join("meta.json"), b"{ not json").unwrap();
+    assert!(matches!(
+        Trainer::new(tiny(), 4).unwrap().load_checkpoint(&path),
+        Err(TrainError::Checkpoint(_))
+    ));
+}
+
+#[test]
+fn impossible_settings_name_their_key() {
+    let mut c = tiny();
+    c.optim.base_lr = -1.0;
+    assert!(matches!(
+        Trainer::new(c, 4),
+        Err(TrainError::Config {
+            key: "optim.base_lr",
+            ..
+        })
+    ));
+    let mut c = tiny();
+    c.train.device = "tpu".into();
+    assert!(matches!(
+        Trainer::new(c, 4),
+        Err(TrainError::Config {
+            key: "train.device",
+            ..
+        })
+    ));
+    assert!(matches!(
+        Trainer::new(tiny(), 1),
+        Err(TrainError::Config { .. })
+    ));
+}
+
+#[test]
+fn encoder_names_and_shapes_are_torchvision_s() {
+    let fixtures =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/torchvision");
+    for (file, arch, small_stem) in [
+        ("resnet18.tsv", Arch::Resnet18, false),
+        ("resnet18_cifar_stem.tsv", Arch::Resnet18, true),
+        ("resnet50.tsv", Arch::Resnet50, false),
+    ] {
+        let Ok(tsv) = std::fs::read_to_string(fixtures.join(file)) else {
+            assert!(
+                std::env::var("BYOL_REQUIRE_REAL_DATA").as_deref() != Ok("1"),
+                "{file} missing"
+            );
+            eprintln!("skipped: {file} not found");
+            return;
+        };
+        let expected: Vec<(String, Vec<usize>)> = tsv
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split('\t');
+                let (name, shape) = (f.next()?, f.next()?);
+                (!name.starts_with("fc.") && !name.ends_with("num_batches_tracked")).then(|| {
+                    (
+                        name.to_string(),
+                        shape.split(',').map(|d| d.parse().unwrap()).collect(),
+                    )
+                })
+            })
+            .collect();
+        let cfg = ModelConfig {
+            arch,
+            width: 64,
+            small_stem,
+            projector_hidden: 8,
+            projection_dim: 8,
+            predictor_hidden: 8,
+            ..ModelConfig::default()
+        };
+        let model = ByolModel::new(&cfg, 0, &Device::Cpu).unwrap();
+        let mut got: Vec<(String, Vec<usize>)> = model
+            .online_named()
+            .into_iter()
+            .filter_map(|(n, v)| Some((n.strip_prefix("encoder.")?.to_string(), v.dims().to_vec())))
+            .collect();
+        let mut expected = expected;
+        got.sort();
+        expected.sort();
+        assert_eq!(got, expected, "{file}");
+    }
+}
+
+#[test]
+fn a_tiny_model_lowers_its_loss_without_collapsing() {
+    let mut cfg = tiny();
+    cfg.optim.optimizer = OptimizerKind::Adamw;
+    cfg.optim.base_lr = 2e-3;
+    cfg.optim.weight_decay = 0.0;
+    cfg.optim.warmup_steps = 0;
+    cfg.optim.schedule = Schedule::Constant;
+    cfg.optim.tau_base = 0.99;
+    let mut t = Trainer::new(cfg, 16).unwrap();
+    // Two fixed batches of views: the online network learns to predict the target.
+    let data: Vec<(Tensor, Tensor)> = (0..2).map(|i| views(16, 8, 50 + i)).collect();
+    let mut losses = Vec::new();
+    let mut last = None;
+    for step in 0..40 {
+        let (a, b) = &data[step % 2];
+        let s = t.step_tensors(a, b).unwrap();
+        losses.push(s.loss);
+        last = Some(s);
+    }
+    let first: f32 = losses[..5].iter().sum::<f32>() / 5.0;
+    let end: f32 = losses[35..].iter().sum::<f32>() / 5.0;
+    assert!(end < first * 0.8, "loss {first} -> {end}");
+    let last = last.unwrap();
+    assert!(last.collapse > 0.1, "collapse indicator {}", last.collapse);
+    assert!(losses.iter().all(|l| l.is_finite()));
+}
