@@ -140,18 +140,43 @@ pub fn target_size(width: u32, height: u32, max_side: Option<u32>) -> (u32, u32)
     }
 }
 
+/// Shrink factor above which [`resize_short_side`] first reduces with a box filter.
+const REDUCING_GAP: f64 = 3.0;
+
 /// Resizes so the short side is at most `max_side`, with a Lanczos3 (antialiased)
 /// filter. Images already small enough are returned unchanged.
+///
+/// Large shrinks (more than [`REDUCING_GAP`]x, e.g. 4K photos to 256 px) first average
+/// down with a box filter to `REDUCING_GAP` times the target size, then apply Lanczos3
+/// (Pillow's `reducing_gap`): the result is visually the same and several times cheaper,
+/// since Lanczos3's support grows with the shrink factor.
 pub fn resize_short_side(img: RgbImage, max_side: Option<u32>) -> RgbImage {
     let (w, h) = img.dimensions();
     let (nw, nh) = target_size(w, h, max_side);
     if (nw, nh) == (w, h) {
         return img;
     }
-    let src = FirImage::from_vec_u8(w, h, img.into_raw(), PixelType::U8x3)
+    let mut resizer = Resizer::new();
+    let mut src = FirImage::from_vec_u8(w, h, img.into_raw(), PixelType::U8x3)
         .expect("RgbImage buffer has width*height*3 bytes");
+    let factor = f64::from(w) / f64::from(nw);
+    if factor > REDUCING_GAP {
+        let (rw, rh) = (
+            ((f64::from(nw) * REDUCING_GAP).round() as u32).max(1),
+            ((f64::from(nh) * REDUCING_GAP).round() as u32).max(1),
+        );
+        let mut reduced = FirImage::new(rw, rh, PixelType::U8x3);
+        resizer
+            .resize(
+                &src,
+                &mut reduced,
+                &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Box)),
+            )
+            .expect("same pixel type on both sides");
+        src = reduced;
+    }
     let mut dst = FirImage::new(nw, nh, PixelType::U8x3);
-    Resizer::new()
+    resizer
         .resize(
             &src,
             &mut dst,
@@ -204,6 +229,37 @@ mod tests {
         let out = resize_short_side(img, Some(100));
         assert_eq!(out.dimensions(), (200, 100));
         assert!(out.pixels().all(|p| p.0 == [10, 200, 30]));
+    }
+
+    #[test]
+    fn reducing_first_stays_close_to_a_direct_lanczos_shrink() {
+        // A smooth gradient with texture, shrunk 10x both ways.
+        let img = RgbImage::from_fn(1000, 800, |x, y| {
+            image::Rgb([
+                (x / 4) as u8,
+                (y / 4) as u8,
+                ((x * y / 97) % 256) as u8 / 4 + 100,
+            ])
+        });
+        let two_stage = resize_short_side(img.clone(), Some(80));
+        let src = FirImage::from_vec_u8(1000, 800, img.into_raw(), PixelType::U8x3).unwrap();
+        let mut direct = FirImage::new(100, 80, PixelType::U8x3);
+        Resizer::new()
+            .resize(
+                &src,
+                &mut direct,
+                &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3)),
+            )
+            .unwrap();
+        assert_eq!(two_stage.dimensions(), (100, 80));
+        let diff: f64 = two_stage
+            .as_raw()
+            .iter()
+            .zip(direct.buffer())
+            .map(|(&a, &b)| (f64::from(a) - f64::from(b)).abs())
+            .sum::<f64>()
+            / two_stage.as_raw().len() as f64;
+        assert!(diff < 1.5, "mean absolute difference {diff}");
     }
 
     #[test]
