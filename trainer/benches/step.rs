@@ -82,7 +82,12 @@ fn bench(width: usize, batch: usize, res: usize, steps: usize) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let opt = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse::<usize>().ok());
+    let opt = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse::<usize>().ok())
+    };
     let steps = opt("--steps").unwrap_or(2);
     let res = opt("--res").unwrap_or(32);
     match (opt("--width"), opt("--batch")) {
