@@ -56,6 +56,20 @@ fn folder(dir: &Path, n: u32, size: u32) -> PathBuf {
     src
 }
 
+/// A generated folder of `n` images, ingested into `dir/ds`.
+fn packed(dir: &Path, n: u32, size: u32) -> (PathBuf, PathBuf) {
+    let src = folder(dir, n, size);
+    let ds = dir.join("ds");
+    let o = run(&[
+        "ingest",
+        src.to_str().unwrap(),
+        "--out",
+        ds.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    (src, ds)
+}
+
 fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(o)))
 }
@@ -102,18 +116,7 @@ fn ingest_then_inspect_reports_classes_and_verifies() {
 #[test]
 fn verify_names_the_shard_and_record_of_a_flipped_byte() {
     let dir = tempfile::tempdir().unwrap();
-    let src = folder(dir.path(), 6, 32);
-    let ds = dir.path().join("ds");
-    assert!(
-        run(&[
-            "ingest",
-            src.to_str().unwrap(),
-            "--out",
-            ds.to_str().unwrap()
-        ])
-        .status
-        .success()
-    );
+    let (_, ds) = packed(dir.path(), 6, 32);
     let shard = ds.join("shards/000000.shard");
     let mut bytes = std::fs::read(&shard).unwrap();
     // Header is 64 bytes and records follow in order: byte 70 lies in record 0.
@@ -251,18 +254,7 @@ fn no_arguments_runs_the_demo() {
 #[test]
 fn preview_draws_one_row_per_image_from_a_dataset_or_a_folder() {
     let dir = tempfile::tempdir().unwrap();
-    let src = folder(dir.path(), 6, 48);
-    let ds = dir.path().join("ds");
-    assert!(
-        run(&[
-            "ingest",
-            src.to_str().unwrap(),
-            "--out",
-            ds.to_str().unwrap()
-        ])
-        .status
-        .success()
-    );
+    let (src, ds) = packed(dir.path(), 6, 48);
     for (input, n) in [(ds.clone(), "4"), (src.join("even"), "2")] {
         let png = dir.path().join(format!("grid{n}.png"));
         let o = run(&[
@@ -345,18 +337,7 @@ keep_last = 2
 #[test]
 fn train_logs_metrics_checkpoints_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let src = folder(dir.path(), 24, 24);
-    let ds = dir.path().join("ds");
-    assert!(
-        run(&[
-            "ingest",
-            src.to_str().unwrap(),
-            "--out",
-            ds.to_str().unwrap()
-        ])
-        .status
-        .success()
-    );
+    let (_, ds) = packed(dir.path(), 24, 24);
     let cfg = dir.path().join("tiny.toml");
     std::fs::write(&cfg, TINY_TRAIN).unwrap();
     let run_dir = dir.path().join("run");
