@@ -80,6 +80,12 @@ pub fn gaussian_blur(
     let r = kernel.len() / 2;
     scratch.tmp.resize(n, 0.0);
     scratch.pad.clear();
+    // Room for the widest kernel a plane of this size can get (radius up to the plane's
+    // height), so the buffer stops growing after the first image.
+    let widest = width + 2 * r.max(height) + CHUNK;
+    if scratch.pad.capacity() < widest {
+        scratch.pad.reserve_exact(widest);
+    }
     scratch.pad.resize(width + 2 * r + CHUNK, 0.0);
     for plane in img.chunks_exact_mut(n).take(planes) {
         blur_plane(

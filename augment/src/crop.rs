@@ -120,6 +120,17 @@ impl CropResizer {
         Self::default()
     }
 
+    /// Grows the buffers for any crop of images up to `max_width` x `max_height` resized
+    /// to `out` x `out`.
+    pub fn reserve(&mut self, max_width: u32, max_height: u32, out: u32) {
+        self.resampler.reserve(
+            max_width as usize,
+            max_height as usize,
+            out as usize,
+            out as usize,
+        );
+    }
+
     /// Resizes the `crop` of `src` (`width` x `height`, RGB8 HWC) to `out_w` x `out_h` into
     /// `dst` (RGB8 HWC, `out_h * out_w * 3` bytes). Pixels outside the box are not used:
     /// this equals Pillow's `img.crop(box).resize((out_w, out_h), filter)`.

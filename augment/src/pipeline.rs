@@ -134,6 +134,15 @@ impl Scratch {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Grows every buffer for images up to `max_width` x `max_height` with `aug`'s
+    /// settings, so later calls on such images allocate nothing.
+    pub fn reserve_for(&mut self, aug: &Augmenter, max_width: u32, max_height: u32) {
+        let n = (aug.size() as usize).pow(2);
+        self.rgb.reserve(3 * n);
+        self.img.reserve(3 * n);
+        self.resizer.reserve(max_width, max_height, aug.size());
+    }
 }
 
 /// A validated augmentation config, ready to turn images into view pairs. Cheap to share

@@ -82,7 +82,7 @@ struct Axis {
 impl Axis {
     /// Pillow's `precompute_coeffs` over `[0, in_size)` to `out_size`, then
     /// `normalize_coeffs_8bpc`.
-    fn compute(&mut self, in_size: usize, out_size: usize, filter: Filter) {
+    fn compute(&mut self, in_size: usize, out_size: usize, filter: Filter, in_max: usize) {
         let scale = in_size as f64 / out_size as f64;
         let filterscale = scale.max(1.0);
         let support = filter.support() * filterscale;
@@ -91,8 +91,16 @@ impl Axis {
         self.start.clear();
         self.len.clear();
         self.k.clear();
-        self.k.resize(out_size * ksize, 0);
-        self.scratch.resize(ksize, 0.0);
+        // Capacity for the widest kernel any window of the image can need, so buffers
+        // reach their final size on the first image of a given size.
+        let ksize_max =
+            (filter.support() * (in_max as f64 / out_size as f64).max(1.0)).ceil() as usize * 2 + 1;
+        sized(
+            &mut self.k,
+            out_size * ksize,
+            out_size * ksize_max.max(ksize),
+        );
+        sized(&mut self.scratch, ksize, ksize_max.max(ksize));
         let ss = 1.0 / filterscale;
         for xx in 0..out_size {
             let center = (xx as f64 + 0.5) * scale;
@@ -126,6 +134,14 @@ impl Axis {
             &self.k[i * self.ksize..i * self.ksize + self.len[i]],
         )
     }
+}
+
+/// Resizes `v` to `len`, reserving at least `capacity` when it must grow.
+fn sized<T: Clone + Default>(v: &mut Vec<T>, len: usize, capacity: usize) {
+    if v.capacity() < len {
+        v.reserve_exact(len.max(capacity) - v.len());
+    }
+    v.resize(len, T::default());
 }
 
 #[inline(always)]
@@ -191,6 +207,28 @@ impl Resampler {
         Self::default()
     }
 
+    /// Grows every buffer for any window of images up to `max_w` x `max_h` resized to
+    /// `out_w` x `out_h` with any filter.
+    pub fn reserve(&mut self, max_w: usize, max_h: usize, out_w: usize, out_h: usize) {
+        let grow = |v: &mut Vec<u8>, n: usize| v.reserve(n.saturating_sub(v.len()));
+        grow(&mut self.cols, max_w * max_h * 3);
+        grow(&mut self.cols_out, out_w * max_h * 3);
+        grow(&mut self.mid, max_h * out_w * 3);
+        self.acc
+            .reserve((max_h * 3).max(out_w * 3).saturating_sub(self.acc.len()));
+        for (axis, in_max, out) in [(&mut self.x, max_w, out_w), (&mut self.y, max_h, out_h)] {
+            let ksize = (Filter::Lanczos3.support() * (in_max as f64 / out as f64).max(1.0)).ceil()
+                as usize
+                * 2
+                + 1;
+            axis.k.reserve((out * ksize).saturating_sub(axis.k.len()));
+            axis.scratch
+                .reserve(ksize.saturating_sub(axis.scratch.len()));
+            axis.start.reserve(out.saturating_sub(axis.start.len()));
+            axis.len.reserve(out.saturating_sub(axis.len.len()));
+        }
+    }
+
     /// Resamples the `cw` x `ch` window at (`cx`, `cy`) of `src` (RGB8 HWC, `width`
     /// columns) to `dst` (RGB8 HWC, `out_w` x `out_h`): Pillow's
     /// `img.crop(box).resize((out_w, out_h), filter)`.
@@ -210,7 +248,8 @@ impl Resampler {
             "crop inside the image"
         );
         assert_eq!(dst.len(), out_w * out_h * 3, "output buffer size");
-        self.y.compute(ch, out_h, filter);
+        let height = src.len() / (width * 3);
+        self.y.compute(ch, out_h, filter, height);
         let first = self.y.start[0];
         let last = self.y.start[out_h - 1] + self.y.len[out_h - 1];
         let rows = last - first;
@@ -221,9 +260,9 @@ impl Resampler {
         if horizontal {
             // Done as a vertical pass over the transposed rows, so the inner loop runs
             // over contiguous memory and vectorises: transpose, convolve, transpose back.
-            self.x.compute(cw, out_w, filter);
+            self.x.compute(cw, out_w, filter, width);
             let col_len = rows * 3;
-            self.cols.resize(cw * col_len, 0);
+            sized(&mut self.cols, cw * col_len, width * height * 3);
             transpose(
                 &src[((cy + first) * width + cx) * 3..],
                 width * 3,
@@ -231,8 +270,8 @@ impl Resampler {
                 cw,
                 &mut self.cols,
             );
-            self.cols_out.resize(out_w * col_len, 0);
-            self.acc.resize(col_len, 0);
+            sized(&mut self.cols_out, out_w * col_len, out_w * height * 3);
+            sized(&mut self.acc, col_len, (height * 3).max(out_w * 3));
             for xx in 0..out_w {
                 let (start, k) = self.x.taps(xx);
                 self.acc.fill(HALF);
@@ -245,7 +284,7 @@ impl Resampler {
                 }
                 store_row(&self.acc, &mut self.cols_out[xx * col_len..][..col_len]);
             }
-            self.mid.resize(rows * row_len, 0);
+            sized(&mut self.mid, rows * row_len, height * row_len);
             transpose(&self.cols_out, col_len, out_w, rows, &mut self.mid);
         }
         let mid = &self.mid;
@@ -263,7 +302,7 @@ impl Resampler {
             }
             return;
         }
-        self.acc.resize(row_len, 0);
+        sized(&mut self.acc, row_len, (height * 3).max(row_len));
         for yy in 0..out_h {
             let (start, k) = self.y.taps(yy);
             self.acc.fill(HALF);

@@ -452,12 +452,27 @@ fn worker_loop(shared: &Shared) {
     };
     let batch_size = shared.cfg.batch_size as u64;
     let pool = shared.slots.len() as u64;
+    let mut cached: Option<Arc<EpochPlan>> = None;
+    let mut reserved = (0, 0, 0);
     while !shared.stop.load(Ordering::Acquire) {
         let g = shared.next_sample.fetch_add(1, Ordering::Relaxed);
         let (global_batch, slot_in_batch) = (g / batch_size, (g % batch_size) as usize);
-        let Some(plan) = plan_for(shared, global_batch) else {
-            return;
+        // The plan of the previous sample usually still applies: no lock then.
+        let plan = match cached.take() {
+            Some(p) if p.first_global <= global_batch && global_batch < p.end_global() => p,
+            _ => match plan_for(shared, global_batch) {
+                Some(p) => p,
+                None => return,
+            },
         };
+        cached = Some(plan.clone());
+        if plan.max_record != reserved {
+            // Size every buffer for the largest record once, not image by image.
+            let (w, h, raw) = plan.max_record;
+            scratch.aug.reserve_for(&shared.aug, w, h);
+            scratch.rgb.reserve(raw.saturating_sub(scratch.rgb.len()));
+            reserved = plan.max_record;
+        }
         let batch = plan.first_batch + (global_batch - plan.first_global);
         let len = plan.batch_len(batch);
         if slot_in_batch >= len {

@@ -41,6 +41,8 @@ pub(crate) struct EpochPlan {
     newest_pool: u64,
     batch_size: usize,
     seed: u64,
+    /// Largest width, height and payload among the domain's records (buffer sizes).
+    pub max_record: (u32, u32, usize),
 }
 
 impl EpochPlan {
@@ -55,9 +57,18 @@ impl EpochPlan {
     ) -> Self {
         let mut starts = Vec::with_capacity(shards + 1);
         let mut total = 0u64;
+        let mut max_record = (0u32, 0u32, 0usize);
         for s in &dataset.shards()[..shards] {
             starts.push(total);
             total += s.len() as u64;
+            for i in 0..s.len() {
+                let m = s.meta(i);
+                max_record = (
+                    max_record.0.max(m.width),
+                    max_record.1.max(m.height),
+                    max_record.2.max(m.raw_len as usize),
+                );
+            }
         }
         starts.push(total);
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(mix64(
@@ -103,6 +114,7 @@ impl EpochPlan {
             newest_pool: cfg.newest_records as u64,
             batch_size: cfg.batch_size,
             seed: cfg.seed,
+            max_record,
         }
     }
 
