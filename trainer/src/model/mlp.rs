@@ -1,7 +1,10 @@
 //! The projector and predictor: Linear → BatchNorm → ReLU → Linear.
 
 use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder};
+use candle_nn::{BatchNorm, Linear, VarBuilder};
+
+use super::batch_norm;
+use crate::config::ModelConfig;
 
 /// A two-layer MLP with BatchNorm in between (BYOL's projector and predictor).
 pub struct Mlp {
@@ -17,19 +20,12 @@ impl Mlp {
         input: usize,
         hidden: usize,
         output: usize,
-        bn_momentum: f64,
-        bn_eps: f64,
+        cfg: &ModelConfig,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let bn_cfg = BatchNormConfig {
-            eps: bn_eps,
-            remove_mean: true,
-            affine: true,
-            momentum: bn_momentum,
-        };
         Ok(Mlp {
             fc1: candle_nn::linear(input, hidden, vb.pp("0"))?,
-            bn: candle_nn::batch_norm(hidden, bn_cfg, vb.pp("1"))?,
+            bn: batch_norm(hidden, cfg, vb.pp("1"))?,
             fc2: candle_nn::linear(hidden, output, vb.pp("3"))?,
         })
     }

@@ -14,6 +14,22 @@ pub use resnet::ResNet;
 
 use crate::config::ModelConfig;
 
+/// A BatchNorm with the config's momentum and epsilon, affine, in PyTorch's layout
+/// (`weight`, `bias`, `running_mean`, `running_var`).
+pub fn batch_norm(
+    channels: usize,
+    cfg: &ModelConfig,
+    vb: VarBuilder,
+) -> Result<candle_nn::BatchNorm> {
+    let bn_cfg = candle_nn::BatchNormConfig {
+        eps: cfg.bn_eps,
+        remove_mean: true,
+        affine: true,
+        momentum: cfg.bn_momentum,
+    };
+    candle_nn::batch_norm(channels, bn_cfg, vb)
+}
+
 /// Encoder → projector (→ predictor for the online network).
 pub struct Network {
     /// The ResNet encoder; its pooled output is the representation.
@@ -32,8 +48,7 @@ impl Network {
             d,
             cfg.projector_hidden,
             cfg.projection_dim,
-            cfg.bn_momentum,
-            cfg.bn_eps,
+            cfg,
             vb.pp("projector"),
         )?;
         let predictor = if with_predictor {
@@ -41,8 +56,7 @@ impl Network {
                 cfg.projection_dim,
                 cfg.predictor_hidden,
                 cfg.projection_dim,
-                cfg.bn_momentum,
-                cfg.bn_eps,
+                cfg,
                 vb.pp("predictor"),
             )?)
         } else {

@@ -1,7 +1,7 @@
 //! ResNet-18/50 in torchvision's layout and parameter names, BatchNorm in training mode.
 
 use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, VarBuilder};
 
 use crate::config::{Arch, ModelConfig};
 
@@ -22,13 +22,7 @@ fn conv(
 }
 
 fn bn(c: usize, cfg: &ModelConfig, vb: VarBuilder) -> Result<BatchNorm> {
-    let bn_cfg = BatchNormConfig {
-        eps: cfg.bn_eps,
-        remove_mean: true,
-        affine: true,
-        momentum: cfg.bn_momentum,
-    };
-    candle_nn::batch_norm(c, bn_cfg, vb)
+    super::batch_norm(c, cfg, vb)
 }
 
 /// Conv → BatchNorm, the unit every block is made of.
