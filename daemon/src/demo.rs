@@ -1,4 +1,5 @@
-//! The no-argument demo: packs an embedded sample of photos and reports on it.
+//! The no-argument demo: packs an embedded sample of photos, reports on it, and draws
+//! BYOL's two views of a few of them.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -114,8 +115,16 @@ pub fn run() -> anyhow::Result<ExitCode> {
         bad.len()
     );
     println!("verify           all {} records OK", ds.len());
+    let grid = root.join("preview.png");
+    let aug = byol_augment::Augmenter::new(byol_augment::AugmentConfig::byol(96))?;
+    let rows = crate::preview_cmd::write_grid(&aug, &dataset, &grid, 6, 0)?;
     println!(
-        "\nNext: `byol ingest YOUR_FOLDER --out DATASET`, then `byol inspect DATASET --verify`."
+        "preview          {} ({rows} rows: stored, BYOL view 1, view 2)",
+        grid.display()
+    );
+    println!(
+        "\nNext: `byol ingest YOUR_FOLDER --out DATASET`, `byol inspect DATASET --verify`,\n\
+         `byol preview DATASET --out grid.png`, `byol train --data DATASET --config configs/small.toml`."
     );
     Ok(ExitCode::SUCCESS)
 }

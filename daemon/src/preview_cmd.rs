@@ -37,18 +37,29 @@ pub fn run(args: PreviewArgs) -> anyhow::Result<ExitCode> {
     }
     let aug = Augmenter::new(cfg).context("invalid augmentation settings")?;
     anyhow::ensure!(args.n > 0, "--n must be at least 1");
-    let images = pick_images(&args.dataset, args.n, args.seed)?;
-    if images.is_empty() {
-        bail!("{}: no images to preview", args.dataset.display());
-    }
-    let grid = render(&aug, &images, args.seed)?;
-    save_png(&grid, &args.out)?;
+    let rows = write_grid(&aug, &args.dataset, &args.out, args.n, args.seed)?;
     println!(
-        "wrote {} ({} rows: stored, view 1, view 2)",
-        args.out.display(),
-        images.len()
+        "wrote {} ({rows} rows: stored, view 1, view 2)",
+        args.out.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Draws `n` images of `dataset` (a dataset or an image folder), chosen by `seed`, with
+/// their two views into the PNG `out`; returns the number of rows.
+pub fn write_grid(
+    aug: &Augmenter,
+    dataset: &Path,
+    out: &Path,
+    n: usize,
+    seed: u64,
+) -> anyhow::Result<usize> {
+    let images = pick_images(dataset, n, seed)?;
+    if images.is_empty() {
+        bail!("{}: no images to preview", dataset.display());
+    }
+    save_png(&render(aug, &images, seed)?, out)?;
+    Ok(images.len())
 }
 
 /// An image to preview: RGB8 pixels, size, and the index its augmentation is keyed by.

@@ -243,6 +243,11 @@ fn no_arguments_runs_the_demo() {
     let o = byol().current_dir(dir.path()).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("all 16 records OK"), "{}", text(&o));
+    let grid = image::open(dir.path().join("byol-demo/preview.png")).unwrap();
+    assert_eq!(
+        (grid.width(), grid.height()),
+        (3 * 96 + 4 * 4, 6 * 96 + 7 * 4)
+    );
     let o = run(&[
         "inspect",
         dir.path().join("byol-demo/dataset").to_str().unwrap(),
