@@ -64,12 +64,6 @@ impl Dataset {
         Ok(ds)
     }
 
-    /// Re-reads the manifest and maps shards added since opening; returns how many.
-    pub fn refresh(&mut self) -> Result<usize, DatasetError> {
-        let manifest = self.load_manifest()?;
-        self.refresh_with(manifest)
-    }
-
     /// A new view of the dataset as of its current manifest, sharing the mappings of the
     /// shards both know; `None` when the manifest has not changed.
     pub fn refreshed(&self) -> Result<Option<Dataset>, DatasetError> {
@@ -92,7 +86,7 @@ impl Dataset {
         })
     }
 
-    fn refresh_with(&mut self, manifest: Manifest) -> Result<usize, DatasetError> {
+    fn refresh_with(&mut self, manifest: Manifest) -> Result<(), DatasetError> {
         // Shards are immutable and only ever appended: keep the mappings we have when
         // the manifest still starts with the same shards.
         let keep = self.shards.len() <= manifest.shards.len()
@@ -132,7 +126,7 @@ impl Dataset {
         self.shards.truncate(before);
         self.shards.extend(opened);
         self.manifest = manifest;
-        Ok(self.shards.len() - before)
+        Ok(())
     }
 
     /// The dataset folder.

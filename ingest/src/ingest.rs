@@ -537,23 +537,19 @@ impl<'a> Run<'a> {
             Outcome::Stored { hash, record } => (hash, Some(record)),
             Outcome::Unchanged { hash } | Outcome::Duplicate { hash } => (hash, None),
         };
-        let label = c.label.clone();
-        let (id, duplicate_of, records) = match (self.by_hash.get(&hash).cloned(), record) {
+        let path = c.path.to_string_lossy().into_owned();
+        let same = self.existing(&path).filter(|e| e.hash == hash).cloned();
+        let (id, duplicate_of, records) = match (same, self.by_hash.get(&hash).cloned(), record) {
             // Same content as before at this path: only the stamp changes.
-            (Some(_), None)
-                if self
-                    .existing(&c.path.to_string_lossy())
-                    .is_some_and(|e| e.hash == hash) =>
-            {
-                let e = self.existing(&c.path.to_string_lossy()).unwrap().clone();
+            (Some(e), _, _) => {
                 self.summary.already_present += 1;
                 (e.id, e.duplicate_of, e.records)
             }
-            (Some((orig, spans)), _) => {
+            (None, Some((orig, spans)), _) => {
                 self.summary.duplicates += 1;
                 (self.new_source_id(), Some(orig), spans)
             }
-            (None, Some(mut record)) => {
+            (None, None, Some(mut record)) => {
                 let id = self.new_source_id();
                 record.meta.source_id = id;
                 let span = self.append(&record)?;
@@ -562,14 +558,16 @@ impl<'a> Run<'a> {
                 self.by_hash.insert(hash.clone(), (id, vec![span]));
                 (id, None, vec![span])
             }
-            (None, None) => unreachable!("a worker reports a duplicate only for a known hash"),
+            (None, None, None) => {
+                unreachable!("a worker reports a duplicate only for a known hash")
+            }
         };
         self.pending.push(SourceEntry {
             id,
-            path: c.path.to_string_lossy().into_owned(),
+            path,
             stamp: c.stamp,
             hash,
-            label,
+            label: c.label.clone(),
             labels_file: None,
             duplicate_of,
             records,
@@ -626,20 +624,16 @@ impl<'a> Run<'a> {
             duplicate_of,
             records,
         };
+        // Same content as before at this path: only the stamps change.
+        if let Some(e) = self.existing(&path).filter(|e| e.hash == hash).cloned() {
+            self.summary.already_present += 1;
+            self.pending.push(entry(e.id, e.duplicate_of, e.records));
+            return self.maybe_commit();
+        }
         if let Some((orig, spans)) = self.by_hash.get(&hash).cloned() {
-            let same = self.existing(&path).is_some_and(|e| e.hash == hash);
-            if same {
-                self.summary.already_present += 1;
-            } else {
-                self.summary.duplicates += 1;
-            }
-            let id = if same {
-                self.existing(&path).unwrap().id
-            } else {
-                self.new_source_id()
-            };
-            self.pending
-                .push(entry(id, (!same || orig != id).then_some(orig), spans));
+            self.summary.duplicates += 1;
+            let id = self.new_source_id();
+            self.pending.push(entry(id, Some(orig), spans));
             return self.maybe_commit();
         }
         let images = match idx::read_images(&c.path) {

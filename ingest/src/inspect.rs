@@ -1,7 +1,5 @@
 //! Statistics and verification of a packed dataset (`byol inspect`).
 
-use std::collections::BTreeMap;
-
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -141,13 +139,4 @@ pub fn verify(ds: &Dataset, progress: &(dyn Fn(u64) + Sync)) -> Vec<CorruptRecor
         .collect();
     bad.sort_by(|a, b| (&a.shard, a.index).cmp(&(&b.shard, b.index)));
     bad
-}
-
-/// Live records per shard file, for reports.
-pub fn records_per_shard(ds: &Dataset) -> BTreeMap<String, u64> {
-    ds.manifest()
-        .shards
-        .iter()
-        .map(|s| (s.file.clone(), s.records - s.retired.len() as u64))
-        .collect()
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::LoaderError;
 use crate::config::{LoaderConfig, Output};
 use crate::plan::{EpochPlan, Global};
-use crate::slots::Slot;
+use crate::slots::{RawBuf, Slot};
 
 /// Substitutes tried before a slot is left blank (all-zero) because every probed record
 /// is unusable.
@@ -369,57 +369,46 @@ impl Batch<'_> {
         self.loader.shared.aug.size()
     }
 
+    /// The first `per_sample * len` elements of one of the slot's buffers.
+    fn published<'b, T: Copy + Default>(
+        &'b self,
+        buf: &'b RawBuf<T>,
+        per_sample: usize,
+    ) -> &'b [T] {
+        // SAFETY: the slot is published and not yet recycled (module invariant of `slots`):
+        // no worker writes to it while this batch lives.
+        unsafe { buf.slice(self.len * per_sample) }
+    }
+
     /// View 1 (T), normalised f32 NCHW: `len * 3 * size * size` values (empty without f32 output).
     pub fn view1(&self) -> &[f32] {
-        // SAFETY: the slot is published and not yet recycled (module invariant of `slots`).
-        unsafe {
-            self.slot()
-                .view1
-                .slice(self.len * self.loader.shared.f32_len)
-        }
+        self.published(&self.slot().view1, self.loader.shared.f32_len)
     }
 
     /// View 2 (T'), normalised f32 NCHW.
     pub fn view2(&self) -> &[f32] {
-        // SAFETY: as in `view1`.
-        unsafe {
-            self.slot()
-                .view2
-                .slice(self.len * self.loader.shared.f32_len)
-        }
+        self.published(&self.slot().view2, self.loader.shared.f32_len)
     }
 
     /// View 1 as u8 NHWC, un-normalised (empty without u8 output).
     pub fn view1_u8(&self) -> &[u8] {
-        // SAFETY: as in `view1`.
-        unsafe {
-            self.slot()
-                .view1_u8
-                .slice(self.len * self.loader.shared.u8_len)
-        }
+        self.published(&self.slot().view1_u8, self.loader.shared.u8_len)
     }
 
     /// View 2 as u8 NHWC, un-normalised.
     pub fn view2_u8(&self) -> &[u8] {
-        // SAFETY: as in `view1`.
-        unsafe {
-            self.slot()
-                .view2_u8
-                .slice(self.len * self.loader.shared.u8_len)
-        }
+        self.published(&self.slot().view2_u8, self.loader.shared.u8_len)
     }
 
     /// Class index per image ([`byol_ingest::shard::NO_LABEL`] when unlabelled).
     pub fn labels(&self) -> &[u32] {
-        // SAFETY: as in `view1`.
-        unsafe { self.slot().labels.slice(self.len) }
+        self.published(&self.slot().labels, 1)
     }
 
     /// Augmentation index per image: the record's global index (newest-pool draws
     /// carry their batch position in the upper 32 bits).
     pub fn records(&self) -> &[u64] {
-        // SAFETY: as in `view1`.
-        unsafe { self.slot().records.slice(self.len) }
+        self.published(&self.slot().records, 1)
     }
 }
 
