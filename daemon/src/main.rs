@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    byol_trainer::memory::keep_freed_memory();
     let cli = cli::Cli::parse();
     init_logging(cli.verbose);
     match run(cli) {

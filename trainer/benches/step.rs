@@ -5,17 +5,18 @@
 //! ```text
 //! cargo bench -p byol-trainer --bench step                          # widths 16, 32 at batch 256; 64 at batch 64
 //! cargo bench -p byol-trainer --bench step -- --width 32 --batch 256 --steps 3
+//! cargo bench -p byol-trainer --bench step -- --width 32 --batch 128 --kernels candle
 //! python3 ../shared/bench/peer_torch_byol_step.py byol --opt adamw --width 32 --res 32 --batch 256 --steps 3
 //! ```
 
 use std::time::Instant;
 
-use byol_trainer::config::{ModelConfig, OptimizerKind, Schedule};
+use byol_trainer::config::{Kernels, ModelConfig, OptimizerKind, Schedule};
 use byol_trainer::loss::byol_loss;
 use byol_trainer::{OptimConfig, TrainConfig, Trainer, TrainerConfig};
 use candle_core::{Device, Tensor};
 
-fn config(width: usize) -> TrainerConfig {
+fn config(width: usize, kernels: Kernels) -> TrainerConfig {
     TrainerConfig {
         model: ModelConfig {
             width,
@@ -32,6 +33,7 @@ fn config(width: usize) -> TrainerConfig {
         },
         train: TrainConfig {
             device: "cpu".into(),
+            kernels,
             ..TrainConfig::default()
         },
     }
@@ -58,8 +60,16 @@ fn profile(trainer: &Trainer, v1: &Tensor, v2: &Tensor) -> [f64; 4] {
     [online, target, backward, ema]
 }
 
-fn bench(width: usize, batch: usize, res: usize, steps: usize) {
-    let cfg = config(width);
+/// Peak resident memory of this process so far (Linux), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn bench(width: usize, batch: usize, res: usize, steps: usize, kernels: Kernels) {
+    let cfg = config(width, kernels);
     let mut trainer = Trainer::new(cfg, batch).unwrap();
     let v1 = Tensor::randn(0f32, 1.0, (batch, 3, res, res), &Device::Cpu).unwrap();
     let v2 = Tensor::randn(0f32, 1.0, (batch, 3, res, res), &Device::Cpu).unwrap();
@@ -75,12 +85,14 @@ fn bench(width: usize, batch: usize, res: usize, steps: usize) {
     let [online, target, backward, ema] = profile(&trainer, &v1, &v2);
     let optimizer = (step - online - target - backward - ema).max(0.0);
     println!(
-        "width {width:>3} batch {batch:>3} res {res}: {:.2} img/s (step {step:.2} s; online fwd {online:.2} s, target fwd {target:.2} s, backward {backward:.2} s, optimizer ~{optimizer:.2} s, EMA {ema:.3} s)",
-        batch as f64 / step
+        "kernels {kernels:?} width {width:>3} batch {batch:>3} res {res}: {:.2} img/s (step {step:.2} s; online fwd {online:.2} s, target fwd {target:.2} s, backward {backward:.2} s, optimizer ~{optimizer:.2} s, EMA {ema:.3} s); peak RSS {:.0} MiB",
+        batch as f64 / step,
+        peak_rss_mib().unwrap_or(f64::NAN)
     );
 }
 
 fn main() {
+    byol_trainer::memory::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let opt = |name: &str| {
         args.iter()
@@ -90,11 +102,20 @@ fn main() {
     };
     let steps = opt("--steps").unwrap_or(2);
     let res = opt("--res").unwrap_or(32);
+    let kernels = match args
+        .iter()
+        .position(|a| a == "--kernels")
+        .map(|i| args[i + 1].as_str())
+    {
+        None | Some("auto") => Kernels::Auto,
+        Some("candle") => Kernels::Candle,
+        Some(other) => panic!("--kernels {other}: expected auto or candle"),
+    };
     match (opt("--width"), opt("--batch")) {
-        (Some(w), b) => bench(w, b.unwrap_or(256), res, steps),
+        (Some(w), b) => bench(w, b.unwrap_or(256), res, steps, kernels),
         (None, _) => {
             for (w, b) in [(16, 256), (32, 256), (64, 64)] {
-                bench(w, b, res, steps);
+                bench(w, b, res, steps, kernels);
             }
         }
     }

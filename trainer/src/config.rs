@@ -155,6 +155,20 @@ pub struct TrainConfig {
     pub checkpoint_every_minutes: f64,
     /// Checkpoints kept.
     pub keep_last: usize,
+    /// Convolution and BatchNorm kernels: `auto` (ours on CPU, candle's on CUDA) or
+    /// `candle` (candle's everywhere: for comparison, and as a safety valve).
+    pub kernels: Kernels,
+}
+
+/// Which implementation runs convolution and BatchNorm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// Our fused kernels on CPU, candle's on CUDA.
+    #[default]
+    Auto,
+    /// candle's own ops on every device.
+    Candle,
 }
 
 impl Default for TrainConfig {
@@ -167,6 +181,7 @@ impl Default for TrainConfig {
             checkpoint_every_steps: 500,
             checkpoint_every_minutes: 30.0,
             keep_last: 3,
+            kernels: Kernels::Auto,
         }
     }
 }

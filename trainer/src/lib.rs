@@ -5,7 +5,9 @@
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod kernels;
 pub mod loss;
+pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod schedule;
@@ -13,7 +15,7 @@ mod trainer;
 
 pub use checkpoint::{CheckpointMeta, latest as latest_checkpoint, save as save_checkpoint};
 pub use config::{
-    Arch, ModelConfig, OptimConfig, OptimizerKind, Schedule, TrainConfig, TrainerConfig,
+    Arch, Kernels, ModelConfig, OptimConfig, OptimizerKind, Schedule, TrainConfig, TrainerConfig,
 };
 pub use trainer::{StepStats, Trainer};
 

@@ -50,7 +50,8 @@ impl Trainer {
             });
         }
         let device = open_device(parse_device(&cfg.train.device)?)?;
-        let model = ByolModel::new(&cfg.model, cfg.train.seed, &device)?;
+        let model =
+            ByolModel::with_kernels(&cfg.model, cfg.train.kernels, cfg.train.seed, &device)?;
         let optimizer = Optimizer::new(&cfg.optim, model.trainable())?;
         Ok(Trainer {
             cfg,

@@ -1,15 +1,15 @@
 //! The projector and predictor: Linear → BatchNorm → ReLU → Linear.
 
-use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, Linear, VarBuilder};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
 
-use super::batch_norm;
+use super::layers::Norm;
 use crate::config::ModelConfig;
 
 /// A two-layer MLP with BatchNorm in between (BYOL's projector and predictor).
 pub struct Mlp {
     fc1: Linear,
-    bn: BatchNorm,
+    bn: Norm,
     fc2: Linear,
 }
 
@@ -21,18 +21,19 @@ impl Mlp {
         hidden: usize,
         output: usize,
         cfg: &ModelConfig,
+        fused: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
         Ok(Mlp {
             fc1: candle_nn::linear(input, hidden, vb.pp("0"))?,
-            bn: batch_norm(hidden, cfg, vb.pp("1"))?,
+            bn: Norm::new(hidden, cfg, fused, vb.pp("1"))?,
             fc2: candle_nn::linear(hidden, output, vb.pp("3"))?,
         })
     }
 
     /// Forward pass; BatchNorm uses batch statistics when `train`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.bn.forward_t(&self.fc1.forward(x)?, train)?.relu()?;
+        let h = self.bn.forward_t(&self.fc1.forward(x)?, train, true)?;
         self.fc2.forward(&h)
     }
 }

@@ -2,6 +2,7 @@
 //! EMA target (encoder → projector), each in its own `VarMap`.
 
 mod init;
+mod layers;
 mod mlp;
 mod resnet;
 
@@ -9,26 +10,11 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
 pub use init::reinit;
+pub use layers::{Conv, Norm};
 pub use mlp::Mlp;
 pub use resnet::ResNet;
 
-use crate::config::ModelConfig;
-
-/// A BatchNorm with the config's momentum and epsilon, affine, in PyTorch's layout
-/// (`weight`, `bias`, `running_mean`, `running_var`).
-pub fn batch_norm(
-    channels: usize,
-    cfg: &ModelConfig,
-    vb: VarBuilder,
-) -> Result<candle_nn::BatchNorm> {
-    let bn_cfg = candle_nn::BatchNormConfig {
-        eps: cfg.bn_eps,
-        remove_mean: true,
-        affine: true,
-        momentum: cfg.bn_momentum,
-    };
-    candle_nn::batch_norm(channels, bn_cfg, vb)
-}
+use crate::config::{Kernels, ModelConfig};
 
 /// Encoder → projector (→ predictor for the online network).
 pub struct Network {
@@ -41,14 +27,21 @@ pub struct Network {
 }
 
 impl Network {
-    /// Builds the networks' layers under `encoder.*`, `projector.*` and `predictor.*`.
-    pub fn new(cfg: &ModelConfig, with_predictor: bool, vb: VarBuilder) -> Result<Self> {
+    /// Builds the networks' layers under `encoder.*`, `projector.*` and `predictor.*`;
+    /// `fused` selects our CPU kernels for convolution and BatchNorm.
+    pub fn new(
+        cfg: &ModelConfig,
+        with_predictor: bool,
+        fused: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let d = cfg.feature_dim();
         let projector = Mlp::new(
             d,
             cfg.projector_hidden,
             cfg.projection_dim,
             cfg,
+            fused,
             vb.pp("projector"),
         )?;
         let predictor = if with_predictor {
@@ -57,13 +50,14 @@ impl Network {
                 cfg.predictor_hidden,
                 cfg.projection_dim,
                 cfg,
+                fused,
                 vb.pp("predictor"),
             )?)
         } else {
             None
         };
         Ok(Network {
-            encoder: ResNet::new(cfg, vb.pp("encoder"))?,
+            encoder: ResNet::new(cfg, fused, vb.pp("encoder"))?,
             projector,
             predictor,
         })
@@ -99,19 +93,33 @@ pub struct ByolModel {
 }
 
 impl ByolModel {
-    /// Builds both networks; weights are initialised from `seed` (torchvision's schemes)
-    /// and the target starts as a copy of the online network.
+    /// Builds both networks with the default kernels (see [`ByolModel::with_kernels`]).
     pub fn new(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Self> {
+        Self::with_kernels(cfg, Kernels::Auto, seed, device)
+    }
+
+    /// Builds both networks; weights are initialised from `seed` (torchvision's schemes)
+    /// and the target starts as a copy of the online network. `kernels` picks the
+    /// convolution and BatchNorm implementation (ours run on CPU only).
+    pub fn with_kernels(
+        cfg: &ModelConfig,
+        kernels: Kernels,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let fused = kernels == Kernels::Auto && device.is_cpu();
         let online_vars = VarMap::new();
         let target_vars = VarMap::new();
         let online = Network::new(
             cfg,
             true,
+            fused,
             VarBuilder::from_varmap(&online_vars, DType::F32, device),
         )?;
         let target = Network::new(
             cfg,
             false,
+            fused,
             VarBuilder::from_varmap(&target_vars, DType::F32, device),
         )?;
         reinit(&online_vars, seed)?;

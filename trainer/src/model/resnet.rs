@@ -1,39 +1,39 @@
 //! ResNet-18/50 in torchvision's layout and parameter names, BatchNorm in training mode.
 
-use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
 
+use super::layers::{Conv, Norm};
 use crate::config::{Arch, ModelConfig};
+use crate::kernels;
 
-fn conv(
-    cin: usize,
-    cout: usize,
-    k: usize,
-    stride: usize,
-    padding: usize,
-    vb: VarBuilder,
-) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
-    candle_nn::conv2d_no_bias(cin, cout, k, cfg, vb)
-}
-
-fn bn(c: usize, cfg: &ModelConfig, vb: VarBuilder) -> Result<BatchNorm> {
-    super::batch_norm(c, cfg, vb)
-}
-
-/// Conv → BatchNorm, the unit every block is made of.
+/// Conv → BatchNorm (→ ReLU), the unit every block is made of.
 struct ConvBn {
-    conv: Conv2d,
-    bn: BatchNorm,
+    conv: Conv,
+    bn: Norm,
 }
 
 impl ConvBn {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward_t(&self.conv.forward(x)?, train)
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        cfg: &ModelConfig,
+        fused: bool,
+        vb_conv: VarBuilder,
+        vb_bn: VarBuilder,
+    ) -> Result<Self> {
+        Ok(ConvBn {
+            conv: Conv::new(cin, cout, k, stride, padding, fused, vb_conv)?,
+            bn: Norm::new(cout, cfg, fused, vb_bn)?,
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        self.bn.forward_t(&self.conv.forward(x)?, train, relu)
     }
 }
 
@@ -41,6 +41,8 @@ impl ConvBn {
 struct Block {
     convs: Vec<ConvBn>,
     downsample: Option<ConvBn>,
+    /// Our kernel for the final add + ReLU.
+    fused: bool,
 }
 
 impl Block {
@@ -50,13 +52,22 @@ impl Block {
         stride: usize,
         bottleneck: bool,
         cfg: &ModelConfig,
+        fused: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let unit = |i: usize, cin: usize, cout: usize, k: usize, stride: usize| -> Result<ConvBn> {
-            Ok(ConvBn {
-                conv: conv(cin, cout, k, stride, k / 2, vb.pp(format!("conv{i}")))?,
-                bn: bn(cout, cfg, vb.pp(format!("bn{i}")))?,
-            })
+        let unit = |i: usize, cin: usize, cout: usize, k: usize, stride: usize| {
+            let (conv, bn) = (format!("conv{i}"), format!("bn{i}"));
+            ConvBn::new(
+                cin,
+                cout,
+                k,
+                stride,
+                k / 2,
+                cfg,
+                fused,
+                vb.pp(conv),
+                vb.pp(bn),
+            )
         };
         let (convs, cout) = if bottleneck {
             let out = planes * 4;
@@ -79,30 +90,33 @@ impl Block {
             )
         };
         let downsample = if stride != 1 || cin != cout {
-            Some(ConvBn {
-                conv: conv(cin, cout, 1, stride, 0, vb.pp("downsample.0"))?,
-                bn: bn(cout, cfg, vb.pp("downsample.1"))?,
-            })
+            let (conv, bn) = (vb.pp("downsample.0"), vb.pp("downsample.1"));
+            Some(ConvBn::new(cin, cout, 1, stride, 0, cfg, fused, conv, bn)?)
         } else {
             None
         };
-        Ok(Block { convs, downsample })
+        Ok(Block {
+            convs,
+            downsample,
+            fused,
+        })
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut y = x.clone();
         let last = self.convs.len() - 1;
         for (i, unit) in self.convs.iter().enumerate() {
-            y = unit.forward_t(&y, train)?;
-            if i < last {
-                y = y.relu()?;
-            }
+            y = unit.forward_t(&y, train, i < last)?;
         }
         let shortcut = match &self.downsample {
-            Some(d) => d.forward_t(x, train)?,
+            Some(d) => d.forward_t(x, train, false)?,
             None => x.clone(),
         };
-        (y + shortcut)?.relu()
+        if self.fused {
+            kernels::add_relu(&y, &shortcut)
+        } else {
+            (y + shortcut)?.relu()
+        }
     }
 }
 
@@ -116,23 +130,16 @@ pub struct ResNet {
 impl ResNet {
     /// Builds the encoder; parameter names follow torchvision (`conv1.weight`,
     /// `layer1.0.bn1.running_mean`, `layer2.0.downsample.0.weight`, ...).
-    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+    /// `fused` selects our CPU kernels for convolution and BatchNorm.
+    pub fn new(cfg: &ModelConfig, fused: bool, vb: VarBuilder) -> Result<Self> {
         let w = cfg.width;
         let (depths, bottleneck): ([usize; 4], bool) = match cfg.arch {
             Arch::Resnet18 => ([2, 2, 2, 2], false),
             Arch::Resnet50 => ([3, 4, 6, 3], true),
         };
-        let stem = if cfg.small_stem {
-            ConvBn {
-                conv: conv(3, w, 3, 1, 1, vb.pp("conv1"))?,
-                bn: bn(w, cfg, vb.pp("bn1"))?,
-            }
-        } else {
-            ConvBn {
-                conv: conv(3, w, 7, 2, 3, vb.pp("conv1"))?,
-                bn: bn(w, cfg, vb.pp("bn1"))?,
-            }
-        };
+        let (k, stride, padding) = if cfg.small_stem { (3, 1, 1) } else { (7, 2, 3) };
+        let (conv1, bn1) = (vb.pp("conv1"), vb.pp("bn1"));
+        let stem = ConvBn::new(3, w, k, stride, padding, cfg, fused, conv1, bn1)?;
         let expansion = if bottleneck { 4 } else { 1 };
         let mut cin = w;
         let mut stages = Vec::new();
@@ -148,6 +155,7 @@ impl ResNet {
                     stride,
                     bottleneck,
                     cfg,
+                    fused,
                     vb_stage.pp(b.to_string()),
                 )?);
                 cin = planes * expansion;
@@ -163,7 +171,7 @@ impl ResNet {
 
     /// Pooled features of a batch of images `(batch, 3, h, w)`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = self.stem.forward_t(x, train)?.relu()?;
+        let mut y = self.stem.forward_t(x, train, true)?;
         if self.max_pool {
             y = y
                 .pad_with_same(2, 1, 1)?
