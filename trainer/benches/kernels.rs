@@ -6,6 +6,7 @@
 //! ```text
 //! cargo bench -p byol-trainer --bench kernels                      # width 32, batch 256
 //! cargo bench -p byol-trainer --bench kernels -- --width 64 --batch 64 --reps 3
+//! cargo bench -p byol-trainer --bench kernels -- --batch-norm        # BatchNorm + ReLU per stage
 //! python3 ../shared/bench/peer_torch_byol_step.py conv --batch 256 --res 32 --cin 32 --cout 32 --k 3 --stride 1
 //! ```
 
@@ -53,7 +54,37 @@ fn time(reps: usize, x: &Var, conv: impl Fn(&Tensor) -> Tensor) -> (f64, f64) {
     (median(fw), median(bw))
 }
 
+/// Milliseconds of BatchNorm + ReLU (training mode) forward and backward on the
+/// feature maps of each stage, ours against candle's.
+fn bench_batch_norm(width: usize, batch: usize, reps: usize) {
+    use byol_trainer::config::ModelConfig;
+    use byol_trainer::model::Norm;
+    use candle_core::DType;
+    use candle_nn::{VarBuilder, VarMap};
+    println!("BatchNorm + ReLU, training mode, ms (forward | backward)");
+    println!(
+        "{:>5} {:>4} | {:>8} {:>8} | {:>8} {:>8}",
+        "c", "res", "ours fw", "ours bw", "cndl fw", "cndl bw"
+    );
+    for (c, res) in [(width, 32), (2 * width, 16), (4 * width, 8), (8 * width, 4)] {
+        let x = Var::randn(0f32, 1.0, (batch, c, res, res), &Device::Cpu).unwrap();
+        let mut row = Vec::new();
+        for fused in [true, false] {
+            let vars = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+            let norm = Norm::new(c, &ModelConfig::default(), fused, vb).unwrap();
+            let (f, b) = time(reps, &x, |x| norm.forward_t(x, true, true).unwrap());
+            row.extend([f * 1e3, b * 1e3]);
+        }
+        println!(
+            "{c:>5} {res:>4} | {:>8.1} {:>8.1} | {:>8.1} {:>8.1}",
+            row[0], row[1], row[2], row[3]
+        );
+    }
+}
+
 fn main() {
+    byol_trainer::memory::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let opt = |name: &str, default: usize| {
         args.iter()
@@ -64,6 +95,10 @@ fn main() {
     };
     let (width, batch, reps) = (opt("--width", 32), opt("--batch", 256), opt("--reps", 3));
     let skip_candle = args.iter().any(|a| a == "--ours-only");
+    if args.iter().any(|a| a == "--batch-norm") {
+        bench_batch_norm(width, batch, reps);
+        return;
+    }
     println!(
         "conv GFLOP/s, batch {batch}, {} threads (forward | backward: input + weight)",
         rayon::current_num_threads()

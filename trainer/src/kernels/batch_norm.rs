@@ -134,28 +134,68 @@ fn reduce_channels<const K: usize>(
     blocks.concat()
 }
 
-/// Sums `f(i)` over `0..len` in eight independent lanes (so the loop vectorises).
+/// Lanes of the vectorised sums below.
+const LANES: usize = 8;
+
+/// `(Σ (x − k), Σ (x − k)²)` over a row, in independent lanes so that it vectorises.
 #[inline(always)]
-fn lane_sum(len: usize, f: impl Fn(usize) -> f32) -> f32 {
-    let mut lanes = [0f32; 8];
-    let full = len / 8 * 8;
-    for base in (0..full).step_by(8) {
-        for (l, lane) in lanes.iter_mut().enumerate() {
-            *lane += f(base + l);
+fn shifted_sums(row: &[f32], k: f32) -> (f32, f32) {
+    let (mut s1, mut s2) = ([0f32; LANES], [0f32; LANES]);
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            let d = c[l] - k;
+            s1[l] += d;
+            s2[l] += d * d;
         }
     }
-    let tail: f32 = (full..len).map(&f).sum();
-    lanes.iter().sum::<f32>() + tail
+    let (mut t1, mut t2) = (s1.iter().sum::<f32>(), s2.iter().sum::<f32>());
+    for v in tail {
+        t1 += v - k;
+        t2 += (v - k) * (v - k);
+    }
+    (t1, t2)
+}
+
+/// The gradient that reaches the affine output: ReLU passes it where `y > 0`.
+#[inline(always)]
+fn through_relu(g: f32, y: f32, relu: bool) -> f32 {
+    if relu && y <= 0.0 { 0.0 } else { g }
+}
+
+/// `(Σ g', Σ g'·(x − m))` over a row, `g'` the gradient through the ReLU.
+#[inline(always)]
+fn grad_sums(x: &[f32], y: &[f32], g: &[f32], m: f32, relu: bool) -> (f32, f32) {
+    let (mut s1, mut s2) = ([0f32; LANES], [0f32; LANES]);
+    let rows = x
+        .chunks_exact(LANES)
+        .zip(y.chunks_exact(LANES))
+        .zip(g.chunks_exact(LANES));
+    for ((xc, yc), gc) in rows {
+        for l in 0..LANES {
+            let gl = through_relu(gc[l], yc[l], relu);
+            s1[l] += gl;
+            s2[l] += gl * (xc[l] - m);
+        }
+    }
+    let (mut t1, mut t2) = (s1.iter().sum::<f32>(), s2.iter().sum::<f32>());
+    let full = x.len() / LANES * LANES;
+    for i in full..x.len() {
+        let gl = through_relu(g[i], y[i], relu);
+        t1 += gl;
+        t2 += gl * (x[i] - m);
+    }
+    (t1, t2)
 }
 
 /// Per-channel mean and biased variance, summed around each channel's first value so
 /// that a large mean does not cancel the variance away.
 fn channel_stats(x: &[f32], n: usize, c: usize, s: usize) -> (Vec<f32>, Vec<f32>) {
     let sums = reduce_channels::<2>(n, c, s, |ch, off, acc| {
-        let shift = x[ch * s];
-        let row = &x[off..off + s];
-        acc[0] += lane_sum(s, |i| row[i] - shift) as f64;
-        acc[1] += lane_sum(s, |i| (row[i] - shift) * (row[i] - shift)) as f64;
+        let (d, d2) = shifted_sums(&x[off..off + s], x[ch * s]);
+        acc[0] += d as f64;
+        acc[1] += d2 as f64;
     });
     let count = (n * s) as f64;
     sums.iter()
@@ -244,12 +284,11 @@ impl CustomOp3 for BatchNormOp {
         let ys = cpu_f32(&yg, yl, self.name())?;
         let gs = cpu_f32(&gg, gl, self.name())?;
         let relu = self.relu;
-        // The gradient that reaches the affine output (ReLU passes where y > 0).
-        let g_at = |i: usize| if relu && ys[i] <= 0.0 { 0.0 } else { gs[i] };
         let sums = reduce_channels::<2>(n, c, s, |ch, off, acc| {
-            let m = self.mean[ch];
-            acc[0] += lane_sum(s, |i| g_at(off + i)) as f64;
-            acc[1] += lane_sum(s, |i| g_at(off + i) * (xs[off + i] - m)) as f64;
+            let r = off..off + s;
+            let (sg, sgx) = grad_sums(&xs[r.clone()], &ys[r.clone()], &gs[r], self.mean[ch], relu);
+            acc[0] += sg as f64;
+            acc[1] += sgx as f64;
         });
         let count = (n * s) as f32;
         let gb: Vec<f32> = sums.iter().map(|a| a[0] as f32).collect();
@@ -270,10 +309,11 @@ impl CustomOp3 for BatchNormOp {
         let mut gx = vec![0f32; xs.len()];
         let image = (c * s).max(1);
         gx.par_chunks_mut(image).enumerate().for_each(|(i, gxi)| {
-            for (ch, [k1, k2, k3]) in k.iter().enumerate() {
-                let off = (i * c + ch) * s;
-                for (j, d) in gxi[ch * s..(ch + 1) * s].iter_mut().enumerate() {
-                    *d = k1 * g_at(off + j) + k2 * xs[off + j] + k3;
+            for (ch, &[k1, k2, k3]) in k.iter().enumerate() {
+                let r = (i * c + ch) * s..(i * c + ch + 1) * s;
+                let rows = xs[r.clone()].iter().zip(&ys[r.clone()]).zip(&gs[r]);
+                for (d, ((x, y), g)) in gxi[ch * s..(ch + 1) * s].iter_mut().zip(rows) {
+                    *d = k1 * through_relu(*g, *y, relu) + k2 * x + k3;
                 }
             }
         });

@@ -163,6 +163,9 @@ impl Geometry {
     /// output position, the input value under that kernel tap (0 in the padding).
     /// Rows start `ld` apart in `col`.
     fn im2col(&self, img: &[f32], col: &mut [f32], ld: usize) {
+        if self.stride == 1 && self.ho == self.h && self.wo == self.w {
+            return self.im2col_same(img, col, ld);
+        }
         let (p, wo, s) = (self.p(), self.wo, self.stride);
         let mut r = 0;
         for plane in img.chunks_exact(self.h * self.w) {
@@ -189,6 +192,51 @@ impl Geometry {
                         }
                     }
                     r += 1;
+                }
+            }
+        }
+    }
+
+    /// [`Geometry::im2col`] for stride-1 "same" convolutions: each row is the whole
+    /// plane shifted by the tap's offset, so it is one long copy, then zeros for the
+    /// rows and columns that fell outside (a few short fills instead of a copy per
+    /// output row).
+    fn im2col_same(&self, img: &[f32], col: &mut [f32], ld: usize) {
+        let (h, w) = (self.h as isize, self.w as isize);
+        let hw = self.h * self.w;
+        let mut r = 0;
+        for plane in img.chunks_exact(hw) {
+            for ki in 0..self.kh {
+                for kj in 0..self.kw {
+                    let row = &mut col[r * ld..r * ld + hw];
+                    r += 1;
+                    let (dy, dx) = (
+                        ki as isize - self.pad as isize,
+                        kj as isize - self.pad as isize,
+                    );
+                    // Output rows whose input row `oh + dy` is inside the plane.
+                    let (oh_lo, oh_hi) = ((-dy).max(0), (h - dy).min(h));
+                    if oh_lo >= oh_hi || dx.abs() >= w {
+                        row.fill(0.0);
+                        continue;
+                    }
+                    let (oh_lo, oh_hi, wu) = (oh_lo as usize, oh_hi as usize, self.w);
+                    row[..oh_lo * wu].fill(0.0);
+                    row[oh_hi * wu..].fill(0.0);
+                    let t_lo = oh_lo * wu + (-dx).max(0) as usize;
+                    let t_hi = oh_hi * wu - dx.max(0) as usize;
+                    let s_lo = (t_lo as isize + dy * w + dx) as usize;
+                    row[t_lo..t_hi].copy_from_slice(&plane[s_lo..s_lo + (t_hi - t_lo)]);
+                    // Columns whose input column `ow + dx` is outside (the flat copy
+                    // wrapped them in from the neighbouring row).
+                    let edge = dx.unsigned_abs();
+                    for line in row[oh_lo * wu..oh_hi * wu].chunks_exact_mut(wu) {
+                        if dx > 0 {
+                            line[wu - edge..].fill(0.0);
+                        } else {
+                            line[..edge].fill(0.0);
+                        }
+                    }
                 }
             }
         }
@@ -473,6 +521,8 @@ mod tests {
             (5, 4, 3, 3, 3, 1, 1, 0),
             (4, 4, 5, 5, 3, 1, 2, 0),
             (40, 3, 4, 4, 5, 3, 1, 1),
+            (2, 3, 6, 5, 4, 5, 1, 2),
+            (1, 2, 3, 3, 2, 7, 1, 3),
             (2, 2, 6, 6, 2, 3, 3, 0),
         ];
         for (n, c, h, wd, co, k, stride, pad) in cases {
