@@ -47,8 +47,8 @@ fn profile(trainer: &Trainer, v1: &Tensor, v2: &Tensor) -> [f64; 4] {
     let (_, p2) = m.online.forward_t(v2, true).unwrap();
     let online = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let (z1, _) = m.target.forward_t(v1, true).unwrap();
-    let (z2, _) = m.target.forward_t(v2, true).unwrap();
+    let z1 = m.target.forward_t(v1, true).unwrap().0.detach();
+    let z2 = m.target.forward_t(v2, true).unwrap().0.detach();
     let target = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let loss = byol_loss(&p1.unwrap(), &p2.unwrap(), &z1, &z2).unwrap();

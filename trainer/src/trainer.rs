@@ -118,8 +118,10 @@ impl Trainer {
         // Each view goes through each network on its own (its own BatchNorm statistics).
         let (z1, p1) = self.model.online.forward_t(v1, true)?;
         let (_, p2) = self.model.online.forward_t(v2, true)?;
-        let (t1, _) = self.model.target.forward_t(v1, true)?;
-        let (t2, _) = self.model.target.forward_t(v2, true)?;
+        // Detached at once, so the target's activations are freed layer by layer
+        // instead of living (as part of its graph) until the end of the step.
+        let t1 = self.model.target.forward_t(v1, true)?.0.detach();
+        let t2 = self.model.target.forward_t(v2, true)?.0.detach();
         let (p1, p2) = (
             p1.expect("online has a predictor"),
             p2.expect("online has a predictor"),

@@ -214,6 +214,17 @@ fn batch_norm_matches_candle_in_both_modes() {
 }
 
 #[test]
+fn batch_norm_takes_non_contiguous_inputs() {
+    let x = random(&[3, 5, 4, 6], 9).transpose(1, 2).unwrap(); // (3, 4, 5, 6) view
+    assert!(!x.is_contiguous());
+    let (ours, _) = norm(4, true);
+    let (reference, _) = norm(4, false);
+    let y_ours = ours.forward_t(&x, true, true).unwrap();
+    let y_ref = reference.forward_t(&x, true, true).unwrap();
+    assert_close("non-contiguous BatchNorm", &y_ours, &y_ref, 1e-5);
+}
+
+#[test]
 fn batch_norm_gradient_matches_finite_differences() {
     let shape = [3, 2, 2, 3];
     let (layer, vars) = norm(2, true);
