@@ -100,6 +100,16 @@ pub enum CodecArg {
     Encoded,
 }
 
+/// Record compression choices.
+#[derive(Debug, Clone, Copy, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompressionArg {
+    /// One zstd frame per record (about half the disk for raw pixels).
+    Zstd,
+    /// Stored as is (fastest to read; the loader skips decompression).
+    None,
+}
+
 /// Source layout choices.
 #[derive(Debug, Clone, Copy, ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -134,6 +144,9 @@ pub struct IngestArgs {
     /// [default for a new dataset: 256].
     #[arg(long)]
     pub max_side: Option<u32>,
+    /// Compression of new shards [default: zstd].
+    #[arg(long, value_enum)]
+    pub compression: Option<CompressionArg>,
     /// zstd level of each record [default: 3].
     #[arg(long)]
     pub zstd_level: Option<i32>,

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde::Deserialize;
 
-use crate::cli::{CodecArg, LayoutArg};
+use crate::cli::{CodecArg, CompressionArg, LayoutArg};
 
 /// The whole config file. Unknown keys are errors.
 #[derive(Debug, Default, Deserialize)]
@@ -41,6 +41,8 @@ pub struct IngestConfig {
     pub codec: Option<CodecArg>,
     /// Short-side limit in pixels, 0 to keep the decoded size.
     pub max_side: Option<u32>,
+    /// `zstd` or `none`.
+    pub compression: Option<CompressionArg>,
     /// zstd level of each record.
     pub zstd_level: Option<i32>,
     /// JPEG quality when the encoded codec must re-encode.

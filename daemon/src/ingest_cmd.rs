@@ -3,9 +3,11 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use byol_ingest::{Codec, DecodeLimits, IngestOptions, IngestReport, Layout, SettingsOverride};
+use byol_ingest::{
+    Codec, Compression, DecodeLimits, IngestOptions, IngestReport, Layout, SettingsOverride,
+};
 
-use crate::cli::{CodecArg, IngestArgs, LayoutArg};
+use crate::cli::{CodecArg, CompressionArg, IngestArgs, LayoutArg};
 use crate::config::{Config, IngestConfig};
 use crate::progress::{Bar, stored_vs_raw};
 
@@ -32,6 +34,10 @@ pub fn run(args: IngestArgs) -> anyhow::Result<ExitCode> {
             CodecArg::Encoded => Codec::Encoded,
         }),
         max_side: args.max_side.or(cfg.max_side),
+        compression: args.compression.or(cfg.compression).map(|c| match c {
+            CompressionArg::Zstd => Compression::Zstd,
+            CompressionArg::None => Compression::None,
+        }),
         zstd_level: args.zstd_level.or(cfg.zstd_level),
         jpeg_quality: args.jpeg_quality.or(cfg.jpeg_quality),
     };

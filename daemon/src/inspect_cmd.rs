@@ -53,8 +53,8 @@ pub fn print_stats(name: &str, s: &DatasetStats) {
         .map_or("none".to_string(), |m| m.to_string());
     println!("dataset          {name} (generation {})", s.generation);
     println!(
-        "settings         codec {}, max side {max_side}, zstd level {}",
-        s.settings.codec, s.settings.zstd_level
+        "settings         codec {}, max side {max_side}, compression {} (zstd level {})",
+        s.settings.codec, s.settings.compression, s.settings.zstd_level
     );
     println!("shards           {}", s.shards);
     println!("sources          {}", s.sources);

@@ -25,7 +25,7 @@ use crate::manifest::{
 };
 use crate::pipeline::ordered_map;
 use crate::reject::{self, Reject, RejectReason};
-use crate::shard::{Codec, ShardError, ShardWriter, StoredRecord};
+use crate::shard::{Codec, Compression, ShardError, ShardWriter, StoredRecord};
 use crate::source::{self, Candidate, CandidateKind, Layout};
 
 /// Name of the lock file that keeps two ingest runs off one dataset.
@@ -38,6 +38,8 @@ pub struct SettingsOverride {
     pub codec: Option<Codec>,
     /// Short-side limit; `Some(0)` means keep images at their decoded size.
     pub max_side: Option<u32>,
+    /// Compression of new shards.
+    pub compression: Option<Compression>,
     /// zstd level for new shards.
     pub zstd_level: Option<i32>,
     /// JPEG quality for re-encoded images (`encoded` codec).
@@ -299,6 +301,7 @@ fn resolve_settings(o: &SettingsOverride) -> IngestSettings {
     IngestSettings {
         codec: o.codec.unwrap_or(d.codec),
         max_side: o.max_side.map_or(d.max_side, |s| (s > 0).then_some(s)),
+        compression: o.compression.unwrap_or(d.compression),
         zstd_level: o.zstd_level.unwrap_or(d.zstd_level),
         jpeg_quality: o.jpeg_quality.unwrap_or(d.jpeg_quality),
     }
@@ -335,7 +338,11 @@ fn merge_settings(
             ));
         }
     }
-    // Level and quality only affect how new records are written: they may change.
+    // Compression, level and quality only affect how new records are written (each
+    // shard records its compression): they may change from run to run.
+    if let Some(c) = o.compression {
+        m.settings.compression = c;
+    }
     if let Some(l) = o.zstd_level {
         m.settings.zstd_level = l;
     }
@@ -719,7 +726,9 @@ impl<'a> Run<'a> {
                 .out
                 .join(SHARDS_DIR)
                 .join(Manifest::shard_file_name(id));
-            self.writer = Some((id, ShardWriter::create(&path, self.work.settings.codec)?));
+            let settings = &self.work.settings;
+            let writer = ShardWriter::create(&path, settings.codec, settings.compression)?;
+            self.writer = Some((id, writer));
         }
         let (id, writer) = self.writer.as_mut().unwrap();
         let index = writer.append(record)?;
@@ -926,7 +935,8 @@ fn encode_record(
     let img = decode::resize_short_side(img, settings.max_side);
     let (w, h) = img.dimensions();
     let compress = |payload: &[u8]| {
-        StoredRecord::compress(payload, settings.zstd_level, w, h, label, item)
+        let (c, level) = (settings.compression, settings.zstd_level);
+        StoredRecord::compress(payload, c, level, w, h, label, item)
             .map_err(|e| DecodeError::Corrupt(format!("zstd: {e}")))
     };
     match (settings.codec, original.bytes) {

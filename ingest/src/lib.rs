@@ -37,5 +37,5 @@ pub use ingest::{
 };
 pub use manifest::{IngestSettings, Manifest};
 pub use reject::{Reject, RejectReason};
-pub use shard::Codec;
+pub use shard::{Codec, Compression};
 pub use source::Layout;

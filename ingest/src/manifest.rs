@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
-use crate::shard::Codec;
+use crate::shard::{Codec, Compression};
 
 /// File name of the manifest inside a dataset folder.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -49,6 +49,9 @@ pub struct IngestSettings {
     pub codec: Codec,
     /// Images are resized so their short side is at most this (None: kept as decoded).
     pub max_side: Option<u32>,
+    /// How records are stored (zstd frames or as is); each shard records its own.
+    #[serde(default)]
+    pub compression: Compression,
     /// zstd compression level of each record.
     pub zstd_level: i32,
     /// JPEG quality used when the `encoded` codec must re-encode an image.
@@ -60,6 +63,7 @@ impl Default for IngestSettings {
         IngestSettings {
             codec: Codec::RawRgb8,
             max_side: Some(256),
+            compression: Compression::Zstd,
             zstd_level: 3,
             jpeg_quality: 95,
         }

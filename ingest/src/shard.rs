@@ -15,8 +15,11 @@ use crate::fsutil;
 
 /// First eight bytes of every shard.
 pub const MAGIC: [u8; 8] = *b"BYOLSHRD";
-/// The shard format version this build writes and the only one it reads.
-pub const VERSION: u32 = 1;
+/// The shard format version this build writes. It also reads version 1, which is
+/// version 2 with every record compressed (its header bytes 40..44 are zero).
+pub const VERSION: u32 = 2;
+/// The oldest shard format version this build reads.
+pub const MIN_VERSION: u32 = 1;
 /// Size of the fixed header at the start of the file.
 pub const HEADER_LEN: usize = 64;
 /// Size of one index entry.
@@ -48,6 +51,43 @@ impl Codec {
             1 => Some(Codec::Encoded),
             _ => None,
         }
+    }
+}
+
+/// How every record's stored bytes relate to its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// One zstd frame per record: smaller shards; readers pay the decompression.
+    #[default]
+    Zstd,
+    /// The payload as is: about twice the disk for raw pixels, read with one copy.
+    None,
+}
+
+impl Compression {
+    fn to_u32(self) -> u32 {
+        match self {
+            Compression::Zstd => 0,
+            Compression::None => 1,
+        }
+    }
+
+    fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            0 => Some(Compression::Zstd),
+            1 => Some(Compression::None),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Compression::Zstd => "zstd",
+            Compression::None => "none",
+        })
     }
 }
 
@@ -179,16 +219,21 @@ pub struct StoredRecord {
 }
 
 impl StoredRecord {
-    /// Compresses `payload` with zstd at `level` and checksums the result.
+    /// Compresses `payload` (with zstd at `level`, or not at all) and checksums the
+    /// result.
     pub fn compress(
         payload: &[u8],
+        compression: Compression,
         level: i32,
         width: u32,
         height: u32,
         label: Option<u32>,
         item: u32,
     ) -> std::io::Result<Self> {
-        let bytes = zstd::bulk::compress(payload, level)?;
+        let bytes = match compression {
+            Compression::Zstd => zstd::bulk::compress(payload, level)?,
+            Compression::None => payload.to_vec(),
+        };
         let too_big = || std::io::Error::other("record exceeds 4 GiB");
         let meta = RecordMeta {
             offset: 0,
@@ -212,13 +257,19 @@ pub struct ShardWriter {
     tmp_path: PathBuf,
     final_path: PathBuf,
     codec: Codec,
+    compression: Compression,
     index: Vec<RecordMeta>,
     offset: u64,
 }
 
 impl ShardWriter {
-    /// Starts a shard that will be named `final_path` once finished.
-    pub fn create(final_path: &Path, codec: Codec) -> Result<Self, ShardError> {
+    /// Starts a shard that will be named `final_path` once finished; its records must be
+    /// built with the same `compression`.
+    pub fn create(
+        final_path: &Path,
+        codec: Codec,
+        compression: Compression,
+    ) -> Result<Self, ShardError> {
         let tmp_path = fsutil::tmp_path(final_path);
         let file = File::create(&tmp_path).map_err(io_err(&tmp_path))?;
         let mut file = BufWriter::with_capacity(1 << 20, file);
@@ -230,6 +281,7 @@ impl ShardWriter {
             tmp_path,
             final_path: final_path.to_owned(),
             codec,
+            compression,
             index: Vec::new(),
             offset: HEADER_LEN as u64,
         })
@@ -284,6 +336,7 @@ impl ShardWriter {
         file.write_all(&index_bytes).map_err(io_err(&path))?;
         let header = encode_header(
             self.codec,
+            self.compression,
             self.index.len() as u64,
             self.offset,
             xxh3_64(&index_bytes),
@@ -308,7 +361,13 @@ impl Drop for ShardWriter {
     }
 }
 
-fn encode_header(codec: Codec, count: u64, index_offset: u64, index_checksum: u64) -> [u8; 64] {
+fn encode_header(
+    codec: Codec,
+    compression: Compression,
+    count: u64,
+    index_offset: u64,
+    index_checksum: u64,
+) -> [u8; 64] {
     let mut h = [0u8; HEADER_LEN];
     h[0..8].copy_from_slice(&MAGIC);
     h[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -316,6 +375,7 @@ fn encode_header(codec: Codec, count: u64, index_offset: u64, index_checksum: u6
     h[16..24].copy_from_slice(&count.to_le_bytes());
     h[24..32].copy_from_slice(&index_offset.to_le_bytes());
     h[32..40].copy_from_slice(&index_checksum.to_le_bytes());
+    h[40..44].copy_from_slice(&compression.to_u32().to_le_bytes());
     let sum = xxh3_64(&h[0..56]);
     h[56..64].copy_from_slice(&sum.to_le_bytes());
     h
@@ -326,6 +386,7 @@ pub struct ShardReader {
     map: Mmap,
     path: PathBuf,
     codec: Codec,
+    compression: Compression,
     count: usize,
     index_offset: usize,
 }
@@ -362,7 +423,7 @@ impl ShardReader {
             return Err(invalid("bad magic".into()));
         }
         let version = u32::from_le_bytes(h[8..12].try_into().unwrap());
-        if version != VERSION {
+        if !(MIN_VERSION..=VERSION).contains(&version) {
             return Err(ShardError::UnsupportedVersion {
                 path: path.to_owned(),
                 found: version,
@@ -374,6 +435,9 @@ impl ShardReader {
         let codec_id = u32::from_le_bytes(h[12..16].try_into().unwrap());
         let codec = Codec::from_u32(codec_id)
             .ok_or_else(|| invalid(format!("unknown codec {codec_id}")))?;
+        let compression_id = u32::from_le_bytes(h[40..44].try_into().unwrap());
+        let compression = Compression::from_u32(compression_id)
+            .ok_or_else(|| invalid(format!("unknown compression {compression_id}")))?;
         let count = u64::from_le_bytes(h[16..24].try_into().unwrap());
         let index_offset = u64::from_le_bytes(h[24..32].try_into().unwrap());
         let index_checksum = u64::from_le_bytes(h[32..40].try_into().unwrap());
@@ -394,6 +458,7 @@ impl ShardReader {
             map,
             path: path.to_owned(),
             codec,
+            compression,
             count: count as usize,
             index_offset,
         };
@@ -416,6 +481,11 @@ impl ShardReader {
     /// The payload codec of every record.
     pub fn codec(&self) -> Codec {
         self.codec
+    }
+
+    /// How the records are stored.
+    pub fn compression(&self) -> Compression {
+        self.compression
     }
 
     /// Number of records.
@@ -444,7 +514,8 @@ impl ShardReader {
         RecordMeta::decode(&self.map[at..at + INDEX_ENTRY_LEN])
     }
 
-    /// The stored (compressed) bytes of record `i`, unchecked.
+    /// The stored bytes of record `i` (compressed unless the shard says otherwise),
+    /// unchecked.
     pub fn stored(&self, i: usize) -> &[u8] {
         let m = self.meta(i);
         &self.map[m.offset as usize..(m.offset + u64::from(m.stored_len)) as usize]
@@ -459,8 +530,8 @@ impl ShardReader {
         Ok(m)
     }
 
-    /// Verifies record `i` and decompresses its payload into `out` (resized to fit),
-    /// reusing the decompression context in `scratch`.
+    /// Verifies record `i` and decompresses (or copies) its payload into `out` (resized
+    /// to fit), reusing the decompression context in `scratch`.
     pub fn read_into(
         &self,
         i: usize,
@@ -470,10 +541,16 @@ impl ShardReader {
         let m = self.verify(i)?;
         out.clear();
         out.reserve(m.raw_len as usize);
-        let n = scratch
-            .dctx
-            .decompress_to_buffer(self.stored(i), out)
-            .map_err(|e| self.corrupt(i, format!("zstd: {e}")))?;
+        let n = match self.compression {
+            Compression::Zstd => scratch
+                .dctx
+                .decompress_to_buffer(self.stored(i), out)
+                .map_err(|e| self.corrupt(i, format!("zstd: {e}")))?,
+            Compression::None => {
+                out.extend_from_slice(self.stored(i));
+                out.len()
+            }
+        };
         if n != m.raw_len as usize {
             return Err(self.corrupt(i, format!("payload is {n} bytes, index says {}", m.raw_len)));
         }
@@ -521,15 +598,19 @@ impl Default for ReadScratch {
 mod tests {
     use super::*;
 
-    fn record(payload: &[u8], w: u32, h: u32, label: Option<u32>) -> StoredRecord {
-        StoredRecord::compress(payload, 3, w, h, label, 0).unwrap()
+    fn record(payload: &[u8], c: Compression, w: u32, h: u32, label: Option<u32>) -> StoredRecord {
+        StoredRecord::compress(payload, c, 3, w, h, label, 0).unwrap()
     }
 
     fn write_shard(dir: &Path, payloads: &[Vec<u8>]) -> PathBuf {
+        write_shard_with(dir, payloads, Compression::Zstd)
+    }
+
+    fn write_shard_with(dir: &Path, payloads: &[Vec<u8>], c: Compression) -> PathBuf {
         let path = dir.join("000000.shard");
-        let mut w = ShardWriter::create(&path, Codec::RawRgb8).unwrap();
+        let mut w = ShardWriter::create(&path, Codec::RawRgb8, c).unwrap();
         for (i, p) in payloads.iter().enumerate() {
-            let mut r = record(p, (p.len() / 3) as u32, 1, Some(i as u32));
+            let mut r = record(p, c, (p.len() / 3) as u32, 1, Some(i as u32));
             r.meta.source_id = 100 + i as u64;
             assert_eq!(w.append(&r).unwrap(), i as u32);
         }
@@ -549,20 +630,57 @@ mod tests {
 
     #[test]
     fn round_trip_every_record() {
+        for c in [Compression::Zstd, Compression::None] {
+            let dir = tempfile::tempdir().unwrap();
+            let ps = payloads();
+            let path = write_shard_with(dir.path(), &ps, c);
+            assert!(!fsutil::tmp_path(&path).exists());
+            let r = ShardReader::open(&path).unwrap();
+            assert_eq!(r.len(), ps.len());
+            assert_eq!(r.compression(), c);
+            let mut scratch = ReadScratch::new();
+            let mut out = Vec::new();
+            for (i, p) in ps.iter().enumerate() {
+                let m = r.read_into(i, &mut scratch, &mut out).unwrap();
+                assert_eq!(&out, p);
+                assert_eq!(m.label(), Some(i as u32));
+                assert_eq!(m.source_id, 100 + i as u64);
+                assert_eq!(m.width as usize * 3, p.len());
+                assert_eq!(
+                    m.stored_len == m.raw_len,
+                    c == Compression::None,
+                    "record {i}"
+                );
+            }
+        }
+    }
+
+    /// Rewrites header bytes `at` and the header checksum.
+    fn patch_header(path: &Path, at: usize, value: u32) {
+        let mut bytes = fs::read(path).unwrap();
+        bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        let sum = xxh3_64(&bytes[0..56]);
+        bytes[56..64].copy_from_slice(&sum.to_le_bytes());
+        fs::write(path, &bytes).unwrap();
+    }
+
+    #[test]
+    fn reads_version_1_shards_and_rejects_unknown_compression() {
         let dir = tempfile::tempdir().unwrap();
         let ps = payloads();
+        // A version-1 shard is a version-2 shard with compressed records and the
+        // version field at 1.
         let path = write_shard(dir.path(), &ps);
-        assert!(!fsutil::tmp_path(&path).exists());
+        patch_header(&path, 8, 1);
         let r = ShardReader::open(&path).unwrap();
-        assert_eq!(r.len(), ps.len());
-        let mut scratch = ReadScratch::new();
         let mut out = Vec::new();
-        for (i, p) in ps.iter().enumerate() {
-            let m = r.read_into(i, &mut scratch, &mut out).unwrap();
-            assert_eq!(&out, p);
-            assert_eq!(m.label(), Some(i as u32));
-            assert_eq!(m.source_id, 100 + i as u64);
-            assert_eq!(m.width as usize * 3, p.len());
+        r.read_into(3, &mut ReadScratch::new(), &mut out).unwrap();
+        assert_eq!(out, ps[3]);
+        drop(r);
+        patch_header(&path, 40, 7);
+        match ShardReader::open(&path) {
+            Err(ShardError::Invalid { reason, .. }) => assert!(reason.contains("compression 7")),
+            other => panic!("expected Invalid, got {other:?}"),
         }
     }
 
@@ -618,8 +736,9 @@ mod tests {
     fn dropped_writer_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.shard");
-        let mut w = ShardWriter::create(&path, Codec::Encoded).unwrap();
-        w.append(&record(b"abc", 1, 1, None)).unwrap();
+        let mut w = ShardWriter::create(&path, Codec::Encoded, Compression::Zstd).unwrap();
+        w.append(&record(b"abc", Compression::Zstd, 1, 1, None))
+            .unwrap();
         drop(w);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
     }

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use byol_ingest::manifest::SHARDS_DIR;
 use byol_ingest::{
-    Codec, Dataset, IngestError, IngestOptions, IngestReport, Manifest, NoProgress, RecordScratch,
-    RejectReason, SettingsOverride, ingest,
+    Codec, Compression, Dataset, IngestError, IngestOptions, IngestReport, Manifest, NoProgress,
+    RecordScratch, RejectReason, SettingsOverride, ingest,
 };
 use common::*;
 
@@ -102,6 +102,50 @@ fn round_trip_matches_reference_decode_for_every_kind() {
             "short side limited to 64"
         );
     }
+}
+
+#[test]
+fn uncompressed_and_compressed_shards_mix_and_read_back_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    for (name, bytes) in every_kind(1) {
+        write(&src.join("alpha").join(&name), &bytes);
+    }
+    // Reference: everything compressed, in one run.
+    let reference_out = dir.path().join("reference");
+    run(&opts(&src, &reference_out));
+    let reference = records_by_path(&Dataset::open(&reference_out).unwrap());
+    // First run stored as is, second (new files) compressed again.
+    let out = dir.path().join("ds");
+    let mut o = opts(&src, &out);
+    o.settings.compression = Some(Compression::None);
+    run(&o);
+    for (name, bytes) in every_kind(2) {
+        write(&src.join("beta").join(&name), &bytes);
+    }
+    o.settings.compression = Some(Compression::Zstd);
+    run(&o);
+    let ds = Dataset::open(&out).unwrap();
+    let kinds: Vec<Compression> = ds.shards().iter().map(|s| s.compression()).collect();
+    assert!(
+        kinds.contains(&Compression::None) && kinds.contains(&Compression::Zstd),
+        "{kinds:?}"
+    );
+    assert_eq!(ds.manifest().settings.compression, Compression::Zstd);
+    let raw_first = &ds.shards()[0];
+    let m = raw_first.meta(0);
+    assert_eq!(
+        m.stored_len, m.raw_len,
+        "the first run stored records as is"
+    );
+    let got = records_by_path(&ds);
+    for (path, recs) in &reference {
+        assert_eq!(&got[path], recs, "{path}");
+    }
+    assert!(
+        got.len() > reference.len(),
+        "the second run added the beta images"
+    );
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! 10 epochs.
 //!
 //! ```text
-//! cargo bench -p byol-loader --bench loader                 # photos256 at 224, Fashion-MNIST at 32
+//! cargo bench -p byol-loader --bench loader                 # photos256 at 224 (zstd and uncompressed shards), Fashion-MNIST at 32
 //! BYOL_BENCH_BATCHES=40 cargo bench -p byol-loader --bench loader
 //! ```
 //! The peers (PyTorch DataLoader, 2 workers, batch 64, same images), in the same session:
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use byol_augment::{AugmentConfig, Augmenter, SampleKey, Scratch, ViewOut};
-use byol_ingest::{Dataset, IngestOptions, NoProgress, RecordScratch, ingest};
+use byol_ingest::{Compression, Dataset, IngestOptions, NoProgress, RecordScratch, ingest};
 use byol_loader::{Loader, LoaderConfig};
 use rayon::prelude::*;
 
@@ -27,10 +27,11 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn pack(src: &Path, dir: &Path) -> PathBuf {
-    let out = dir.join("ds");
+fn pack(src: &Path, dir: &Path, compression: Compression) -> PathBuf {
+    let out = dir.join(format!("ds-{compression}"));
     let mut o = IngestOptions::new(vec![src.to_owned()], out.clone());
     o.settings.max_side = Some(0);
+    o.settings.compression = Some(compression);
     let rep = ingest(&o, &NoProgress).unwrap();
     assert!(
         rep.summary.ingested > 0,
@@ -181,12 +182,12 @@ fn main() {
     let photos = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/photos256");
     if photos.exists() {
         let dir = tempfile::tempdir().unwrap();
-        let ds = pack(&photos, dir.path());
-        report(
-            "photos256 (256 px raw shards) -> 224",
-            &ds,
-            &Augmenter::new(AugmentConfig::byol(224)).unwrap(),
-        );
+        let aug = Augmenter::new(AugmentConfig::byol(224)).unwrap();
+        for compression in [Compression::Zstd, Compression::None] {
+            let ds = pack(&photos, dir.path(), compression);
+            let name = format!("photos256 (256 px raw shards, compression {compression}) -> 224");
+            report(&name, &ds, &aug);
+        }
     } else {
         println!("{} missing; skipped", photos.display());
     }
@@ -194,10 +195,22 @@ fn main() {
     if fmnist.exists() {
         let dir = tempfile::tempdir().unwrap();
         let aug = Augmenter::new(AugmentConfig::byol(32)).unwrap();
-        let train = pack(&fmnist.join("train-images-idx3-ubyte.gz"), dir.path());
-        report("Fashion-MNIST train (28 px) -> 32, blur on", &train, &aug);
+        for compression in [Compression::Zstd, Compression::None] {
+            let train = pack(
+                &fmnist.join("train-images-idx3-ubyte.gz"),
+                dir.path(),
+                compression,
+            );
+            let name =
+                format!("Fashion-MNIST train (28 px, compression {compression}) -> 32, blur on");
+            report(&name, &train, &aug);
+        }
         let dir = tempfile::tempdir().unwrap();
-        let test = pack(&fmnist.join("t10k-images-idx3-ubyte.gz"), dir.path());
+        let test = pack(
+            &fmnist.join("t10k-images-idx3-ubyte.gz"),
+            dir.path(),
+            Compression::Zstd,
+        );
         memory_over_epochs(&test, &aug);
     } else {
         println!("Fashion-MNIST not installed; skipped");
