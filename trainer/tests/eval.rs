@@ -140,7 +140,20 @@ fn knn_votes_are_weighted_by_exp_similarity_over_temperature() {
     assert_eq!(predict(1, 1.0), 0);
     // k above the training size means all: e + e^-1 = 3.09 against 4.45.
     assert_eq!(predict(200, 1.0), 1);
-    assert!(knn_predict(&train, &labels, &q, 2, 2, KnnConfig { k: 0, temperature: 0.1 }).is_err());
+    assert!(
+        knn_predict(
+            &train,
+            &labels,
+            &q,
+            2,
+            2,
+            KnnConfig {
+                k: 0,
+                temperature: 0.1
+            }
+        )
+        .is_err()
+    );
     assert!(knn_predict(&train, &[0, 5, 1, 0], &q, 2, 2, KnnConfig::default()).is_err());
 }
 
@@ -222,7 +235,10 @@ fn the_encoder_of_a_checkpoint_is_the_trained_online_encoder() {
     let random = Encoder::random(&meta.config.model, 3, Kernels::Auto, &Device::Cpu).unwrap();
     let fresh = Trainer::new(tiny(), 4).unwrap();
     let start = fresh.model().online.encoder.forward_t(&x, false).unwrap();
-    let same = (random.forward(&x).unwrap() - start).unwrap().abs().unwrap();
+    let same = (random.forward(&x).unwrap() - start)
+        .unwrap()
+        .abs()
+        .unwrap();
     assert_eq!(same.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
 }
 

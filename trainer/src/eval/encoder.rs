@@ -56,9 +56,8 @@ impl Encoder {
         let meta = checkpoint::read_meta(path)?;
         let mut enc = Self::random(&meta.config.model, meta.config.train.seed, kernels, device)?;
         let file = path.join(checkpoint::ONLINE);
-        let tensors = candle_core::safetensors::load(&file, device).map_err(|e| {
-            crate::TrainError::Checkpoint(format!("{}: {e}", file.display()))
-        })?;
+        let tensors = candle_core::safetensors::load(&file, device)
+            .map_err(|e| crate::TrainError::Checkpoint(format!("{}: {e}", file.display())))?;
         checkpoint::restore_vars(named(&enc.vars), &tensors, &file)?;
         // Each step runs the online network in training mode on both views.
         enc.bn_updates = 2 * meta.step;
@@ -137,7 +136,6 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, EvalError> {
         .or_else(|| checkpoint::latest(path))
         .ok_or_else(|| EvalError::Data {
             path: path.to_owned(),
-            reason: "neither a checkpoint (no meta.json) nor a run folder with checkpoints"
-                .into(),
+            reason: "neither a checkpoint (no meta.json) nor a run folder with checkpoints".into(),
         })
 }

@@ -33,7 +33,11 @@ impl Preprocess {
     pub fn new(size: u32) -> Self {
         Preprocess {
             size,
-            crop_padding: if size >= 96 { (size * 32).div_ceil(224) } else { 0 },
+            crop_padding: if size >= 96 {
+                (size * 32).div_ceil(224)
+            } else {
+                0
+            },
             interpolation: Interpolation::Bicubic,
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
@@ -264,8 +268,15 @@ mod tests {
         // A uniform 6x4 image: every output pixel is the normalised colour.
         let rgb: Vec<u8> = (0..24).flat_map(|_| [255u8, 0, 128]).collect();
         let mut out = vec![0f32; pre.len()];
-        pre.apply(&rgb, 6, 4, &mut CropResizer::new(), &mut Vec::new(), &mut out)
-            .unwrap();
+        pre.apply(
+            &rgb,
+            6,
+            4,
+            &mut CropResizer::new(),
+            &mut Vec::new(),
+            &mut out,
+        )
+        .unwrap();
         let expect = [
             (1.0 - IMAGENET_MEAN[0]) * (1.0 / IMAGENET_STD[0]),
             (0.0 - IMAGENET_MEAN[1]) * (1.0 / IMAGENET_STD[1]),

@@ -46,7 +46,7 @@ pub fn knn_predict(
     cfg: KnnConfig,
 ) -> Result<Vec<u32>, EvalError> {
     let n = train_labels.len();
-    if dim == 0 || n == 0 || train.len() != n * dim || test.len() % dim != 0 {
+    if dim == 0 || n == 0 || train.len() != n * dim || !test.len().is_multiple_of(dim) {
         return Err(EvalError::Input(format!(
             "kNN: {} training values for {n} labels, {} test values, dimension {dim}",
             train.len(),
@@ -58,7 +58,7 @@ pub fn knn_predict(
             "kNN: label {l} is outside {classes} classes"
         )));
     }
-    if cfg.k == 0 || !(cfg.temperature > 0.0) {
+    if cfg.k == 0 || cfg.temperature.is_nan() || cfg.temperature <= 0.0 {
         return Err(EvalError::Input(format!(
             "kNN: k = {} and temperature {} must be positive",
             cfg.k, cfg.temperature
@@ -90,7 +90,10 @@ pub fn knn_predict(
             let best = votes
                 .iter()
                 .enumerate()
-                .fold((0, f64::NEG_INFINITY), |b, (c, &v)| if v > b.1 { (c, v) } else { b });
+                .fold(
+                    (0, f64::NEG_INFINITY),
+                    |b, (c, &v)| if v > b.1 { (c, v) } else { b },
+                );
             predicted.push(best.0 as u32);
         }
     }

@@ -35,7 +35,11 @@ impl Standardizer {
             .zip(&mean)
             .map(|(q, m)| {
                 let var = (q / n - m * m).max(0.0);
-                if var > 1e-12 { (1.0 / var.sqrt()) as f32 } else { 1.0 }
+                if var > 1e-12 {
+                    (1.0 / var.sqrt()) as f32
+                } else {
+                    1.0
+                }
             })
             .collect();
         Standardizer {
@@ -166,7 +170,7 @@ impl LogisticRegression {
 
     /// Most probable class of each row of `x`.
     pub fn predict(&self, x: &[f32]) -> Result<Vec<u32>, EvalError> {
-        if x.len() % self.dim != 0 {
+        if !x.len().is_multiple_of(self.dim) {
             return Err(EvalError::Input(format!(
                 "{} values are not rows of {}",
                 x.len(),
@@ -314,7 +318,12 @@ pub fn linear_probe(
     for &l2 in &grid {
         let model = LogisticRegression::fit(&xf, &yf, train.dim, classes, l2, cfg.max_iters)?;
         let acc = model.accuracy(&xv, &yv)?;
-        tracing::debug!(l2, held_out_accuracy = acc, iterations = model.iterations(), "probe");
+        tracing::debug!(
+            l2,
+            held_out_accuracy = acc,
+            iterations = model.iterations(),
+            "probe"
+        );
         search.push((l2, acc));
         if acc > best.0 {
             best = (acc, l2);
