@@ -110,6 +110,7 @@ fn panel(
     chart
         .configure_mesh()
         .x_desc("step")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .label_style((FAMILY, 13))
         .draw()
         .map_err(|e| anyhow!("drawing {title}: {e}"))?;
