@@ -30,6 +30,88 @@ pub enum Command {
     Preview(PreviewArgs),
     /// Pretrain an encoder with BYOL on a dataset.
     Train(TrainArgs),
+    /// Evaluate a checkpoint's frozen encoder: linear probe and kNN on labelled data.
+    Eval(EvalArgs),
+    /// Write a checkpoint's online encoder as a torchvision ResNet state_dict.
+    Export(ExportArgs),
+    /// Draw a run's training curves (loss, collapse, kNN accuracy) as a PNG.
+    Plot(PlotArgs),
+}
+
+/// Evaluation protocols.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProtocolArg {
+    /// Logistic regression on standardised features.
+    Linear,
+    /// Weighted kNN on cosine similarity.
+    Knn,
+    /// Both.
+    Both,
+}
+
+/// `byol eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A checkpoint folder (step-N), or a run folder (its newest checkpoint).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Labelled dataset the classifiers learn from (from `byol ingest`).
+    #[arg(long)]
+    pub train: PathBuf,
+    /// Labelled dataset the accuracy is measured on.
+    #[arg(long)]
+    pub test: PathBuf,
+    /// Which classifiers to run on the features.
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Both)]
+    pub protocol: ProtocolArg,
+    /// Also evaluate the untrained encoder the run started from (its config and seed).
+    #[arg(long)]
+    pub random_init: bool,
+    /// Also fit the linear probe on the raw pixels (the preprocessed images).
+    #[arg(long)]
+    pub pixels: bool,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Input side in pixels [default: 32 for the small-image stem, 224 otherwise].
+    #[arg(long)]
+    pub size: Option<u32>,
+    /// Images per encoder forward.
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// kNN neighbours (at most the training size).
+    #[arg(long, default_value_t = 200)]
+    pub k: usize,
+    /// Seed of the linear probe's held-out split.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// `cpu`, `cuda:N` or `auto` [default: the checkpoint's train.device].
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+/// `byol export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A checkpoint folder (step-N), or a run folder (its newest checkpoint).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// The safetensors file to write.
+    #[arg(long, short)]
+    pub out: PathBuf,
+}
+
+/// `byol plot`.
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    /// Run folder (holds metrics.jsonl).
+    pub run: PathBuf,
+    /// The PNG to write.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Image width in pixels.
+    #[arg(long, default_value_t = 1000)]
+    pub width: u32,
 }
 
 /// `byol train`.

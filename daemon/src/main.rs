@@ -3,8 +3,11 @@
 mod cli;
 mod config;
 mod demo;
+mod eval_cmd;
+mod export_cmd;
 mod ingest_cmd;
 mod inspect_cmd;
+mod plot_cmd;
 mod preview_cmd;
 mod progress;
 mod train_cmd;
@@ -33,6 +36,9 @@ fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         Some(cli::Command::Inspect(args)) => inspect_cmd::run(args),
         Some(cli::Command::Preview(args)) => preview_cmd::run(args),
         Some(cli::Command::Train(args)) => train_cmd::run(args),
+        Some(cli::Command::Eval(args)) => eval_cmd::run(args),
+        Some(cli::Command::Export(args)) => export_cmd::run(args),
+        Some(cli::Command::Plot(args)) => plot_cmd::run(args),
     }
 }
 

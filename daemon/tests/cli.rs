@@ -404,3 +404,309 @@ fn train_logs_metrics_checkpoints_and_resumes() {
     assert!(text(&o).contains("bogus"), "{}", text(&o));
     assert!(!run_dir.join("checkpoints/step-0000000008").exists());
 }
+
+/// Two classes any classifier tells apart: dark and bright noisy images (PNG, 20x16).
+fn two_tone(dir: &Path, name: &str, per_class: u32, seed: u32) -> PathBuf {
+    let src = dir.join(format!("{name}-src"));
+    for (class, base) in [("dark", 40u8), ("bright", 200u8)] {
+        std::fs::create_dir_all(src.join(class)).unwrap();
+        for i in 0..per_class {
+            let mut state = (seed * 1000 + i).wrapping_mul(2_654_435_761) | 1;
+            let img = image::RgbImage::from_fn(20, 16, |_, _| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                let v = base.wrapping_add((state >> 27) as u8);
+                image::Rgb([v, v / 2 + 20, 255 - v])
+            });
+            img.save(src.join(class).join(format!("{i:03}.png")))
+                .unwrap();
+        }
+    }
+    let ds = dir.join(name);
+    let o = run(&[
+        "ingest",
+        src.to_str().unwrap(),
+        "--out",
+        ds.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    ds
+}
+
+/// A 2-step run of TINY_TRAIN on `ds`; returns the run folder.
+fn tiny_run(dir: &Path, ds: &Path) -> PathBuf {
+    let cfg = dir.join("tiny.toml");
+    std::fs::write(&cfg, TINY_TRAIN).unwrap();
+    let run_dir = dir.join("run");
+    let o = run(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data",
+        ds.to_str().unwrap(),
+        "--run",
+        run_dir.to_str().unwrap(),
+        "--steps",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    run_dir
+}
+
+#[test]
+fn eval_reports_trained_random_and_pixel_baselines() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = two_tone(dir.path(), "train", 12, 1);
+    let test = two_tone(dir.path(), "test", 6, 2);
+    let run_dir = tiny_run(dir.path(), &train);
+    let json_path = dir.path().join("eval.json");
+    let o = run(&[
+        "eval",
+        "--checkpoint",
+        run_dir.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--test",
+        test.to_str().unwrap(),
+        "--random-init",
+        "--pixels",
+        "--size",
+        "16",
+        "--json",
+        json_path.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = text(&o);
+    assert!(
+        out.contains("random-init") && out.contains("raw-pixels"),
+        "{out}"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    assert_eq!(r["step"], 2);
+    assert_eq!(r["train_images"], 24);
+    assert_eq!(r["test_images"], 12);
+    assert_eq!(r["classes"], 2);
+    let rows = r["results"].as_array().unwrap();
+    let got: Vec<(String, String)> = rows
+        .iter()
+        .map(|x| {
+            (
+                x["encoder"].as_str().unwrap().to_owned(),
+                x["protocol"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want = [
+        ("trained", "linear"),
+        ("trained", "knn"),
+        ("random-init", "linear"),
+        ("random-init", "knn"),
+        ("raw-pixels", "linear"),
+    ];
+    assert_eq!(
+        got,
+        want.map(|(a, b)| (a.to_owned(), b.to_owned())).to_vec()
+    );
+    for x in rows {
+        let acc = x["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{x}");
+        assert!(x["seconds"].as_f64().unwrap() >= 0.0);
+    }
+    // ResNet-18 at width 4: 32 features; pixels: 3 x 16 x 16.
+    assert_eq!(rows[0]["feature_dim"], 32);
+    assert_eq!(rows[1]["k"], 24, "k is clamped to the training size");
+    assert_eq!(rows[4]["feature_dim"], 768);
+    // Dark against bright is linear in the pixels.
+    assert_eq!(rows[4]["accuracy"], 1.0);
+
+    // --protocol knn runs kNN only.
+    let o = run(&[
+        "eval",
+        "--checkpoint",
+        run_dir
+            .join("checkpoints/step-0000000002")
+            .to_str()
+            .unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--test",
+        test.to_str().unwrap(),
+        "--protocol",
+        "knn",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!text(&o).contains("linear"), "{}", text(&o));
+}
+
+#[test]
+fn eval_errors_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = two_tone(dir.path(), "train", 4, 1);
+    let run_dir = tiny_run(dir.path(), &train);
+    let eval = |ck: &Path, test: &Path| {
+        run(&[
+            "eval",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--train",
+            train.to_str().unwrap(),
+            "--test",
+            test.to_str().unwrap(),
+        ])
+    };
+    let o = eval(&dir.path().join("nowhere"), &train);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("nowhere"), "{}", text(&o));
+    // A folder that is no run.
+    let o = eval(dir.path(), &train);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("neither a checkpoint"), "{}", text(&o));
+    // An unlabelled dataset.
+    let flat = dir.path().join("flat-src");
+    std::fs::create_dir_all(&flat).unwrap();
+    std::fs::write(flat.join("a.png"), photo(20, 16, 1)).unwrap();
+    let flat_ds = dir.path().join("flat");
+    let o = run(&[
+        "ingest",
+        flat.to_str().unwrap(),
+        "--out",
+        flat_ds.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = eval(&run_dir, &flat_ds);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("no labelled images"), "{}", text(&o));
+    // A test class the training split lacks.
+    let other = dir.path().join("other-src/zebra");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("z.png"), photo(20, 16, 2)).unwrap();
+    let other_ds = dir.path().join("other");
+    let o = run(&[
+        "ingest",
+        dir.path().join("other-src").to_str().unwrap(),
+        "--out",
+        other_ds.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = eval(&run_dir, &other_ds);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains("\"zebra\" does not occur"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// The names, dtypes and shapes in a safetensors header.
+fn safetensors_header(path: &Path) -> serde_json::Map<String, serde_json::Value> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut h: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    h.remove("__metadata__");
+    h
+}
+
+#[test]
+fn export_writes_the_online_encoder_under_torchvision_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = two_tone(dir.path(), "train", 4, 1);
+    let run_dir = tiny_run(dir.path(), &train);
+    let out = dir.path().join("encoder.safetensors");
+    let o = run(&[
+        "export",
+        "--checkpoint",
+        run_dir.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let h = safetensors_header(&out);
+    // torchvision's resnet18 state_dict has 122 entries; fc.weight and fc.bias are not
+    // part of an encoder.
+    assert_eq!(h.len(), 120, "{:?}", h.keys().collect::<Vec<_>>());
+    assert!(
+        h.keys()
+            .all(|k| !k.starts_with("encoder.") && !k.starts_with("fc."))
+    );
+    assert!(
+        h.keys()
+            .all(|k| !k.contains("projector") && !k.contains("predictor"))
+    );
+    assert_eq!(h["conv1.weight"]["shape"], serde_json::json!([4, 3, 3, 3]));
+    assert_eq!(
+        h["layer4.1.bn2.running_var"]["shape"],
+        serde_json::json!([32])
+    );
+    let nbt = &h["layer2.0.downsample.1.num_batches_tracked"];
+    assert_eq!(nbt["dtype"], "I64");
+    assert_eq!(nbt["shape"], serde_json::json!([]));
+    // Two training-mode BatchNorm updates per step, 2 steps.
+    let bytes = std::fs::read(&out).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let start = nbt["data_offsets"][0].as_u64().unwrap() as usize;
+    let value = i64::from_le_bytes(bytes[8 + n + start..8 + n + start + 8].try_into().unwrap());
+    assert_eq!(value, 4);
+
+    let o = run(&[
+        "export",
+        "--checkpoint",
+        dir.path().join("none").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+}
+
+#[test]
+fn plot_draws_a_png_of_the_curves_and_refuses_a_run_without_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = two_tone(dir.path(), "train", 4, 1);
+    let run_dir = tiny_run(dir.path(), &train);
+    let png = dir.path().join("curves.png");
+    let o = run(&[
+        "plot",
+        run_dir.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+        "--width",
+        "500",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (500, 600));
+    // With a kNN column the plot gets a third chart.
+    let metrics = run_dir.join("metrics.jsonl");
+    let mut lines = std::fs::read_to_string(&metrics).unwrap();
+    lines.push_str("{\"step\":2,\"loss\":1.0,\"collapse\":0.5,\"knn_accuracy\":0.5}\n");
+    std::fs::write(&metrics, lines).unwrap();
+    let o = run(&[
+        "plot",
+        run_dir.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(image::open(&png).unwrap().height(), 900);
+
+    let empty = dir.path().join("empty-run");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = run(&[
+        "plot",
+        empty.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("metrics.jsonl"), "{}", text(&o));
+    std::fs::write(empty.join("metrics.jsonl"), "").unwrap();
+    let o = run(&[
+        "plot",
+        empty.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("no metrics yet"), "{}", text(&o));
+}

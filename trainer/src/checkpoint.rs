@@ -19,10 +19,10 @@ use crate::trainer::Trainer;
 
 /// Version of the checkpoint layout; loading another version is refused.
 pub const CHECKPOINT_VERSION: u32 = 1;
-const ONLINE: &str = "online.safetensors";
+pub(crate) const ONLINE: &str = "online.safetensors";
 const TARGET: &str = "target.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
-const META: &str = "meta.json";
+pub(crate) const META: &str = "meta.json";
 
 /// The JSON part of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -184,7 +184,7 @@ fn load_tensors(path: &Path, trainer: &Trainer) -> Result<HashMap<String, Tensor
         .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))
 }
 
-fn restore_vars(
+pub(crate) fn restore_vars(
     vars: Vec<(String, Var)>,
     tensors: &HashMap<String, Tensor>,
     file: &Path,

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod eval;
 pub mod kernels;
 pub mod loss;
 pub mod memory;

@@ -1,0 +1,141 @@
+//! The frozen online encoder of a checkpoint (never the target), or a seeded random one
+//! of the same config: pooled features with BatchNorm in eval mode.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+use super::EvalError;
+use crate::checkpoint::{self, CheckpointMeta};
+use crate::config::{Kernels, ModelConfig};
+use crate::model::{Network, reinit};
+
+/// The online network of a BYOL model, used only for its encoder.
+pub struct Encoder {
+    vars: VarMap,
+    network: Network,
+    config: ModelConfig,
+    device: Device,
+    bn_updates: u64,
+}
+
+impl Encoder {
+    /// An untrained encoder of `cfg`, weights from `seed` (the same initialisation a
+    /// training run with that seed starts from).
+    pub fn random(
+        cfg: &ModelConfig,
+        seed: u64,
+        kernels: Kernels,
+        device: &Device,
+    ) -> Result<Self, EvalError> {
+        let vars = VarMap::new();
+        let fused = kernels == Kernels::Auto && device.is_cpu();
+        let network = Network::new(
+            cfg,
+            true,
+            fused,
+            VarBuilder::from_varmap(&vars, DType::F32, device),
+        )?;
+        reinit(&vars, seed)?;
+        Ok(Encoder {
+            vars,
+            network,
+            config: cfg.clone(),
+            device: device.clone(),
+            bn_updates: 0,
+        })
+    }
+
+    /// The online encoder of the checkpoint folder `path`, with the checkpoint's meta.
+    pub fn from_checkpoint(
+        path: &Path,
+        kernels: Kernels,
+        device: &Device,
+    ) -> Result<(Self, CheckpointMeta), EvalError> {
+        let meta = checkpoint::read_meta(path)?;
+        let mut enc = Self::random(&meta.config.model, meta.config.train.seed, kernels, device)?;
+        let file = path.join(checkpoint::ONLINE);
+        let tensors = candle_core::safetensors::load(&file, device)
+            .map_err(|e| crate::TrainError::Checkpoint(format!("{}: {e}", file.display())))?;
+        checkpoint::restore_vars(named(&enc.vars), &tensors, &file)?;
+        // Each step runs the online network in training mode on both views.
+        enc.bn_updates = 2 * meta.step;
+        Ok((enc, meta))
+    }
+
+    /// The model config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Size of the pooled representation.
+    pub fn feature_dim(&self) -> usize {
+        self.config.feature_dim()
+    }
+
+    /// Training-mode BatchNorm updates the weights have seen (2 per BYOL step).
+    pub fn bn_updates(&self) -> u64 {
+        self.bn_updates
+    }
+
+    /// Pooled features `(n, feature_dim)` of images `(n, 3, h, w)`, BatchNorm in eval
+    /// mode (running statistics; nothing is updated).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, EvalError> {
+        Ok(self.network.encoder.forward_t(x, false)?.detach())
+    }
+
+    /// The encoder's tensors under their torchvision names (`encoder.` stripped),
+    /// sorted by name; projector and predictor are left out.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> = named(&self.vars)
+            .into_iter()
+            .filter_map(|(n, v)| {
+                let name = n.strip_prefix("encoder.")?.to_owned();
+                Some((name, v.as_tensor().clone()))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
+
+fn named(vars: &VarMap) -> Vec<(String, candle_core::Var)> {
+    let mut v: Vec<_> = vars
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// The checkpoint folder `path` names: a checkpoint folder itself, or a run folder (its
+/// newest checkpoint under `checkpoints/`), or a folder of checkpoints (its newest).
+pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, EvalError> {
+    if path.join(checkpoint::META).is_file() {
+        return Ok(path.to_owned());
+    }
+    if !path.is_dir() {
+        return Err(EvalError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such checkpoint or run folder",
+            ),
+        });
+    }
+    checkpoint::latest(&path.join("checkpoints"))
+        .or_else(|| checkpoint::latest(path))
+        .ok_or_else(|| EvalError::Data {
+            path: path.to_owned(),
+            reason: "neither a checkpoint (no meta.json) nor a run folder with checkpoints".into(),
+        })
+}
