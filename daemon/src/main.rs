@@ -17,6 +17,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     byol_trainer::memory::keep_freed_memory();
     let cli = cli::Cli::parse();
     init_logging(cli.verbose);
@@ -39,6 +40,16 @@ fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         Some(cli::Command::Eval(args)) => eval_cmd::run(args),
         Some(cli::Command::Export(args)) => export_cmd::run(args),
         Some(cli::Command::Plot(args)) => plot_cmd::run(args),
+    }
+}
+
+/// Ends the process quietly when stdout closes early (`byol inspect DS | head`), as Unix
+/// tools do, instead of panicking in `println!` (Rust ignores SIGPIPE by default).
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: sets one signal disposition at start-up, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -75,6 +75,22 @@ fn json(o: &Output) -> serde_json::Value {
 }
 
 #[test]
+fn a_closed_stdout_ends_the_command_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, ds) = packed(dir.path(), 4, 16);
+    let mut child = byol()
+        .args(["inspect", ds.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away before anything is written
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
 fn ingest_then_inspect_reports_classes_and_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let src = folder(dir.path(), 12, 40);
