@@ -29,6 +29,9 @@ pub struct Config {
     /// Device, seed, length, logging and checkpoints.
     #[serde(default)]
     pub train: byol_trainer::TrainConfig,
+    /// Optional kNN accuracy on small labelled datasets while training.
+    #[serde(default)]
+    pub monitor: Option<crate::monitor::MonitorConfig>,
 }
 
 /// The `[ingest]` table; every key is optional and a command-line flag overrides it.

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::cli::TrainArgs;
 use crate::config::Config;
+use crate::monitor::Monitor;
 use crate::progress::Bar;
 
 /// File of metrics lines in the run folder (JSON Lines, appended).
@@ -31,6 +32,9 @@ struct MetricsLine {
     images_per_sec: f64,
     data_wait_secs: f64,
     elapsed_secs: f64,
+    /// kNN top-1 of the `[monitor]` datasets, on the steps it measures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    knn_accuracy: Option<f64>,
 }
 
 /// Runs `byol train`.
@@ -71,6 +75,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         (None, false) => None,
     };
     let size = aug.size() as usize;
+    let monitor = match &cfg.monitor {
+        Some(m) => Some(Monitor::open(m, aug.size())?),
+        None => None,
+    };
     let mut loader = Loader::new(dataset, aug, loader_cfg, state)?;
     let target = match (args.steps, args.epochs) {
         (Some(s), _) => s,
@@ -101,7 +109,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         epoch = batch.epoch;
         drop(batch);
         bar.inc(1);
-        if stats.step % train.log_every == 0 || stats.step == target {
+        let knn_accuracy = match &monitor {
+            Some(m) if m.due(stats.step) => Some(m.measure(&trainer)?),
+            _ => None,
+        };
+        if stats.step % train.log_every == 0 || stats.step == target || knn_accuracy.is_some() {
             let secs = window.0.elapsed().as_secs_f64().max(1e-9);
             let line = MetricsLine {
                 step: stats.step,
@@ -113,6 +125,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
                 images_per_sec: window.1 as f64 / secs,
                 data_wait_secs: window.2.as_secs_f64(),
                 elapsed_secs: started.elapsed().as_secs_f64(),
+                knn_accuracy,
             };
             writeln!(metrics, "{}", serde_json::to_string(&line)?)?;
             bar.message(&format!(
@@ -125,6 +138,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
                 collapse = stats.collapse,
                 lr = stats.lr,
                 tau = stats.tau,
+                knn_accuracy,
                 "step"
             );
             window = (Instant::now(), 0, Duration::ZERO);

@@ -471,6 +471,61 @@ fn tiny_run(dir: &Path, ds: &Path) -> PathBuf {
 }
 
 #[test]
+fn train_monitor_logs_knn_accuracy_on_its_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = two_tone(dir.path(), "train", 12, 1);
+    let test = two_tone(dir.path(), "test", 6, 2);
+    let cfg = dir.path().join("monitor.toml");
+    let monitor = format!(
+        "{TINY_TRAIN}\n[monitor]\ntrain = {:?}\ntest = {:?}\nevery_steps = 3\nk = 5\n",
+        train.to_str().unwrap(),
+        test.to_str().unwrap()
+    );
+    std::fs::write(&cfg, monitor).unwrap();
+    let run_dir = dir.path().join("run");
+    let args = |cfg: &Path| {
+        run(&[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--data",
+            train.to_str().unwrap(),
+            "--run",
+            run_dir.to_str().unwrap(),
+            "--steps",
+            "6",
+        ])
+    };
+    let o = args(&cfg);
+    assert!(o.status.success(), "{}", text(&o));
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let knn: Vec<(u64, f64)> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|l| Some((l["step"].as_u64()?, l.get("knn_accuracy")?.as_f64()?)))
+        .collect();
+    assert_eq!(
+        knn.iter().map(|k| k.0).collect::<Vec<_>>(),
+        vec![3, 6],
+        "{metrics}"
+    );
+    assert!(knn.iter().all(|k| (0.0..=1.0).contains(&k.1)), "{knn:?}");
+    // A monitor dataset that does not exist: a clear error before training.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        format!(
+            "{TINY_TRAIN}\n[monitor]\ntrain = \"/nonexistent/ds\"\ntest = \"/nonexistent/ds\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::remove_dir_all(&run_dir).unwrap();
+    let o = args(&bad);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("/nonexistent/ds"), "{}", text(&o));
+}
+
+#[test]
 fn eval_reports_trained_random_and_pixel_baselines() {
     let dir = tempfile::tempdir().unwrap();
     let train = two_tone(dir.path(), "train", 12, 1);

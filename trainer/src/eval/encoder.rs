@@ -9,7 +9,7 @@ use candle_nn::{VarBuilder, VarMap};
 use super::EvalError;
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::config::{Kernels, ModelConfig};
-use crate::model::{Network, reinit};
+use crate::model::{ByolModel, Network, reinit};
 
 /// The online network of a BYOL model, used only for its encoder.
 pub struct Encoder {
@@ -62,6 +62,28 @@ impl Encoder {
         // Each step runs the online network in training mode on both views.
         enc.bn_updates = 2 * meta.step;
         Ok((enc, meta))
+    }
+
+    /// The online encoder of a live model as it is now (weights copied), e.g. to
+    /// monitor a run while it trains; `steps` is the number of steps taken.
+    pub fn from_model(
+        model: &ByolModel,
+        cfg: &ModelConfig,
+        steps: u64,
+        kernels: Kernels,
+        device: &Device,
+    ) -> Result<Self, EvalError> {
+        let mut enc = Self::random(cfg, 0, kernels, device)?;
+        let online: std::collections::HashMap<String, candle_core::Var> =
+            model.online_named().into_iter().collect();
+        for (name, var) in named(&enc.vars) {
+            let source = online
+                .get(&name)
+                .ok_or_else(|| crate::TrainError::Checkpoint(format!("the model has no {name}")))?;
+            var.set(source.as_tensor())?;
+        }
+        enc.bn_updates = 2 * steps;
+        Ok(enc)
     }
 
     /// The model config.
