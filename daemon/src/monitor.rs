@@ -61,7 +61,7 @@ impl Monitor {
 
     /// True when the monitor measures after `step`.
     pub fn due(&self, step: u64) -> bool {
-        step % self.cfg.every_steps == 0
+        step.is_multiple_of(self.cfg.every_steps)
     }
 
     /// kNN top-1 of the trainer's current online encoder (BatchNorm in eval mode).
