@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use byol_trainer::eval::ProbeConfig;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Self-supervised image pretraining with BYOL.
@@ -85,6 +86,9 @@ pub struct EvalArgs {
     /// Seed of the linear probe's held-out split.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Gradient steps per linear-probe fit (each L2 tried, then the refit).
+    #[arg(long, default_value_t = ProbeConfig::default().max_iters)]
+    pub probe_iters: usize,
     /// `cpu`, `cuda:N` or `auto` [default: the checkpoint's train.device].
     #[arg(long)]
     pub device: Option<String>,

@@ -78,6 +78,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let pre = Preprocess::new(size);
     let probe = ProbeConfig {
         seed: args.seed,
+        max_iters: args.probe_iters,
         ..ProbeConfig::default()
     };
     let knn = KnnConfig {

@@ -19,7 +19,9 @@ pub use encoder::{Encoder, resolve_checkpoint};
 pub use export::{export_encoder, torchvision_state};
 pub use features::{Features, Preprocess, extract, pixel_features};
 pub use knn::{KnnConfig, knn_accuracy, knn_predict};
-pub use linear::{LogisticRegression, ProbeConfig, ProbeResult, Standardizer, linear_probe};
+pub use linear::{
+    LogisticRegression, ProbeConfig, ProbeResult, Standardizer, Whitener, linear_probe,
+};
 
 /// Errors of evaluation and export.
 #[derive(Debug, thiserror::Error)]
