@@ -175,6 +175,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N images of each split (smoke tests)")
     ap.add_argument("--json")
     a = ap.parse_args()
     torch.manual_seed(a.seed)
@@ -184,6 +185,8 @@ def main():
     ytr = torch.from_numpy(read_idx(os.path.join(d, "train-labels-idx1-ubyte.gz")).astype(np.int64))
     xte = read_idx(os.path.join(d, "t10k-images-idx3-ubyte.gz"))
     yte = torch.from_numpy(read_idx(os.path.join(d, "t10k-labels-idx1-ubyte.gz")).astype(np.int64))
+    if a.limit:
+        xtr, ytr, xte, yte = xtr[: a.limit], ytr[: a.limit], xte[: a.limit], yte[: a.limit]
 
     online_enc = ResNet18(a.width)
     online = nn.ModuleDict(dict(encoder=online_enc, projector=mlp(online_enc.dim, 1024, 128),
