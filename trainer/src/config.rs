@@ -171,6 +171,13 @@ pub enum Kernels {
     Candle,
 }
 
+impl Kernels {
+    /// True when our kernels run on `device` (they are CPU kernels).
+    pub fn ours_on(self, device: &candle_core::Device) -> bool {
+        self == Kernels::Auto && device.is_cpu()
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {

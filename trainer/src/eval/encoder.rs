@@ -9,7 +9,7 @@ use candle_nn::{VarBuilder, VarMap};
 use super::EvalError;
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::config::{Kernels, ModelConfig};
-use crate::model::{ByolModel, Network, reinit};
+use crate::model::{ByolModel, Network, reinit, sorted};
 
 /// The online network of a BYOL model, used only for its encoder.
 pub struct Encoder {
@@ -30,7 +30,7 @@ impl Encoder {
         device: &Device,
     ) -> Result<Self, EvalError> {
         let vars = VarMap::new();
-        let fused = kernels == Kernels::Auto && device.is_cpu();
+        let fused = kernels.ours_on(device);
         let network = Network::new(
             cfg,
             true,
@@ -58,7 +58,7 @@ impl Encoder {
         let file = path.join(checkpoint::ONLINE);
         let tensors = candle_core::safetensors::load(&file, device)
             .map_err(|e| crate::TrainError::Checkpoint(format!("{}: {e}", file.display())))?;
-        checkpoint::restore_vars(named(&enc.vars), &tensors, &file)?;
+        checkpoint::restore_vars(sorted(&enc.vars), &tensors, &file)?;
         // Each step runs the online network in training mode on both views.
         enc.bn_updates = 2 * meta.step;
         Ok((enc, meta))
@@ -76,7 +76,7 @@ impl Encoder {
         let mut enc = Self::random(cfg, 0, kernels, device)?;
         let online: std::collections::HashMap<String, candle_core::Var> =
             model.online_named().into_iter().collect();
-        for (name, var) in named(&enc.vars) {
+        for (name, var) in sorted(&enc.vars) {
             let source = online
                 .get(&name)
                 .ok_or_else(|| crate::TrainError::Checkpoint(format!("the model has no {name}")))?;
@@ -115,7 +115,7 @@ impl Encoder {
     /// The encoder's tensors under their torchvision names (`encoder.` stripped),
     /// sorted by name; projector and predictor are left out.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out: Vec<(String, Tensor)> = named(&self.vars)
+        let mut out: Vec<(String, Tensor)> = sorted(&self.vars)
             .into_iter()
             .filter_map(|(n, v)| {
                 let name = n.strip_prefix("encoder.")?.to_owned();
@@ -125,18 +125,6 @@ impl Encoder {
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
-}
-
-fn named(vars: &VarMap) -> Vec<(String, candle_core::Var)> {
-    let mut v: Vec<_> = vars
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 /// The checkpoint folder `path` names: a checkpoint folder itself, or a run folder (its

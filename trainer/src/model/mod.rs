@@ -107,7 +107,7 @@ impl ByolModel {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
-        let fused = kernels == Kernels::Auto && device.is_cpu();
+        let fused = kernels.ours_on(device);
         let online_vars = VarMap::new();
         let target_vars = VarMap::new();
         let online = Network::new(
@@ -180,7 +180,8 @@ impl ByolModel {
     }
 }
 
-fn sorted(map: &VarMap) -> Vec<(String, Var)> {
+/// The variables of `map` sorted by name.
+pub(crate) fn sorted(map: &VarMap) -> Vec<(String, Var)> {
     let mut v: Vec<(String, Var)> = map
         .data()
         .lock()
