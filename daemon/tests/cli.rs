@@ -355,6 +355,20 @@ checkpoint_every_steps = 3
 keep_last = 2
 "#;
 
+/// `byol train --config CFG --data DATA --run RUN EXTRA...`.
+fn train_run(cfg: &Path, data: &Path, run_dir: &Path, extra: &[&str]) -> Output {
+    let base = [
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--run",
+        run_dir.to_str().unwrap(),
+    ];
+    run(&[&base[..], extra].concat())
+}
+
 #[test]
 fn train_logs_metrics_checkpoints_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
@@ -362,18 +376,7 @@ fn train_logs_metrics_checkpoints_and_resumes() {
     let cfg = dir.path().join("tiny.toml");
     std::fs::write(&cfg, TINY_TRAIN).unwrap();
     let run_dir = dir.path().join("run");
-    let train = |extra: &[&str]| {
-        let base = [
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--data",
-            ds.to_str().unwrap(),
-            "--run",
-            run_dir.to_str().unwrap(),
-        ];
-        run(&[&base[..], extra].concat())
-    };
+    let train = |extra: &[&str]| train_run(&cfg, &ds, &run_dir, extra);
     let o = train(&["--steps", "4"]);
     assert!(o.status.success(), "{}", text(&o));
     let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
@@ -455,17 +458,7 @@ fn tiny_run(dir: &Path, ds: &Path) -> PathBuf {
     let cfg = dir.join("tiny.toml");
     std::fs::write(&cfg, TINY_TRAIN).unwrap();
     let run_dir = dir.join("run");
-    let o = run(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--data",
-        ds.to_str().unwrap(),
-        "--run",
-        run_dir.to_str().unwrap(),
-        "--steps",
-        "2",
-    ]);
+    let o = train_run(&cfg, ds, &run_dir, &["--steps", "2"]);
     assert!(o.status.success(), "{}", text(&o));
     run_dir
 }
@@ -483,19 +476,7 @@ fn train_monitor_logs_knn_accuracy_on_its_steps() {
     );
     std::fs::write(&cfg, monitor).unwrap();
     let run_dir = dir.path().join("run");
-    let args = |cfg: &Path| {
-        run(&[
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--data",
-            train.to_str().unwrap(),
-            "--run",
-            run_dir.to_str().unwrap(),
-            "--steps",
-            "6",
-        ])
-    };
+    let args = |cfg: &Path| train_run(cfg, &train, &run_dir, &["--steps", "6"]);
     let o = args(&cfg);
     assert!(o.status.success(), "{}", text(&o));
     let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();

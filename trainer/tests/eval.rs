@@ -1,9 +1,9 @@
 //! Evaluation: the linear probe and kNN on generated data with known answers, the
 //! frozen encoder of a checkpoint, and the torchvision export.
 
-use std::path::Path;
+mod common;
 
-use byol_trainer::config::{Arch, Kernels, ModelConfig, OptimizerKind, Schedule};
+use byol_trainer::config::{Kernels, ModelConfig, OptimizerKind, Schedule};
 use byol_trainer::eval::{
     Encoder, Features, KnnConfig, LogisticRegression, ProbeConfig, export_encoder, knn_accuracy,
     knn_predict, linear_probe, resolve_checkpoint,
@@ -244,50 +244,26 @@ fn the_encoder_of_a_checkpoint_is_the_trained_online_encoder() {
 
 #[test]
 fn export_has_torchvision_names_and_shapes() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/torchvision");
+    let Some(lists) = common::torchvision_lists() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
-    for (file, arch, small_stem) in [
-        ("resnet18.tsv", Arch::Resnet18, false),
-        ("resnet18_cifar_stem.tsv", Arch::Resnet18, true),
-        ("resnet50.tsv", Arch::Resnet50, false),
-    ] {
-        let Ok(tsv) = std::fs::read_to_string(fixtures.join(file)) else {
-            assert!(
-                std::env::var("BYOL_REQUIRE_REAL_DATA").as_deref() != Ok("1"),
-                "{file} missing"
-            );
-            eprintln!("skipped: {file} not found");
-            return;
-        };
+    for list in lists {
+        let file = list.file;
         // name, shape, dtype; torchvision's fc is not part of an encoder export.
-        let mut expected: Vec<(String, Vec<usize>, safetensors::Dtype)> = tsv
-            .lines()
-            .filter(|l| !l.starts_with("fc."))
-            .map(|l| {
-                let f: Vec<&str> = l.split('\t').collect();
-                let shape = f[1]
-                    .split(',')
-                    .filter(|d| !d.is_empty())
-                    .map(|d| d.parse().unwrap())
-                    .collect();
-                let dtype = if f[0].ends_with("num_batches_tracked") {
+        let mut expected: Vec<(String, Vec<usize>, safetensors::Dtype)> = list
+            .params
+            .into_iter()
+            .map(|(name, shape)| {
+                let dtype = if name.ends_with("num_batches_tracked") {
                     safetensors::Dtype::I64
                 } else {
                     safetensors::Dtype::F32
                 };
-                (f[0].to_string(), shape, dtype)
+                (name, shape, dtype)
             })
             .collect();
-        let cfg = ModelConfig {
-            arch,
-            width: 64,
-            small_stem,
-            projector_hidden: 8,
-            projection_dim: 8,
-            predictor_hidden: 8,
-            ..ModelConfig::default()
-        };
-        let enc = Encoder::random(&cfg, 0, Kernels::Auto, &Device::Cpu).unwrap();
+        let enc = Encoder::random(&list.model, 0, Kernels::Auto, &Device::Cpu).unwrap();
         let out = dir.path().join(format!("{file}.safetensors"));
         let count = export_encoder(&enc, &out).unwrap();
         let bytes = std::fs::read(&out).unwrap();

@@ -1,8 +1,10 @@
 //! The BYOL step, optimizers, EMA, checkpoints and resume, on tiny models.
 
+mod common;
+
 use std::collections::HashMap;
 
-use byol_trainer::config::{Arch, ModelConfig, OptimizerKind, Schedule};
+use byol_trainer::config::{ModelConfig, OptimizerKind, Schedule};
 use byol_trainer::loss::byol_loss;
 use byol_trainer::model::{ByolModel, is_running_stat};
 use byol_trainer::optim::Lars;
@@ -316,53 +318,25 @@ fn impossible_settings_name_their_key() {
 
 #[test]
 fn encoder_names_and_shapes_are_torchvision_s() {
-    let fixtures =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/torchvision");
-    for (file, arch, small_stem) in [
-        ("resnet18.tsv", Arch::Resnet18, false),
-        ("resnet18_cifar_stem.tsv", Arch::Resnet18, true),
-        ("resnet50.tsv", Arch::Resnet50, false),
-    ] {
-        let Ok(tsv) = std::fs::read_to_string(fixtures.join(file)) else {
-            assert!(
-                std::env::var("BYOL_REQUIRE_REAL_DATA").as_deref() != Ok("1"),
-                "{file} missing"
-            );
-            eprintln!("skipped: {file} not found");
-            return;
-        };
-        let expected: Vec<(String, Vec<usize>)> = tsv
-            .lines()
-            .filter_map(|l| {
-                let mut f = l.split('\t');
-                let (name, shape) = (f.next()?, f.next()?);
-                (!name.starts_with("fc.") && !name.ends_with("num_batches_tracked")).then(|| {
-                    (
-                        name.to_string(),
-                        shape.split(',').map(|d| d.parse().unwrap()).collect(),
-                    )
-                })
-            })
+    let Some(lists) = common::torchvision_lists() else {
+        return;
+    };
+    for list in lists {
+        // BatchNorm's num_batches_tracked is a counter, not a variable of the model.
+        let mut expected: Vec<(String, Vec<usize>)> = list
+            .params
+            .into_iter()
+            .filter(|(name, _)| !name.ends_with("num_batches_tracked"))
             .collect();
-        let cfg = ModelConfig {
-            arch,
-            width: 64,
-            small_stem,
-            projector_hidden: 8,
-            projection_dim: 8,
-            predictor_hidden: 8,
-            ..ModelConfig::default()
-        };
-        let model = ByolModel::new(&cfg, 0, &Device::Cpu).unwrap();
+        let model = ByolModel::new(&list.model, 0, &Device::Cpu).unwrap();
         let mut got: Vec<(String, Vec<usize>)> = model
             .online_named()
             .into_iter()
             .filter_map(|(n, v)| Some((n.strip_prefix("encoder.")?.to_string(), v.dims().to_vec())))
             .collect();
-        let mut expected = expected;
         got.sort();
         expected.sort();
-        assert_eq!(got, expected, "{file}");
+        assert_eq!(got, expected, "{}", list.file);
     }
 }
 

@@ -348,12 +348,13 @@ pub struct ProbeResult {
     pub search: Vec<(f64, f64)>,
 }
 
-fn rows(f: &Features, idx: &[usize]) -> (Vec<f32>, Vec<u32>) {
-    let mut x = Vec::with_capacity(idx.len() * f.dim);
+/// Rows `idx` of the row-major `values` (`dim` per row) and their labels.
+fn rows(values: &[f32], labels: &[u32], dim: usize, idx: &[usize]) -> (Vec<f32>, Vec<u32>) {
+    let mut x = Vec::with_capacity(idx.len() * dim);
     for &i in idx {
-        x.extend_from_slice(f.row(i));
+        x.extend_from_slice(&values[i * dim..(i + 1) * dim]);
     }
-    (x, idx.iter().map(|&i| f.labels[i]).collect())
+    (x, idx.iter().map(|&i| labels[i]).collect())
 }
 
 /// Linear probe: standardise and decorrelate with the training split's statistics
@@ -400,10 +401,11 @@ pub fn linear_probe(
         order.swap(i, j);
     }
     let n_val = ((n as f64 * cfg.holdout).round() as usize).clamp(1, n - 1);
-    let (mut xv, yv) = rows(train, &order[..n_val]);
-    let (mut xf, yf) = rows(train, &order[n_val..]);
-    white.apply(&mut xv)?;
-    white.apply(&mut xf)?;
+    // The training split is whitened once; the held-out search and the refit share it.
+    let mut x = train.values.clone();
+    white.apply(&mut x)?;
+    let (xv, yv) = rows(&x, &train.labels, train.dim, &order[..n_val]);
+    let (xf, yf) = rows(&x, &train.labels, train.dim, &order[n_val..]);
     let mut search = Vec::new();
     let mut best = (f64::NEG_INFINITY, cfg.l2_grid[0]);
     // Strongest first: on a tie the more regularised classifier wins.
@@ -424,8 +426,6 @@ pub fn linear_probe(
         }
     }
     let l2 = best.1;
-    let mut x = train.values.clone();
-    white.apply(&mut x)?;
     let model = LogisticRegression::fit(&x, &train.labels, train.dim, classes, l2, cfg.max_iters)?;
     let train_accuracy = model.accuracy(&x, &train.labels)?;
     let mut xt = test.values.clone();
