@@ -1,27 +1,13 @@
 //! Drives the real `byol` binary: exit codes, reports, verification, kills mid-run.
 
+mod common;
+
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
-fn byol() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_byol"));
-    c.env_remove("BYOL_LOG");
-    c
-}
-
-fn run(args: &[&str]) -> Output {
-    byol().args(args).output().expect("byol runs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use common::{byol, run, text};
 
 fn photo(w: u32, h: u32, seed: u32) -> Vec<u8> {
     // Seeded noise over a gradient: distinct for every seed, compressible like a photo.

@@ -1,0 +1,24 @@
+//! Helpers shared by the CLI test files: run the real `byol` binary, read its output.
+
+use std::process::{Command, Output};
+
+/// The `byol` binary under test, with logging left at its default.
+pub fn byol() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_byol"));
+    c.env_remove("BYOL_LOG");
+    c
+}
+
+/// Runs `byol ARGS...` to completion.
+pub fn run(args: &[&str]) -> Output {
+    byol().args(args).output().expect("byol runs")
+}
+
+/// Stdout then stderr, for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
