@@ -11,7 +11,7 @@
 //! share one HSV round trip (exactly the same function in real arithmetic: they touch
 //! different HSV components and the intermediate clip and RGB->HSV->RGB are identities).
 
-use crate::simd::{clip01, floor_f32};
+use crate::simd::{clip01, floor_f32, max_f32, min_f32, wrap_unit};
 
 /// The random parameters of one colour transform. `None` = op disabled in the config.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -166,7 +166,7 @@ fn hcv_to_rgb(h: f32, c: f32, v: f32) -> (f32, f32, f32) {
     let ch = |n: f32| {
         let k = n + h6;
         let k = if k >= 6.0 { k - 6.0 } else { k };
-        v - c * k.min(4.0 - k).clamp(0.0, 1.0)
+        v - c * clip01(min_f32(k, 4.0 - k))
     };
     (ch(5.0), ch(3.0), ch(1.0))
 }
@@ -181,9 +181,10 @@ multiversion! {
         let b = &mut b[..n];
         for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
             let (rv, gv, bv) = (*r, *g, *b);
-            let v = rv.max(gv).max(bv);
-            let range = v - rv.min(gv).min(bv);
-            let norm = if range != 0.0 { 1.0 / (6.0 * range) } else { 1e9 };
+            let v = max_f32(max_f32(rv, gv), bv);
+            let range = v - min_f32(min_f32(rv, gv), bv);
+            // Gray pixels (range 0) get h = 0 below, so an infinite `norm` never escapes.
+            let norm = 1.0 / (6.0 * range);
             let h = if rv == v {
                 norm * (gv - bv)
             } else if gv == v {
@@ -193,12 +194,11 @@ multiversion! {
             };
             let h = if range > 0.0 { h } else { 0.0 };
             let h = if h < 0.0 { h + 1.0 } else { h };
-            let c = (range * sat).min(v).max(0.0);
+            let c = max_f32(min_f32(range * sat, v), 0.0);
             // `(h + delta) mod 1` here, and `h mod 1` again before the sector lookup, as
-            // the official code does: a tiny negative sum wraps to 1.0, which maps to 0.
-            let h = h + hue;
-            let h = h - floor_f32(h);
-            let h = h - floor_f32(h);
+            // the official code does (|delta| <= 0.5 is validated, so h + delta is in
+            // [-0.5, 1.5) and `wrap_unit` is exact).
+            let h = wrap_unit(h + hue);
             let (nr, ng, nb) = hcv_to_rgb(h, c, v);
             *r = clip01(nr);
             *g = clip01(ng);
@@ -217,10 +217,10 @@ multiversion! {
         let (g, b) = rest.split_at_mut(n);
         let b = &mut b[..n];
         for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
-            let v = r.max(*g).max(*b);
-            let range = v - r.min(*g).min(*b);
+            let v = max_f32(max_f32(*r, *g), *b);
+            let range = v - min_f32(min_f32(*r, *g), *b);
             // s' / s = min(factor, 1 / s) = min(factor, v / range); gray pixels stay.
-            let ratio = if range > 0.0 { factor.min(v / range) } else { 0.0 };
+            let ratio = if range > 0.0 { min_f32(factor, v / range) } else { 0.0 };
             *r = clip01(v - (v - *r) * ratio);
             *g = clip01(v - (v - *g) * ratio);
             *b = clip01(v - (v - *b) * ratio);

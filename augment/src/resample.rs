@@ -168,20 +168,43 @@ fn transpose(src: &[u8], stride: usize, lines: usize, n: usize, dst: &mut [u8]) 
     }
 }
 
-multiversion! {
-    /// `acc += w * row`, elementwise (the vertical pass, vectorised across the row).
-    fn accumulate_row(acc: &mut [i32], row: &[u8], w: i32) {
-        for (a, &v) in acc.iter_mut().zip(row) {
-            *a += i32::from(v) * w;
+/// `N` outputs at offset `at`: `clip8(HALF + sum_t k[t] * src[at + t * stride + j])`, with
+/// the sums kept in registers across the taps (eight AVX2 accumulators at `N` = 64).
+#[inline(always)]
+fn lines_block<const N: usize>(src: &[u8], stride: usize, at: usize, k: &[i32], out: &mut [u8]) {
+    let mut acc = [HALF; N];
+    for (t, &w) in k.iter().enumerate() {
+        let line: &[u8; N] = src[at + t * stride..][..N].try_into().unwrap();
+        for j in 0..N {
+            acc[j] += i32::from(line[j]) * w;
         }
+    }
+    for (o, &a) in out[at..at + N].iter_mut().zip(&acc) {
+        *o = clip8(a);
     }
 }
 
 multiversion! {
-    /// Fixed point back to u8, clamped.
-    fn store_row(acc: &[i32], out: &mut [u8]) {
-        for (d, &a) in out.iter_mut().zip(acc) {
-            *d = clip8(a);
+    /// One output line of a pass: `out[j] = clip8(HALF + sum_t k[t] * src[t * stride + j])`,
+    /// i.e. the weighted sum of `k.len()` input lines `stride` bytes apart, rounded to u8.
+    /// Vectorised across the line; no accumulator buffer.
+    fn weighted_lines(src: &[u8], stride: usize, k: &[i32], out: &mut [u8]) {
+        let len = out.len();
+        let mut at = 0;
+        while at + 64 <= len {
+            lines_block::<64>(src, stride, at, k, out);
+            at += 64;
+        }
+        while at + 16 <= len {
+            lines_block::<16>(src, stride, at, k, out);
+            at += 16;
+        }
+        for j in at..len {
+            let mut acc = HALF;
+            for (t, &w) in k.iter().enumerate() {
+                acc += i32::from(src[t * stride + j]) * w;
+            }
+            out[j] = clip8(acc);
         }
     }
 }
@@ -197,8 +220,6 @@ pub struct Resampler {
     cols: Vec<u8>,
     /// Horizontally resampled columns, before transposing back.
     cols_out: Vec<u8>,
-    /// One line of accumulators.
-    acc: Vec<i32>,
 }
 
 impl Resampler {
@@ -214,8 +235,6 @@ impl Resampler {
         grow(&mut self.cols, max_w * max_h * 3);
         grow(&mut self.cols_out, out_w * max_h * 3);
         grow(&mut self.mid, max_h * out_w * 3);
-        self.acc
-            .reserve((max_h * 3).max(out_w * 3).saturating_sub(self.acc.len()));
         for (axis, in_max, out) in [(&mut self.x, max_w, out_w), (&mut self.y, max_h, out_h)] {
             let ksize = (Filter::Lanczos3.support() * (in_max as f64 / out as f64).max(1.0)).ceil()
                 as usize
@@ -271,45 +290,40 @@ impl Resampler {
                 &mut self.cols,
             );
             sized(&mut self.cols_out, out_w * col_len, out_w * height * 3);
-            sized(&mut self.acc, col_len, (height * 3).max(out_w * 3));
             for xx in 0..out_w {
                 let (start, k) = self.x.taps(xx);
-                self.acc.fill(HALF);
-                for (t, &w) in k.iter().enumerate() {
-                    accumulate_row(
-                        &mut self.acc,
-                        &self.cols[(start + t) * col_len..][..col_len],
-                        w,
-                    );
-                }
-                store_row(&self.acc, &mut self.cols_out[xx * col_len..][..col_len]);
+                weighted_lines(
+                    &self.cols[start * col_len..],
+                    col_len,
+                    k,
+                    &mut self.cols_out[xx * col_len..][..col_len],
+                );
             }
             sized(&mut self.mid, rows * row_len, height * row_len);
             transpose(&self.cols_out, col_len, out_w, rows, &mut self.mid);
         }
-        let mid = &self.mid;
-        // Row `y` of the crop after the horizontal pass.
-        let mid_row = |y: usize| -> &[u8] {
-            if horizontal {
-                &mid[(y - first) * row_len..][..row_len]
-            } else {
-                &src[((cy + y) * width + cx) * 3..][..row_len]
-            }
+        // Row `y` of the crop after the horizontal pass, and the distance between rows.
+        let (rows_from, stride) = if horizontal {
+            (&self.mid[..], row_len)
+        } else {
+            (&src[(cy * width + cx) * 3..], width * 3)
         };
+        let first = if horizontal { first } else { 0 };
         if ch == out_h {
             for yy in 0..out_h {
-                dst[yy * row_len..][..row_len].copy_from_slice(mid_row(yy));
+                dst[yy * row_len..][..row_len]
+                    .copy_from_slice(&rows_from[(yy - first) * stride..][..row_len]);
             }
             return;
         }
-        sized(&mut self.acc, row_len, (height * 3).max(row_len));
         for yy in 0..out_h {
             let (start, k) = self.y.taps(yy);
-            self.acc.fill(HALF);
-            for (t, &w) in k.iter().enumerate() {
-                accumulate_row(&mut self.acc, mid_row(start + t), w);
-            }
-            store_row(&self.acc, &mut dst[yy * row_len..][..row_len]);
+            weighted_lines(
+                &rows_from[(start - first) * stride..],
+                stride,
+                k,
+                &mut dst[yy * row_len..][..row_len],
+            );
         }
     }
 }

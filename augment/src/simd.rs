@@ -43,3 +43,25 @@ pub(crate) fn floor_f32(x: f32) -> f32 {
 pub(crate) fn clip01(x: f32) -> f32 {
     x.clamp(0.0, 1.0)
 }
+
+/// `max(a, b)` as one compare-select (`vmaxps`). `f32::max` also handles NaN, which costs
+/// an extra compare and blend per call in vector code; our values are never NaN.
+#[inline(always)]
+pub(crate) fn max_f32(a: f32, b: f32) -> f32 {
+    if a > b { a } else { b }
+}
+
+/// `min(a, b)` as one compare-select (`vminps`); see [`max_f32`].
+#[inline(always)]
+pub(crate) fn min_f32(a: f32, b: f32) -> f32 {
+    if a < b { a } else { b }
+}
+
+/// `x mod 1` for x in [-1, 2), applied twice as the official hue step does (`h - floor(h)`
+/// then again before the sector lookup): a sum that rounds to 1.0 wraps to 0. Equal to
+/// `floor`-based code on that range (the subtractions are exact), in two compare-selects.
+#[inline(always)]
+pub(crate) fn wrap_unit(x: f32) -> f32 {
+    let y = if x < 0.0 { x + 1.0 } else { x };
+    if y >= 1.0 { y - 1.0 } else { y }
+}
