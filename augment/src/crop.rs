@@ -146,33 +146,7 @@ impl CropResizer {
         out_w: u32,
         out_h: u32,
     ) -> Result<(), AugmentError> {
-        if src.len() != width as usize * height as usize * 3 {
-            return Err(AugmentError::BadInput(format!(
-                "{} bytes is not a {width}x{height} RGB8 image",
-                src.len()
-            )));
-        }
-        if crop.w == 0
-            || crop.h == 0
-            || crop.offset_w + crop.w > width
-            || crop.offset_h + crop.h > height
-        {
-            return Err(AugmentError::BadInput(format!(
-                "crop {crop:?} outside a {width}x{height} image"
-            )));
-        }
-        if out_w == 0 || out_h == 0 || dst.len() != out_w as usize * out_h as usize * 3 {
-            return Err(AugmentError::Resize(format!(
-                "output of {} bytes for {out_w}x{out_h} RGB8",
-                dst.len()
-            )));
-        }
-        let window = (
-            crop.offset_w as usize,
-            crop.offset_h as usize,
-            crop.w as usize,
-            crop.h as usize,
-        );
+        let window = check(src, width, height, crop, dst.len(), out_w, out_h)?;
         self.resampler.crop_resize(
             src,
             width as usize,
@@ -184,4 +158,68 @@ impl CropResizer {
         );
         Ok(())
     }
+
+    /// As [`CropResizer::crop_resize`], into 3 planes (R, G, B) of `out_w x out_h` bytes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn crop_resize_planar(
+        &mut self,
+        src: &[u8],
+        width: u32,
+        height: u32,
+        crop: CropBox,
+        interpolation: Interpolation,
+        dst: &mut [u8],
+        out_w: u32,
+        out_h: u32,
+    ) -> Result<(), AugmentError> {
+        let window = check(src, width, height, crop, dst.len(), out_w, out_h)?;
+        self.resampler.crop_resize_planar(
+            src,
+            width as usize,
+            window,
+            interpolation.filter(),
+            dst,
+            out_w as usize,
+            out_h as usize,
+        );
+        Ok(())
+    }
+}
+
+/// Checks a crop-and-resize request; returns the window as (x, y, w, h).
+fn check(
+    src: &[u8],
+    width: u32,
+    height: u32,
+    crop: CropBox,
+    dst_len: usize,
+    out_w: u32,
+    out_h: u32,
+) -> Result<(usize, usize, usize, usize), AugmentError> {
+    if src.len() != width as usize * height as usize * 3 {
+        return Err(AugmentError::BadInput(format!(
+            "{} bytes is not a {width}x{height} RGB8 image",
+            src.len()
+        )));
+    }
+    if crop.w == 0
+        || crop.h == 0
+        || crop.offset_w + crop.w > width
+        || crop.offset_h + crop.h > height
+    {
+        return Err(AugmentError::BadInput(format!(
+            "crop {crop:?} outside a {width}x{height} image"
+        )));
+    }
+    if out_w == 0 || out_h == 0 || dst_len != out_w as usize * out_h as usize * 3 {
+        return Err(AugmentError::Resize(format!(
+            "output of {dst_len} bytes for {out_w}x{out_h} RGB8"
+        )));
+    }
+    Ok((
+        crop.offset_w as usize,
+        crop.offset_h as usize,
+        crop.w as usize,
+        crop.h as usize,
+    ))
 }

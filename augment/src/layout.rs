@@ -31,6 +31,25 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// Planar u8 (3 planes of `width * height`) -> planar f32 `x / 255`, optionally
+    /// mirrored left/right (the flip fused into the load).
+    pub fn load_planes_u8(src: &[u8], width: usize, height: usize, flip: bool, dst: &mut [f32]) {
+        let n = width * height;
+        for (s, d) in src[..3 * n].chunks_exact(width).zip(dst[..3 * n].chunks_exact_mut(width)) {
+            if flip {
+                for (d, &s) in d.iter_mut().zip(s.iter().rev()) {
+                    *d = f32::from(s) / 255.0;
+                }
+            } else {
+                for (d, &s) in d.iter_mut().zip(s) {
+                    *d = f32::from(s) / 255.0;
+                }
+            }
+        }
+    }
+}
+
 /// Interleaved f32 HWC (3 channels) -> planar CHW.
 pub fn hwc_to_chw(src: &[f32], n: usize, dst: &mut [f32]) {
     for (i, px) in src.chunks_exact(3).take(n).enumerate() {

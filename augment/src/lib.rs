@@ -37,6 +37,7 @@ pub mod resample;
 pub mod rng;
 pub mod solarize;
 pub mod spec;
+pub mod transpose;
 
 pub use color_jitter::ColorParams;
 pub use crop::{CropBox, Interpolation};

@@ -16,7 +16,7 @@ use crate::color_jitter::{ColorParams, color_transform};
 use crate::crop::{CropBox, CropDraws, CropResizer, random_crop_box};
 use crate::error::AugmentError;
 use crate::flip::hflip;
-use crate::layout::load_rgb8;
+use crate::layout::load_planes_u8;
 use crate::normalize::{clip, finish};
 use crate::rng::{SampleKey, ViewRng};
 use crate::solarize::solarize;
@@ -123,7 +123,8 @@ impl<'a> ViewOut<'a> {
 #[derive(Debug, Default, Clone)]
 pub struct Scratch {
     resizer: CropResizer,
-    rgb: Vec<u8>,
+    /// The resized crop, 3 planes of u8.
+    planes: Vec<u8>,
     img: Vec<f32>,
     kernel: Vec<f32>,
     blur: BlurScratch,
@@ -139,7 +140,7 @@ impl Scratch {
     /// settings, so later calls on such images allocate nothing.
     pub fn reserve_for(&mut self, aug: &Augmenter, max_width: u32, max_height: u32) {
         let n = (aug.size() as usize).pow(2);
-        self.rgb.reserve(3 * n);
+        self.planes.reserve(3 * n);
         self.img.reserve(3 * n);
         self.resizer.reserve(max_width, max_height, aug.size());
     }
@@ -253,26 +254,26 @@ impl Augmenter {
         let spec = self.spec(view);
         let size = self.cfg.size as usize;
         let n = size * size;
-        scratch.rgb.resize(3 * n, 0);
+        scratch.planes.resize(3 * n, 0);
         scratch.img.resize(3 * n, 0.0);
         let Scratch {
             resizer,
-            rgb,
+            planes,
             img,
             kernel,
             blur,
         } = scratch;
-        resizer.crop_resize(
+        resizer.crop_resize_planar(
             src,
             width,
             height,
             params.crop,
             spec.interpolation,
-            rgb,
+            planes,
             size as u32,
             size as u32,
         )?;
-        load_rgb8(rgb, size, size, params.flip, img);
+        load_planes_u8(planes, size, size, params.flip, img);
         color_and_blur(img, size, size, params, spec, kernel, blur);
         let sol = params.solarize.then_some(spec.solarize_threshold);
         finish(img, n, sol, spec.mean, spec.std, out.chw, out.hwc);

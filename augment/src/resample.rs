@@ -7,6 +7,8 @@
 //! clamping after each pass. Unlike a general-purpose resizer it keeps its coefficient
 //! and intermediate buffers between calls, so steady state allocates nothing.
 
+use crate::transpose::transpose_u8;
+
 /// Fixed-point precision of the 8-bit coefficients (Pillow's `PRECISION_BITS`).
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 const HALF: i32 = 1 << (PRECISION_BITS - 1);
@@ -149,25 +151,6 @@ fn clip8(v: i32) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Transposes `lines` lines of `n` RGB pixels (line `l` starts at `src[l * stride]`)
-/// into `n` lines of `lines` pixels in `dst`, in cache-sized blocks.
-fn transpose(src: &[u8], stride: usize, lines: usize, n: usize, dst: &mut [u8]) {
-    const BLOCK: usize = 32;
-    let (dst, _) = dst[..n * lines * 3].as_chunks_mut::<3>();
-    for l0 in (0..lines).step_by(BLOCK) {
-        let l1 = (l0 + BLOCK).min(lines);
-        for p0 in (0..n).step_by(BLOCK) {
-            let p1 = (p0 + BLOCK).min(n);
-            for l in l0..l1 {
-                let (line, _) = src[l * stride + p0 * 3..][..(p1 - p0) * 3].as_chunks::<3>();
-                for (i, px) in line.iter().enumerate() {
-                    dst[(p0 + i) * lines + l] = *px;
-                }
-            }
-        }
-    }
-}
-
 /// `N` outputs at offset `at`: `clip8(HALF + sum_t k[t] * src[at + t * stride + j])`, with
 /// the sums kept in registers across the taps (eight AVX2 accumulators at `N` = 64).
 #[inline(always)]
@@ -191,35 +174,50 @@ multiversion! {
     fn weighted_lines(src: &[u8], stride: usize, k: &[i32], out: &mut [u8]) {
         let len = out.len();
         let mut at = 0;
-        while at + 64 <= len {
-            lines_block::<64>(src, stride, at, k, out);
-            at += 64;
+        while at + 32 <= len {
+            lines_block::<32>(src, stride, at, k, out);
+            at += 32;
         }
         while at + 16 <= len {
             lines_block::<16>(src, stride, at, k, out);
             at += 16;
         }
-        for j in at..len {
-            let mut acc = HALF;
-            for (t, &w) in k.iter().enumerate() {
-                acc += i32::from(src[t * stride + j]) * w;
+        if at < len && len >= 16 {
+            // The tail as one more block ending at `len` (recomputes a few outputs).
+            lines_block::<16>(src, stride, len - 16, k, out);
+        } else {
+            for j in at..len {
+                let mut acc = HALF;
+                for (t, &w) in k.iter().enumerate() {
+                    acc += i32::from(src[t * stride + j]) * w;
+                }
+                out[j] = clip8(acc);
             }
-            out[j] = clip8(acc);
         }
     }
 }
 
-/// Reusable state for [`Resampler::crop_resize`].
+/// Reusable state for [`Resampler::crop_resize`] and [`Resampler::crop_resize_planar`].
+///
+/// The work runs on the three colour planes separately: the window is split into planes,
+/// each plane is transposed so that the horizontal pass is a weighted sum of whole
+/// columns, transposed back, and the vertical pass sums whole rows. Both passes are then
+/// contiguous multiply-adds the compiler vectorises, and the transposes are byte
+/// transposes ([`transpose_u8`]).
 #[derive(Debug, Default, Clone)]
 pub struct Resampler {
     x: Axis,
     y: Axis,
-    /// Horizontally resampled rows (out_w x rows used by the vertical pass).
-    mid: Vec<u8>,
-    /// The crop's rows, transposed (column after column).
+    /// The window's rows the vertical pass reads, as 3 planes of `rows x cw`.
+    planes: Vec<u8>,
+    /// Those planes transposed: 3 planes of `cw x rows` (column after column).
     cols: Vec<u8>,
-    /// Horizontally resampled columns, before transposing back.
+    /// Horizontally resampled columns: 3 planes of `out_w x rows`.
     cols_out: Vec<u8>,
+    /// The same transposed back to rows: 3 planes of `rows x out_w`.
+    mid: Vec<u8>,
+    /// Planar output of [`Resampler::crop_resize`], before interleaving.
+    out: Vec<u8>,
 }
 
 impl Resampler {
@@ -232,6 +230,7 @@ impl Resampler {
     /// `out_w` x `out_h` with any filter.
     pub fn reserve(&mut self, max_w: usize, max_h: usize, out_w: usize, out_h: usize) {
         let grow = |v: &mut Vec<u8>, n: usize| v.reserve(n.saturating_sub(v.len()));
+        grow(&mut self.planes, max_w * max_h * 3);
         grow(&mut self.cols, max_w * max_h * 3);
         grow(&mut self.cols_out, out_w * max_h * 3);
         grow(&mut self.mid, max_h * out_w * 3);
@@ -256,6 +255,26 @@ impl Resampler {
         &mut self,
         src: &[u8],
         width: usize,
+        window: (usize, usize, usize, usize),
+        filter: Filter,
+        dst: &mut [u8],
+        out_w: usize,
+        out_h: usize,
+    ) {
+        assert_eq!(dst.len(), out_w * out_h * 3, "output buffer size");
+        let mut out = std::mem::take(&mut self.out);
+        sized(&mut out, dst.len(), dst.len());
+        self.crop_resize_planar(src, width, window, filter, &mut out, out_w, out_h);
+        interleave3(&out, out_w * out_h, dst);
+        self.out = out;
+    }
+
+    /// As [`Resampler::crop_resize`], into 3 planes of `out_w x out_h` (R, G, B) in `dst`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn crop_resize_planar(
+        &mut self,
+        src: &[u8],
+        width: usize,
         (cx, cy, cw, ch): (usize, usize, usize, usize),
         filter: Filter,
         dst: &mut [u8],
@@ -266,65 +285,95 @@ impl Resampler {
             cx + cw <= width && (cy + ch) * width * 3 <= src.len(),
             "crop inside the image"
         );
-        assert_eq!(dst.len(), out_w * out_h * 3, "output buffer size");
+        let n_out = out_w * out_h;
+        assert_eq!(dst.len(), n_out * 3, "output buffer size");
         let height = src.len() / (width * 3);
         self.y.compute(ch, out_h, filter, height);
         let first = self.y.start[0];
         let last = self.y.start[out_h - 1] + self.y.len[out_h - 1];
-        let rows = last - first;
-        // Horizontal pass over the rows the vertical pass reads (Pillow skips it when the
-        // width does not change: the weights would be exactly one anyway).
-        let horizontal = cw != out_w;
-        let row_len = out_w * 3;
-        if horizontal {
-            // Done as a vertical pass over the transposed rows, so the inner loop runs
-            // over contiguous memory and vectorises: transpose, convolve, transpose back.
-            self.x.compute(cw, out_w, filter, width);
-            let col_len = rows * 3;
-            sized(&mut self.cols, cw * col_len, width * height * 3);
-            transpose(
-                &src[((cy + first) * width + cx) * 3..],
-                width * 3,
-                rows,
-                cw,
-                &mut self.cols,
-            );
-            sized(&mut self.cols_out, out_w * col_len, out_w * height * 3);
-            for xx in 0..out_w {
-                let (start, k) = self.x.taps(xx);
-                weighted_lines(
-                    &self.cols[start * col_len..],
-                    col_len,
-                    k,
-                    &mut self.cols_out[xx * col_len..][..col_len],
-                );
-            }
-            sized(&mut self.mid, rows * row_len, height * row_len);
-            transpose(&self.cols_out, col_len, out_w, rows, &mut self.mid);
-        }
-        // Row `y` of the crop after the horizontal pass, and the distance between rows.
-        let (rows_from, stride) = if horizontal {
-            (&self.mid[..], row_len)
+        // Only the rows the vertical pass reads (all of them when the height is kept).
+        let (first, rows) = if ch == out_h {
+            (0, ch)
         } else {
-            (&src[(cy * width + cx) * 3..], width * 3)
+            (first, last - first)
         };
-        let first = if horizontal { first } else { 0 };
-        if ch == out_h {
-            for yy in 0..out_h {
-                dst[yy * row_len..][..row_len]
-                    .copy_from_slice(&rows_from[(yy - first) * stride..][..row_len]);
+        let window_len = rows * cw;
+        sized(&mut self.planes, 3 * window_len, width * height * 3);
+        deinterleave3(
+            &src[((cy + first) * width + cx) * 3..],
+            width * 3,
+            rows,
+            cw,
+            &mut self.planes,
+        );
+        // Horizontal pass (Pillow skips it when the width does not change: the weights
+        // would be exactly one anyway), on the transposed planes.
+        let horizontal = cw != out_w;
+        if horizontal {
+            self.x.compute(cw, out_w, filter, width);
+            sized(&mut self.cols, 3 * window_len, width * height * 3);
+            sized(&mut self.cols_out, 3 * out_w * rows, out_w * height * 3);
+            sized(&mut self.mid, 3 * rows * out_w, height * out_w * 3);
+            for c in 0..3 {
+                let cols = &mut self.cols[c * window_len..][..window_len];
+                transpose_u8(&self.planes[c * window_len..], cw, rows, cw, cols, rows);
+                let cols_out = &mut self.cols_out[c * out_w * rows..][..out_w * rows];
+                for (xx, line) in cols_out.chunks_exact_mut(rows).enumerate() {
+                    let (start, k) = self.x.taps(xx);
+                    weighted_lines(&cols[start * rows..], rows, k, line);
+                }
+                let mid = &mut self.mid[c * rows * out_w..][..rows * out_w];
+                transpose_u8(cols_out, rows, out_w, rows, mid, out_w);
             }
-            return;
         }
-        for yy in 0..out_h {
-            let (start, k) = self.y.taps(yy);
-            weighted_lines(
-                &rows_from[(start - first) * stride..],
-                stride,
-                k,
-                &mut dst[yy * row_len..][..row_len],
+        let (rows_from, plane_len) = if horizontal {
+            (&self.mid[..], rows * out_w)
+        } else {
+            (&self.planes[..], window_len)
+        };
+        for c in 0..3 {
+            let plane = &rows_from[c * plane_len..][..plane_len];
+            let out = &mut dst[c * n_out..][..n_out];
+            if ch == out_h {
+                out.copy_from_slice(plane);
+                continue;
+            }
+            for (yy, line) in out.chunks_exact_mut(out_w).enumerate() {
+                let (start, k) = self.y.taps(yy);
+                weighted_lines(&plane[(start - first) * out_w..], out_w, k, line);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `lines` lines of `n` RGB pixels (line `l` at `src[l * stride]`) into 3 planes of
+    /// `lines x n` bytes in `dst`.
+    fn deinterleave3(src: &[u8], stride: usize, lines: usize, n: usize, dst: &mut [u8]) {
+        let len = lines * n;
+        let (r, rest) = dst[..3 * len].split_at_mut(len);
+        let (g, b) = rest.split_at_mut(len);
+        for l in 0..lines {
+            let line = &src[l * stride..][..n * 3];
+            let (ro, go, bo) = (
+                &mut r[l * n..][..n],
+                &mut g[l * n..][..n],
+                &mut b[l * n..][..n],
             );
+            for (i, px) in line.chunks_exact(3).enumerate() {
+                ro[i] = px[0];
+                go[i] = px[1];
+                bo[i] = px[2];
+            }
         }
+    }
+}
+
+/// 3 planes of `n` bytes into `n` interleaved RGB pixels.
+fn interleave3(planes: &[u8], n: usize, dst: &mut [u8]) {
+    let (r, g, b) = (&planes[..n], &planes[n..2 * n], &planes[2 * n..3 * n]);
+    for (i, px) in dst.chunks_exact_mut(3).take(n).enumerate() {
+        px.copy_from_slice(&[r[i], g[i], b[i]]);
     }
 }
 
