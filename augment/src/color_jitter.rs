@@ -172,7 +172,8 @@ fn hcv_to_rgb(h: f32, c: f32, v: f32) -> (f32, f32, f32) {
 }
 
 multiversion! {
-    /// Saturation factor and hue delta in one HSV round trip, then clip. The saturation is
+    /// Saturation factor and hue delta in one HSV round trip (the result is already in
+    /// [0, 1], so the clip after the op is implicit). The saturation is
     /// applied to the chroma: `c' = clip(s * sat, 0, 1) * v = clip(range * sat, 0, v)`
     /// (the same in real arithmetic, one division fewer).
     pub fn saturation_hue(img: &mut [f32], n: usize, sat: f32, hue: f32) {
@@ -183,8 +184,8 @@ multiversion! {
             let (rv, gv, bv) = (*r, *g, *b);
             let v = max_f32(max_f32(rv, gv), bv);
             let range = v - min_f32(min_f32(rv, gv), bv);
-            // Gray pixels (range 0) get h = 0 below, so an infinite `norm` never escapes.
-            let norm = 1.0 / (6.0 * range);
+            // A gray pixel (range 0) has r == v and g - b == 0, so h = 0 with a finite norm.
+            let norm = 1.0 / (6.0 * max_f32(range, f32::MIN_POSITIVE));
             let h = if rv == v {
                 norm * (gv - bv)
             } else if gv == v {
@@ -192,17 +193,20 @@ multiversion! {
             } else {
                 norm * (rv - gv) + FOUR_SIXTHS
             };
-            let h = if range > 0.0 { h } else { 0.0 };
-            let h = if h < 0.0 { h + 1.0 } else { h };
-            let c = max_f32(min_f32(range * sat, v), 0.0);
-            // `(h + delta) mod 1` here, and `h mod 1` again before the sector lookup, as
-            // the official code does (|delta| <= 0.5 is validated, so h + delta is in
-            // [-0.5, 1.5) and `wrap_unit` is exact).
+            // sat >= 0, so the chroma needs no lower clip.
+            let c = min_f32(range * sat, v);
+            // `(h + delta) mod 1`, and `h mod 1` again before the sector lookup, as the
+            // official code does. The official code first maps a negative h (red sector)
+            // to h + 1; adding delta first and wrapping once is the same up to one
+            // rounding (h in [-1/6, 1), |delta| <= 0.5 validated, so the sum is in
+            // [-1, 2), where `wrap_unit` is exact).
             let h = wrap_unit(h + hue);
+            // No clip needed: each channel is v - c * t with t in [0, 1] and 0 <= c <= v,
+            // which lands in [0, v] even after rounding (c * t <= c <= v as floats).
             let (nr, ng, nb) = hcv_to_rgb(h, c, v);
-            *r = clip01(nr);
-            *g = clip01(ng);
-            *b = clip01(nb);
+            *r = nr;
+            *g = ng;
+            *b = nb;
         }
     }
 }
