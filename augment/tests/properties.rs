@@ -448,3 +448,63 @@ fn fast_hsv_formulas_agree_with_the_official_ones() {
         assert!(d < 1e-6, "saturation factor {f}: shortcut off by {d}");
     }
 }
+
+/// The pipeline resizes on colour planes, fuses the flip into the load, saturation and hue
+/// into one HSV round trip, and solarize, clip and normalisation into its last pass; it
+/// must equal the op-by-op chain: crop + resize, then `postprocess` (flip, colour, blur,
+/// solarize, clip), then normalise.
+#[test]
+fn the_fused_pipeline_equals_the_op_by_op_chain() {
+    use byol_augment::crop::CropResizer;
+    use byol_augment::postprocess;
+    let (w, h) = (150u32, 120u32);
+    let img = synth(w, h, 7);
+    for size in [90u32, 64] {
+        let aug = Augmenter::new(AugmentConfig::byol(size)).unwrap();
+        let n = (size * size) as usize;
+        let mut scratch = Scratch::new();
+        let mut orders = std::collections::HashSet::new();
+        for i in 0..48 {
+            let key = SampleKey::new(3, 1, i);
+            let views = run(&aug, &img, w, h, key, &mut scratch);
+            for (v, params) in aug.draw(key, w, h).iter().enumerate() {
+                let spec = aug.spec(v);
+                orders.insert(params.color.order);
+                let mut rgb = vec![0u8; 3 * n];
+                CropResizer::new()
+                    .crop_resize(
+                        &img,
+                        w,
+                        h,
+                        params.crop,
+                        spec.interpolation,
+                        &mut rgb,
+                        size,
+                        size,
+                    )
+                    .unwrap();
+                let mut want: Vec<f32> = (0..3)
+                    .flat_map(|c| (0..n).map(move |i| (c, i)))
+                    .map(|(c, i)| f32::from(rgb[3 * i + c]) / 255.0)
+                    .collect();
+                let s = size as usize;
+                postprocess(&mut want, s, s, params, spec, &mut Scratch::new());
+                for (c, plane) in want.chunks_exact_mut(n).enumerate() {
+                    for x in plane {
+                        *x = (*x - spec.mean[c]) / spec.std[c];
+                    }
+                }
+                let worst = views[v]
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst < 1e-5,
+                    "size {size}, sample {i}, view {v}: off by {worst}"
+                );
+            }
+        }
+        assert!(orders.len() > 10, "the samples cover the jitter orders");
+    }
+}
