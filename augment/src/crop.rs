@@ -147,15 +147,9 @@ impl CropResizer {
         out_h: u32,
     ) -> Result<(), AugmentError> {
         let window = check(src, width, height, crop, dst.len(), out_w, out_h)?;
-        self.resampler.crop_resize(
-            src,
-            width as usize,
-            window,
-            interpolation.filter(),
-            dst,
-            out_w as usize,
-            out_h as usize,
-        );
+        let (filter, w, h) = (interpolation.filter(), out_w as usize, out_h as usize);
+        self.resampler
+            .crop_resize(src, width as usize, window, filter, dst, w, h);
         Ok(())
     }
 
@@ -173,15 +167,9 @@ impl CropResizer {
         out_h: u32,
     ) -> Result<(), AugmentError> {
         let window = check(src, width, height, crop, dst.len(), out_w, out_h)?;
-        self.resampler.crop_resize_planar(
-            src,
-            width as usize,
-            window,
-            interpolation.filter(),
-            dst,
-            out_w as usize,
-            out_h as usize,
-        );
+        let (filter, w, h) = (interpolation.filter(), out_w as usize, out_h as usize);
+        self.resampler
+            .crop_resize_planar(src, width as usize, window, filter, dst, w, h);
         Ok(())
     }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use common::{byol, run, text};
+use common::{byol, ingest, run, text};
 
 fn photo(w: u32, h: u32, seed: u32) -> Vec<u8> {
     // Seeded noise over a gradient: distinct for every seed, compressible like a photo.
@@ -46,13 +46,7 @@ fn folder(dir: &Path, n: u32, size: u32) -> PathBuf {
 fn packed(dir: &Path, n: u32, size: u32) -> (PathBuf, PathBuf) {
     let src = folder(dir, n, size);
     let ds = dir.join("ds");
-    let o = run(&[
-        "ingest",
-        src.to_str().unwrap(),
-        "--out",
-        ds.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
+    ingest(&src, &ds);
     (src, ds)
 }
 
@@ -429,13 +423,7 @@ fn two_tone(dir: &Path, name: &str, per_class: u32, seed: u32) -> PathBuf {
         }
     }
     let ds = dir.join(name);
-    let o = run(&[
-        "ingest",
-        src.to_str().unwrap(),
-        "--out",
-        ds.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
+    ingest(&src, &ds);
     ds
 }
 

@@ -18,7 +18,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{run, text};
+use common::{ingest, run, text};
 
 const CLASSES: [&str; 4] = ["horizontal", "vertical", "checker", "dots"];
 
@@ -79,13 +79,7 @@ fn textures(dir: &Path, name: &str, per_class: u32, seed: u64) -> PathBuf {
         }
     }
     let ds = dir.join(name);
-    let o = run(&[
-        "ingest",
-        src.to_str().unwrap(),
-        "--out",
-        ds.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
+    ingest(&src, &ds);
     ds
 }
 

@@ -1,5 +1,6 @@
 //! Helpers shared by the CLI test files: run the real `byol` binary, read its output.
 
+use std::path::Path;
 use std::process::{Command, Output};
 
 /// The `byol` binary under test, with logging left at its default.
@@ -21,4 +22,15 @@ pub fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
+}
+
+/// `byol ingest SRC --out OUT`, which must succeed.
+pub fn ingest(src: &Path, out: &Path) {
+    let o = run(&[
+        "ingest",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
 }
