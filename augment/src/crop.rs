@@ -13,6 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::AugmentError;
+use crate::layout::interleave_u8;
 use crate::resample::{Filter, Resampler};
 
 /// A crop rectangle in pixels of the source image.
@@ -112,6 +113,8 @@ impl Interpolation {
 #[derive(Debug, Default, Clone)]
 pub struct CropResizer {
     resampler: Resampler,
+    /// Planar result of [`CropResizer::crop_resize`], before interleaving.
+    planes: Vec<u8>,
 }
 
 impl CropResizer {
@@ -132,10 +135,10 @@ impl CropResizer {
     }
 
     /// Resizes the `crop` of `src` (`width` x `height`, RGB8 HWC) to `out_w` x `out_h` into
-    /// `dst` (RGB8 HWC, `out_h * out_w * 3` bytes). Pixels outside the box are not used:
-    /// this equals Pillow's `img.crop(box).resize((out_w, out_h), filter)`.
+    /// `dst`, 3 planes (R, G, B) of `out_w x out_h` bytes. Pixels outside the box are not
+    /// used: this equals Pillow's `img.crop(box).resize((out_w, out_h), filter)`.
     #[allow(clippy::too_many_arguments)]
-    pub fn crop_resize(
+    pub fn crop_resize_planar(
         &mut self,
         src: &[u8],
         width: u32,
@@ -153,9 +156,9 @@ impl CropResizer {
         Ok(())
     }
 
-    /// As [`CropResizer::crop_resize`], into 3 planes (R, G, B) of `out_w x out_h` bytes.
+    /// As [`CropResizer::crop_resize_planar`], into RGB8 HWC (`out_h * out_w * 3` bytes).
     #[allow(clippy::too_many_arguments)]
-    pub fn crop_resize_planar(
+    pub fn crop_resize(
         &mut self,
         src: &[u8],
         width: u32,
@@ -166,11 +169,23 @@ impl CropResizer {
         out_w: u32,
         out_h: u32,
     ) -> Result<(), AugmentError> {
-        let window = check(src, width, height, crop, dst.len(), out_w, out_h)?;
-        let (filter, w, h) = (interpolation.filter(), out_w as usize, out_h as usize);
-        self.resampler
-            .crop_resize_planar(src, width as usize, window, filter, dst, w, h);
-        Ok(())
+        let mut planes = std::mem::take(&mut self.planes);
+        planes.resize(dst.len(), 0);
+        let done = self.crop_resize_planar(
+            src,
+            width,
+            height,
+            crop,
+            interpolation,
+            &mut planes,
+            out_w,
+            out_h,
+        );
+        if done.is_ok() {
+            interleave_u8(&planes, dst.len() / 3, dst);
+        }
+        self.planes = planes;
+        done
     }
 }
 

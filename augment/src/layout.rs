@@ -1,37 +1,6 @@
 //! Layout conversions between interleaved HWC and planar CHW.
 
 multiversion! {
-    /// RGB8 HWC -> planar f32 `x / 255`, optionally mirrored left/right (the flip fused into
-    /// the load). `dst` holds 3 planes of `width * height`.
-    pub fn load_rgb8(src: &[u8], width: usize, height: usize, flip: bool, dst: &mut [f32]) {
-        let n = width * height;
-        let (r, rest) = dst.split_at_mut(n);
-        let (g, b) = rest.split_at_mut(n);
-        for y in 0..height {
-            let row = &src[y * width * 3..(y + 1) * width * 3];
-            let (ro, go, bo) = (
-                &mut r[y * width..(y + 1) * width],
-                &mut g[y * width..(y + 1) * width],
-                &mut b[y * width..(y + 1) * width],
-            );
-            if flip {
-                for (x, px) in row.chunks_exact(3).rev().enumerate() {
-                    ro[x] = px[0] as f32 / 255.0;
-                    go[x] = px[1] as f32 / 255.0;
-                    bo[x] = px[2] as f32 / 255.0;
-                }
-            } else {
-                for (x, px) in row.chunks_exact(3).enumerate() {
-                    ro[x] = px[0] as f32 / 255.0;
-                    go[x] = px[1] as f32 / 255.0;
-                    bo[x] = px[2] as f32 / 255.0;
-                }
-            }
-        }
-    }
-}
-
-multiversion! {
     /// Planar u8 (3 planes of `width * height`) -> planar f32 `x / 255`, optionally
     /// mirrored left/right (the flip fused into the load).
     pub fn load_planes_u8(src: &[u8], width: usize, height: usize, flip: bool, dst: &mut [f32]) {
@@ -47,6 +16,14 @@ multiversion! {
                 }
             }
         }
+    }
+}
+
+/// 3 planes of `n` bytes into `n` interleaved RGB pixels in `dst`.
+pub fn interleave_u8(planes: &[u8], n: usize, dst: &mut [u8]) {
+    let (r, g, b) = (&planes[..n], &planes[n..2 * n], &planes[2 * n..3 * n]);
+    for (i, px) in dst.chunks_exact_mut(3).take(n).enumerate() {
+        px.copy_from_slice(&[r[i], g[i], b[i]]);
     }
 }
 

@@ -197,7 +197,7 @@ multiversion! {
     }
 }
 
-/// Reusable state for [`Resampler::crop_resize`] and [`Resampler::crop_resize_planar`].
+/// Reusable state for [`Resampler::crop_resize`].
 ///
 /// The work runs on the three colour planes separately: the window is split into planes,
 /// each plane is transposed so that the horizontal pass is a weighted sum of whole
@@ -216,8 +216,6 @@ pub struct Resampler {
     cols_out: Vec<u8>,
     /// The same transposed back to rows: 3 planes of `rows x out_w`.
     mid: Vec<u8>,
-    /// Planar output of [`Resampler::crop_resize`], before interleaving.
-    out: Vec<u8>,
 }
 
 impl Resampler {
@@ -248,30 +246,10 @@ impl Resampler {
     }
 
     /// Resamples the `cw` x `ch` window at (`cx`, `cy`) of `src` (RGB8 HWC, `width`
-    /// columns) to `dst` (RGB8 HWC, `out_w` x `out_h`): Pillow's
-    /// `img.crop(box).resize((out_w, out_h), filter)`.
+    /// columns) into `dst`, 3 planes (R, G, B) of `out_w x out_h` bytes: Pillow's
+    /// `img.crop(box).resize((out_w, out_h), filter)`, split into planes.
     #[allow(clippy::too_many_arguments)]
     pub fn crop_resize(
-        &mut self,
-        src: &[u8],
-        width: usize,
-        window: (usize, usize, usize, usize),
-        filter: Filter,
-        dst: &mut [u8],
-        out_w: usize,
-        out_h: usize,
-    ) {
-        assert_eq!(dst.len(), out_w * out_h * 3, "output buffer size");
-        let mut out = std::mem::take(&mut self.out);
-        sized(&mut out, dst.len(), dst.len());
-        self.crop_resize_planar(src, width, window, filter, &mut out, out_w, out_h);
-        interleave3(&out, out_w * out_h, dst);
-        self.out = out;
-    }
-
-    /// As [`Resampler::crop_resize`], into 3 planes of `out_w x out_h` (R, G, B) in `dst`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn crop_resize_planar(
         &mut self,
         src: &[u8],
         width: usize,
@@ -369,20 +347,19 @@ multiversion! {
     }
 }
 
-/// 3 planes of `n` bytes into `n` interleaved RGB pixels.
-fn interleave3(planes: &[u8], n: usize, dst: &mut [u8]) {
-    let (r, g, b) = (&planes[..n], &planes[n..2 * n], &planes[2 * n..3 * n]);
-    for (i, px) in dst.chunks_exact_mut(3).take(n).enumerate() {
-        px.copy_from_slice(&[r[i], g[i], b[i]]);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn image(w: usize, h: usize) -> Vec<u8> {
         (0..w * h * 3).map(|i| (i * 37 % 251) as u8).collect()
+    }
+
+    /// RGB8 HWC as 3 planes.
+    fn planes(hwc: &[u8]) -> Vec<u8> {
+        (0..3)
+            .flat_map(|c| hwc.iter().skip(c).step_by(3).copied())
+            .collect()
     }
 
     #[test]
@@ -393,7 +370,7 @@ mod tests {
         for f in [Filter::Bilinear, Filter::Bicubic, Filter::Lanczos3] {
             let mut dst = vec![0; w * h * 3];
             r.crop_resize(&src, w, (0, 0, w, h), f, &mut dst, w, h);
-            assert_eq!(dst, src, "{f:?}");
+            assert_eq!(dst, planes(&src), "{f:?}");
             let flat = vec![77u8; w * h * 3];
             for (ow, oh) in [(5, 4), (31, 17), (13, 3)] {
                 let mut dst = vec![0; ow * oh * 3];

@@ -206,8 +206,9 @@ fn solarize_identity_below_and_involution_above_threshold() {
 fn grayscale_channels_are_equal() {
     let img = synth(20, 10, 9);
     let n = 200;
-    let mut chw = vec![0f32; 3 * n];
-    byol_augment::layout::load_rgb8(&img, 20, 10, false, &mut chw);
+    let mut chw: Vec<f32> = (0..3)
+        .flat_map(|c| img.iter().skip(c).step_by(3).map(|&v| f32::from(v) / 255.0))
+        .collect();
     grayscale(&mut chw, n);
     assert_eq!(chw[..n], chw[n..2 * n]);
     assert_eq!(chw[..n], chw[2 * n..]);
@@ -470,23 +471,20 @@ fn the_fused_pipeline_equals_the_op_by_op_chain() {
             for (v, params) in aug.draw(key, w, h).iter().enumerate() {
                 let spec = aug.spec(v);
                 orders.insert(params.color.order);
-                let mut rgb = vec![0u8; 3 * n];
+                let mut planes = vec![0u8; 3 * n];
                 CropResizer::new()
-                    .crop_resize(
+                    .crop_resize_planar(
                         &img,
                         w,
                         h,
                         params.crop,
                         spec.interpolation,
-                        &mut rgb,
+                        &mut planes,
                         size,
                         size,
                     )
                     .unwrap();
-                let mut want: Vec<f32> = (0..3)
-                    .flat_map(|c| (0..n).map(move |i| (c, i)))
-                    .map(|(c, i)| f32::from(rgb[3 * i + c]) / 255.0)
-                    .collect();
+                let mut want: Vec<f32> = planes.iter().map(|&v| f32::from(v) / 255.0).collect();
                 let s = size as usize;
                 postprocess(&mut want, s, s, params, spec, &mut Scratch::new());
                 for (c, plane) in want.chunks_exact_mut(n).enumerate() {

@@ -593,13 +593,7 @@ fn eval_errors_name_the_problem() {
     std::fs::create_dir_all(&flat).unwrap();
     std::fs::write(flat.join("a.png"), photo(20, 16, 1)).unwrap();
     let flat_ds = dir.path().join("flat");
-    let o = run(&[
-        "ingest",
-        flat.to_str().unwrap(),
-        "--out",
-        flat_ds.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
+    ingest(&flat, &flat_ds);
     let o = eval(&run_dir, &flat_ds);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("no labelled images"), "{}", text(&o));
@@ -608,13 +602,7 @@ fn eval_errors_name_the_problem() {
     std::fs::create_dir_all(&other).unwrap();
     std::fs::write(other.join("z.png"), photo(20, 16, 2)).unwrap();
     let other_ds = dir.path().join("other");
-    let o = run(&[
-        "ingest",
-        dir.path().join("other-src").to_str().unwrap(),
-        "--out",
-        other_ds.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
+    ingest(&dir.path().join("other-src"), &other_ds);
     let o = eval(&run_dir, &other_ds);
     assert_eq!(o.status.code(), Some(1));
     assert!(

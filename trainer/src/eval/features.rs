@@ -71,7 +71,7 @@ impl Preprocess {
         let n = self.size as usize * self.size as usize;
         buf.resize(3 * n, 0);
         let crop = center_crop_box(height, width, self.size, self.crop_padding);
-        resizer.crop_resize(
+        resizer.crop_resize_planar(
             rgb,
             width,
             height,
@@ -84,8 +84,8 @@ impl Preprocess {
         for c in 0..3 {
             // As the views' last pass: scale to [0, 1], then (x - mean) * (1 / std).
             let (m, s) = (self.mean[c], 1.0 / self.std[c]);
-            for (o, px) in out[c * n..(c + 1) * n].iter_mut().zip(buf.chunks_exact(3)) {
-                *o = (f32::from(px[c]) / 255.0 - m) * s;
+            for (o, &v) in out[c * n..(c + 1) * n].iter_mut().zip(&buf[c * n..]) {
+                *o = (f32::from(v) / 255.0 - m) * s;
             }
         }
         Ok(())
