@@ -245,6 +245,17 @@ pub fn hue(img: &mut [f32], n: usize, delta: f32) {
 /// The official colour transform on a planar image (`n` values per plane): the jitter ops
 /// in `p.order` (each clipped), then grayscale, then a final clip.
 pub fn color_transform(img: &mut [f32], n: usize, p: &ColorParams) {
+    if color_transform_gray_as_one_plane(img, n, p) {
+        let (first, rest) = img.split_at_mut(n);
+        rest[..n].copy_from_slice(first);
+        rest[n..2 * n].copy_from_slice(first);
+    }
+}
+
+/// [`color_transform`], except that a view turned gray is left as one plane: returns
+/// `true` when it did, and then only plane 0 holds the result (the three channels of a
+/// gray image are equal, so later per-plane work can run once).
+pub fn color_transform_gray_as_one_plane(img: &mut [f32], n: usize, p: &ColorParams) -> bool {
     if p.apply_jitter {
         let mut k = 0;
         while k < 4 {
@@ -282,12 +293,16 @@ pub fn color_transform(img: &mut [f32], n: usize, p: &ColorParams) {
             k += 1;
         }
     }
-    if p.apply_grayscale {
-        crate::grayscale::grayscale(img, n);
-    }
+    let planes = if p.apply_grayscale {
+        crate::grayscale::grayscale_first_plane(img, n);
+        1
+    } else {
+        3
+    };
     // The final clip. After the jitter it is a no-op (every jitter op clips, and grayscale
     // of [0,1] values stays in [0, 0.9999]), so it only runs when the jitter did not.
     if !p.apply_jitter {
-        crate::normalize::clip(img);
+        crate::normalize::clip(&mut img[..planes * n]);
     }
+    p.apply_grayscale
 }

@@ -1,7 +1,7 @@
 //! The end of every view: final clip to [0,1], then per-channel normalisation
-//! `(x - mean_c) / std_c` (computed as `(x - mean_c) * (1 / std_c)` in the fused last pass) (ImageNet mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)
-//! by default) into f32 CHW, and/or `round(255 x)` into u8 HWC for consumers that
-//! normalise on the GPU.
+//! `(x - mean_c) / std_c` (ImageNet mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)
+//! by default; the fused last pass multiplies by `1 / std_c`) into f32 CHW, and/or
+//! `round(255 x)` into u8 HWC for consumers that normalise on the GPU.
 
 use crate::simd::clip01;
 use crate::solarize::solarize_value;
@@ -39,10 +39,12 @@ pub fn to_u8(x: f32) -> u8 {
 
 multiversion! {
     /// The fused last pass of a view: optional solarize (threshold), clip to [0,1], then
-    /// write the normalised f32 CHW output and/or the u8 HWC output.
+    /// write the normalised f32 CHW output and/or the u8 HWC output. `planes` is 3, or 1
+    /// for a gray image held as one plane (read for every channel).
     pub(crate) fn finish(
         img: &[f32],
         n: usize,
+        planes: usize,
         solarize: Option<f32>,
         mean: [f32; 3],
         std: [f32; 3],
@@ -57,7 +59,8 @@ multiversion! {
             for c in 0..3 {
                 // Multiplying by 1/std instead of dividing: within 1 ulp, 10x cheaper.
                 let (m, s) = (mean[c], 1.0 / std[c]);
-                let src = &img[c * n..(c + 1) * n];
+                let p = if planes == 1 { 0 } else { c };
+                let src = &img[p * n..(p + 1) * n];
                 let dst = &mut chw[c * n..(c + 1) * n];
                 if sol {
                     for (d, &x) in dst.iter_mut().zip(src) {
@@ -71,8 +74,8 @@ multiversion! {
             }
         }
         if let Some(hwc) = hwc {
-            let (r, rest) = img.split_at(n);
-            let (g, b) = rest.split_at(n);
+            let plane = |c: usize| if planes == 1 { &img[..n] } else { &img[c * n..(c + 1) * n] };
+            let (r, g, b) = (plane(0), plane(1), plane(2));
             for (i, px) in hwc.chunks_exact_mut(3).enumerate().take(n) {
                 let (mut x0, mut x1, mut x2) = (r[i], g[i], b[i]);
                 if sol {

@@ -12,7 +12,7 @@
 //!  brightness, contrast, saturation, hue, blur, sigma, solarize`.
 
 use crate::blur::{BlurScratch, blur_radius, gaussian_blur, gaussian_kernel_into, trimmed_radius};
-use crate::color_jitter::{ColorParams, color_transform};
+use crate::color_jitter::{ColorParams, color_transform, color_transform_gray_as_one_plane};
 use crate::crop::{CropBox, CropDraws, CropResizer, random_crop_box};
 use crate::error::AugmentError;
 use crate::flip::hflip;
@@ -274,9 +274,15 @@ impl Augmenter {
             size as u32,
         )?;
         load_planes_u8(planes, size, size, params.flip, img);
-        color_and_blur(img, size, size, params, spec, kernel, blur);
+        // A view turned gray stays one plane from here on: the blur and the last pass act
+        // on every channel alike, so it is blurred once and read for all three.
+        let gray = color_transform_gray_as_one_plane(img, n, &params.color);
+        let planes = if gray { 1 } else { 3 };
+        if let Some(sigma) = params.blur_sigma {
+            blur_planes(img, size, size, planes, sigma, spec, kernel, blur);
+        }
         let sol = params.solarize.then_some(spec.solarize_threshold);
-        finish(img, n, sol, spec.mean, spec.std, out.chw, out.hwc);
+        finish(img, n, planes, sol, spec.mean, spec.std, out.chw, out.hwc);
         Ok(())
     }
 }
@@ -295,30 +301,30 @@ fn check_input(src: &[u8], width: u32, height: u32) -> Result<(), AugmentError> 
     Ok(())
 }
 
-/// Colour transform then blur (the part of a view between the load and the last pass).
-fn color_and_blur(
+/// The official blur with `sigma` on the first `planes` planes of `img` (kernel size from
+/// the height, tails below one f32 ulp trimmed).
+#[allow(clippy::too_many_arguments)]
+fn blur_planes(
     img: &mut [f32],
     width: usize,
     height: usize,
-    params: &ViewParams,
+    planes: usize,
+    sigma: f32,
     spec: &ViewSpec,
     kernel: &mut Vec<f32>,
     blur: &mut BlurScratch,
 ) {
-    let n = width * height;
-    color_transform(img, n, &params.color);
-    if let Some(sigma) = params.blur_sigma {
-        let radius = blur_radius(height, spec.blur_divider);
-        gaussian_kernel_into(sigma, radius, kernel);
-        let keep = trimmed_radius(kernel);
-        let taps = &kernel[radius - keep..=radius + keep];
-        gaussian_blur(img, width, height, 3, taps, blur);
-    }
+    let radius = blur_radius(height, spec.blur_divider);
+    gaussian_kernel_into(sigma, radius, kernel);
+    let keep = trimmed_radius(kernel);
+    let taps = &kernel[radius - keep..=radius + keep];
+    gaussian_blur(img, width, height, planes, taps, blur);
 }
 
 /// The official `_postprocess_image` on a planar f32 image already cropped and resized:
 /// flip -> colour transform -> blur -> solarize -> clip (no normalisation). `img` holds 3
-/// planes of `width * height`. Used by tests and tools; the pipeline fuses these steps.
+/// planes of `width * height`. Op by op, for tests and tools; the pipeline fuses these
+/// steps and keeps gray views as one plane.
 pub fn postprocess(
     img: &mut [f32],
     width: usize,
@@ -330,15 +336,11 @@ pub fn postprocess(
     if params.flip {
         hflip(img, width, height, 3);
     }
-    color_and_blur(
-        img,
-        width,
-        height,
-        params,
-        spec,
-        &mut scratch.kernel,
-        &mut scratch.blur,
-    );
+    color_transform(img, width * height, &params.color);
+    if let Some(sigma) = params.blur_sigma {
+        let (kernel, blur) = (&mut scratch.kernel, &mut scratch.blur);
+        blur_planes(img, width, height, 3, sigma, spec, kernel, blur);
+    }
     if params.solarize {
         solarize(img, spec.solarize_threshold);
     }
