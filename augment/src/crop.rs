@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::AugmentError;
 use crate::layout::interleave_u8;
+pub use crate::resample::PlanesOut;
 use crate::resample::{Filter, Resampler};
 
 /// A crop rectangle in pixels of the source image.
@@ -135,8 +136,9 @@ impl CropResizer {
     }
 
     /// Resizes the `crop` of `src` (`width` x `height`, RGB8 HWC) to `out_w` x `out_h` into
-    /// `dst`, 3 planes (R, G, B) of `out_w x out_h` bytes. Pixels outside the box are not
-    /// used: this equals Pillow's `img.crop(box).resize((out_w, out_h), filter)`.
+    /// `dst`, 3 planes (R, G, B) of `out_w x out_h` (bytes, or f32 `x / 255` optionally
+    /// mirrored). Pixels outside the box are not used: this equals Pillow's
+    /// `img.crop(box).resize((out_w, out_h), filter)`.
     #[allow(clippy::too_many_arguments)]
     pub fn crop_resize_planar(
         &mut self,
@@ -145,7 +147,7 @@ impl CropResizer {
         height: u32,
         crop: CropBox,
         interpolation: Interpolation,
-        dst: &mut [u8],
+        dst: PlanesOut<'_>,
         out_w: u32,
         out_h: u32,
     ) -> Result<(), AugmentError> {
@@ -177,7 +179,7 @@ impl CropResizer {
             height,
             crop,
             interpolation,
-            &mut planes,
+            PlanesOut::U8(&mut planes),
             out_w,
             out_h,
         );
@@ -216,7 +218,7 @@ fn check(
     }
     if out_w == 0 || out_h == 0 || dst_len != out_w as usize * out_h as usize * 3 {
         return Err(AugmentError::Resize(format!(
-            "output of {dst_len} bytes for {out_w}x{out_h} RGB8"
+            "output of {dst_len} values for {out_w}x{out_h} RGB"
         )));
     }
     Ok((

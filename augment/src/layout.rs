@@ -1,18 +1,17 @@
 //! Layout conversions between interleaved HWC and planar CHW.
 
 multiversion! {
-    /// Planar u8 (3 planes of `width * height`) -> planar f32 `x / 255`, optionally
-    /// mirrored left/right (the flip fused into the load).
-    pub fn load_planes_u8(src: &[u8], width: usize, height: usize, flip: bool, dst: &mut [f32]) {
-        let n = width * height;
-        for (s, d) in src[..3 * n].chunks_exact(width).zip(dst[..3 * n].chunks_exact_mut(width)) {
+    /// Rows of `width` u8 values -> f32 `x / 255`, each row mirrored left/right when
+    /// `flip`; as many rows as `dst` holds.
+    pub fn unit_from_u8(src: &[u8], width: usize, flip: bool, dst: &mut [f32]) {
+        for (s, d) in src.chunks_exact(width).zip(dst.chunks_exact_mut(width)) {
             if flip {
                 for (d, &s) in d.iter_mut().zip(s.iter().rev()) {
-                    *d = f32::from(s) / 255.0;
+                    *d = crate::simd::unit_u8(s);
                 }
             } else {
                 for (d, &s) in d.iter_mut().zip(s) {
-                    *d = f32::from(s) / 255.0;
+                    *d = crate::simd::unit_u8(s);
                 }
             }
         }

@@ -1,8 +1,8 @@
 //! The two-view pipeline: one decoded RGB8 image in, two augmented views out, written
 //! straight into caller-provided slots.
 //!
-//! Per view, in the official order: random resized crop (fused crop + resize, u8) ->
-//! horizontal flip (fused into the u8 -> f32 load) -> colour jitter in random order (each op
+//! Per view, in the official order: random resized crop (fused crop + resize, u8) -> `/ 255` to f32 and
+//! horizontal flip (both fused into the resize's last pass) -> colour jitter in random order (each op
 //! clipped) -> grayscale -> gaussian blur -> solarize -> clip -> normalise (fused into the
 //! write of the outputs). All random draws come from the view's own stream
 //! ([`SampleKey::view_rng`]), always the same 17 draws in the same order, whatever the
@@ -13,10 +13,9 @@
 
 use crate::blur::{BlurScratch, blur_radius, gaussian_blur, gaussian_kernel_into, trimmed_radius};
 use crate::color_jitter::{ColorParams, color_transform, color_transform_gray_as_one_plane};
-use crate::crop::{CropBox, CropDraws, CropResizer, random_crop_box};
+use crate::crop::{CropBox, CropDraws, CropResizer, PlanesOut, random_crop_box};
 use crate::error::AugmentError;
 use crate::flip::hflip;
-use crate::layout::load_planes_u8;
 use crate::normalize::{clip, finish};
 use crate::rng::{SampleKey, ViewRng};
 use crate::solarize::solarize;
@@ -123,8 +122,6 @@ impl<'a> ViewOut<'a> {
 #[derive(Debug, Default, Clone)]
 pub struct Scratch {
     resizer: CropResizer,
-    /// The resized crop, 3 planes of u8.
-    planes: Vec<u8>,
     img: Vec<f32>,
     kernel: Vec<f32>,
     blur: BlurScratch,
@@ -140,7 +137,6 @@ impl Scratch {
     /// settings, so later calls on such images allocate nothing.
     pub fn reserve_for(&mut self, aug: &Augmenter, max_width: u32, max_height: u32) {
         let n = (aug.size() as usize).pow(2);
-        self.planes.reserve(3 * n);
         self.img.reserve(3 * n);
         self.resizer.reserve(max_width, max_height, aug.size());
     }
@@ -254,11 +250,9 @@ impl Augmenter {
         let spec = self.spec(view);
         let size = self.cfg.size as usize;
         let n = size * size;
-        scratch.planes.resize(3 * n, 0);
         scratch.img.resize(3 * n, 0.0);
         let Scratch {
             resizer,
-            planes,
             img,
             kernel,
             blur,
@@ -269,11 +263,13 @@ impl Augmenter {
             height,
             params.crop,
             spec.interpolation,
-            planes,
+            PlanesOut::Unit {
+                dst: img,
+                flip: params.flip,
+            },
             size as u32,
             size as u32,
         )?;
-        load_planes_u8(planes, size, size, params.flip, img);
         // A view turned gray stays one plane from here on: the blur and the last pass act
         // on every channel alike, so it is blurred once and read for all three.
         let gray = color_transform_gray_as_one_plane(img, n, &params.color);

@@ -7,6 +7,7 @@
 //! clamping after each pass. Unlike a general-purpose resizer it keeps its coefficient
 //! and intermediate buffers between calls, so steady state allocates nothing.
 
+use crate::layout::unit_from_u8;
 use crate::transpose::transpose_u8;
 
 /// Fixed-point precision of the 8-bit coefficients (Pillow's `PRECISION_BITS`).
@@ -151,10 +152,59 @@ fn clip8(v: i32) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
+/// Where a pass writes one output line of u8 values.
+trait LineOut {
+    /// Stores `v` as outputs `at..at + N` of the line.
+    fn put<const N: usize>(&mut self, at: usize, v: &[u8; N]);
+}
+
+/// The bytes as they are.
+struct Bytes<'a>(&'a mut [u8]);
+
+impl LineOut for Bytes<'_> {
+    #[inline(always)]
+    fn put<const N: usize>(&mut self, at: usize, v: &[u8; N]) {
+        self.0[at..at + N].copy_from_slice(v);
+    }
+}
+
+/// Each byte `x` as the f32 `x / 255`.
+struct Unit<'a>(&'a mut [f32]);
+
+impl LineOut for Unit<'_> {
+    #[inline(always)]
+    fn put<const N: usize>(&mut self, at: usize, v: &[u8; N]) {
+        let dst: &mut [f32; N] = (&mut self.0[at..at + N]).try_into().unwrap();
+        for j in 0..N {
+            dst[j] = crate::simd::unit_u8(v[j]);
+        }
+    }
+}
+
+/// As [`Unit`], the line mirrored left/right.
+struct UnitMirrored<'a>(&'a mut [f32]);
+
+impl LineOut for UnitMirrored<'_> {
+    #[inline(always)]
+    fn put<const N: usize>(&mut self, at: usize, v: &[u8; N]) {
+        let end = self.0.len() - at;
+        let dst: &mut [f32; N] = (&mut self.0[end - N..end]).try_into().unwrap();
+        for j in 0..N {
+            dst[N - 1 - j] = crate::simd::unit_u8(v[j]);
+        }
+    }
+}
+
 /// `N` outputs at offset `at`: `clip8(HALF + sum_t k[t] * src[at + t * stride + j])`, with
 /// the sums kept in registers across the taps (eight AVX2 accumulators at `N` = 64).
 #[inline(always)]
-fn lines_block<const N: usize>(src: &[u8], stride: usize, at: usize, k: &[i32], out: &mut [u8]) {
+fn lines_block<const N: usize>(
+    src: &[u8],
+    stride: usize,
+    at: usize,
+    k: &[i32],
+    out: &mut impl LineOut,
+) {
     let mut acc = [HALF; N];
     for (t, &w) in k.iter().enumerate() {
         let line: &[u8; N] = src[at + t * stride..][..N].try_into().unwrap();
@@ -162,37 +212,79 @@ fn lines_block<const N: usize>(src: &[u8], stride: usize, at: usize, k: &[i32], 
             acc[j] += i32::from(line[j]) * w;
         }
     }
-    for (o, &a) in out[at..at + N].iter_mut().zip(&acc) {
-        *o = clip8(a);
+    let mut v = [0u8; N];
+    for j in 0..N {
+        v[j] = clip8(acc[j]);
+    }
+    out.put(at, &v);
+}
+
+/// One output line of a pass: `out[j] = clip8(HALF + sum_t k[t] * src[t * stride + j])`,
+/// i.e. the weighted sum of `k.len()` input lines `stride` bytes apart, rounded to u8.
+/// Vectorised across the line; no accumulator buffer.
+#[inline(always)]
+fn weighted_lines(src: &[u8], stride: usize, k: &[i32], len: usize, out: &mut impl LineOut) {
+    let mut at = 0;
+    while at + 32 <= len {
+        lines_block::<32>(src, stride, at, k, out);
+        at += 32;
+    }
+    while at + 16 <= len {
+        lines_block::<16>(src, stride, at, k, out);
+        at += 16;
+    }
+    if at < len && len >= 16 {
+        // The tail as one more block ending at `len` (recomputes a few outputs).
+        lines_block::<16>(src, stride, len - 16, k, out);
+    } else {
+        for j in at..len {
+            lines_block::<1>(src, stride, j, k, out);
+        }
     }
 }
 
 multiversion! {
-    /// One output line of a pass: `out[j] = clip8(HALF + sum_t k[t] * src[t * stride + j])`,
-    /// i.e. the weighted sum of `k.len()` input lines `stride` bytes apart, rounded to u8.
-    /// Vectorised across the line; no accumulator buffer.
-    fn weighted_lines(src: &[u8], stride: usize, k: &[i32], out: &mut [u8]) {
-        let len = out.len();
-        let mut at = 0;
-        while at + 32 <= len {
-            lines_block::<32>(src, stride, at, k, out);
-            at += 32;
-        }
-        while at + 16 <= len {
-            lines_block::<16>(src, stride, at, k, out);
-            at += 16;
-        }
-        if at < len && len >= 16 {
-            // The tail as one more block ending at `len` (recomputes a few outputs).
-            lines_block::<16>(src, stride, len - 16, k, out);
-        } else {
-            for j in at..len {
-                let mut acc = HALF;
-                for (t, &w) in k.iter().enumerate() {
-                    acc += i32::from(src[t * stride + j]) * w;
-                }
-                out[j] = clip8(acc);
-            }
+    /// [`weighted_lines`] into bytes.
+    fn weighted_lines_u8(src: &[u8], stride: usize, k: &[i32], out: &mut [u8]) {
+        weighted_lines(src, stride, k, out.len(), &mut Bytes(out));
+    }
+}
+
+multiversion! {
+    /// [`weighted_lines`] into f32 `x / 255`.
+    fn weighted_lines_unit(src: &[u8], stride: usize, k: &[i32], out: &mut [f32]) {
+        weighted_lines(src, stride, k, out.len(), &mut Unit(out));
+    }
+}
+
+multiversion! {
+    /// [`weighted_lines`] into f32 `x / 255`, mirrored.
+    fn weighted_lines_unit_mirrored(src: &[u8], stride: usize, k: &[i32], out: &mut [f32]) {
+        weighted_lines(src, stride, k, out.len(), &mut UnitMirrored(out));
+    }
+}
+
+/// What [`Resampler::crop_resize`] writes: 3 planes of `out_w x out_h`.
+#[derive(Debug)]
+pub enum PlanesOut<'a> {
+    /// The resized bytes.
+    U8(&'a mut [u8]),
+    /// The resized bytes `x` as f32 `x / 255`, each row mirrored when `flip` (the first
+    /// steps of a view, fused into the resize's last pass).
+    Unit {
+        /// `3 * out_w * out_h` values.
+        dst: &'a mut [f32],
+        /// Mirror left/right.
+        flip: bool,
+    },
+}
+
+impl PlanesOut<'_> {
+    /// Values the slot holds.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            PlanesOut::U8(d) => d.len(),
+            PlanesOut::Unit { dst, .. } => dst.len(),
         }
     }
 }
@@ -203,7 +295,9 @@ multiversion! {
 /// each plane is transposed so that the horizontal pass is a weighted sum of whole
 /// columns, transposed back, and the vertical pass sums whole rows. Both passes are then
 /// contiguous multiply-adds the compiler vectorises, and the transposes are byte
-/// transposes ([`transpose_u8`]).
+/// transposes ([`transpose_u8`]). For [`PlanesOut::Unit`] the vertical pass writes the
+/// f32 `x / 255` directly and the mirror costs nothing (the horizontal pass writes its
+/// columns in reverse order), so a view's first three steps are one pass.
 #[derive(Debug, Default, Clone)]
 pub struct Resampler {
     x: Axis,
@@ -246,7 +340,7 @@ impl Resampler {
     }
 
     /// Resamples the `cw` x `ch` window at (`cx`, `cy`) of `src` (RGB8 HWC, `width`
-    /// columns) into `dst`, 3 planes (R, G, B) of `out_w x out_h` bytes: Pillow's
+    /// columns) into `dst`, 3 planes (R, G, B) of `out_w x out_h`: Pillow's
     /// `img.crop(box).resize((out_w, out_h), filter)`, split into planes.
     #[allow(clippy::too_many_arguments)]
     pub fn crop_resize(
@@ -255,7 +349,7 @@ impl Resampler {
         width: usize,
         (cx, cy, cw, ch): (usize, usize, usize, usize),
         filter: Filter,
-        dst: &mut [u8],
+        mut dst: PlanesOut<'_>,
         out_w: usize,
         out_h: usize,
     ) {
@@ -287,6 +381,9 @@ impl Resampler {
         // Horizontal pass (Pillow skips it when the width does not change: the weights
         // would be exactly one anyway), on the transposed planes.
         let horizontal = cw != out_w;
+        // A mirrored output is free in the horizontal pass: column `xx` is written as
+        // column `out_w - 1 - xx` (the vertical pass acts on each column alike).
+        let flip = matches!(dst, PlanesOut::Unit { flip: true, .. });
         if horizontal {
             self.x.compute(cw, out_w, filter, width);
             sized(&mut self.cols, 3 * window_len, width * height * 3);
@@ -297,8 +394,8 @@ impl Resampler {
                 transpose_u8(&self.planes[c * window_len..], cw, rows, cw, cols, rows);
                 let cols_out = &mut self.cols_out[c * out_w * rows..][..out_w * rows];
                 for (xx, line) in cols_out.chunks_exact_mut(rows).enumerate() {
-                    let (start, k) = self.x.taps(xx);
-                    weighted_lines(&cols[start * rows..], rows, k, line);
+                    let (start, k) = self.x.taps(if flip { out_w - 1 - xx } else { xx });
+                    weighted_lines_u8(&cols[start * rows..], rows, k, line);
                 }
                 let mid = &mut self.mid[c * rows * out_w..][..rows * out_w];
                 transpose_u8(cols_out, rows, out_w, rows, mid, out_w);
@@ -311,14 +408,38 @@ impl Resampler {
         };
         for c in 0..3 {
             let plane = &rows_from[c * plane_len..][..plane_len];
-            let out = &mut dst[c * n_out..][..n_out];
-            if ch == out_h {
-                out.copy_from_slice(plane);
-                continue;
-            }
-            for (yy, line) in out.chunks_exact_mut(out_w).enumerate() {
-                let (start, k) = self.y.taps(yy);
-                weighted_lines(&plane[(start - first) * out_w..], out_w, k, line);
+            // Pillow skips the vertical pass when the height does not change.
+            match &mut dst {
+                PlanesOut::U8(dst) => {
+                    let out = &mut dst[c * n_out..][..n_out];
+                    if ch == out_h {
+                        out.copy_from_slice(plane);
+                        continue;
+                    }
+                    for (yy, line) in out.chunks_exact_mut(out_w).enumerate() {
+                        let (start, k) = self.y.taps(yy);
+                        weighted_lines_u8(&plane[(start - first) * out_w..], out_w, k, line);
+                    }
+                }
+                PlanesOut::Unit { dst, .. } => {
+                    // Still to mirror when there was no horizontal pass (rare: the crop
+                    // is exactly as wide as the output).
+                    let flip = flip && !horizontal;
+                    let out = &mut dst[c * n_out..][..n_out];
+                    if ch == out_h {
+                        unit_from_u8(plane, out_w, flip, out);
+                        continue;
+                    }
+                    for (yy, line) in out.chunks_exact_mut(out_w).enumerate() {
+                        let (start, k) = self.y.taps(yy);
+                        let src = &plane[(start - first) * out_w..];
+                        if flip {
+                            weighted_lines_unit_mirrored(src, out_w, k, line);
+                        } else {
+                            weighted_lines_unit(src, out_w, k, line);
+                        }
+                    }
+                }
             }
         }
     }
@@ -369,12 +490,12 @@ mod tests {
         let mut r = Resampler::new();
         for f in [Filter::Bilinear, Filter::Bicubic, Filter::Lanczos3] {
             let mut dst = vec![0; w * h * 3];
-            r.crop_resize(&src, w, (0, 0, w, h), f, &mut dst, w, h);
+            r.crop_resize(&src, w, (0, 0, w, h), f, PlanesOut::U8(&mut dst), w, h);
             assert_eq!(dst, planes(&src), "{f:?}");
             let flat = vec![77u8; w * h * 3];
             for (ow, oh) in [(5, 4), (31, 17), (13, 3)] {
                 let mut dst = vec![0; ow * oh * 3];
-                r.crop_resize(&flat, w, (2, 1, 9, 7), f, &mut dst, ow, oh);
+                r.crop_resize(&flat, w, (2, 1, 9, 7), f, PlanesOut::U8(&mut dst), ow, oh);
                 assert!(dst.iter().all(|&v| v == 77), "{f:?} {ow}x{oh}");
             }
         }
@@ -390,8 +511,63 @@ mod tests {
             .collect();
         let mut r = Resampler::new();
         let (mut a, mut b) = (vec![0; 7 * 6 * 3], vec![0; 7 * 6 * 3]);
-        r.crop_resize(&src, w, (cx, cy, cw, ch), Filter::Bicubic, &mut a, 7, 6);
-        r.crop_resize(&crop, cw, (0, 0, cw, ch), Filter::Bicubic, &mut b, 7, 6);
+        r.crop_resize(
+            &src,
+            w,
+            (cx, cy, cw, ch),
+            Filter::Bicubic,
+            PlanesOut::U8(&mut a),
+            7,
+            6,
+        );
+        r.crop_resize(
+            &crop,
+            cw,
+            (0, 0, cw, ch),
+            Filter::Bicubic,
+            PlanesOut::U8(&mut b),
+            7,
+            6,
+        );
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn the_unit_output_is_the_bytes_over_255_mirrored_on_request() {
+        let (w, h) = (21, 17);
+        let src = image(w, h);
+        let mut r = Resampler::new();
+        // Both passes, only the vertical one, only the horizontal one, neither.
+        for (win, (ow, oh)) in [
+            ((2, 3, 15, 11), (19, 23)),
+            ((2, 3, 19, 11), (19, 7)),
+            ((0, 1, 13, 16), (9, 16)),
+            ((4, 0, 9, 12), (9, 12)),
+        ] {
+            let mut bytes = vec![0u8; 3 * ow * oh];
+            r.crop_resize(
+                &src,
+                w,
+                win,
+                Filter::Bicubic,
+                PlanesOut::U8(&mut bytes),
+                ow,
+                oh,
+            );
+            for flip in [false, true] {
+                let mut unit = vec![0f32; 3 * ow * oh];
+                let dst = PlanesOut::Unit {
+                    dst: &mut unit,
+                    flip,
+                };
+                r.crop_resize(&src, w, win, Filter::Bicubic, dst, ow, oh);
+                for (i, &got) in unit.iter().enumerate() {
+                    let (row, x) = (i / ow, i % ow);
+                    let from = row * ow + if flip { ow - 1 - x } else { x };
+                    let want = f32::from(bytes[from]) / 255.0;
+                    assert_eq!(got, want, "{win:?} -> {ow}x{oh}, flip {flip}, value {i}");
+                }
+            }
+        }
     }
 }

@@ -65,3 +65,31 @@ pub(crate) fn wrap_unit(x: f32) -> f32 {
     let y = if x < 0.0 { x + 1.0 } else { x };
     if y >= 1.0 { y - 1.0 } else { y }
 }
+
+/// `x / 255` as f32, bit for bit the division, as one multiply and one fused multiply-add:
+/// `x * HI + x * LO` with `HI + LO` = 1/255 to 48 bits (the test checks all 256 inputs).
+/// About 3x the division's throughput; on a CPU without FMA `mul_add` is a (correct)
+/// library call.
+#[inline(always)]
+pub(crate) fn unit_u8(x: u8) -> f32 {
+    const HI: f32 = 0.003_921_569;
+    const LO: f32 = -2.319_175_8e-10;
+    let x = f32::from(x);
+    x.mul_add(HI, x * LO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_u8_is_the_division_for_every_byte() {
+        for x in 0..=255u8 {
+            assert_eq!(
+                unit_u8(x).to_bits(),
+                (f32::from(x) / 255.0).to_bits(),
+                "{x}"
+            );
+        }
+    }
+}

@@ -479,7 +479,7 @@ fn the_fused_pipeline_equals_the_op_by_op_chain() {
                         h,
                         params.crop,
                         spec.interpolation,
-                        &mut planes,
+                        byol_augment::crop::PlanesOut::U8(&mut planes),
                         size,
                         size,
                     )

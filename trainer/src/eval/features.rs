@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use byol_augment::crop::{CropResizer, center_crop_box};
+use byol_augment::crop::{CropResizer, PlanesOut, center_crop_box};
 use byol_augment::normalize::{IMAGENET_MEAN, IMAGENET_STD};
 use byol_augment::{AugmentError, Interpolation};
 use byol_ingest::{Dataset, Progress, RecordRef, RecordScratch};
@@ -55,37 +55,39 @@ impl Preprocess {
     }
 
     /// Centre-crops and resizes `rgb` (RGB8 HWC, `width` x `height`) into `out`
-    /// (normalised f32 CHW, [`Preprocess::len`] values); `buf` and `resizer` are reused.
+    /// (normalised f32 CHW, [`Preprocess::len`] values); `resizer` is reused.
     pub fn apply(
         &self,
         rgb: &[u8],
         width: u32,
         height: u32,
         resizer: &mut CropResizer,
-        buf: &mut Vec<u8>,
         out: &mut [f32],
     ) -> Result<(), AugmentError> {
         if width == 0 || height == 0 {
             return Err(AugmentError::BadInput(format!("image is {width}x{height}")));
         }
         let n = self.size as usize * self.size as usize;
-        buf.resize(3 * n, 0);
         let crop = center_crop_box(height, width, self.size, self.crop_padding);
+        let dst = PlanesOut::Unit {
+            dst: &mut out[..3 * n],
+            flip: false,
+        };
         resizer.crop_resize_planar(
             rgb,
             width,
             height,
             crop,
             self.interpolation,
-            buf,
+            dst,
             self.size,
             self.size,
         )?;
         for c in 0..3 {
-            // As the views' last pass: scale to [0, 1], then (x - mean) * (1 / std).
+            // As the views' last pass: (x - mean) * (1 / std) on the [0, 1] values.
             let (m, s) = (self.mean[c], 1.0 / self.std[c]);
-            for (o, &v) in out[c * n..(c + 1) * n].iter_mut().zip(&buf[c * n..]) {
-                *o = (f32::from(v) / 255.0 - m) * s;
+            for o in &mut out[c * n..(c + 1) * n] {
+                *o = (*o - m) * s;
             }
         }
         Ok(())
@@ -194,12 +196,12 @@ fn for_each_batch(
     progress.add_total(records.len() as u64);
     let len = pre.len();
     let mut input = vec![0f32; batch * len];
-    let (mut scratch, mut rgb, mut buf) = (RecordScratch::default(), Vec::new(), Vec::new());
+    let (mut scratch, mut rgb) = (RecordScratch::default(), Vec::new());
     let mut resizer = CropResizer::new();
     for chunk in records.chunks(batch) {
         for (slot, &(r, _)) in input.chunks_exact_mut(len).zip(chunk) {
             let meta = dataset.read_rgb(r, &mut scratch, &mut rgb)?;
-            pre.apply(&rgb, meta.width, meta.height, &mut resizer, &mut buf, slot)
+            pre.apply(&rgb, meta.width, meta.height, &mut resizer, slot)
                 .map_err(|e| EvalError::Data {
                     path: dataset.dir().to_owned(),
                     reason: format!("shard {} record {}: {e}", r.shard, r.index),
@@ -268,15 +270,8 @@ mod tests {
         // A uniform 6x4 image: every output pixel is the normalised colour.
         let rgb: Vec<u8> = (0..24).flat_map(|_| [255u8, 0, 128]).collect();
         let mut out = vec![0f32; pre.len()];
-        pre.apply(
-            &rgb,
-            6,
-            4,
-            &mut CropResizer::new(),
-            &mut Vec::new(),
-            &mut out,
-        )
-        .unwrap();
+        pre.apply(&rgb, 6, 4, &mut CropResizer::new(), &mut out)
+            .unwrap();
         let expect = [
             (1.0 - IMAGENET_MEAN[0]) * (1.0 / IMAGENET_STD[0]),
             (0.0 - IMAGENET_MEAN[1]) * (1.0 / IMAGENET_STD[1]),
