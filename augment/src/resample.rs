@@ -34,6 +34,7 @@ impl Filter {
         }
     }
 
+    #[inline(always)]
     fn weight(self, x: f64) -> f64 {
         match self {
             Filter::Bilinear => {
@@ -93,7 +94,6 @@ impl Axis {
         self.ksize = ksize;
         self.start.clear();
         self.len.clear();
-        self.k.clear();
         // Capacity for the widest kernel any window of the image can need, so buffers
         // reach their final size on the first image of a given size.
         let ksize_max =
@@ -105,19 +105,45 @@ impl Axis {
         );
         sized(&mut self.scratch, ksize, ksize_max.max(ksize));
         let ss = 1.0 / filterscale;
-        for xx in 0..out_size {
+        // One loop per filter, so the weight function is inlined without a match per tap.
+        match filter {
+            Filter::Bilinear => self.fill(in_size, out_size, scale, support, ss, |x| {
+                Filter::Bilinear.weight(x)
+            }),
+            Filter::Bicubic => self.fill(in_size, out_size, scale, support, ss, |x| {
+                Filter::Bicubic.weight(x)
+            }),
+            Filter::Lanczos3 => self.fill(in_size, out_size, scale, support, ss, |x| {
+                Filter::Lanczos3.weight(x)
+            }),
+        }
+    }
+
+    /// The loop of [`Axis::compute`] with the filter's weight function `weight`, in
+    /// Pillow's order of f64 operations (so the fixed-point weights are Pillow's).
+    #[inline(always)]
+    fn fill(
+        &mut self,
+        in_size: usize,
+        out_size: usize,
+        scale: f64,
+        support: f64,
+        ss: f64,
+        weight: impl Fn(f64) -> f64,
+    ) {
+        let ksize = self.ksize;
+        for (xx, k) in self.k.chunks_exact_mut(ksize).take(out_size).enumerate() {
             let center = (xx as f64 + 0.5) * scale;
             let xmin = ((center - support + 0.5) as isize).max(0) as usize;
             let xmax = ((center + support + 0.5) as isize).min(in_size as isize) as usize;
-            let n = xmax.saturating_sub(xmin);
+            let n = xmax.saturating_sub(xmin).min(ksize);
+            let ws = &mut self.scratch[..n];
             let mut ww = 0.0;
-            for x in 0..n {
-                let w = filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss);
-                self.scratch[x] = w;
-                ww += w;
+            for (x, w) in ws.iter_mut().enumerate() {
+                *w = weight((x as f64 + xmin as f64 - center + 0.5) * ss);
+                ww += *w;
             }
-            let k = &mut self.k[xx * ksize..xx * ksize + n];
-            for (dst, &w) in k.iter_mut().zip(&self.scratch[..n]) {
+            for (dst, &w) in k[..n].iter_mut().zip(ws.iter()) {
                 let w = if ww != 0.0 { w / ww } else { w };
                 let fixed = w * f64::from(1u32 << PRECISION_BITS);
                 *dst = if w < 0.0 {
@@ -139,12 +165,15 @@ impl Axis {
     }
 }
 
-/// Resizes `v` to `len`, reserving at least `capacity` when it must grow.
+/// Makes `v` at least `len` long (reserving at least `capacity` when it must grow); it
+/// never shrinks, so steady state writes no fill. Users slice what they need.
 fn sized<T: Clone + Default>(v: &mut Vec<T>, len: usize, capacity: usize) {
-    if v.capacity() < len {
-        v.reserve_exact(len.max(capacity) - v.len());
+    if v.len() < len {
+        if v.capacity() < len {
+            v.reserve_exact(len.max(capacity) - v.len());
+        }
+        v.resize(len, T::default());
     }
-    v.resize(len, T::default());
 }
 
 #[inline(always)]
