@@ -150,25 +150,28 @@ pub fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
     (r + m, g + m, b + m)
 }
 
-/// HSV -> RGB by the per-channel formula `v - c * clamp(min(k, 4 - k), 0, 1)`,
-/// `k = (n + 6h) mod 6` for n = 5, 3, 1 (r, g, b), chroma `c = s * v`, for `h` in [0, 1).
-/// In real arithmetic it equals [`hsv_to_rgb`]; it has no sector selects, so it vectorises
-/// to about half the instructions. Differences are f32 rounding (below 1e-6; the fixtures
-/// allow 2e-3 and name "another HSV formula" as the reason).
+/// HSV -> RGB without sector selects: `m + c * p_n(6h)` with chroma `c = s * v`,
+/// `m = v - c`, and the pure-hue ramps `p_r = clip(|6h - 3| - 1)`, `p_g = clip(2 - |6h - 2|)`,
+/// `p_b = clip(2 - |6h - 4|)`, for `h` in [0, 1). In real arithmetic it equals
+/// [`hsv_to_rgb`]; it vectorises to a fraction of the instructions. Differences are f32
+/// rounding (below 1e-6; the fixtures allow 2e-3 and name "another HSV formula" as the
+/// reason).
 #[inline(always)]
 pub fn hsv_to_rgb_fast(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
     hcv_to_rgb(h, s * v, v)
 }
 
+/// [`hsv_to_rgb_fast`] from hue, chroma and value. With `0 <= c <= v <= 1` every channel
+/// is in [0, 1] after rounding: `m >= 0`, and `m + c` is `v` plus the rounding error of
+/// `m`, which rounds to `v` or (for `v < 1` only) the float after it, at most 1.
 #[inline(always)]
 fn hcv_to_rgb(h: f32, c: f32, v: f32) -> (f32, f32, f32) {
     let h6 = h * 6.0;
-    let ch = |n: f32| {
-        let k = n + h6;
-        let k = if k >= 6.0 { k - 6.0 } else { k };
-        v - c * clip01(min_f32(k, 4.0 - k))
-    };
-    (ch(5.0), ch(3.0), ch(1.0))
+    let m = v - c;
+    let pr = clip01((h6 - 3.0).abs() - 1.0);
+    let pg = clip01(2.0 - (h6 - 2.0).abs());
+    let pb = clip01(2.0 - (h6 - 4.0).abs());
+    (c.mul_add(pr, m), c.mul_add(pg, m), c.mul_add(pb, m))
 }
 
 multiversion! {
@@ -185,14 +188,17 @@ multiversion! {
             let v = max_f32(max_f32(rv, gv), bv);
             let range = v - min_f32(min_f32(rv, gv), bv);
             // A gray pixel (range 0) has r == v and g - b == 0, so h = 0 with a finite norm.
+            // The sector's difference and offset are selected first, then one product and
+            // one sum, as the official code computes each sector (the red sector adds 0).
             let norm = 1.0 / (6.0 * max_f32(range, f32::MIN_POSITIVE));
-            let h = if rv == v {
-                norm * (gv - bv)
+            let (d, off) = if rv == v {
+                (gv - bv, 0.0)
             } else if gv == v {
-                norm * (bv - rv) + TWO_SIXTHS
+                (bv - rv, TWO_SIXTHS)
             } else {
-                norm * (rv - gv) + FOUR_SIXTHS
+                (rv - gv, FOUR_SIXTHS)
             };
+            let h = norm * d + off;
             // sat >= 0, so the chroma needs no lower clip.
             let c = min_f32(range * sat, v);
             // `(h + delta) mod 1`, and `h mod 1` again before the sector lookup, as the
@@ -201,8 +207,7 @@ multiversion! {
             // rounding (h in [-1/6, 1), |delta| <= 0.5 validated, so the sum is in
             // [-1, 2), where `wrap_unit` is exact).
             let h = wrap_unit(h + hue);
-            // No clip needed: each channel is v - c * t with t in [0, 1] and 0 <= c <= v,
-            // which lands in [0, v] even after rounding (c * t <= c <= v as floats).
+            // No clip needed: 0 <= c <= v <= 1 (see `hcv_to_rgb`).
             let (nr, ng, nb) = hcv_to_rgb(h, c, v);
             *r = nr;
             *g = ng;

@@ -506,3 +506,36 @@ fn the_fused_pipeline_equals_the_op_by_op_chain() {
         assert!(orders.len() > 10, "the samples cover the jitter orders");
     }
 }
+
+/// The fused saturation + hue step writes no clip: its formula must stay in [0, 1] after
+/// rounding, at the edges too (channels at 1, just below 1, at 0 and tiny).
+#[test]
+fn the_hue_step_stays_in_the_unit_range() {
+    use byol_augment::color_jitter::saturation_hue;
+    let below_one = f32::from_bits(1f32.to_bits() - 1);
+    let levels = [0.0, 1e-7, 0.1, 1.0 / 3.0, 0.5, 0.7, 0.999, below_one, 1.0];
+    let mut px = Vec::new();
+    for &r in &levels {
+        for &g in &levels {
+            for &b in &levels {
+                px.push([r, g, b]);
+            }
+        }
+    }
+    let n = px.len();
+    let chw: Vec<f32> = (0..3).flat_map(|c| px.iter().map(move |p| p[c])).collect();
+    for sat in [0.0f32, 0.6, 1.0, 1.4, 8.0] {
+        for i in 0..=40 {
+            let hue = -0.5 + i as f32 / 40.0;
+            let mut img = chw.clone();
+            saturation_hue(&mut img, n, sat, hue);
+            for (j, &x) in img.iter().enumerate() {
+                assert!(
+                    (0.0..=1.0).contains(&x),
+                    "sat {sat} hue {hue}: pixel {:?} gave {x}",
+                    px[j % n]
+                );
+            }
+        }
+    }
+}
