@@ -11,7 +11,7 @@
 //! share one HSV round trip (exactly the same function in real arithmetic: they touch
 //! different HSV components and the intermediate clip and RGB->HSV->RGB are identities).
 
-use crate::simd::{clip01, floor_f32, max_f32, min_f32, wrap_unit};
+use crate::simd::{clip01, floor_f32, fma, max_f32, min_f32, wrap_unit};
 
 /// The random parameters of one colour transform. `None` = op disabled in the config.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -158,20 +158,20 @@ pub fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
 /// reason).
 #[inline(always)]
 pub fn hsv_to_rgb_fast(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
-    hcv_to_rgb(h, s * v, v)
+    hcv_to_rgb::<true>(h, s * v, v)
 }
 
 /// [`hsv_to_rgb_fast`] from hue, chroma and value. With `0 <= c <= v <= 1` every channel
 /// is in [0, 1] after rounding: `m >= 0`, and `m + c` is `v` plus the rounding error of
 /// `m`, which rounds to `v` or (for `v < 1` only) the float after it, at most 1.
 #[inline(always)]
-fn hcv_to_rgb(h: f32, c: f32, v: f32) -> (f32, f32, f32) {
+fn hcv_to_rgb<const FMA: bool>(h: f32, c: f32, v: f32) -> (f32, f32, f32) {
     let h6 = h * 6.0;
     let m = v - c;
     let pr = clip01((h6 - 3.0).abs() - 1.0);
     let pg = clip01(2.0 - (h6 - 2.0).abs());
     let pb = clip01(2.0 - (h6 - 4.0).abs());
-    (c.mul_add(pr, m), c.mul_add(pg, m), c.mul_add(pb, m))
+    (fma::<FMA>(c, pr, m), fma::<FMA>(c, pg, m), fma::<FMA>(c, pb, m))
 }
 
 multiversion! {
@@ -208,7 +208,7 @@ multiversion! {
             // [-1, 2), where `wrap_unit` is exact).
             let h = wrap_unit(h + hue);
             // No clip needed: 0 <= c <= v <= 1 (see `hcv_to_rgb`).
-            let (nr, ng, nb) = hcv_to_rgb(h, c, v);
+            let (nr, ng, nb) = hcv_to_rgb::<FMA>(h, c, v);
             *r = nr;
             *g = ng;
             *b = nb;

@@ -7,11 +7,11 @@ multiversion! {
         for (s, d) in src.chunks_exact(width).zip(dst.chunks_exact_mut(width)) {
             if flip {
                 for (d, &s) in d.iter_mut().zip(s.iter().rev()) {
-                    *d = crate::simd::unit_u8(s);
+                    *d = crate::simd::unit_u8::<FMA>(s);
                 }
             } else {
                 for (d, &s) in d.iter_mut().zip(s) {
-                    *d = crate::simd::unit_u8(s);
+                    *d = crate::simd::unit_u8::<FMA>(s);
                 }
             }
         }

@@ -197,29 +197,29 @@ impl LineOut for Bytes<'_> {
     }
 }
 
-/// Each byte `x` as the f32 `x / 255`.
-struct Unit<'a>(&'a mut [f32]);
+/// Each byte `x` as the f32 `x / 255` (`FMA`: see [`crate::simd`]).
+struct Unit<'a, const FMA: bool>(&'a mut [f32]);
 
-impl LineOut for Unit<'_> {
+impl<const FMA: bool> LineOut for Unit<'_, FMA> {
     #[inline(always)]
     fn put<const N: usize>(&mut self, at: usize, v: &[u8; N]) {
         let dst: &mut [f32; N] = (&mut self.0[at..at + N]).try_into().unwrap();
         for j in 0..N {
-            dst[j] = crate::simd::unit_u8(v[j]);
+            dst[j] = crate::simd::unit_u8::<FMA>(v[j]);
         }
     }
 }
 
 /// As [`Unit`], the line mirrored left/right.
-struct UnitMirrored<'a>(&'a mut [f32]);
+struct UnitMirrored<'a, const FMA: bool>(&'a mut [f32]);
 
-impl LineOut for UnitMirrored<'_> {
+impl<const FMA: bool> LineOut for UnitMirrored<'_, FMA> {
     #[inline(always)]
     fn put<const N: usize>(&mut self, at: usize, v: &[u8; N]) {
         let end = self.0.len() - at;
         let dst: &mut [f32; N] = (&mut self.0[end - N..end]).try_into().unwrap();
         for j in 0..N {
-            dst[N - 1 - j] = crate::simd::unit_u8(v[j]);
+            dst[N - 1 - j] = crate::simd::unit_u8::<FMA>(v[j]);
         }
     }
 }
@@ -282,14 +282,14 @@ multiversion! {
 multiversion! {
     /// [`weighted_lines`] into f32 `x / 255`.
     fn weighted_lines_unit(src: &[u8], stride: usize, k: &[i32], out: &mut [f32]) {
-        weighted_lines(src, stride, k, out.len(), &mut Unit(out));
+        weighted_lines(src, stride, k, out.len(), &mut Unit::<FMA>(out));
     }
 }
 
 multiversion! {
     /// [`weighted_lines`] into f32 `x / 255`, mirrored.
     fn weighted_lines_unit_mirrored(src: &[u8], stride: usize, k: &[i32], out: &mut [f32]) {
-        weighted_lines(src, stride, k, out.len(), &mut UnitMirrored(out));
+        weighted_lines(src, stride, k, out.len(), &mut UnitMirrored::<FMA>(out));
     }
 }
 

@@ -1,6 +1,10 @@
 //! Function multiversioning: hot loops are written once as plain f32 code the compiler
 //! vectorises, and compiled twice: for the baseline target and with AVX2 + FMA, picked at
 //! run time (the check is a cached atomic load). No hand-written intrinsics.
+//!
+//! Each body sees a `const FMA: bool`: whether its build has hardware fused multiply-add.
+//! Helpers that use one take it as a parameter ([`fma`], [`unit_u8`]), so a baseline x86-64
+//! build never calls the (correct but slow) software `fmaf`.
 
 /// Defines `fn name(args)` that runs an AVX2 build of `body` when the CPU has it.
 /// The body should only call `#[inline(always)]` helpers so they get the same features.
@@ -13,7 +17,11 @@ macro_rules! multiversion {
             {
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
-                fn avx2($($arg: $ty),*) $(-> $ret)? $body
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    #[allow(dead_code)]
+                    const FMA: bool = true;
+                    $body
+                }
                 if std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
                 {
@@ -22,10 +30,23 @@ macro_rules! multiversion {
                 }
             }
             #[allow(clippy::too_many_arguments)]
-            fn generic($($arg: $ty),*) $(-> $ret)? $body
+            fn generic($($arg: $ty),*) $(-> $ret)? {
+                #[allow(dead_code)]
+                const FMA: bool = $crate::simd::NATIVE_FMA;
+                $body
+            }
             generic($($arg),*)
         }
     };
+}
+
+/// Whether the baseline build has hardware fused multiply-add.
+pub(crate) const NATIVE_FMA: bool = cfg!(any(target_feature = "fma", target_arch = "aarch64"));
+
+/// `a * b + c`, fused (one rounding) when `FMA`, else two roundings.
+#[inline(always)]
+pub(crate) fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
 /// `floor(x)` for |x| < 2^22, exact, in plain float ops so it vectorises everywhere (no
@@ -66,16 +87,15 @@ pub(crate) fn wrap_unit(x: f32) -> f32 {
     if y >= 1.0 { y - 1.0 } else { y }
 }
 
-/// `x / 255` as f32, bit for bit the division, as one multiply and one fused multiply-add:
-/// `x * HI + x * LO` with `HI + LO` = 1/255 to 48 bits (the test checks all 256 inputs).
-/// About 3x the division's throughput; on a CPU without FMA `mul_add` is a (correct)
-/// library call.
+/// `x / 255` as f32, bit for bit the division. With `FMA` it is one multiply and one fused
+/// multiply-add, `x * HI + x * LO` with `HI + LO` = 1/255 to 48 bits (the test checks all
+/// 256 inputs), about 3x the division's throughput; without, the division.
 #[inline(always)]
-pub(crate) fn unit_u8(x: u8) -> f32 {
+pub(crate) fn unit_u8<const FMA: bool>(x: u8) -> f32 {
     const HI: f32 = 0.003_921_569;
     const LO: f32 = -2.319_175_8e-10;
     let x = f32::from(x);
-    x.mul_add(HI, x * LO)
+    if FMA { x.mul_add(HI, x * LO) } else { x / 255.0 }
 }
 
 #[cfg(test)]
@@ -85,11 +105,9 @@ mod tests {
     #[test]
     fn unit_u8_is_the_division_for_every_byte() {
         for x in 0..=255u8 {
-            assert_eq!(
-                unit_u8(x).to_bits(),
-                (f32::from(x) / 255.0).to_bits(),
-                "{x}"
-            );
+            let want = (f32::from(x) / 255.0).to_bits();
+            assert_eq!(unit_u8::<true>(x).to_bits(), want, "{x}");
+            assert_eq!(unit_u8::<false>(x).to_bits(), want, "{x}");
         }
     }
 }
