@@ -1,4 +1,5 @@
-//! Two-view throughput, decode included (as in ../shared/bench/peer_torchvision_aug.py).
+//! Two-view throughput, decode included (as in ../shared/bench/peer_torchvision_aug.py),
+//! with the loader's decoder (`byol_ingest::decode::decode_rgb8_into`).
 //!
 //! `cargo bench -p byol-augment --bench two_views [-- --reps 3 --only 224]`
 //!
@@ -8,13 +9,12 @@
 //! size, like the peer), f32 CHW normalised output. Threads: 1 and 2 (rayon); img/s per
 //! core = img/s / threads. Median of `--reps` timed passes after one warm-up pass.
 
-use std::io::{Cursor, Read};
+use std::io::Read;
 use std::path::Path;
 use std::time::Instant;
 
 use byol_augment::{AugmentConfig, Augmenter, SampleKey, Scratch, ViewOut};
-use image::ImageDecoder;
-use image::codecs::jpeg::JpegDecoder;
+use byol_ingest::decode::{DecodeLimits, decode_rgb8_into};
 use rayon::prelude::*;
 
 const PHOTOS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/photos256");
@@ -55,16 +55,8 @@ impl Worker {
     fn decode(&mut self, src: &Source, i: usize) -> (u32, u32) {
         match src {
             Source::Jpeg(files) => {
-                let dec = JpegDecoder::new(Cursor::new(&files[i])).expect("jpeg header");
-                let (w, h) = dec.dimensions();
-                let color = dec.color_type();
-                self.rgb.resize(dec.total_bytes() as usize, 0);
-                dec.read_image(&mut self.rgb).expect("jpeg decode");
-                if color == image::ColorType::L8 {
-                    let gray = std::mem::take(&mut self.rgb);
-                    self.rgb = gray.iter().flat_map(|&g| [g, g, g]).collect();
-                }
-                (w, h)
+                decode_rgb8_into(&files[i], &DecodeLimits::default(), &mut self.rgb)
+                    .expect("jpeg decode")
             }
             Source::Gray28(imgs) => {
                 self.rgb.clear();

@@ -171,7 +171,11 @@ fn hcv_to_rgb<const FMA: bool>(h: f32, c: f32, v: f32) -> (f32, f32, f32) {
     let pr = clip01((h6 - 3.0).abs() - 1.0);
     let pg = clip01(2.0 - (h6 - 2.0).abs());
     let pb = clip01(2.0 - (h6 - 4.0).abs());
-    (fma::<FMA>(c, pr, m), fma::<FMA>(c, pg, m), fma::<FMA>(c, pb, m))
+    (
+        fma::<FMA>(c, pr, m),
+        fma::<FMA>(c, pg, m),
+        fma::<FMA>(c, pb, m),
+    )
 }
 
 multiversion! {

@@ -95,7 +95,11 @@ pub(crate) fn unit_u8<const FMA: bool>(x: u8) -> f32 {
     const HI: f32 = 0.003_921_569;
     const LO: f32 = -2.319_175_8e-10;
     let x = f32::from(x);
-    if FMA { x.mul_add(HI, x * LO) } else { x / 255.0 }
+    if FMA {
+        x.mul_add(HI, x * LO)
+    } else {
+        x / 255.0
+    }
 }
 
 #[cfg(test)]

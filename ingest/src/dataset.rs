@@ -176,7 +176,7 @@ impl Dataset {
     /// Decodes a record to RGB8 pixels in `out` (`width * height * 3` bytes).
     ///
     /// `scratch` holds reusable buffers; in steady state nothing is allocated for the
-    /// `raw-rgb8` codec.
+    /// `raw-rgb8` codec, nor for colour JPEGs of the `encoded` codec.
     pub fn read_rgb(
         &self,
         r: RecordRef,
@@ -194,21 +194,16 @@ impl Dataset {
                     index: r.index as usize,
                     reason,
                 };
-                let img = decode::decode_rgb8(&scratch.encoded, &DecodeLimits::default())
-                    .map_err(|e| corrupt(e.to_string()))?
-                    .image;
-                if img.dimensions() != (meta.width, meta.height) {
+                let (w, h) =
+                    decode::decode_rgb8_into(&scratch.encoded, &DecodeLimits::default(), out)
+                        .map_err(|e| corrupt(e.to_string()))?;
+                if (w, h) != (meta.width, meta.height) {
                     return Err(corrupt(format!(
-                        "decodes to {}x{}, index says {}x{}",
-                        img.width(),
-                        img.height(),
-                        meta.width,
-                        meta.height
+                        "decodes to {w}x{h}, index says {}x{}",
+                        meta.width, meta.height
                     ))
                     .into());
                 }
-                out.clear();
-                out.extend_from_slice(img.as_raw());
                 Ok(meta)
             }
         }

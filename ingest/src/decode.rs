@@ -99,6 +99,79 @@ pub fn decode_rgb8(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, Decod
     })
 }
 
+/// Decodes `bytes` like [`decode_rgb8`], into `out` (resized to `width * height * 3`),
+/// and returns `(width, height)`. Colour JPEGs without an orientation transform (most
+/// photos) are decoded straight into `out`: one header parse, no intermediate image, and
+/// no allocation once `out` has grown. Everything else takes [`decode_rgb8`].
+pub fn decode_rgb8_into(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    out: &mut Vec<u8>,
+) -> Result<(u32, u32), DecodeError> {
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF])
+        && let Some(dims) = decode_jpeg_into(bytes, limits, out)?
+    {
+        return Ok(dims);
+    }
+    let img = decode_rgb8(bytes, limits)?.image;
+    out.clear();
+    out.extend_from_slice(img.as_raw());
+    Ok(img.dimensions())
+}
+
+/// The direct JPEG path of [`decode_rgb8_into`]; `None` when the file needs the general
+/// path (gray or CMYK data, or an EXIF orientation to apply).
+fn decode_jpeg_into(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    out: &mut Vec<u8>,
+) -> Result<Option<(u32, u32)>, DecodeError> {
+    use zune_core::colorspace::ColorSpace;
+    if !jpeg_has_end(bytes) {
+        return Err(DecodeError::Corrupt(
+            "truncated JPEG (no end-of-image marker after the last scan)".into(),
+        ));
+    }
+    let side = limits.max_dimension as usize;
+    let options = zune_core::options::DecoderOptions::default()
+        .set_strict_mode(false)
+        .set_max_width(side)
+        .set_max_height(side)
+        .jpeg_set_out_colorspace(ColorSpace::RGB);
+    let corrupt = |e: zune_jpeg::errors::DecodeErrors| DecodeError::Corrupt(e.to_string());
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(
+        zune_core::bytestream::ZCursor::new(bytes),
+        options,
+    );
+    decoder.decode_headers().map_err(corrupt)?;
+    let (Some(info), Some(space)) = (decoder.info(), decoder.input_colorspace()) else {
+        return Ok(None);
+    };
+    if !matches!(space, ColorSpace::YCbCr | ColorSpace::RGB) {
+        return Ok(None);
+    }
+    let orientation = decoder
+        .exif()
+        .and_then(|exif| Orientation::from_exif_chunk(exif))
+        .unwrap_or(Orientation::NoTransforms);
+    if orientation != Orientation::NoTransforms {
+        return Ok(None);
+    }
+    let (w, h) = (u32::from(info.width), u32::from(info.height));
+    if w == 0 || h == 0 {
+        return Err(DecodeError::Corrupt(format!("{w}x{h} image has no pixels")));
+    }
+    if u64::from(w) * u64::from(h) > limits.max_pixels {
+        return Err(DecodeError::TooLarge(format!(
+            "{w}x{h} exceeds the limit of {} pixels",
+            limits.max_pixels
+        )));
+    }
+    out.resize(w as usize * h as usize * 3, 0);
+    decoder.decode_into(out).map_err(corrupt)?;
+    Ok(Some((w, h)))
+}
+
 /// True when an end-of-image marker follows the last start-of-scan marker.
 ///
 /// Searches from the end: only the bytes after the last EOI are scanned for an SOS.
@@ -273,5 +346,45 @@ mod tests {
             decode_rgb8(b"", &limits).err(),
             Some(DecodeError::NotAnImage)
         );
+    }
+
+    #[test]
+    fn decoding_into_a_buffer_equals_the_general_path() {
+        let limits = DecodeLimits::default();
+        let img = RgbImage::from_fn(37, 23, |x, y| {
+            image::Rgb([(x * 7) as u8, (y * 11) as u8, ((x + y) * 5) as u8])
+        });
+        let gray = image::GrayImage::from_fn(19, 13, |x, y| image::Luma([(x * y) as u8]));
+        let mut gray_jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut gray_jpeg, 90)
+            .encode_image(&gray)
+            .unwrap();
+        // A colour JPEG (the direct path), a gray JPEG and a PNG (the general path).
+        let files = [
+            encode_jpeg(&img, 90).unwrap(),
+            gray_jpeg,
+            encode_png(&img).unwrap(),
+        ];
+        let mut out = vec![1u8; 5]; // stale content must not leak through
+        for bytes in &files {
+            let want = decode_rgb8(bytes, &limits).unwrap().image;
+            let dims = decode_rgb8_into(bytes, &limits, &mut out).unwrap();
+            assert_eq!(dims, want.dimensions());
+            assert_eq!(out, want.as_raw().as_slice());
+        }
+        let jpeg = &files[0];
+        let cut = &jpeg[..jpeg.len() / 2];
+        assert!(matches!(
+            decode_rgb8_into(cut, &limits, &mut out),
+            Err(DecodeError::Corrupt(_))
+        ));
+        let small = DecodeLimits {
+            max_pixels: 100,
+            ..limits
+        };
+        assert!(matches!(
+            decode_rgb8_into(jpeg, &small, &mut out),
+            Err(DecodeError::TooLarge(_))
+        ));
     }
 }
