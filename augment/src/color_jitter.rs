@@ -234,9 +234,10 @@ multiversion! {
             let range = v - min_f32(min_f32(*r, *g), *b);
             // s' / s = min(factor, 1 / s) = min(factor, v / range); gray pixels stay.
             let ratio = if range > 0.0 { min_f32(factor, v / range) } else { 0.0 };
-            *r = clip01(v - (v - *r) * ratio);
-            *g = clip01(v - (v - *g) * ratio);
-            *b = clip01(v - (v - *b) * ratio);
+            // `v + (x - v) * ratio` is at most v (x <= v), so only the lower clip can act.
+            *r = max_f32(fma::<FMA>(*r - v, ratio, v), 0.0);
+            *g = max_f32(fma::<FMA>(*g - v, ratio, v), 0.0);
+            *b = max_f32(fma::<FMA>(*b - v, ratio, v), 0.0);
         }
     }
 }

@@ -507,11 +507,12 @@ fn the_fused_pipeline_equals_the_op_by_op_chain() {
     }
 }
 
-/// The fused saturation + hue step writes no clip: its formula must stay in [0, 1] after
-/// rounding, at the edges too (channels at 1, just below 1, at 0 and tiny).
+/// The HSV steps clip less than the official code (saturation only from below, the fused
+/// saturation + hue not at all): their formulas must stay in [0, 1] after rounding, at the
+/// edges too (channels at 1, just below 1, at 0 and tiny).
 #[test]
-fn the_hue_step_stays_in_the_unit_range() {
-    use byol_augment::color_jitter::saturation_hue;
+fn the_hsv_steps_stay_in_the_unit_range() {
+    use byol_augment::color_jitter::{saturation, saturation_hue};
     let below_one = f32::from_bits(1f32.to_bits() - 1);
     let levels = [0.0, 1e-7, 0.1, 1.0 / 3.0, 0.5, 0.7, 0.999, below_one, 1.0];
     let mut px = Vec::new();
@@ -525,6 +526,15 @@ fn the_hue_step_stays_in_the_unit_range() {
     let n = px.len();
     let chw: Vec<f32> = (0..3).flat_map(|c| px.iter().map(move |p| p[c])).collect();
     for sat in [0.0f32, 0.6, 1.0, 1.4, 8.0] {
+        let mut img = chw.clone();
+        saturation(&mut img, n, sat);
+        for (j, &x) in img.iter().enumerate() {
+            assert!(
+                (0.0..=1.0).contains(&x),
+                "sat {sat}: pixel {:?} gave {x}",
+                px[j % n]
+            );
+        }
         for i in 0..=40 {
             let hue = -0.5 + i as f32 / 40.0;
             let mut img = chw.clone();
