@@ -256,9 +256,7 @@ pub fn hue(img: &mut [f32], n: usize, delta: f32) {
 /// in `p.order` (each clipped), then grayscale, then a final clip.
 pub fn color_transform(img: &mut [f32], n: usize, p: &ColorParams) {
     if color_transform_gray_as_one_plane(img, n, p) {
-        let (first, rest) = img.split_at_mut(n);
-        rest[..n].copy_from_slice(first);
-        rest[n..2 * n].copy_from_slice(first);
+        crate::grayscale::spread_first_plane(img, n);
     }
 }
 

@@ -7,6 +7,12 @@ pub const GRAY_WEIGHTS: [f32; 3] = [0.2989, 0.5870, 0.1140];
 /// `g = 0.2989 r + 0.5870 g + 0.1140 b` written to all three planes (`n` values each).
 pub fn grayscale(img: &mut [f32], n: usize) {
     grayscale_first_plane(img, n);
+    spread_first_plane(img, n);
+}
+
+/// Copies the first plane (`n` values) over the other two: a gray image held as one plane
+/// back to three.
+pub fn spread_first_plane(img: &mut [f32], n: usize) {
     let (first, rest) = img.split_at_mut(n);
     rest[..n].copy_from_slice(first);
     rest[n..2 * n].copy_from_slice(first);
