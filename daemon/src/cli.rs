@@ -74,7 +74,8 @@ pub struct EvalArgs {
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Input side in pixels [default: 32 for the small-image stem, 224 otherwise].
+    /// Input side in pixels [default: the side of the views the checkpoint was trained on;
+    /// for checkpoints that do not record it, 32 with the small-image stem, else 224].
     #[arg(long)]
     pub size: Option<u32>,
     /// Images per encoder forward.

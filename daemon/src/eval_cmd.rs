@@ -70,11 +70,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let kernels = meta.config.train.kernels;
     let train_ds = open(&args.train)?;
     let test_ds = open(&args.test)?;
-    let size = args.size.unwrap_or(if meta.config.model.small_stem {
+    // The training views' side when the checkpoint records it, else the stem's usual one.
+    let stem_default = if meta.config.model.small_stem {
         32
     } else {
         224
-    });
+    };
+    let size = args.size.or(meta.view_size).unwrap_or(stem_default);
     let pre = Preprocess::new(size);
     let probe = ProbeConfig {
         seed: args.seed,

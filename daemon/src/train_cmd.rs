@@ -148,13 +148,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         let by_time = train.checkpoint_every_minutes > 0.0
             && last_ckpt.0.elapsed().as_secs_f64() >= train.checkpoint_every_minutes * 60.0;
         if by_steps || by_time {
-            save(&ckpt_dir, &trainer, epoch, &loader)?;
+            save(&ckpt_dir, &trainer, epoch, &loader, size)?;
             last_ckpt = (Instant::now(), stats.step);
         }
     }
     bar.finish();
     if last_ckpt.1 != trainer.steps_done() {
-        save(&ckpt_dir, &trainer, epoch, &loader)?;
+        save(&ckpt_dir, &trainer, epoch, &loader, size)?;
     }
     println!(
         "trained to step {} in {:.1} s; metrics in {}, checkpoints in {}",
@@ -166,8 +166,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn save(dir: &Path, trainer: &Trainer, epoch: u64, loader: &Loader) -> anyhow::Result<()> {
-    let path = checkpoint::save(dir, trainer, epoch, Some(loader.state()))?;
+fn save(
+    dir: &Path,
+    trainer: &Trainer,
+    epoch: u64,
+    loader: &Loader,
+    view_size: usize,
+) -> anyhow::Result<()> {
+    let view_size = Some(view_size as u32);
+    let path = checkpoint::save(dir, trainer, epoch, Some(loader.state()), view_size)?;
     tracing::info!(path = %path.display(), "checkpoint written");
     Ok(())
 }

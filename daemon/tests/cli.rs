@@ -546,7 +546,9 @@ fn eval_reports_trained_random_and_pixel_baselines() {
     // Dark against bright is linear in the pixels.
     assert_eq!(rows[4]["accuracy"], 1.0);
 
-    // --protocol knn runs kNN only.
+    // --protocol knn runs kNN only; without --size the input is the side of the views
+    // the checkpoint was trained on (16 here, not the small stem's usual 32).
+    let knn_json = dir.path().join("knn.json");
     let o = run(&[
         "eval",
         "--checkpoint",
@@ -560,9 +562,13 @@ fn eval_reports_trained_random_and_pixel_baselines() {
         test.to_str().unwrap(),
         "--protocol",
         "knn",
+        "--json",
+        knn_json.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(!text(&o).contains("linear"), "{}", text(&o));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&knn_json).unwrap()).unwrap();
+    assert_eq!(r["image_size"], 16);
 }
 
 #[test]

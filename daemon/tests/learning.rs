@@ -147,6 +147,9 @@ fn knn_trained_and_random(dir: &Path, train: &Path, test: &Path, seed: u64) -> (
         "knn",
         "--k",
         "20",
+        // Twice the training views' side: the setting the margin was measured at.
+        "--size",
+        "32",
         "--random-init",
         "--json",
         &path(&json),

@@ -40,6 +40,10 @@ pub struct CheckpointMeta {
     pub batch_size: usize,
     /// The trainer config (model, optimizer, schedule, seed).
     pub config: TrainerConfig,
+    /// Side in pixels of the views the encoder was trained on, evaluation's default input
+    /// size; `None` when not recorded (runs without a loader, older checkpoints).
+    #[serde(default)]
+    pub view_size: Option<u32>,
     /// Seconds since the Unix epoch when written.
     pub created_unix: u64,
 }
@@ -94,12 +98,14 @@ pub fn latest(dir: &Path) -> Option<PathBuf> {
     list(dir).pop().map(|(_, p)| p)
 }
 
-/// Writes a checkpoint of `trainer` into `dir` and keeps the newest `keep_last`.
+/// Writes a checkpoint of `trainer` into `dir` and keeps the newest `keep_last`; `epoch`,
+/// `loader` and `view_size` are recorded in its meta.
 pub fn save(
     dir: &Path,
     trainer: &Trainer,
     epoch: u64,
     loader: Option<LoaderState>,
+    view_size: Option<u32>,
 ) -> Result<PathBuf, TrainError> {
     fs::create_dir_all(dir).map_err(io(dir))?;
     let name = format!("step-{:010}", trainer.steps_done());
@@ -129,6 +135,7 @@ pub fn save(
         loader,
         batch_size: trainer.batch_size(),
         config: trainer.config().clone(),
+        view_size,
         created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),

@@ -210,7 +210,7 @@ fn resume_from_a_checkpoint_is_exact() {
             first.step_tensors(a, b).unwrap();
         }
         let ckdir = dir.path().join(format!("{kind:?}"));
-        let path = checkpoint::save(&ckdir, &first, 0, None).unwrap();
+        let path = checkpoint::save(&ckdir, &first, 0, None, None).unwrap();
         drop(first);
         let mut resumed = Trainer::new(cfg.clone(), 4).unwrap();
         let meta = resumed.load_checkpoint(&path).unwrap();
@@ -237,7 +237,7 @@ fn a_killed_checkpoint_write_leaves_the_previous_one_loadable() {
     let mut t = Trainer::new(tiny(), 4).unwrap();
     let (a, b) = views(4, 8, 3);
     t.step_tensors(&a, &b).unwrap();
-    let good = checkpoint::save(dir.path(), &t, 0, None).unwrap();
+    let good = checkpoint::save(dir.path(), &t, 0, None, None).unwrap();
     // A write killed half-way: a temp folder with a partial file, never renamed.
     let partial = dir.path().join("step-0000000002.tmp");
     std::fs::create_dir_all(&partial).unwrap();
@@ -251,7 +251,7 @@ fn a_killed_checkpoint_write_leaves_the_previous_one_loadable() {
     let mut t = Trainer::new(cfg, 4).unwrap();
     for _ in 0..3 {
         t.step_tensors(&a, &b).unwrap();
-        checkpoint::save(dir.path(), &t, 0, None).unwrap();
+        checkpoint::save(dir.path(), &t, 0, None, None).unwrap();
     }
     assert!(!partial.exists());
     let steps: Vec<u64> = checkpoint::list(dir.path())
@@ -265,7 +265,7 @@ fn a_killed_checkpoint_write_leaves_the_previous_one_loadable() {
 fn an_incompatible_checkpoint_is_refused_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let t = Trainer::new(tiny(), 4).unwrap();
-    let path = checkpoint::save(dir.path(), &t, 0, None).unwrap();
+    let path = checkpoint::save(dir.path(), &t, 0, None, None).unwrap();
     let mut other = tiny();
     other.model.width = 8;
     let mut wider = Trainer::new(other, 4).unwrap();
