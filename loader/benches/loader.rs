@@ -3,7 +3,7 @@
 //! 10 epochs.
 //!
 //! ```text
-//! cargo bench -p byol-loader --bench loader                 # photos256 at 224 (zstd and uncompressed shards), Fashion-MNIST at 32
+//! cargo bench -p byol-loader --bench loader                 # photos256 at 224 (raw zstd, raw uncompressed, JPEG shards), Fashion-MNIST at 32
 //! BYOL_BENCH_BATCHES=40 cargo bench -p byol-loader --bench loader
 //! ```
 //! The peers (PyTorch DataLoader, 2 workers, batch 64, same images), in the same session:
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use byol_augment::{AugmentConfig, Augmenter, SampleKey, Scratch, ViewOut};
-use byol_ingest::{Compression, Dataset, IngestOptions, NoProgress, RecordScratch, ingest};
+use byol_ingest::{Codec, Compression, Dataset, IngestOptions, NoProgress, RecordScratch, ingest};
 use byol_loader::{Loader, LoaderConfig};
 use rayon::prelude::*;
 
@@ -27,10 +27,11 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn pack(src: &Path, dir: &Path, compression: Compression) -> PathBuf {
-    let out = dir.join(format!("ds-{compression}"));
+fn pack(src: &Path, dir: &Path, codec: Codec, compression: Compression) -> PathBuf {
+    let out = dir.join(format!("ds-{codec}-{compression}"));
     let mut o = IngestOptions::new(vec![src.to_owned()], out.clone());
     o.settings.max_side = Some(0);
+    o.settings.codec = Some(codec);
     o.settings.compression = Some(compression);
     let rep = ingest(&o, &NoProgress).unwrap();
     assert!(
@@ -183,9 +184,14 @@ fn main() {
     if photos.exists() {
         let dir = tempfile::tempdir().unwrap();
         let aug = Augmenter::new(AugmentConfig::byol(224)).unwrap();
-        for compression in [Compression::Zstd, Compression::None] {
-            let ds = pack(&photos, dir.path(), compression);
-            let name = format!("photos256 (256 px raw shards, compression {compression}) -> 224");
+        for (codec, compression) in [
+            (Codec::RawRgb8, Compression::Zstd),
+            (Codec::RawRgb8, Compression::None),
+            (Codec::Encoded, Compression::None),
+        ] {
+            let ds = pack(&photos, dir.path(), codec, compression);
+            let name =
+                format!("photos256 (256 px, codec {codec}, compression {compression}) -> 224");
             report(&name, &ds, &aug);
         }
     } else {
@@ -199,6 +205,7 @@ fn main() {
             let train = pack(
                 &fmnist.join("train-images-idx3-ubyte.gz"),
                 dir.path(),
+                Codec::RawRgb8,
                 compression,
             );
             let name =
@@ -209,6 +216,7 @@ fn main() {
         let test = pack(
             &fmnist.join("t10k-images-idx3-ubyte.gz"),
             dir.path(),
+            Codec::RawRgb8,
             Compression::Zstd,
         );
         memory_over_epochs(&test, &aug);
