@@ -549,3 +549,35 @@ fn the_hsv_steps_stay_in_the_unit_range() {
         }
     }
 }
+
+/// Streaming (non-temporal) stores write the same values, at any alignment of the slot.
+#[test]
+fn streaming_output_equals_the_cached_write() {
+    let aug = Augmenter::new(AugmentConfig::byol(30)).unwrap();
+    let img = synth(50, 40, 3);
+    let len = aug.view_len();
+    let mut s = Scratch::new();
+    for i in 0..12u64 {
+        let key = SampleKey::new(5, 0, i);
+        let (mut a, mut b) = (vec![0f32; len], vec![0f32; len]);
+        aug.two_views(
+            &img,
+            50,
+            40,
+            key,
+            &mut s,
+            [ViewOut::f32(&mut a), ViewOut::f32(&mut b)],
+        )
+        .unwrap();
+        // Offsets 0..3 floats: every 16-byte alignment of the slot's start.
+        let offset = i as usize % 4;
+        let (mut sa, mut sb) = (vec![0f32; len + 4], vec![0f32; len + 4]);
+        let slots = [
+            ViewOut::f32(&mut sa[offset..offset + len]).streaming(),
+            ViewOut::f32(&mut sb[offset..offset + len]).streaming(),
+        ];
+        aug.two_views(&img, 50, 40, key, &mut s, slots).unwrap();
+        assert_eq!(a, sa[offset..offset + len], "sample {i}, view 1");
+        assert_eq!(b, sb[offset..offset + len], "sample {i}, view 2");
+    }
+}

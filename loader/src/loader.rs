@@ -418,11 +418,13 @@ impl Drop for Batch<'_> {
     }
 }
 
-/// The output slots of one view: the non-empty ones.
+/// The output slots of one view: the non-empty ones, the f32 one written past the cache
+/// (a batch is not read before it is handed over).
 fn view_out<'a>(chw: &'a mut [f32], hwc: &'a mut [u8]) -> ViewOut<'a> {
     ViewOut {
         chw: (!chw.is_empty()).then_some(chw),
         hwc: (!hwc.is_empty()).then_some(hwc),
+        streaming: true,
     }
 }
 
