@@ -62,6 +62,16 @@ pub struct BlurScratch {
     pad: Vec<f32>,
 }
 
+impl BlurScratch {
+    /// Grows both buffers for any blur of a `width` x `height` plane, so blurring such
+    /// planes allocates nothing.
+    pub fn reserve(&mut self, width: usize, height: usize) {
+        let grow = |v: &mut Vec<f32>, n: usize| v.reserve(n.saturating_sub(v.len()));
+        grow(&mut self.tmp, width * height);
+        grow(&mut self.pad, width + 2 * height + CHUNK);
+    }
+}
+
 /// Blurs `planes` planes of `width` x `height` in place with the odd-length `kernel`
 /// (zero padding). `kernel` is used as given (trim it first with [`trimmed_radius`]).
 pub fn gaussian_blur(

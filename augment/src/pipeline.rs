@@ -151,9 +151,16 @@ impl Scratch {
     /// Grows every buffer for images up to `max_width` x `max_height` with `aug`'s
     /// settings, so later calls on such images allocate nothing.
     pub fn reserve_for(&mut self, aug: &Augmenter, max_width: u32, max_height: u32) {
-        let n = (aug.size() as usize).pow(2);
-        self.img.reserve(3 * n);
+        let size = aug.size() as usize;
+        self.img
+            .reserve((3 * size * size).saturating_sub(self.img.len()));
         self.resizer.reserve(max_width, max_height, aug.size());
+        self.blur.reserve(size, size);
+        let taps = (0..2)
+            .map(|v| 2 * blur_radius(size, aug.spec(v).blur_divider) + 1)
+            .max()
+            .unwrap_or(1);
+        self.kernel.reserve(taps.saturating_sub(self.kernel.len()));
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Barrier, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -189,13 +189,18 @@ impl Loader {
                 reason: e.to_string(),
             })?;
         let worker_shared = shared.clone();
+        // One party per pool thread (`broadcast` runs the loop on each) and one for us.
+        let started = Arc::new(Barrier::new(pool.current_num_threads() + 1));
+        let worker_started = started.clone();
         // Every pool thread runs one long-lived worker loop: no per-batch task spawning.
         let workers = std::thread::Builder::new()
             .name("byol-loader".into())
             .spawn(move || {
-                pool.broadcast(|_| worker_loop(&worker_shared));
+                pool.broadcast(|_| worker_loop(&worker_shared, &worker_started));
             })
             .map_err(LoaderError::Spawn)?;
+        // Every worker has sized its buffers: from here on nothing is allocated per batch.
+        started.wait();
         Ok(Loader {
             early: vec![false; shared.slots.len()],
             shared,
@@ -435,16 +440,33 @@ struct WorkerScratch {
     aug: Scratch,
 }
 
-fn worker_loop(shared: &Shared) {
+impl WorkerScratch {
+    /// Grows every buffer for records up to `(width, height, raw bytes)`.
+    fn reserve(&mut self, shared: &Shared, (w, h, raw): (u32, u32, usize)) {
+        self.aug.reserve_for(&shared.aug, w, h);
+        self.rgb.reserve(raw.saturating_sub(self.rgb.len()));
+    }
+}
+
+/// One worker: sizes its buffers for the first epoch's largest record, reports ready on
+/// `started` (so the loader's steady state begins when [`Loader::new`] returns), then
+/// fills samples until the loader stops.
+fn worker_loop(shared: &Shared, started: &Barrier) {
     let mut scratch = WorkerScratch {
         record: RecordScratch::default(),
         rgb: Vec::new(),
         aug: Scratch::new(),
     };
+    let first = shared.plans.lock().unwrap().queue.front().cloned();
+    let mut reserved = (0, 0, 0);
+    if let Some(plan) = &first {
+        scratch.reserve(shared, plan.max_record);
+        reserved = plan.max_record;
+    }
+    started.wait();
     let batch_size = shared.cfg.batch_size as u64;
     let pool = shared.slots.len() as u64;
     let mut cached: Option<Arc<EpochPlan>> = None;
-    let mut reserved = (0, 0, 0);
     while !shared.stop.load(Ordering::Acquire) {
         let g = shared.next_sample.fetch_add(1, Ordering::Relaxed);
         let (global_batch, slot_in_batch) = (g / batch_size, (g % batch_size) as usize);
@@ -459,9 +481,7 @@ fn worker_loop(shared: &Shared) {
         cached = Some(plan.clone());
         if plan.max_record != reserved {
             // Size every buffer for the largest record once, not image by image.
-            let (w, h, raw) = plan.max_record;
-            scratch.aug.reserve_for(&shared.aug, w, h);
-            scratch.rgb.reserve(raw.saturating_sub(scratch.rgb.len()));
+            scratch.reserve(shared, plan.max_record);
             reserved = plan.max_record;
         }
         let batch = plan.first_batch + (global_batch - plan.first_global);
