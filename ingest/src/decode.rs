@@ -66,11 +66,8 @@ pub fn decode_rgb8(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, Decod
         .with_guessed_format()
         .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
     let format = reader.format().ok_or(DecodeError::NotAnImage)?;
-    if format == ImageFormat::Jpeg && !jpeg_has_end(bytes) {
-        // Decoders fill a truncated scan with gray and succeed; we refuse the file.
-        return Err(DecodeError::Corrupt(
-            "truncated JPEG (no end-of-image marker after the last scan)".into(),
-        ));
+    if format == ImageFormat::Jpeg {
+        check_jpeg_end(bytes)?;
     }
     let mut reader = reader;
     let mut lim = image::Limits::default();
@@ -80,15 +77,7 @@ pub fn decode_rgb8(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, Decod
     reader.limits(lim);
     let mut decoder = reader.into_decoder().map_err(classify)?;
     let (w, h) = decoder.dimensions();
-    if w == 0 || h == 0 {
-        return Err(DecodeError::Corrupt(format!("{w}x{h} image has no pixels")));
-    }
-    if u64::from(w) * u64::from(h) > limits.max_pixels {
-        return Err(DecodeError::TooLarge(format!(
-            "{w}x{h} exceeds the limit of {} pixels",
-            limits.max_pixels
-        )));
-    }
+    check_dimensions(w, h, limits)?;
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
     let mut img = DynamicImage::from_decoder(decoder).map_err(classify)?;
     img.apply_orientation(orientation);
@@ -127,11 +116,7 @@ fn decode_jpeg_into(
     out: &mut Vec<u8>,
 ) -> Result<Option<(u32, u32)>, DecodeError> {
     use zune_core::colorspace::ColorSpace;
-    if !jpeg_has_end(bytes) {
-        return Err(DecodeError::Corrupt(
-            "truncated JPEG (no end-of-image marker after the last scan)".into(),
-        ));
-    }
+    check_jpeg_end(bytes)?;
     let side = limits.max_dimension as usize;
     let options = zune_core::options::DecoderOptions::default()
         .set_strict_mode(false)
@@ -158,6 +143,14 @@ fn decode_jpeg_into(
         return Ok(None);
     }
     let (w, h) = (u32::from(info.width), u32::from(info.height));
+    check_dimensions(w, h, limits)?;
+    out.resize(w as usize * h as usize * 3, 0);
+    decoder.decode_into(out).map_err(corrupt)?;
+    Ok(Some((w, h)))
+}
+
+/// A decodable size: no zero side, at most `limits.max_pixels` pixels.
+fn check_dimensions(w: u32, h: u32, limits: &DecodeLimits) -> Result<(), DecodeError> {
     if w == 0 || h == 0 {
         return Err(DecodeError::Corrupt(format!("{w}x{h} image has no pixels")));
     }
@@ -167,9 +160,18 @@ fn decode_jpeg_into(
             limits.max_pixels
         )));
     }
-    out.resize(w as usize * h as usize * 3, 0);
-    decoder.decode_into(out).map_err(corrupt)?;
-    Ok(Some((w, h)))
+    Ok(())
+}
+
+/// Refuses a truncated JPEG: decoders fill a truncated scan with gray and succeed.
+fn check_jpeg_end(bytes: &[u8]) -> Result<(), DecodeError> {
+    if jpeg_has_end(bytes) {
+        Ok(())
+    } else {
+        Err(DecodeError::Corrupt(
+            "truncated JPEG (no end-of-image marker after the last scan)".into(),
+        ))
+    }
 }
 
 /// True when an end-of-image marker follows the last start-of-scan marker.
