@@ -31,47 +31,40 @@ multiversion! {
     }
 }
 
-/// `dst[i] = f(src[i])`.
-#[inline(always)]
-fn write(dst: &mut [f32], src: &[f32], f: impl Fn(f32) -> f32) {
-    for (d, &x) in dst.iter_mut().zip(src) {
-        *d = f(x);
-    }
-}
-
-/// `dst[i] = f(src[i])`, with non-temporal (streaming) stores on x86-64: the output is a
+/// `dst[i] = f(src[i])`. With `streaming`, on x86-64, through non-temporal stores: for a
 /// slot of the caller's batch, not read again before the batch is handed over, so it
 /// bypasses the cache (no read for ownership, and the working image stays cached). The
-/// caller issues the store fence.
+/// caller then issues the store fence.
 #[inline(always)]
-fn write_streaming(dst: &mut [f32], src: &[f32], f: impl Fn(f32) -> f32) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
-        let len = dst.len().min(src.len());
-        // Elements up to the first 16-byte boundary, then blocks of 8, then the rest.
+fn write(dst: &mut [f32], src: &[f32], streaming: bool, f: impl Fn(f32) -> f32) {
+    let len = dst.len().min(src.len());
+    // With streaming: elements up to the first 16-byte boundary, then blocks of 8 streamed,
+    // then the rest. Without (or off x86-64): every element plainly.
+    let (head, body_end) = if streaming && cfg!(target_arch = "x86_64") {
         let head = dst.as_ptr().align_offset(16).min(len);
-        let body_end = head + (len - head) / 8 * 8;
-        for i in 0..head {
-            dst[i] = f(src[i]);
-        }
-        for at in (head..body_end).step_by(8) {
-            let block: &[f32; 8] = src[at..at + 8].try_into().unwrap();
-            let v = block.map(&f);
-            // SAFETY: SSE is part of the x86-64 baseline; `dst[at..at + 8]` is in bounds
-            // and `at` is 16-byte aligned (`head` reaches the boundary, blocks keep it).
-            unsafe {
-                let p = dst.as_mut_ptr().add(at);
-                _mm_stream_ps(p, _mm_loadu_ps(v.as_ptr()));
-                _mm_stream_ps(p.add(4), _mm_loadu_ps(v.as_ptr().add(4)));
-            }
-        }
-        for i in body_end..len {
-            dst[i] = f(src[i]);
+        (head, head + (len - head) / 8 * 8)
+    } else {
+        (len, len)
+    };
+    for i in 0..head {
+        dst[i] = f(src[i]);
+    }
+    #[cfg(target_arch = "x86_64")]
+    for at in (head..body_end).step_by(8) {
+        use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
+        let block: &[f32; 8] = src[at..at + 8].try_into().unwrap();
+        let v = block.map(&f);
+        // SAFETY: SSE is part of the x86-64 baseline; `dst[at..at + 8]` is in bounds and
+        // `at` is 16-byte aligned (`head` reaches the boundary, blocks keep it).
+        unsafe {
+            let p = dst.as_mut_ptr().add(at);
+            _mm_stream_ps(p, _mm_loadu_ps(v.as_ptr()));
+            _mm_stream_ps(p.add(4), _mm_loadu_ps(v.as_ptr().add(4)));
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    write(dst, src, f);
+    for i in body_end..len {
+        dst[i] = f(src[i]);
+    }
 }
 
 /// `round(255 * clip(x))` (half away from zero), as the u8 output stores it.
@@ -106,13 +99,10 @@ multiversion! {
                 let p = if planes == 1 { 0 } else { c };
                 let src = &img[p * n..(p + 1) * n];
                 let dst = &mut chw[c * n..(c + 1) * n];
-                match (sol, streaming) {
-                    (true, false) => write(dst, src, |x| (clip01(solarize_value(x, t)) - m) * s),
-                    (false, false) => write(dst, src, |x| (clip01(x) - m) * s),
-                    (true, true) => write_streaming(dst, src, |x| {
-                        (clip01(solarize_value(x, t)) - m) * s
-                    }),
-                    (false, true) => write_streaming(dst, src, |x| (clip01(x) - m) * s),
+                if sol {
+                    write(dst, src, streaming, |x| (clip01(solarize_value(x, t)) - m) * s);
+                } else {
+                    write(dst, src, streaming, |x| (clip01(x) - m) * s);
                 }
             }
             // Orders the streaming stores before whatever publishes the output to another

@@ -136,7 +136,7 @@ impl Axis {
             let center = (xx as f64 + 0.5) * scale;
             let xmin = ((center - support + 0.5) as isize).max(0) as usize;
             let xmax = ((center + support + 0.5) as isize).min(in_size as isize) as usize;
-            let n = xmax.saturating_sub(xmin).min(ksize);
+            let n = xmax.saturating_sub(xmin);
             let ws = &mut self.scratch[..n];
             let mut ww = 0.0;
             for (x, w) in ws.iter_mut().enumerate() {
@@ -435,37 +435,41 @@ impl Resampler {
         } else {
             (&self.planes[..], window_len)
         };
+        // Pillow skips the vertical pass when the height does not change. A mirror is still
+        // to do when there was no horizontal pass (rare: the crop is as wide as the output).
+        let vertical = ch != out_h;
+        let mirror_rows = flip && !horizontal;
         for c in 0..3 {
             let plane = &rows_from[c * plane_len..][..plane_len];
-            // Pillow skips the vertical pass when the height does not change.
+            // Output line `yy` of the vertical pass: its source lines and weights.
+            let line = |yy: usize| {
+                let (start, k) = self.y.taps(yy);
+                (&plane[(start - first) * out_w..], k)
+            };
             match &mut dst {
                 PlanesOut::U8(dst) => {
                     let out = &mut dst[c * n_out..][..n_out];
-                    if ch == out_h {
+                    if !vertical {
                         out.copy_from_slice(plane);
                         continue;
                     }
-                    for (yy, line) in out.chunks_exact_mut(out_w).enumerate() {
-                        let (start, k) = self.y.taps(yy);
-                        weighted_lines_u8(&plane[(start - first) * out_w..], out_w, k, line);
+                    for (yy, o) in out.chunks_exact_mut(out_w).enumerate() {
+                        let (src, k) = line(yy);
+                        weighted_lines_u8(src, out_w, k, o);
                     }
                 }
                 PlanesOut::Unit { dst, .. } => {
-                    // Still to mirror when there was no horizontal pass (rare: the crop
-                    // is exactly as wide as the output).
-                    let flip = flip && !horizontal;
                     let out = &mut dst[c * n_out..][..n_out];
-                    if ch == out_h {
-                        unit_from_u8(plane, out_w, flip, out);
+                    if !vertical {
+                        unit_from_u8(plane, out_w, mirror_rows, out);
                         continue;
                     }
-                    for (yy, line) in out.chunks_exact_mut(out_w).enumerate() {
-                        let (start, k) = self.y.taps(yy);
-                        let src = &plane[(start - first) * out_w..];
-                        if flip {
-                            weighted_lines_unit_mirrored(src, out_w, k, line);
+                    for (yy, o) in out.chunks_exact_mut(out_w).enumerate() {
+                        let (src, k) = line(yy);
+                        if mirror_rows {
+                            weighted_lines_unit_mirrored(src, out_w, k, o);
                         } else {
-                            weighted_lines_unit(src, out_w, k, line);
+                            weighted_lines_unit(src, out_w, k, o);
                         }
                     }
                 }

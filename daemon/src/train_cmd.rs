@@ -74,9 +74,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         ),
         (None, false) => None,
     };
-    let size = aug.size() as usize;
+    let view_size = aug.size();
+    let size = view_size as usize;
     let monitor = match &cfg.monitor {
-        Some(m) => Some(Monitor::open(m, aug.size())?),
+        Some(m) => Some(Monitor::open(m, view_size)?),
         None => None,
     };
     let mut loader = Loader::new(dataset, aug, loader_cfg, state)?;
@@ -148,13 +149,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         let by_time = train.checkpoint_every_minutes > 0.0
             && last_ckpt.0.elapsed().as_secs_f64() >= train.checkpoint_every_minutes * 60.0;
         if by_steps || by_time {
-            save(&ckpt_dir, &trainer, epoch, &loader, size)?;
+            save(&ckpt_dir, &trainer, epoch, &loader, view_size)?;
             last_ckpt = (Instant::now(), stats.step);
         }
     }
     bar.finish();
     if last_ckpt.1 != trainer.steps_done() {
-        save(&ckpt_dir, &trainer, epoch, &loader, size)?;
+        save(&ckpt_dir, &trainer, epoch, &loader, view_size)?;
     }
     println!(
         "trained to step {} in {:.1} s; metrics in {}, checkpoints in {}",
@@ -171,10 +172,9 @@ fn save(
     trainer: &Trainer,
     epoch: u64,
     loader: &Loader,
-    view_size: usize,
+    view_size: u32,
 ) -> anyhow::Result<()> {
-    let view_size = Some(view_size as u32);
-    let path = checkpoint::save(dir, trainer, epoch, Some(loader.state()), view_size)?;
+    let path = checkpoint::save(dir, trainer, epoch, Some(loader.state()), Some(view_size))?;
     tracing::info!(path = %path.display(), "checkpoint written");
     Ok(())
 }
