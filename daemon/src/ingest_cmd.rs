@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use byol_ingest::{
     Codec, Compression, DecodeLimits, IngestOptions, IngestReport, Layout, SettingsOverride,
+    SourceChange,
 };
 
 use crate::cli::{CodecArg, CompressionArg, IngestArgs, LayoutArg};
@@ -82,7 +83,21 @@ pub fn ingest_with_bar(opts: &IngestOptions) -> anyhow::Result<IngestReport> {
 pub fn print_report(report: &IngestReport, opts: &IngestOptions) {
     let s = &report.summary;
     println!("dataset          {}", opts.out.display());
+    for r in &s.roots {
+        println!(
+            "layout           {} for {} ({})",
+            r.layout,
+            r.path.display(),
+            r.reason
+        );
+    }
     println!("files seen       {}", s.files_seen);
+    if s.ignored > 0 {
+        println!(
+            "ignored          {} (hidden, backup, temporary or partial-download names)",
+            s.ignored
+        );
+    }
     println!(
         "ingested         {} images from {} sources",
         s.ingested, s.sources_added
@@ -98,8 +113,33 @@ pub fn print_report(report: &IngestReport, opts: &IngestOptions) {
         s.shards_written,
         stored_vs_raw(s.bytes_stored, s.bytes_raw)
     );
-    if s.retired > 0 {
-        println!("retired          {} records of changed files", s.retired);
+    if s.retired > 0 || s.sources_retired > 0 {
+        println!(
+            "retired          {} records of {} vanished or replaced files",
+            s.retired, s.sources_retired
+        );
+    }
+    if s.relabelled > 0 {
+        println!("relabelled       {}", s.relabelled);
+    }
+    if s.sources_removed > s.sources_retired {
+        println!(
+            "removed          {} vanished files whose content another file keeps",
+            s.sources_removed - s.sources_retired
+        );
+    }
+    for c in report.changes.iter().take(REJECTS_SHOWN) {
+        println!("{}", describe_change(c));
+    }
+    if report.changes.len() > REJECTS_SHOWN {
+        println!(
+            "... and {} more changes, see {}",
+            report.changes.len() - REJECTS_SHOWN,
+            opts.out.join(byol_ingest::change::CHANGES_FILE).display()
+        );
+    }
+    for w in &s.warnings {
+        println!("warning: {w}");
     }
     if s.leftovers_removed > 0 {
         println!(
@@ -125,5 +165,39 @@ pub fn print_report(report: &IngestReport, opts: &IngestOptions) {
             report.rejects.len() - REJECTS_SHOWN,
             opts.out.join(byol_ingest::reject::REJECTS_FILE).display()
         );
+    }
+}
+
+/// One line for a change to a source the dataset held.
+pub fn describe_change(c: &SourceChange) -> String {
+    let class = |l: &Option<String>| l.as_deref().unwrap_or("(unlabelled)").to_owned();
+    match c {
+        SourceChange::Retired {
+            path,
+            records,
+            replaced,
+        } => format!(
+            "{}: {path}: {records} record(s) retired",
+            if *replaced { "replaced" } else { "retired" }
+        ),
+        SourceChange::Relabelled {
+            path,
+            now,
+            from,
+            to,
+        } if path == now => format!("relabelled: {path}: {} -> {}", class(from), class(to)),
+        SourceChange::Relabelled {
+            path,
+            now,
+            from,
+            to,
+        } => format!(
+            "relabelled: {path} -> {now}: {} -> {}",
+            class(from),
+            class(to)
+        ),
+        SourceChange::Removed { path, kept_by } => {
+            format!("removed: {path} (content kept by {kept_by})")
+        }
     }
 }

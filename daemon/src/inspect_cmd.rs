@@ -60,6 +60,10 @@ pub fn print_stats(name: &str, s: &DatasetStats) {
     println!("sources          {}", s.sources);
     println!("records          {} ({} retired)", s.records, s.retired);
     println!(
+        "samples          {} (one per stored image and label)",
+        s.samples
+    );
+    println!(
         "bytes            {}",
         stored_vs_raw(s.bytes_stored, s.bytes_raw)
     );
@@ -83,6 +87,19 @@ pub fn print_stats(name: &str, s: &DatasetStats) {
     }
     if s.unlabelled > 0 {
         println!("unlabelled       {}", s.unlabelled);
+    }
+    let c = &s.changes;
+    if c.retired + c.relabelled + c.removed > 0 {
+        println!(
+            "source changes   {} retired, {} relabelled, {} removed (kept by a copy)",
+            c.retired, c.relabelled, c.removed
+        );
+        if let Some(first) = s.recent_changes.first() {
+            println!("  in generation {}:", first.generation);
+        }
+        for l in &s.recent_changes {
+            println!("  {}", crate::ingest_cmd::describe_change(&l.change));
+        }
     }
 }
 

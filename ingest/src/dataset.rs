@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::decode::{self, DecodeLimits};
 use crate::manifest::{Manifest, ManifestError, SHARDS_DIR};
-use crate::shard::{Codec, ReadScratch, RecordMeta, ShardError, ShardReader};
+use crate::shard::{Codec, NO_LABEL, ReadScratch, RecordMeta, ShardError, ShardReader};
 
 /// Errors opening or reading a dataset.
 #[derive(Debug, thiserror::Error)]
@@ -41,13 +41,36 @@ pub struct RecordRef {
     pub index: u32,
 }
 
+/// One labelled view of a stored record: a record stored once but found under two
+/// labels (the same bytes in two class folders) is two samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Sample {
+    /// The stored record.
+    pub record: RecordRef,
+    /// Class index into the manifest's class list; `None` for an unlabelled source.
+    pub label: Option<u32>,
+}
+
 /// A dataset opened for reading. Shards are mapped, not read; shard mappings are shared
 /// (`Arc`) between a dataset and the ones [`Dataset::refreshed`] makes from it.
+///
+/// Labels come from the manifest's sources, not from the shard index (manifest version
+/// 2, `FORMAT.md`): a record's samples are the distinct labels of the sources that
+/// refer to it.
 pub struct Dataset {
     dir: PathBuf,
     manifest: Manifest,
     shards: Vec<Arc<ShardReader>>,
+    /// Per shard, per record: the record's first label ([`NO_LABEL`] for none); retired
+    /// records hold [`RETIRED`].
+    labels: Vec<Vec<u32>>,
+    /// Samples beyond each record's first label, sorted (records shared by
+    /// differently labelled sources; usually none).
+    extra: Vec<Sample>,
 }
+
+/// Marks a retired record in [`Dataset::labels`].
+const RETIRED: u32 = u32::MAX - 1;
 
 impl Dataset {
     /// Opens the dataset in `dir`: loads the manifest and maps every shard it lists.
@@ -59,6 +82,8 @@ impl Dataset {
             dir: dir.to_owned(),
             manifest: Manifest::new(manifest.settings),
             shards: Vec::new(),
+            labels: Vec::new(),
+            extra: Vec::new(),
         };
         ds.refresh_with(manifest)?;
         Ok(ds)
@@ -75,6 +100,8 @@ impl Dataset {
             dir: self.dir.clone(),
             manifest: self.manifest.clone(),
             shards: self.shards.clone(),
+            labels: Vec::new(),
+            extra: Vec::new(),
         };
         next.refresh_with(manifest)?;
         Ok(Some(next))
@@ -126,7 +153,78 @@ impl Dataset {
         self.shards.truncate(before);
         self.shards.extend(opened);
         self.manifest = manifest;
+        self.index_samples();
         Ok(())
+    }
+
+    /// Builds the label table and the sample list from the manifest's sources.
+    fn index_samples(&mut self) {
+        const UNSEEN: u32 = u32::MAX - 2;
+        let m = &self.manifest;
+        let class_of: std::collections::HashMap<&str, u32> = m
+            .classes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.as_str(), i as u32))
+            .collect();
+        let shard_pos: std::collections::HashMap<u32, usize> = m
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id, i))
+            .collect();
+        let mut labels: Vec<Vec<u32>> = m
+            .shards
+            .iter()
+            .map(|s| {
+                let mut l = vec![UNSEEN; s.records as usize];
+                for &r in &s.retired {
+                    l[r as usize] = RETIRED;
+                }
+                l
+            })
+            .collect();
+        // Labels beyond a record's first, for records shared by differently labelled sources.
+        let mut more: Vec<Sample> = Vec::new();
+        for src in &m.sources {
+            // Folder sources carry their label; IDX sources label each record in its index.
+            let fixed = match (&src.label, &src.labels_file) {
+                (Some(name), _) => Some(class_of.get(name.as_str()).copied().unwrap_or(NO_LABEL)),
+                (None, Some(_)) => None,
+                (None, None) => Some(NO_LABEL),
+            };
+            for span in &src.records {
+                let Some(&shard) = shard_pos.get(&span.shard) else {
+                    continue;
+                };
+                for index in span.first..span.first + span.count {
+                    let label =
+                        fixed.unwrap_or_else(|| self.shards[shard].meta(index as usize).label);
+                    let slot = &mut labels[shard][index as usize];
+                    if *slot == UNSEEN {
+                        *slot = label;
+                    } else if *slot != label && *slot != RETIRED {
+                        more.push(Sample {
+                            record: RecordRef { shard, index },
+                            label: (label != NO_LABEL).then_some(label),
+                        });
+                    }
+                }
+            }
+        }
+        for (shard, l) in labels.iter_mut().enumerate() {
+            for (index, slot) in l.iter_mut().enumerate() {
+                if *slot == UNSEEN {
+                    // A record no source refers to: its index label (never written by
+                    // this build, which retires such records).
+                    *slot = self.shards[shard].meta(index).label;
+                }
+            }
+        }
+        more.sort_unstable();
+        more.dedup();
+        self.labels = labels;
+        self.extra = more;
     }
 
     /// The dataset folder.
@@ -156,16 +254,44 @@ impl Dataset {
 
     /// Every live (not retired) record, in shard order.
     pub fn live_records(&self) -> impl Iterator<Item = RecordRef> + '_ {
-        self.manifest
-            .shards
-            .iter()
-            .enumerate()
-            .flat_map(|(shard, entry)| {
-                let count = self.shards[shard].len() as u32;
-                (0..count)
-                    .filter(move |i| entry.retired.binary_search(i).is_err())
-                    .map(move |index| RecordRef { shard, index })
-            })
+        self.labels.iter().enumerate().flat_map(|(shard, l)| {
+            l.iter()
+                .enumerate()
+                .filter(|(_, label)| **label != RETIRED)
+                .map(move |(index, _)| RecordRef {
+                    shard,
+                    index: index as u32,
+                })
+        })
+    }
+
+    /// True unless the record was retired (its sources changed or vanished).
+    pub fn is_live(&self, r: RecordRef) -> bool {
+        self.labels[r.shard][r.index as usize] != RETIRED
+    }
+
+    /// The label of a live record: of the first source that refers to it (a record can
+    /// have more; see [`Dataset::samples`]). `None` for unlabelled or retired records.
+    pub fn label(&self, r: RecordRef) -> Option<u32> {
+        let l = self.labels[r.shard][r.index as usize];
+        (l != NO_LABEL && l != RETIRED).then_some(l)
+    }
+
+    /// Every live sample: one per distinct (record, label) pair, in record order. This is
+    /// what per-class counts and evaluation read; training samples records.
+    pub fn samples(&self) -> impl Iterator<Item = Sample> + '_ {
+        let mut extra = self.extra.iter().copied().peekable();
+        self.live_records().flat_map(move |record| {
+            let first = Sample {
+                record,
+                label: self.label(record),
+            };
+            let mut more = Vec::new();
+            while let Some(e) = extra.next_if(|e| e.record == record) {
+                more.push(e);
+            }
+            std::iter::once(first).chain(more)
+        })
     }
 
     /// Index metadata of a record.

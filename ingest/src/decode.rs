@@ -45,6 +45,10 @@ pub enum DecodeError {
     /// Truncated or corrupt data.
     #[error("corrupt: {0}")]
     Corrupt(String),
+    /// A valid file of a format, or a variant of one, that we do not decode (HEIC,
+    /// JPEG XL, float or signed-integer TIFF, ...).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
 }
 
 /// A decoded image and how it was stored in its file.
@@ -65,7 +69,12 @@ pub fn decode_rgb8(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, Decod
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
-    let format = reader.format().ok_or(DecodeError::NotAnImage)?;
+    let Some(format) = reader.format() else {
+        return Err(match unsupported_format(bytes) {
+            Some(name) => DecodeError::Unsupported(format!("{name} is not a format we decode")),
+            None => DecodeError::NotAnImage,
+        });
+    };
     if format == ImageFormat::Jpeg {
         check_jpeg_end(bytes)?;
     }
@@ -190,9 +199,53 @@ fn classify(e: image::ImageError) -> DecodeError {
     use image::ImageError as E;
     match e {
         E::Limits(l) => DecodeError::TooLarge(l.to_string()),
-        E::Unsupported(u) => DecodeError::Corrupt(format!("unsupported: {u}")),
+        E::Unsupported(u) => DecodeError::Unsupported(u.to_string()),
         other => DecodeError::Corrupt(other.to_string()),
     }
+}
+
+/// Names the image format of `bytes` when it is one we recognise but do not decode
+/// (the image crate's guess does not know these containers).
+fn unsupported_format(bytes: &[u8]) -> Option<&'static str> {
+    // ISO base media (HEIF/HEIC, AVIF): a `ftyp` box with an image brand.
+    if bytes.len() >= 12 && &bytes[4..8] == b"ftyp" {
+        return match &bytes[8..12] {
+            b"heic" | b"heix" | b"heim" | b"heis" | b"hevc" | b"hevx" | b"mif1" | b"msf1" => {
+                Some("HEIF/HEIC")
+            }
+            b"avif" | b"avis" => Some("AVIF"),
+            _ => None,
+        };
+    }
+    if bytes.starts_with(&[0xFF, 0x0A]) || bytes.starts_with(b"\0\0\0\x0cJXL \r\n\x87\n") {
+        return Some("JPEG XL");
+    }
+    if bytes.starts_with(b"\0\0\0\x0cjP  \r\n\x87\n")
+        || bytes.starts_with(&[0xFF, 0x4F, 0xFF, 0x51])
+    {
+        return Some("JPEG 2000");
+    }
+    None
+}
+
+/// True for a WebP file whose image is stored losslessly (`VP8L`), false for lossy
+/// (`VP8 `) data or anything that is not WebP. An extended (`VP8X`) file is lossless
+/// when its first image chunk is `VP8L`.
+pub fn webp_is_lossless(bytes: &[u8]) -> bool {
+    if bytes.len() < 16 || &bytes[0..4] != b"RIFF" || &bytes[8..12] != b"WEBP" {
+        return false;
+    }
+    let mut at = 12;
+    while at + 8 <= bytes.len() {
+        let fourcc = &bytes[at..at + 4];
+        let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+        match fourcc {
+            b"VP8L" => return true,
+            b"VP8 " => return false,
+            _ => at = at.saturating_add(8).saturating_add(len + (len & 1)),
+        }
+    }
+    false
 }
 
 /// Output size when the short side is limited to `max_side` (aspect ratio kept).

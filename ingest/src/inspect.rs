@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::change::{self, ChangeLine};
 use crate::dataset::{Dataset, RecordRef, RecordScratch};
 use crate::manifest::IngestSettings;
 
@@ -24,10 +25,16 @@ pub struct DatasetStats {
     pub records: u64,
     /// Records readers skip because their source changed.
     pub retired: u64,
-    /// Live records per class name, in class order.
+    /// Live samples: one per distinct (record, label) pair.
+    pub samples: u64,
+    /// Live samples per class name, in class order.
     pub per_class: Vec<(String, u64)>,
-    /// Live records without a label.
+    /// Live samples without a label.
     pub unlabelled: u64,
+    /// Changes to sources over the dataset's life (from `changes.jsonl`), by kind.
+    pub changes: ChangeCounts,
+    /// The changes of the most recent generation that made any (at most 20).
+    pub recent_changes: Vec<ChangeLine>,
     /// Bytes of the shard files.
     pub bytes_stored: u64,
     /// Uncompressed payload bytes.
@@ -38,6 +45,17 @@ pub struct DatasetStats {
     pub height: [u32; 3],
     /// Live records by short side: `< 32, < 64, ... , < 1024, >= 1024`.
     pub short_side_histogram: Vec<(String, u64)>,
+}
+
+/// Source changes by kind (see [`crate::SourceChange`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ChangeCounts {
+    /// Sources whose records were retired.
+    pub retired: u64,
+    /// Sources whose content moved to another label.
+    pub relabelled: u64,
+    /// Vanished sources whose content another source keeps under the same label.
+    pub removed: u64,
 }
 
 fn min_median_max(mut v: Vec<u32>) -> [u32; 3] {
@@ -56,12 +74,16 @@ pub fn stats(ds: &Dataset) -> DatasetStats {
     let mut widths = Vec::new();
     let mut heights = Vec::new();
     let mut hist = [0u64; SHORT_SIDE_BUCKETS.len() + 1];
-    for r in ds.live_records() {
-        let meta = ds.meta(r);
-        match meta.label() {
+    let mut samples = 0;
+    for s in ds.samples() {
+        samples += 1;
+        match s.label {
             Some(l) if (l as usize) < per_class.len() => per_class[l as usize] += 1,
             _ => unlabelled += 1,
         }
+    }
+    for r in ds.live_records() {
+        let meta = ds.meta(r);
         widths.push(meta.width);
         heights.push(meta.height);
         let short = meta.width.min(meta.height);
@@ -78,6 +100,24 @@ pub fn stats(ds: &Dataset) -> DatasetStats {
         ">= {}",
         SHORT_SIDE_BUCKETS[SHORT_SIDE_BUCKETS.len() - 1]
     ));
+    // The report is informational: an unreadable one counts as empty.
+    let log = change::read_report(ds.dir()).unwrap_or_default();
+    let mut changes = ChangeCounts::default();
+    for l in &log {
+        *match l.change {
+            crate::SourceChange::Retired { .. } => &mut changes.retired,
+            crate::SourceChange::Relabelled { .. } => &mut changes.relabelled,
+            crate::SourceChange::Removed { .. } => &mut changes.removed,
+        } += 1;
+    }
+    let last = log.last().map(|l| l.generation);
+    let mut recent_changes: Vec<ChangeLine> = log
+        .into_iter()
+        .rev()
+        .take_while(|l| Some(l.generation) == last)
+        .take(20)
+        .collect();
+    recent_changes.reverse();
     DatasetStats {
         generation: m.generation,
         settings: m.settings,
@@ -85,8 +125,11 @@ pub fn stats(ds: &Dataset) -> DatasetStats {
         sources: m.sources.len(),
         records: m.total_records(),
         retired: m.total_records() - m.live_records(),
+        samples,
         per_class: m.classes.iter().cloned().zip(per_class).collect(),
         unlabelled,
+        changes,
+        recent_changes,
         bytes_stored: m.shards.iter().map(|s| s.bytes).sum(),
         bytes_raw: m.shards.iter().map(|s| s.raw_bytes).sum(),
         width: min_median_max(widths),

@@ -3,7 +3,10 @@
 //!
 //! - [`shard`]: the shard file format, writer and reader (specified in `FORMAT.md`);
 //! - [`manifest`]: the dataset manifest, the single source of truth;
-//! - [`ingest()`]: the incremental, parallel, crash-safe ingest run;
+//! - [`ingest()`]: the incremental, parallel, crash-safe ingest run, which reconciles
+//!   the dataset with its sources (vanished files retired, moved files relabelled);
+//! - [`Ingester`]: the engine under it, a dataset opened for writing file by file (add,
+//!   retire, relabel, commit), for long-lived ingesters;
 //! - [`Dataset`]: a packed dataset opened for reading;
 //! - [`inspect`]: statistics and verification of a dataset.
 //!
@@ -17,11 +20,14 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod change;
 pub mod dataset;
 pub mod decode;
+mod encode;
 pub mod fsutil;
 pub mod idx;
 mod ingest;
+mod ingester;
 pub mod inspect;
 pub mod manifest;
 mod pipeline;
@@ -29,12 +35,14 @@ pub mod reject;
 pub mod shard;
 pub mod source;
 
-pub use dataset::{Dataset, DatasetError, RecordRef, RecordScratch};
+pub use change::SourceChange;
+pub use dataset::{Dataset, DatasetError, RecordRef, RecordScratch, Sample};
 pub use decode::DecodeLimits;
 pub use ingest::{
-    IngestError, IngestOptions, IngestReport, IngestSummary, LOCK_FILE, NoProgress, Progress,
+    IngestError, IngestOptions, IngestReport, IngestSummary, NoProgress, Progress, RootReport,
     SettingsOverride, ingest,
 };
+pub use ingester::{Ingester, IngesterOptions, LOCK_FILE};
 pub use manifest::{IngestSettings, Manifest};
 pub use reject::{Reject, RejectReason};
 pub use shard::{Codec, Compression};

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
 use crate::shard::{Codec, Compression};
+use crate::source::Layout;
 
 /// File name of the manifest inside a dataset folder.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -17,8 +18,12 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 pub const SHARDS_DIR: &str = "shards";
 /// The `format` field of every manifest.
 pub const FORMAT_NAME: &str = "byol-dataset";
-/// The manifest version this build writes and reads.
-pub const MANIFEST_VERSION: u32 = 1;
+/// The manifest version this build writes. Version 2 made a record's label the label of
+/// the source(s) that refer to it (see `FORMAT.md`); this build also reads version 1,
+/// whose manifests mean the same under that rule.
+pub const MANIFEST_VERSION: u32 = 2;
+/// Manifest versions this build reads.
+pub const READABLE_VERSIONS: [u32; 2] = [1, 2];
 
 /// Errors loading or saving a manifest.
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +171,17 @@ pub struct LabelsFile {
     pub stamp: FileStamp,
 }
 
+/// A folder given to an ingest run, with the layout its labels were read with. Later
+/// runs with `--layout auto` keep that layout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootEntry {
+    /// Canonical absolute path of the folder.
+    pub path: String,
+    /// [`Layout::ImageFolder`] or [`Layout::Flat`].
+    pub layout: Layout,
+}
+
 /// The whole manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -184,6 +200,9 @@ pub struct Manifest {
     pub shards: Vec<ShardEntry>,
     /// Every ingested source file.
     pub sources: Vec<SourceEntry>,
+    /// Folders ingested so far, with their layouts (absent in version 1).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roots: Vec<RootEntry>,
 }
 
 impl Manifest {
@@ -197,6 +216,7 @@ impl Manifest {
             classes: Vec::new(),
             shards: Vec::new(),
             sources: Vec::new(),
+            roots: Vec::new(),
         }
     }
 
@@ -222,10 +242,14 @@ impl Manifest {
         Ok(Some(m))
     }
 
-    /// Writes the manifest atomically into `dir`.
+    /// Writes the manifest atomically into `dir`, as version [`MANIFEST_VERSION`].
     pub fn save(&self, dir: &Path) -> Result<(), ManifestError> {
         let path = Self::path_in(dir);
-        let mut bytes = serde_json::to_vec_pretty(self).expect("manifest serialises");
+        let mut current = std::borrow::Cow::Borrowed(self);
+        if self.version != MANIFEST_VERSION {
+            current.to_mut().version = MANIFEST_VERSION;
+        }
+        let mut bytes = serde_json::to_vec_pretty(&*current).expect("manifest serialises");
         bytes.push(b'\n');
         fsutil::write_atomic(&path, &bytes).map_err(|source| ManifestError::Io { path, source })
     }
@@ -238,9 +262,9 @@ impl Manifest {
                 self.format
             ));
         }
-        if self.version != MANIFEST_VERSION {
+        if !READABLE_VERSIONS.contains(&self.version) {
             return Err(format!(
-                "manifest version {} is not supported (this build reads version {MANIFEST_VERSION})",
+                "manifest version {} is not supported (this build reads versions {READABLE_VERSIONS:?})",
                 self.version
             ));
         }
@@ -263,6 +287,14 @@ impl Manifest {
             }
         }
         for src in &self.sources {
+            if let Some(label) = &src.label
+                && !self.classes.contains(label)
+            {
+                return Err(format!(
+                    "source {} has label {label:?}, which is not in the class list",
+                    src.path
+                ));
+            }
             for span in &src.records {
                 let Some(shard) = self.shards.iter().find(|s| s.id == span.shard) else {
                     return Err(format!(
@@ -311,6 +343,44 @@ impl Manifest {
             None => {
                 self.classes.push(name.to_owned());
                 (self.classes.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Sources whose path is `root` or lies under it (`root` canonical).
+    pub fn sources_under<'a>(
+        &'a self,
+        root: &'a Path,
+    ) -> impl Iterator<Item = &'a SourceEntry> + 'a {
+        self.sources
+            .iter()
+            .filter(move |s| Path::new(&s.path).starts_with(root))
+    }
+
+    /// The layout `root`'s labels were read with: as recorded, or (for a version-1
+    /// manifest, which records none) image-folder when a source under it has a label,
+    /// flat when its sources have none; `None` for a folder never ingested.
+    pub fn root_layout(&self, root: &Path) -> Option<Layout> {
+        if let Some(r) = self.roots.iter().find(|r| Path::new(&r.path) == root) {
+            return Some(r.layout);
+        }
+        let mut under = self.sources_under(root).peekable();
+        under.peek()?;
+        Some(if under.any(|s| s.label.is_some()) {
+            Layout::ImageFolder
+        } else {
+            Layout::Flat
+        })
+    }
+
+    /// Records (or updates) the layout of folder `root`.
+    pub fn set_root_layout(&mut self, root: &Path, layout: Layout) {
+        let path = root.to_string_lossy().into_owned();
+        match self.roots.iter_mut().find(|r| r.path == path) {
+            Some(r) => r.layout = layout,
+            None => {
+                self.roots.push(RootEntry { path, layout });
+                self.roots.sort_by(|a, b| a.path.cmp(&b.path));
             }
         }
     }

@@ -27,6 +27,9 @@ pub enum RejectReason {
     NotAnImage,
     /// Truncated or corrupt image data.
     Corrupt,
+    /// A valid file of a format (or a variant of one) we do not decode: HEIC, AVIF,
+    /// JPEG XL, float or signed-integer TIFF... Convert it (to PNG, say) to ingest it.
+    Unsupported,
     /// Dimensions, pixels, memory or file size over the limits.
     TooLarge,
     /// The decoder panicked on this input (caught; the run went on).
@@ -46,6 +49,7 @@ impl RejectReason {
             RejectReason::SymlinkLoop => "symlink-loop",
             RejectReason::NotAnImage => "not-an-image",
             RejectReason::Corrupt => "corrupt",
+            RejectReason::Unsupported => "unsupported",
             RejectReason::TooLarge => "too-large",
             RejectReason::DecoderPanic => "decoder-panic",
             RejectReason::InvalidIdx => "invalid-idx",

@@ -23,6 +23,23 @@ pub enum Layout {
     Flat,
 }
 
+impl Layout {
+    /// The kebab-case name used in configs and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layout::Auto => "auto",
+            Layout::ImageFolder => "image-folder",
+            Layout::Flat => "flat",
+        }
+    }
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What a candidate file is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CandidateKind {
@@ -51,14 +68,57 @@ pub struct Candidate {
 /// Candidates and early rejects of one source path.
 #[derive(Debug, Default)]
 pub struct Scan {
+    /// The source path, canonical (symlinks resolved).
+    pub root: PathBuf,
+    /// The layout used for the labels ([`Layout::Flat`] for a single file).
+    pub layout: Layout,
+    /// Why [`Layout::Auto`] chose `layout`; `None` when the layout was given.
+    pub layout_reason: Option<String>,
     /// Files to read, in a deterministic order (sorted by path).
     pub candidates: Vec<Candidate>,
     /// Entries rejected without reading them.
     pub rejects: Vec<Reject>,
+    /// Files skipped for their names (hidden, backups, temporary, partial downloads).
+    pub ignored: u64,
 }
 
 fn is_hidden(name: &std::ffi::OsStr) -> bool {
     name.to_str().is_some_and(|s| s.starts_with('.'))
+}
+
+/// Extensions (lower case) of files that are not meant as data: backups, temporary
+/// files and partial downloads.
+pub const IGNORED_EXTENSIONS: [&str; 9] = [
+    "bak",
+    "tmp",
+    "temp",
+    "part",
+    "partial",
+    "crdownload",
+    "download",
+    "swp",
+    "old",
+];
+
+/// True for a file name that is skipped whatever its content: hidden (`.name`), editor
+/// backups (`name~`, `#name#`) and the [`IGNORED_EXTENSIONS`]. What a file *is* is
+/// decided by its content; whether it is *meant* as data, by these names.
+pub fn is_ignored_name(name: &std::ffi::OsStr) -> bool {
+    let Some(name) = name.to_str() else {
+        return false;
+    };
+    if name.starts_with('.')
+        || name.ends_with('~')
+        || (name.starts_with('#') && name.ends_with('#'))
+    {
+        return true;
+    }
+    name.rsplit_once('.').is_some_and(|(stem, ext)| {
+        !stem.is_empty()
+            && IGNORED_EXTENSIONS
+                .iter()
+                .any(|i| ext.eq_ignore_ascii_case(i))
+    })
 }
 
 fn looks_like_idx(path: &Path, kind: &str) -> bool {
@@ -67,37 +127,81 @@ fn looks_like_idx(path: &Path, kind: &str) -> bool {
         .is_some_and(|n| n.contains(kind))
 }
 
-/// Decides the layout of folder `root` when `layout` is [`Layout::Auto`].
+/// True when the first bytes of the file at `path` are those of an image format (or an
+/// IDX image file): a README or a stray text file is not.
+fn sniffs_as_image(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 64];
+    let n = fs::File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .unwrap_or(0);
+    n > 0 && (image::guess_format(&head[..n]).is_ok() || idx::is_idx_images(path))
+}
+
+/// The layout [`Layout::Auto`] chose for a folder, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayoutChoice {
+    /// [`Layout::ImageFolder`] or [`Layout::Flat`].
+    pub layout: Layout,
+    /// One line for the summary.
+    pub reason: String,
+}
+
+/// Decides the layout of a folder from what its tree holds (the rule of `--layout auto`):
+///
+/// - no first-level subfolder holds a file: **flat**;
+/// - otherwise **image-folder** (each first-level subfolder is a class). Images at the
+///   root are kept, unlabelled, and reported; files at the root that are not images
+///   (README, notes) never change the choice.
+fn choose_layout(class_folders: usize, root_images: usize, root_other: usize) -> LayoutChoice {
+    let other = if root_other > 0 {
+        format!("; {root_other} non-image file(s) at the root ignored for this choice")
+    } else {
+        String::new()
+    };
+    if class_folders == 0 {
+        return LayoutChoice {
+            layout: Layout::Flat,
+            reason: format!("no subfolder holds files{other}"),
+        };
+    }
+    let root = if root_images > 0 {
+        format!("; {root_images} image(s) at the root are kept unlabelled")
+    } else {
+        String::new()
+    };
+    LayoutChoice {
+        layout: Layout::ImageFolder,
+        reason: format!("{class_folders} class folder(s){root}{other}"),
+    }
+}
+
+/// Decides the layout of folder `root` when `layout` is [`Layout::Auto`] (see
+/// [`scan`] for the rule); other layouts are returned as they are.
 pub fn resolve_layout(root: &Path, layout: Layout) -> io::Result<Layout> {
     if layout != Layout::Auto {
         return Ok(layout);
     }
-    let mut dirs = 0;
-    for e in fs::read_dir(root)? {
-        let e = e?;
-        if is_hidden(&e.file_name()) {
-            continue;
-        }
-        match fs::metadata(e.path()) {
-            Ok(m) if m.is_dir() => dirs += 1,
-            _ => return Ok(Layout::Flat),
-        }
-    }
-    Ok(if dirs > 0 {
-        Layout::ImageFolder
-    } else {
-        Layout::Flat
-    })
+    Ok(scan(root, layout, None)?.layout)
 }
 
 /// Lists what `src` (a folder, an image file or an IDX file) holds.
 ///
-/// `exclude` (the dataset folder) is never descended into. Hidden files and folders
-/// are skipped. Fails only when `src` itself cannot be read.
+/// `exclude` (the dataset folder) is never descended into. Hidden files and folders,
+/// backups, temporary files and partial downloads ([`is_ignored_name`]) are skipped and
+/// counted. With [`Layout::Auto`] the layout is chosen from the tree: flat when no
+/// first-level subfolder holds a file, image-folder otherwise (images at the root then
+/// stay unlabelled; non-image files at the root never change the choice). Fails only
+/// when `src` itself cannot be read.
 pub fn scan(src: &Path, layout: Layout, exclude: Option<&Path>) -> io::Result<Scan> {
     let root = fs::canonicalize(src)?;
     let meta = fs::metadata(&root)?;
-    let mut scan = Scan::default();
+    let mut scan = Scan {
+        root: root.clone(),
+        layout: Layout::Flat,
+        layout_reason: None,
+        ..Scan::default()
+    };
     if meta.is_file() {
         let kind = if idx::is_idx_images(&root) {
             CandidateKind::Idx {
@@ -120,7 +224,8 @@ pub fn scan(src: &Path, layout: Layout, exclude: Option<&Path>) -> io::Result<Sc
             "not a file or a folder",
         ));
     }
-    let layout = resolve_layout(&root, layout)?;
+    // The root itself must be listable: an unreadable root is an error, not an empty tree.
+    fs::read_dir(&root)?;
     let exclude = exclude.and_then(|p| fs::canonicalize(p).ok());
     let walker = walkdir::WalkDir::new(&root)
         .follow_links(true)
@@ -136,6 +241,8 @@ pub fn scan(src: &Path, layout: Layout, exclude: Option<&Path>) -> io::Result<Sc
             e.depth() == 0 || !(is_hidden(e.file_name()) || excluded())
         });
     let mut paired_labels = Vec::new();
+    // First-level folder of each candidate (None at the root), for the layout.
+    let mut first_level: Vec<Option<String>> = Vec::new();
     for entry in walker {
         let entry = match entry {
             Ok(e) => e,
@@ -149,6 +256,10 @@ pub fn scan(src: &Path, layout: Layout, exclude: Option<&Path>) -> io::Result<Sc
             continue;
         }
         let path = entry.path().to_owned();
+        if is_ignored_name(entry.file_name()) {
+            scan.ignored += 1;
+            continue;
+        }
         if !ft.is_file() {
             scan.rejects.push(Reject::new(
                 &path,
@@ -165,14 +276,6 @@ pub fn scan(src: &Path, layout: Layout, exclude: Option<&Path>) -> io::Result<Sc
                 continue;
             }
         };
-        let label = match layout {
-            Layout::ImageFolder if entry.depth() >= 2 => path
-                .strip_prefix(&root)
-                .ok()
-                .and_then(|rel| rel.components().next())
-                .map(|c| c.as_os_str().to_string_lossy().into_owned()),
-            _ => None,
-        };
         let kind = if looks_like_idx(&path, "idx3") && idx::is_idx_images(&path) {
             let labels = idx::labels_path_for(&path);
             paired_labels.extend(labels.clone());
@@ -180,15 +283,57 @@ pub fn scan(src: &Path, layout: Layout, exclude: Option<&Path>) -> io::Result<Sc
         } else {
             CandidateKind::Image
         };
+        first_level.push(if entry.depth() >= 2 {
+            path.strip_prefix(&root)
+                .ok()
+                .and_then(|rel| rel.components().next())
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        } else {
+            None
+        });
         scan.candidates.push(Candidate {
             path,
-            label,
+            label: None,
             kind,
             stamp: FileStamp::of(&meta),
         });
     }
     // Labels files travel with their image file; they are not images themselves.
-    scan.candidates.retain(|c| !paired_labels.contains(&c.path));
+    let keep: Vec<bool> = scan
+        .candidates
+        .iter()
+        .map(|c| !paired_labels.contains(&c.path))
+        .collect();
+    let mut keep_iter = keep.iter();
+    scan.candidates.retain(|_| *keep_iter.next().unwrap());
+    let mut keep_iter = keep.iter();
+    first_level.retain(|_| *keep_iter.next().unwrap());
+
+    scan.layout = match layout {
+        Layout::Auto => {
+            let folders: std::collections::BTreeSet<&str> =
+                first_level.iter().flatten().map(String::as_str).collect();
+            let (mut images, mut other) = (0, 0);
+            for (c, f) in scan.candidates.iter().zip(&first_level) {
+                if f.is_none() {
+                    if sniffs_as_image(&c.path) {
+                        images += 1;
+                    } else {
+                        other += 1;
+                    }
+                }
+            }
+            let choice = choose_layout(folders.len(), images, other);
+            scan.layout_reason = Some(choice.reason);
+            choice.layout
+        }
+        l => l,
+    };
+    if scan.layout == Layout::ImageFolder {
+        for (c, f) in scan.candidates.iter_mut().zip(first_level) {
+            c.label = f;
+        }
+    }
     Ok(scan)
 }
 
@@ -216,8 +361,12 @@ mod tests {
     use super::*;
 
     fn touch(p: &Path) {
+        write(p, b"x");
+    }
+
+    fn write(p: &Path, bytes: &[u8]) {
         fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(p, b"x").unwrap();
+        fs::write(p, bytes).unwrap();
     }
 
     #[test]
@@ -249,14 +398,97 @@ mod tests {
         );
     }
 
+    /// A tiny valid PNG (the layout choice sniffs root files by content).
+    fn png_bytes() -> Vec<u8> {
+        let mut out = Vec::new();
+        image::RgbImage::new(2, 2)
+            .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
+    fn labels_of(s: &Scan) -> Vec<(&str, Option<&str>)> {
+        s.candidates
+            .iter()
+            .map(|c| {
+                (
+                    c.path.file_name().unwrap().to_str().unwrap(),
+                    c.label.as_deref(),
+                )
+            })
+            .collect()
+    }
+
     #[test]
-    fn flat_when_files_at_top_level() {
+    fn flat_when_no_subfolder_holds_files() {
         let d = tempfile::tempdir().unwrap();
         touch(&d.path().join("a.jpg"));
-        touch(&d.path().join("sub/b.jpg"));
+        touch(&d.path().join("b.jpg"));
+        fs::create_dir(d.path().join("empty")).unwrap();
         let s = scan(d.path(), Layout::Auto, None).unwrap();
+        assert_eq!(s.layout, Layout::Flat);
         assert_eq!(s.candidates.len(), 2);
         assert!(s.candidates.iter().all(|c| c.label.is_none()));
+        assert!(s.layout_reason.unwrap().contains("no subfolder"));
+    }
+
+    #[test]
+    fn a_readme_at_the_root_does_not_flip_an_imagefolder_tree() {
+        let d = tempfile::tempdir().unwrap();
+        write(&d.path().join("cat/a.png"), &png_bytes());
+        write(&d.path().join("dog/b.png"), &png_bytes());
+        fs::write(d.path().join("README"), "class folders of pets\n").unwrap();
+        let s = scan(d.path(), Layout::Auto, None).unwrap();
+        assert_eq!(s.layout, Layout::ImageFolder);
+        let reason = s.layout_reason.clone().unwrap();
+        assert!(reason.contains("2 class folder(s)"), "{reason}");
+        assert!(
+            reason.contains("1 non-image file(s) at the root"),
+            "{reason}"
+        );
+        assert!(labels_of(&s).contains(&("a.png", Some("cat"))));
+        assert!(labels_of(&s).contains(&("b.png", Some("dog"))));
+    }
+
+    #[test]
+    fn images_at_the_root_of_an_imagefolder_tree_stay_unlabelled() {
+        let d = tempfile::tempdir().unwrap();
+        write(&d.path().join("cat/a.png"), &png_bytes());
+        write(&d.path().join("stray.png"), &png_bytes());
+        let s = scan(d.path(), Layout::Auto, None).unwrap();
+        assert_eq!(s.layout, Layout::ImageFolder);
+        assert!(
+            s.layout_reason
+                .as_deref()
+                .unwrap()
+                .contains("1 image(s) at the root are kept unlabelled")
+        );
+        assert_eq!(
+            labels_of(&s),
+            vec![("a.png", Some("cat")), ("stray.png", None)]
+        );
+    }
+
+    #[test]
+    fn backup_temporary_and_partial_names_are_ignored() {
+        let d = tempfile::tempdir().unwrap();
+        for name in [
+            "a.png",
+            "a.png.bak",
+            "b.JPG.part",
+            "c.crdownload",
+            "d.png~",
+            "#e.png#",
+            "f.tmp",
+            ".g.png",
+        ] {
+            write(&d.path().join(name), &png_bytes());
+        }
+        let s = scan(d.path(), Layout::Auto, None).unwrap();
+        assert_eq!(labels_of(&s), vec![("a.png", None)]);
+        assert_eq!(s.ignored, 6, "hidden files are skipped without counting");
+        assert!(!is_ignored_name(".bak".as_ref()) || is_hidden(".bak".as_ref()));
+        assert!(!is_ignored_name("photo.jpeg".as_ref()));
     }
 
     #[test]

@@ -584,8 +584,7 @@ fn fill_sample(
     for probe in 0..MAX_PROBES {
         let (g, aug_index) = plan.sample(batch, slot_in_batch, probe);
         let r = plan.locate(g);
-        let retired = &ds.manifest().shards[r.shard].retired;
-        if retired.binary_search(&r.index).is_ok() {
+        if !ds.is_live(r) {
             continue;
         }
         let result = ds
@@ -603,12 +602,11 @@ fn fill_sample(
                         &mut sc.aug,
                         [view_out(&mut *v1, &mut *u1), view_out(&mut *v2, &mut *u2)],
                     )
-                    .map(|_| meta)
                     .map_err(|e| e.to_string())
             });
         match result {
-            Ok(meta) => {
-                *label = meta.label;
+            Ok(_) => {
+                *label = ds.label(r).unwrap_or(byol_ingest::shard::NO_LABEL);
                 *record = aug_index;
                 return;
             }

@@ -149,16 +149,7 @@ pub fn every_kind(seed: u32) -> Vec<(String, Vec<u8>)> {
 /// A JPEG with an EXIF APP1 segment carrying `orientation` (1..=8).
 pub fn jpeg_with_orientation(w: u32, h: u32, seed: u32, orientation: u16) -> Vec<u8> {
     let jpeg = jpeg(w, h, seed);
-    let mut tiff = Vec::new();
-    tiff.extend_from_slice(b"II*\0");
-    tiff.extend_from_slice(&8u32.to_le_bytes());
-    tiff.extend_from_slice(&1u16.to_le_bytes()); // one IFD entry
-    tiff.extend_from_slice(&0x0112u16.to_le_bytes()); // Orientation
-    tiff.extend_from_slice(&3u16.to_le_bytes()); // SHORT
-    tiff.extend_from_slice(&1u32.to_le_bytes());
-    tiff.extend_from_slice(&orientation.to_le_bytes());
-    tiff.extend_from_slice(&[0, 0]);
-    tiff.extend_from_slice(&0u32.to_le_bytes()); // no next IFD
+    let tiff = exif_orientation(orientation);
     let mut app1 = b"Exif\0\0".to_vec();
     app1.extend_from_slice(&tiff);
     let mut out = jpeg[..2].to_vec(); // SOI
@@ -227,4 +218,89 @@ pub fn reference(path: &Path, max_side: Option<u32>) -> RgbImage {
     let mut img = DynamicImage::from_decoder(dec).unwrap();
     img.apply_orientation(o);
     byol_ingest::decode::resize_short_side(img.to_rgb8(), max_side)
+}
+
+/// A little-endian TIFF (EXIF) block holding one Orientation tag.
+fn exif_orientation(orientation: u16) -> Vec<u8> {
+    let mut tiff = Vec::new();
+    tiff.extend_from_slice(b"II*\0");
+    tiff.extend_from_slice(&8u32.to_le_bytes());
+    tiff.extend_from_slice(&1u16.to_le_bytes()); // one IFD entry
+    tiff.extend_from_slice(&0x0112u16.to_le_bytes()); // Orientation
+    tiff.extend_from_slice(&3u16.to_le_bytes()); // SHORT
+    tiff.extend_from_slice(&1u32.to_le_bytes());
+    tiff.extend_from_slice(&orientation.to_le_bytes());
+    tiff.extend_from_slice(&[0, 0]);
+    tiff.extend_from_slice(&0u32.to_le_bytes()); // no next IFD
+    tiff
+}
+
+/// A lossless (VP8L) WebP in an extended container with an EXIF chunk carrying
+/// `orientation`.
+pub fn lossless_webp_with_orientation(w: u32, h: u32, seed: u32, orientation: u16) -> Vec<u8> {
+    let mut simple = Vec::new();
+    image::codecs::webp::WebPEncoder::new_lossless(&mut simple)
+        .encode(
+            pattern(w, h, seed).as_raw(),
+            w,
+            h,
+            image::ExtendedColorType::Rgb8,
+        )
+        .unwrap();
+    assert_eq!(&simple[12..16], b"VP8L");
+    let chunk = |fourcc: &[u8], data: &[u8]| {
+        let mut c = fourcc.to_vec();
+        c.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        c.extend_from_slice(data);
+        if data.len() % 2 == 1 {
+            c.push(0);
+        }
+        c
+    };
+    let mut vp8x = vec![0x08, 0, 0, 0]; // flags: EXIF present
+    vp8x.extend_from_slice(&(w - 1).to_le_bytes()[..3]);
+    vp8x.extend_from_slice(&(h - 1).to_le_bytes()[..3]);
+    let mut body = b"WEBP".to_vec();
+    body.extend(chunk(b"VP8X", &vp8x));
+    body.extend_from_slice(&simple[12..]); // the VP8L chunk as encoded
+    body.extend(chunk(b"EXIF", &exif_orientation(orientation)));
+    let mut out = b"RIFF".to_vec();
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend(body);
+    out
+}
+
+/// A valid one-strip grayscale TIFF with `bits` per sample of `sample_format`
+/// (1 unsigned, 2 signed integer, 3 IEEE float), all zero.
+pub fn gray_tiff(w: u32, h: u32, bits: u16, sample_format: u16) -> Vec<u8> {
+    let data_len = w * h * u32::from(bits / 8);
+    let entries: [(u16, u16, u32); 9] = [
+        (256, 4, w),                        // ImageWidth
+        (257, 4, h),                        // ImageLength
+        (258, 3, u32::from(bits)),          // BitsPerSample
+        (259, 3, 1),                        // Compression: none
+        (262, 3, 1),                        // Photometric: black is zero
+        (273, 4, 8),                        // StripOffsets: right after the header
+        (277, 3, 1),                        // SamplesPerPixel
+        (279, 4, data_len),                 // StripByteCounts
+        (339, 3, u32::from(sample_format)), // SampleFormat
+    ];
+    let ifd = 8 + data_len;
+    let mut b = b"II*\0".to_vec();
+    b.extend_from_slice(&ifd.to_le_bytes());
+    b.resize(8 + data_len as usize, 0);
+    b.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    for (tag, kind, value) in entries {
+        b.extend_from_slice(&tag.to_le_bytes());
+        b.extend_from_slice(&kind.to_le_bytes());
+        b.extend_from_slice(&1u32.to_le_bytes());
+        if kind == 3 {
+            b.extend_from_slice(&(value as u16).to_le_bytes());
+            b.extend_from_slice(&[0, 0]);
+        } else {
+            b.extend_from_slice(&value.to_le_bytes());
+        }
+    }
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b
 }

@@ -149,13 +149,14 @@ impl Features {
     }
 }
 
-/// Labelled live records of `dataset`, in shard order; the count of unlabelled ones.
+/// Labelled samples of `dataset` (a record under two labels is two samples), in shard
+/// order; the count of unlabelled ones.
 fn labelled(dataset: &Dataset) -> Result<(Vec<(RecordRef, u32)>, usize), EvalError> {
     let mut out = Vec::new();
     let mut unlabelled = 0;
-    for r in dataset.live_records() {
-        match dataset.meta(r).label() {
-            Some(l) => out.push((r, l)),
+    for s in dataset.samples() {
+        match s.label {
+            Some(l) => out.push((s.record, l)),
             None => unlabelled += 1,
         }
     }
