@@ -201,7 +201,8 @@ pub enum CompressionArg {
 #[derive(Debug, Clone, Copy, ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LayoutArg {
-    /// ImageFolder if the top level holds only folders, flat otherwise.
+    /// ImageFolder when a first-level subfolder holds files (root images stay
+    /// unlabelled), flat otherwise; a folder keeps the layout of its first ingest.
     Auto,
     /// Class = first-level subfolder.
     Imagefolder,

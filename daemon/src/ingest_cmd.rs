@@ -94,7 +94,7 @@ pub fn print_report(report: &IngestReport, opts: &IngestOptions) {
     println!("files seen       {}", s.files_seen);
     if s.ignored > 0 {
         println!(
-            "ignored          {} (hidden, backup, temporary or partial-download names)",
+            "ignored          {} (backup, temporary or partial-download names)",
             s.ignored
         );
     }

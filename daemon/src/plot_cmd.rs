@@ -28,7 +28,8 @@ struct Curves {
 }
 
 /// Reads `metrics.jsonl`; a torn last line (a run killed mid-write) is skipped, any
-/// other bad line is an error naming the file and line.
+/// other bad line is an error naming the file and line. A step logged twice (a file
+/// from a run resumed by an older build) counts once, as its last line says.
 fn read_curves(path: &Path) -> anyhow::Result<Curves> {
     let text = std::fs::read_to_string(path).with_context(|| {
         format!(
@@ -37,7 +38,7 @@ fn read_curves(path: &Path) -> anyhow::Result<Curves> {
             path.parent().unwrap_or(path).display()
         )
     })?;
-    let mut curves = Curves::default();
+    let mut by_step = std::collections::BTreeMap::new();
     let lines: Vec<&str> = text.lines().collect();
     let torn_tail = !text.ends_with('\n');
     for (i, line) in lines.iter().enumerate() {
@@ -57,12 +58,16 @@ fn read_curves(path: &Path) -> anyhow::Result<Curves> {
             ),
         };
         let step = value["step"]
-            .as_f64()
+            .as_u64()
             .ok_or_else(|| anyhow!("{} line {}: no \"step\"", path.display(), i + 1))?;
+        by_step.insert(step, value);
+    }
+    let mut curves = Curves::default();
+    for (step, value) in by_step {
         // Non-finite values (a diverged run logs NaN as null) leave a gap.
         let push = |curve: &mut Vec<(f64, f64)>, key: &str| {
             if let Some(v) = value[key].as_f64().filter(|v| v.is_finite()) {
-                curve.push((step, v));
+                curve.push((step as f64, v));
             }
         };
         push(&mut curves.loss, "loss");
@@ -220,6 +225,20 @@ mod tests {
         std::fs::write(&p, "").unwrap();
         let err = format!("{:#}", read_curves(&p).unwrap_err());
         assert!(err.contains("no metrics yet"), "{err}");
+    }
+
+    #[test]
+    fn a_step_logged_twice_counts_once_as_its_last_line_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(METRICS_FILE);
+        let line = |step: u64, loss: f64| format!("{{\"step\":{step},\"loss\":{loss}}}\n");
+        let text: String = [(1, 4.0), (2, 3.0), (3, 2.0), (2, 3.5), (3, 2.5), (4, 1.0)]
+            .iter()
+            .map(|&(s, l)| line(s, l))
+            .collect();
+        std::fs::write(&p, text).unwrap();
+        let c = read_curves(&p).unwrap();
+        assert_eq!(c.loss, [(1.0, 4.0), (2.0, 3.5), (3.0, 2.5), (4.0, 1.0)]);
     }
 
     #[test]

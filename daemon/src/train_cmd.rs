@@ -1,15 +1,21 @@
 //! `byol train`: the loader feeding the BYOL step, with metrics and checkpoints.
+//!
+//! Nothing beside the step may lose the training: side inputs (`[monitor]`) are checked
+//! before the first step, and an error after it, or SIGINT/SIGTERM, checkpoints the last
+//! completed step before the process exits.
 
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::path::Path;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use byol_augment::Augmenter;
 use byol_ingest::Dataset;
-use byol_loader::{Loader, Output};
+use byol_loader::{Loader, LoaderState, Output};
 use byol_trainer::{Trainer, TrainerConfig, checkpoint};
 use serde::Serialize;
 
@@ -20,6 +26,17 @@ use crate::progress::Bar;
 
 /// File of metrics lines in the run folder (JSON Lines, appended).
 pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// Test hook: abort the process (as `kill -9` would) right after this step's metrics
+/// line, so a test can crash a run at a known step.
+const ABORT_AT_STEP_ENV: &str = "BYOL_TEST_ABORT_AT_STEP";
+/// Test hook: fail with an error right after this step's metrics line, so a test can
+/// check what an error beside training leaves behind.
+const FAIL_AT_STEP_ENV: &str = "BYOL_TEST_FAIL_AT_STEP";
+
+fn step_from_env(key: &str) -> Option<u64> {
+    std::env::var(key).ok().and_then(|v| v.parse().ok())
+}
 
 #[derive(Serialize)]
 struct MetricsLine {
@@ -32,13 +49,39 @@ struct MetricsLine {
     images_per_sec: f64,
     data_wait_secs: f64,
     elapsed_secs: f64,
+    /// Records the loader skipped so far because they are corrupt (each counted once).
+    #[serde(skip_serializing_if = "is_zero")]
+    skipped_records: u64,
     /// kNN top-1 of the `[monitor]` datasets, on the steps it measures.
     #[serde(skip_serializing_if = "Option::is_none")]
     knn_accuracy: Option<f64>,
+    /// Monitor records skipped on that measurement because they are corrupt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    knn_skipped_records: Option<u64>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// Why the step loop ended early.
+enum Stop {
+    /// SIGINT or SIGTERM: the signal number.
+    Signal(i32),
 }
 
 /// Runs `byol train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    // The first SIGINT/SIGTERM stops after the current step (with a checkpoint); a
+    // second one ends the process at once.
+    let signal = Arc::new(AtomicUsize::new(0));
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, stopping.clone())
+            .and_then(|_| signal_hook::flag::register(sig, stopping.clone()))
+            .and_then(|_| signal_hook::flag::register_usize(sig, signal.clone(), sig as usize))
+            .context("cannot install the signal handlers")?;
+    }
     let cfg = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
@@ -55,6 +98,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         .context("invalid [augment] settings")?;
     let dataset = Dataset::open(&args.data)
         .with_context(|| format!("cannot open dataset {}", args.data.display()))?;
+    let view_size = aug.size();
+    // Side inputs are checked before anything is trained.
+    let monitor = match &cfg.monitor {
+        Some(m) => Some(Monitor::open(m, view_size)?),
+        None => None,
+    };
     let ckpt_dir = args.run.join("checkpoints");
     let latest = checkpoint::latest(&ckpt_dir);
     let mut trainer = Trainer::new(trainer_cfg, loader_cfg.batch_size)?;
@@ -74,107 +123,253 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         ),
         (None, false) => None,
     };
-    let view_size = aug.size();
-    let size = view_size as usize;
-    let monitor = match &cfg.monitor {
-        Some(m) => Some(Monitor::open(m, view_size)?),
-        None => None,
-    };
-    let mut loader = Loader::new(dataset, aug, loader_cfg, state)?;
+    let loader = Loader::new(dataset, aug, loader_cfg, state)?;
     let target = match (args.steps, args.epochs) {
         (Some(s), _) => s,
         (None, Some(e)) => e * loader.batches_per_epoch(),
         (None, None) => cfg.train.total_steps,
     };
+    if let Some(warning) = schedule_warning(&cfg.train, &cfg.optim, target) {
+        eprintln!("warning: {warning}");
+        tracing::warn!("{warning}");
+    }
     std::fs::create_dir_all(&args.run)
         .with_context(|| format!("cannot create {}", args.run.display()))?;
     let metrics_path = args.run.join(METRICS_FILE);
-    let mut metrics = OpenOptions::new()
+    // Lines past the step we resume from were written by the run that crashed: the
+    // resumed run writes those steps again.
+    let dropped = truncate_metrics(&metrics_path, trainer.steps_done())?;
+    if dropped > 0 {
+        println!(
+            "dropped {dropped} metrics line(s) past step {} (the resumed run logs those steps again)",
+            trainer.steps_done()
+        );
+    }
+    let metrics = OpenOptions::new()
         .create(true)
         .append(true)
         .open(&metrics_path)
         .with_context(|| format!("cannot open {}", metrics_path.display()))?;
 
-    let train = &cfg.train;
-    let bar = Bar::new(target.saturating_sub(trainer.steps_done()), "train");
+    let mut run = TrainLoop {
+        trainer,
+        last_state: loader.state(),
+        last_epoch: loader.state().epoch,
+        last_ckpt: (Instant::now(), u64::MAX),
+        loader,
+        monitor,
+        metrics,
+        ckpt_dir: ckpt_dir.clone(),
+        view_size,
+        signal,
+        abort_at: step_from_env(ABORT_AT_STEP_ENV),
+        fail_at: step_from_env(FAIL_AT_STEP_ENV),
+    };
+    run.last_ckpt.1 = run.trainer.steps_done();
     let started = Instant::now();
-    let mut window = (Instant::now(), 0u64, Duration::ZERO);
-    let mut last_ckpt = (Instant::now(), trainer.steps_done());
-    let mut epoch = loader.state().epoch;
-    while trainer.steps_done() < target {
-        let wait_start = Instant::now();
-        let batch = loader.next_batch();
-        window.2 += wait_start.elapsed();
-        let stats = trainer.step(batch.view1(), batch.view2(), size)?;
-        window.1 += batch.len() as u64;
-        epoch = batch.epoch;
-        drop(batch);
-        bar.inc(1);
-        let knn_accuracy = match &monitor {
-            Some(m) if m.due(stats.step) => Some(m.measure(&trainer)?),
-            _ => None,
-        };
-        if stats.step % train.log_every == 0 || stats.step == target || knn_accuracy.is_some() {
-            let secs = window.0.elapsed().as_secs_f64().max(1e-9);
-            let line = MetricsLine {
-                step: stats.step,
-                epoch,
-                loss: stats.loss,
-                lr: stats.lr,
-                tau: stats.tau,
-                collapse: stats.collapse,
-                images_per_sec: window.1 as f64 / secs,
-                data_wait_secs: window.2.as_secs_f64(),
-                elapsed_secs: started.elapsed().as_secs_f64(),
-                knn_accuracy,
+    let outcome = run.steps(&cfg.train, target);
+    // Whatever ended the loop, the last completed step is kept.
+    let saved = if run.trainer.steps_done() != run.last_ckpt.1 {
+        Some(run.save())
+    } else {
+        None
+    };
+    match (outcome, saved) {
+        (Err(e), Some(Ok(path))) => Err(e.context(format!(
+            "training stopped after step {}; checkpoint written to {} (resume with --resume)",
+            run.trainer.steps_done(),
+            path.display()
+        ))),
+        (Err(e), Some(Err(save_err))) => Err(e.context(format!(
+            "training stopped after step {}, and its checkpoint failed too: {save_err:#}",
+            run.trainer.steps_done()
+        ))),
+        (Err(e), None) => Err(e),
+        (Ok(_), Some(Err(save_err))) => Err(save_err),
+        (Ok(stop), _) => {
+            let how = match stop {
+                Some(Stop::Signal(sig)) => format!("stopped by signal {sig} at step"),
+                None => "trained to step".into(),
             };
-            writeln!(metrics, "{}", serde_json::to_string(&line)?)?;
-            bar.message(&format!(
-                "loss {:.4} collapse {:.3} lr {:.4} {:.0} img/s",
-                stats.loss, stats.collapse, stats.lr, line.images_per_sec
-            ));
-            tracing::info!(
-                step = stats.step,
-                loss = stats.loss,
-                collapse = stats.collapse,
-                lr = stats.lr,
-                tau = stats.tau,
-                knn_accuracy,
-                "step"
+            println!(
+                "{how} {} in {:.1} s; metrics in {}, checkpoints in {}",
+                run.trainer.steps_done(),
+                started.elapsed().as_secs_f64(),
+                metrics_path.display(),
+                ckpt_dir.display()
             );
-            window = (Instant::now(), 0, Duration::ZERO);
-        }
-        let by_steps = train.checkpoint_every_steps > 0
-            && stats.step - last_ckpt.1 >= train.checkpoint_every_steps;
-        let by_time = train.checkpoint_every_minutes > 0.0
-            && last_ckpt.0.elapsed().as_secs_f64() >= train.checkpoint_every_minutes * 60.0;
-        if by_steps || by_time {
-            save(&ckpt_dir, &trainer, epoch, &loader, view_size)?;
-            last_ckpt = (Instant::now(), stats.step);
+            Ok(match stop {
+                Some(Stop::Signal(sig)) => ExitCode::from(128 + sig as u8),
+                None => ExitCode::SUCCESS,
+            })
         }
     }
-    bar.finish();
-    if last_ckpt.1 != trainer.steps_done() {
-        save(&ckpt_dir, &trainer, epoch, &loader, view_size)?;
-    }
-    println!(
-        "trained to step {} in {:.1} s; metrics in {}, checkpoints in {}",
-        trainer.steps_done(),
-        started.elapsed().as_secs_f64(),
-        metrics_path.display(),
-        ckpt_dir.display()
-    );
-    Ok(ExitCode::SUCCESS)
 }
 
-fn save(
-    dir: &Path,
-    trainer: &Trainer,
-    epoch: u64,
-    loader: &Loader,
+/// The state of a training run between steps.
+struct TrainLoop {
+    trainer: Trainer,
+    loader: Loader,
+    monitor: Option<Monitor>,
+    metrics: File,
+    ckpt_dir: PathBuf,
     view_size: u32,
-) -> anyhow::Result<()> {
-    let path = checkpoint::save(dir, trainer, epoch, Some(loader.state()), Some(view_size))?;
-    tracing::info!(path = %path.display(), "checkpoint written");
-    Ok(())
+    /// Loader state and epoch after the last completed step (what a checkpoint records).
+    last_state: LoaderState,
+    last_epoch: u64,
+    /// When, and at which step, the last checkpoint was written.
+    last_ckpt: (Instant, u64),
+    /// Signal number received (0: none).
+    signal: Arc<AtomicUsize>,
+    abort_at: Option<u64>,
+    fail_at: Option<u64>,
+}
+
+impl TrainLoop {
+    /// Steps until `target`, a signal, or an error.
+    fn steps(
+        &mut self,
+        train: &byol_trainer::TrainConfig,
+        target: u64,
+    ) -> anyhow::Result<Option<Stop>> {
+        let size = self.view_size as usize;
+        let bar = Bar::new(target.saturating_sub(self.trainer.steps_done()), "train");
+        let started = Instant::now();
+        let mut window = (Instant::now(), 0u64, Duration::ZERO);
+        while self.trainer.steps_done() < target {
+            let sig = self.signal.load(Ordering::Relaxed);
+            if sig != 0 {
+                bar.finish();
+                return Ok(Some(Stop::Signal(sig as i32)));
+            }
+            let wait_start = Instant::now();
+            let batch = self.loader.next_batch();
+            window.2 += wait_start.elapsed();
+            let stats = self.trainer.step(batch.view1(), batch.view2(), size)?;
+            window.1 += batch.len() as u64;
+            let epoch = batch.epoch;
+            drop(batch);
+            self.last_state = self.loader.state();
+            self.last_epoch = epoch;
+            bar.inc(1);
+            let knn = match &self.monitor {
+                Some(m) if m.due(stats.step) => Some(m.measure(&self.trainer)?),
+                _ => None,
+            };
+            if stats.step % train.log_every == 0 || stats.step == target || knn.is_some() {
+                let secs = window.0.elapsed().as_secs_f64().max(1e-9);
+                let line = MetricsLine {
+                    step: stats.step,
+                    epoch,
+                    loss: stats.loss,
+                    lr: stats.lr,
+                    tau: stats.tau,
+                    collapse: stats.collapse,
+                    images_per_sec: window.1 as f64 / secs,
+                    data_wait_secs: window.2.as_secs_f64(),
+                    elapsed_secs: started.elapsed().as_secs_f64(),
+                    skipped_records: self.loader.stats().skipped,
+                    knn_accuracy: knn.map(|k| k.accuracy),
+                    knn_skipped_records: knn.map(|k| k.skipped as u64),
+                };
+                writeln!(self.metrics, "{}", serde_json::to_string(&line)?)
+                    .context("cannot append to metrics.jsonl")?;
+                bar.message(&format!(
+                    "loss {:.4} collapse {:.3} lr {:.4} {:.0} img/s",
+                    stats.loss, stats.collapse, stats.lr, line.images_per_sec
+                ));
+                tracing::info!(
+                    step = stats.step,
+                    loss = stats.loss,
+                    collapse = stats.collapse,
+                    lr = stats.lr,
+                    tau = stats.tau,
+                    knn_accuracy = line.knn_accuracy,
+                    "step"
+                );
+                window = (Instant::now(), 0, Duration::ZERO);
+            }
+            if self.abort_at == Some(stats.step) {
+                std::process::abort();
+            }
+            if self.fail_at == Some(stats.step) {
+                bail!(
+                    "injected fault after step {} ({FAIL_AT_STEP_ENV})",
+                    stats.step
+                );
+            }
+            let by_steps = train.checkpoint_every_steps > 0
+                && stats.step - self.last_ckpt.1 >= train.checkpoint_every_steps;
+            let by_time = train.checkpoint_every_minutes > 0.0
+                && self.last_ckpt.0.elapsed().as_secs_f64()
+                    >= train.checkpoint_every_minutes * 60.0;
+            if by_steps || by_time {
+                self.save()?;
+            }
+        }
+        bar.finish();
+        Ok(None)
+    }
+
+    /// Checkpoints the last completed step.
+    fn save(&mut self) -> anyhow::Result<PathBuf> {
+        let path = checkpoint::save(
+            &self.ckpt_dir,
+            &self.trainer,
+            self.last_epoch,
+            Some(self.last_state),
+            Some(self.view_size),
+        )?;
+        tracing::info!(path = %path.display(), "checkpoint written");
+        self.last_ckpt = (Instant::now(), self.trainer.steps_done());
+        Ok(path)
+    }
+}
+
+/// A warning when the run would train past the end of its cosine schedules, where the
+/// learning rate is 0 and τ is 1: those steps change nothing.
+fn schedule_warning(
+    train: &byol_trainer::TrainConfig,
+    optim: &byol_trainer::OptimConfig,
+    target: u64,
+) -> Option<String> {
+    let cosine = optim.schedule == byol_trainer::Schedule::Cosine;
+    (cosine && target > train.total_steps).then(|| {
+        format!(
+            "training to step {target}, but the cosine schedules end at train.total_steps = {}: \
+             steps past it run at learning rate 0 and change nothing; raise total_steps in the \
+             [train] table (or use schedule = \"constant\")",
+            train.total_steps
+        )
+    })
+}
+
+/// Rewrites `metrics.jsonl` without the lines past `step` (and a torn last line),
+/// atomically; returns how many lines were dropped. A missing file is fine.
+fn truncate_metrics(path: &Path, step: u64) -> anyhow::Result<usize> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut kept = Vec::new();
+    let mut dropped = 0;
+    for line in BufReader::new(file).lines() {
+        let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+        let line_step = serde_json::from_str::<serde_json::Value>(&line)
+            .ok()
+            .and_then(|v| v["step"].as_u64());
+        match line_step {
+            Some(s) if s <= step => {
+                kept.extend_from_slice(line.as_bytes());
+                kept.push(b'\n');
+            }
+            _ => dropped += 1,
+        }
+    }
+    if dropped > 0 {
+        byol_ingest::fsutil::write_atomic(path, &kept)
+            .with_context(|| format!("cannot rewrite {}", path.display()))?;
+    }
+    Ok(dropped)
 }

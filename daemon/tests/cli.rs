@@ -730,3 +730,262 @@ fn plot_draws_a_png_of_the_curves_and_refuses_a_run_without_metrics() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("no metrics yet"), "{}", text(&o));
 }
+
+/// An ImageFolder dataset with `per_class` noisy 20x16 images of each `(class, rgb)`.
+fn coloured(dir: &Path, name: &str, classes: &[(&str, [u8; 3])], per_class: u32) -> PathBuf {
+    let src = dir.join(format!("{name}-src"));
+    for (c, (class, rgb)) in classes.iter().enumerate() {
+        std::fs::create_dir_all(src.join(class)).unwrap();
+        for i in 0..per_class {
+            let mut state = (c as u32 * 1000 + i + 1).wrapping_mul(2_654_435_761) | 1;
+            let img = image::RgbImage::from_fn(20, 16, |_, _| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                let n = (state >> 28) as u8;
+                image::Rgb(rgb.map(|v| v.saturating_add(n)))
+            });
+            img.save(src.join(class).join(format!("{i:03}.png")))
+                .unwrap();
+        }
+    }
+    let ds = dir.join(name);
+    ingest(&src, &ds);
+    ds
+}
+
+/// Steps of the metrics lines of a run, in file order.
+fn logged_steps(run_dir: &Path) -> Vec<u64> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn a_monitor_that_cannot_work_fails_before_the_first_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let (red, blue, green) = (
+        ("red", [200, 30, 30]),
+        ("blue", [30, 30, 200]),
+        ("green", [30, 200, 30]),
+    );
+    let train = coloured(dir.path(), "train", &[red, blue], 4);
+    let test = coloured(dir.path(), "test", &[red, green], 3);
+    let cfg = dir.path().join("monitor.toml");
+    let tiny = TINY_TRAIN.replace("checkpoint_every_steps = 3", "checkpoint_every_steps = 100");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{tiny}\n[monitor]\ntrain = {:?}\ntest = {:?}\nevery_steps = 3\nk = 3\n",
+            train.to_str().unwrap(),
+            test.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let run_dir = dir.path().join("run");
+    let o = train_run(&cfg, &train, &run_dir, &["--steps", "6"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let out = text(&o);
+    assert!(
+        out.contains("[monitor]") && out.contains("\"green\""),
+        "{out}"
+    );
+    assert_eq!(
+        logged_steps(&run_dir),
+        Vec::<u64>::new(),
+        "nothing was trained"
+    );
+}
+
+#[test]
+fn an_error_after_the_first_step_checkpoints_the_last_completed_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, ds) = packed(dir.path(), 24, 24);
+    let cfg = dir.path().join("tiny.toml");
+    std::fs::write(
+        &cfg,
+        TINY_TRAIN.replace("checkpoint_every_steps = 3", "checkpoint_every_steps = 100"),
+    )
+    .unwrap();
+    let run_dir = dir.path().join("run");
+    let o = byol()
+        .args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--data",
+            ds.to_str().unwrap(),
+        ])
+        .args(["--run", run_dir.to_str().unwrap(), "--steps", "6"])
+        .env("BYOL_TEST_FAIL_AT_STEP", "3")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("checkpoint written"), "{}", text(&o));
+    assert!(
+        run_dir
+            .join("checkpoints/step-0000000003/meta.json")
+            .exists()
+    );
+    // The run goes on from there.
+    let o = train_run(&cfg, &ds, &run_dir, &["--steps", "6", "--resume"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("resumed from") && text(&o).contains("(step 3)"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn corrupt_monitor_records_are_skipped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = two_tone(dir.path(), "train", 6, 1);
+    let test = two_tone(dir.path(), "test", 4, 2);
+    let shard = test.join("shards/000000.shard");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[70] ^= 0x01; // inside record 0 (the header is 64 bytes)
+    std::fs::write(&shard, &bytes).unwrap();
+    let cfg = dir.path().join("monitor.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{TINY_TRAIN}\n[monitor]\ntrain = {:?}\ntest = {:?}\nevery_steps = 2\nk = 3\n",
+            train.to_str().unwrap(),
+            test.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let run_dir = dir.path().join("run");
+    let o = train_run(&cfg, &train, &run_dir, &["--steps", "2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert_eq!(last["knn_skipped_records"], 1, "{metrics}");
+    assert!(last["knn_accuracy"].as_f64().is_some(), "{metrics}");
+}
+
+#[test]
+fn a_resumed_run_logs_each_step_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, ds) = packed(dir.path(), 24, 24);
+    let cfg = dir.path().join("tiny.toml");
+    std::fs::write(
+        &cfg,
+        TINY_TRAIN
+            .replace("checkpoint_every_steps = 3", "checkpoint_every_steps = 5")
+            .replace("log_every = 2", "log_every = 1"),
+    )
+    .unwrap();
+    let run_dir = dir.path().join("run");
+    // Killed (SIGABRT, no clean-up, as kill -9) right after step 8 is logged.
+    let o = byol()
+        .args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--data",
+            ds.to_str().unwrap(),
+        ])
+        .args(["--run", run_dir.to_str().unwrap(), "--steps", "12"])
+        .env("BYOL_TEST_ABORT_AT_STEP", "8")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert_eq!(logged_steps(&run_dir), (1..=8).collect::<Vec<_>>());
+    let o = train_run(&cfg, &ds, &run_dir, &["--steps", "12", "--resume"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("(step 5)"), "{}", text(&o));
+    assert_eq!(logged_steps(&run_dir), (1..=12).collect::<Vec<_>>());
+    let png = dir.path().join("curves.png");
+    let o = run(&[
+        "plot",
+        run_dir.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("plotted 12 steps"), "{}", text(&o));
+}
+
+#[test]
+fn steps_past_the_schedule_are_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, ds) = packed(dir.path(), 24, 24);
+    let cfg = dir.path().join("tiny.toml");
+    std::fs::write(
+        &cfg,
+        TINY_TRAIN.replace("total_steps = 20", "total_steps = 2"),
+    )
+    .unwrap();
+    let o = train_run(&cfg, &ds, &dir.path().join("run"), &["--steps", "3"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("warning:") && err.contains("total_steps = 2"),
+        "{err}"
+    );
+    // Within the schedule: no warning.
+    let o = train_run(&cfg, &ds, &dir.path().join("run2"), &["--steps", "2"]);
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("warning:"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn sigterm_checkpoints_the_last_step_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, ds) = packed(dir.path(), 24, 24);
+    let cfg = dir.path().join("tiny.toml");
+    std::fs::write(
+        &cfg,
+        TINY_TRAIN
+            .replace(
+                "checkpoint_every_steps = 3",
+                "checkpoint_every_steps = 1000",
+            )
+            .replace("total_steps = 20", "total_steps = 100000")
+            .replace("log_every = 2", "log_every = 1"),
+    )
+    .unwrap();
+    let run_dir = dir.path().join("run");
+    let child = byol()
+        .args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--data",
+            ds.to_str().unwrap(),
+        ])
+        .args(["--run", run_dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while logged_steps(&run_dir).len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no step logged");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: sends a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(128 + 15), "{}", text(&o));
+    let steps = logged_steps(&run_dir);
+    let last = *steps.last().unwrap();
+    assert!(
+        run_dir
+            .join(format!("checkpoints/step-{last:010}/meta.json"))
+            .exists(),
+        "{}",
+        text(&o)
+    );
+}

@@ -216,7 +216,8 @@ pub struct IngestReport {
 /// retired (its records too, unless another source holds the same content: a file moved
 /// to another class folder is relabelled, its content stored once). Sources under
 /// folders not given to this run are left alone, and so is everything under a folder
-/// that is missing (an error), unreadable (a reject), or empty while the dataset holds
+/// that is missing or unreadable (an error: nothing changes), under an entry the scan
+/// could not read (a reject), or under a folder that is empty while the dataset holds
 /// sources there (a warning: an unmounted disk must not empty a dataset).
 pub fn ingest(opts: &IngestOptions, progress: &dyn Progress) -> Result<IngestReport, IngestError> {
     validate_options(opts)?;

@@ -14,7 +14,8 @@ use crate::reject::{Reject, RejectReason};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Layout {
-    /// ImageFolder when the top level holds only folders, flat otherwise.
+    /// ImageFolder when a first-level subfolder holds files (images at the root stay
+    /// unlabelled; non-image root files never count), flat otherwise.
     #[default]
     Auto,
     /// Label = name of the first-level subfolder.

@@ -45,6 +45,7 @@ fn blobs(
         labels,
         classes: (0..classes).map(|c| c.to_string()).collect(),
         unlabelled: 0,
+        skipped: 0,
     }
 }
 

@@ -109,6 +109,8 @@ pub struct Features {
     pub classes: Vec<String>,
     /// Live records without a label, left out.
     pub unlabelled: usize,
+    /// Records left out because they could not be read or decoded (each is logged).
+    pub skipped: usize,
 }
 
 impl Features {
@@ -150,7 +152,7 @@ impl Features {
 }
 
 /// Labelled samples of `dataset` (a record under two labels is two samples), in shard
-/// order; the count of unlabelled ones.
+/// order; the count of unlabelled ones. Errors when there is no labelled sample.
 fn labelled(dataset: &Dataset) -> Result<(Vec<(RecordRef, u32)>, usize), EvalError> {
     let mut out = Vec::new();
     let mut unlabelled = 0;
@@ -199,25 +201,50 @@ fn for_each_batch(
     let mut input = vec![0f32; batch * len];
     let (mut scratch, mut rgb) = (RecordScratch::default(), Vec::new());
     let mut resizer = CropResizer::new();
+    let mut labels = Vec::with_capacity(records.len());
+    let mut skipped = 0;
     for chunk in records.chunks(batch) {
-        for (slot, &(r, _)) in input.chunks_exact_mut(len).zip(chunk) {
-            let meta = dataset.read_rgb(r, &mut scratch, &mut rgb)?;
-            pre.apply(&rgb, meta.width, meta.height, &mut resizer, slot)
-                .map_err(|e| EvalError::Data {
-                    path: dataset.dir().to_owned(),
-                    reason: format!("shard {} record {}: {e}", r.shard, r.index),
-                })?;
+        // A corrupt record is skipped (and logged), as the training loader does.
+        let mut filled = 0;
+        for &(r, label) in chunk {
+            let slot = &mut input[filled * len..(filled + 1) * len];
+            let result = dataset
+                .read_rgb(r, &mut scratch, &mut rgb)
+                .map_err(|e| e.to_string())
+                .and_then(|meta| {
+                    pre.apply(&rgb, meta.width, meta.height, &mut resizer, slot)
+                        .map_err(|e| e.to_string())
+                });
+            match result {
+                Ok(()) => {
+                    labels.push(label);
+                    filled += 1;
+                }
+                Err(reason) => {
+                    skipped += 1;
+                    tracing::warn!(
+                        dataset = %dataset.dir().display(),
+                        shard = r.shard,
+                        index = r.index,
+                        %reason,
+                        "skipping corrupt record"
+                    );
+                }
+            }
         }
-        f(&input[..chunk.len() * len], chunk.len())?;
+        if filled > 0 {
+            f(&input[..filled * len], filled)?;
+        }
         progress.advance(chunk.len() as u64);
     }
     Ok(Features {
         source: dataset.dir().to_owned(),
         dim: 0,
         values: Vec::new(),
-        labels: records.iter().map(|&(_, l)| l).collect(),
+        labels,
         classes: dataset.manifest().classes.clone(),
         unlabelled,
+        skipped,
     })
 }
 
@@ -295,6 +322,7 @@ mod tests {
             labels: vec![0, 1, 0],
             classes: vec!["cat".into(), "dog".into()],
             unlabelled: 0,
+            skipped: 0,
         };
         f.align_to(&["dog".into(), "cat".into(), "eel".into()])
             .unwrap();
