@@ -114,6 +114,15 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         };
         let train = features(&train_ds, "train")?;
         let mut test = features(&test_ds, "test")?;
+        if rows.is_empty() {
+            for f in [&train, &test].into_iter().filter(|f| f.skipped > 0) {
+                eprintln!(
+                    "warning: {}: {} corrupt record(s) skipped (run byol inspect --verify)",
+                    f.source.display(),
+                    f.skipped
+                );
+            }
+        }
         test.align_to(&train.classes)?;
         sizes = (train.len(), test.len(), train.classes.len());
         let secs = started.elapsed().as_secs_f64();

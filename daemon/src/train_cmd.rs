@@ -123,13 +123,18 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         ),
         (None, false) => None,
     };
+    let max_side = dataset.manifest().settings.max_side;
     let loader = Loader::new(dataset, aug, loader_cfg, state)?;
     let target = match (args.steps, args.epochs) {
         (Some(s), _) => s,
         (None, Some(e)) => e * loader.batches_per_epoch(),
         (None, None) => cfg.train.total_steps,
     };
-    if let Some(warning) = schedule_warning(&cfg.train, &cfg.optim, target) {
+    let warnings = [
+        schedule_warning(&cfg.train, &cfg.optim, target),
+        size_warning(&args.data, max_side, view_size),
+    ];
+    for warning in warnings.into_iter().flatten() {
         eprintln!("warning: {warning}");
         tracing::warn!("{warning}");
     }
@@ -340,6 +345,20 @@ fn schedule_warning(
              steps past it run at learning rate 0 and change nothing; raise total_steps in the \
              [train] table (or use schedule = \"constant\")",
             train.total_steps
+        )
+    })
+}
+
+/// A warning when the dataset's images were stored smaller than the views: every view
+/// is then upsampled, and the detail the view size pays for is not there.
+fn size_warning(data: &Path, max_side: Option<u32>, view_size: u32) -> Option<String> {
+    let m = max_side?;
+    (m < view_size).then(|| {
+        format!(
+            "{} stores images with a short side of at most {m} px, smaller than the {view_size} px \
+             views: every view is upsampled; ingest with --max-side {view_size} or more, or \
+             train at a smaller [augment] size",
+            data.display()
         )
     })
 }

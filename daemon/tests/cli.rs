@@ -337,6 +337,17 @@ keep_last = 2
 
 /// `byol train --config CFG --data DATA --run RUN EXTRA...`.
 fn train_run(cfg: &Path, data: &Path, run_dir: &Path, extra: &[&str]) -> Output {
+    train_run_env(cfg, data, run_dir, extra, &[])
+}
+
+/// [`train_run`] with environment variables set (the test fault points).
+fn train_run_env(
+    cfg: &Path,
+    data: &Path,
+    run_dir: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
     let base = [
         "train",
         "--config",
@@ -346,7 +357,21 @@ fn train_run(cfg: &Path, data: &Path, run_dir: &Path, extra: &[&str]) -> Output 
         "--run",
         run_dir.to_str().unwrap(),
     ];
-    run(&[&base[..], extra].concat())
+    byol()
+        .args([&base[..], extra].concat())
+        .envs(env.iter().copied())
+        .output()
+        .expect("byol runs")
+}
+
+/// TINY_TRAIN with each `(from, to)` replaced, written to `dir/tiny.toml`.
+fn tiny_config(dir: &Path, edits: &[(&str, &str)]) -> PathBuf {
+    let cfg = dir.join("tiny.toml");
+    let text = edits
+        .iter()
+        .fold(TINY_TRAIN.to_owned(), |t, (from, to)| t.replace(from, to));
+    std::fs::write(&cfg, text).unwrap();
+    cfg
 }
 
 #[test]
@@ -754,6 +779,26 @@ fn coloured(dir: &Path, name: &str, classes: &[(&str, [u8; 3])], per_class: u32)
     ds
 }
 
+/// `base` (a TINY_TRAIN variant) with a `[monitor]` of `train` and `test`, written to
+/// `dir/monitor.toml`.
+fn monitor_config(
+    dir: &Path,
+    base: &str,
+    train: &Path,
+    test: &Path,
+    every: u64,
+    k: usize,
+) -> PathBuf {
+    let cfg = dir.join("monitor.toml");
+    let text = format!(
+        "{base}\n[monitor]\ntrain = {:?}\ntest = {:?}\nevery_steps = {every}\nk = {k}\n",
+        train.to_str().unwrap(),
+        test.to_str().unwrap()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
 /// Steps of the metrics lines of a run, in file order.
 fn logged_steps(run_dir: &Path) -> Vec<u64> {
     std::fs::read_to_string(run_dir.join("metrics.jsonl"))
@@ -777,17 +822,8 @@ fn a_monitor_that_cannot_work_fails_before_the_first_step() {
     );
     let train = coloured(dir.path(), "train", &[red, blue], 4);
     let test = coloured(dir.path(), "test", &[red, green], 3);
-    let cfg = dir.path().join("monitor.toml");
     let tiny = TINY_TRAIN.replace("checkpoint_every_steps = 3", "checkpoint_every_steps = 100");
-    std::fs::write(
-        &cfg,
-        format!(
-            "{tiny}\n[monitor]\ntrain = {:?}\ntest = {:?}\nevery_steps = 3\nk = 3\n",
-            train.to_str().unwrap(),
-            test.to_str().unwrap()
-        ),
-    )
-    .unwrap();
+    let cfg = monitor_config(dir.path(), &tiny, &train, &test, 3, 3);
     let run_dir = dir.path().join("run");
     let o = train_run(&cfg, &train, &run_dir, &["--steps", "6"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
@@ -807,25 +843,13 @@ fn a_monitor_that_cannot_work_fails_before_the_first_step() {
 fn an_error_after_the_first_step_checkpoints_the_last_completed_step() {
     let dir = tempfile::tempdir().unwrap();
     let (_, ds) = packed(dir.path(), 24, 24);
-    let cfg = dir.path().join("tiny.toml");
-    std::fs::write(
-        &cfg,
-        TINY_TRAIN.replace("checkpoint_every_steps = 3", "checkpoint_every_steps = 100"),
-    )
-    .unwrap();
+    let cfg = tiny_config(
+        dir.path(),
+        &[("checkpoint_every_steps = 3", "checkpoint_every_steps = 100")],
+    );
     let run_dir = dir.path().join("run");
-    let o = byol()
-        .args([
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--data",
-            ds.to_str().unwrap(),
-        ])
-        .args(["--run", run_dir.to_str().unwrap(), "--steps", "6"])
-        .env("BYOL_TEST_FAIL_AT_STEP", "3")
-        .output()
-        .unwrap();
+    let fail_at_3 = [("BYOL_TEST_FAIL_AT_STEP", "3")];
+    let o = train_run_env(&cfg, &ds, &run_dir, &["--steps", "6"], &fail_at_3);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("checkpoint written"), "{}", text(&o));
     assert!(
@@ -852,16 +876,7 @@ fn corrupt_monitor_records_are_skipped_and_counted() {
     let mut bytes = std::fs::read(&shard).unwrap();
     bytes[70] ^= 0x01; // inside record 0 (the header is 64 bytes)
     std::fs::write(&shard, &bytes).unwrap();
-    let cfg = dir.path().join("monitor.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "{TINY_TRAIN}\n[monitor]\ntrain = {:?}\ntest = {:?}\nevery_steps = 2\nk = 3\n",
-            train.to_str().unwrap(),
-            test.to_str().unwrap()
-        ),
-    )
-    .unwrap();
+    let cfg = monitor_config(dir.path(), TINY_TRAIN, &train, &test, 2, 3);
     let run_dir = dir.path().join("run");
     let o = train_run(&cfg, &train, &run_dir, &["--steps", "2"]);
     assert!(o.status.success(), "{}", text(&o));
@@ -875,28 +890,17 @@ fn corrupt_monitor_records_are_skipped_and_counted() {
 fn a_resumed_run_logs_each_step_once() {
     let dir = tempfile::tempdir().unwrap();
     let (_, ds) = packed(dir.path(), 24, 24);
-    let cfg = dir.path().join("tiny.toml");
-    std::fs::write(
-        &cfg,
-        TINY_TRAIN
-            .replace("checkpoint_every_steps = 3", "checkpoint_every_steps = 5")
-            .replace("log_every = 2", "log_every = 1"),
-    )
-    .unwrap();
+    let cfg = tiny_config(
+        dir.path(),
+        &[
+            ("checkpoint_every_steps = 3", "checkpoint_every_steps = 5"),
+            ("log_every = 2", "log_every = 1"),
+        ],
+    );
     let run_dir = dir.path().join("run");
     // Killed (SIGABRT, no clean-up, as kill -9) right after step 8 is logged.
-    let o = byol()
-        .args([
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--data",
-            ds.to_str().unwrap(),
-        ])
-        .args(["--run", run_dir.to_str().unwrap(), "--steps", "12"])
-        .env("BYOL_TEST_ABORT_AT_STEP", "8")
-        .output()
-        .unwrap();
+    let abort_at_8 = [("BYOL_TEST_ABORT_AT_STEP", "8")];
+    let o = train_run_env(&cfg, &ds, &run_dir, &["--steps", "12"], &abort_at_8);
     assert!(!o.status.success());
     assert_eq!(logged_steps(&run_dir), (1..=8).collect::<Vec<_>>());
     let o = train_run(&cfg, &ds, &run_dir, &["--steps", "12", "--resume"]);
@@ -918,12 +922,7 @@ fn a_resumed_run_logs_each_step_once() {
 fn steps_past_the_schedule_are_warned_about() {
     let dir = tempfile::tempdir().unwrap();
     let (_, ds) = packed(dir.path(), 24, 24);
-    let cfg = dir.path().join("tiny.toml");
-    std::fs::write(
-        &cfg,
-        TINY_TRAIN.replace("total_steps = 20", "total_steps = 2"),
-    )
-    .unwrap();
+    let cfg = tiny_config(dir.path(), &[("total_steps = 20", "total_steps = 2")]);
     let o = train_run(&cfg, &ds, &dir.path().join("run"), &["--steps", "3"]);
     assert!(o.status.success(), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -944,18 +943,17 @@ fn steps_past_the_schedule_are_warned_about() {
 fn sigterm_checkpoints_the_last_step_and_exits() {
     let dir = tempfile::tempdir().unwrap();
     let (_, ds) = packed(dir.path(), 24, 24);
-    let cfg = dir.path().join("tiny.toml");
-    std::fs::write(
-        &cfg,
-        TINY_TRAIN
-            .replace(
+    let cfg = tiny_config(
+        dir.path(),
+        &[
+            (
                 "checkpoint_every_steps = 3",
                 "checkpoint_every_steps = 1000",
-            )
-            .replace("total_steps = 20", "total_steps = 100000")
-            .replace("log_every = 2", "log_every = 1"),
-    )
-    .unwrap();
+            ),
+            ("total_steps = 20", "total_steps = 100000"),
+            ("log_every = 2", "log_every = 1"),
+        ],
+    );
     let run_dir = dir.path().join("run");
     let child = byol()
         .args([
@@ -987,5 +985,30 @@ fn sigterm_checkpoints_the_last_step_and_exits() {
             .exists(),
         "{}",
         text(&o)
+    );
+}
+
+#[test]
+fn views_larger_than_the_stored_images_are_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = folder(dir.path(), 24, 24);
+    let ds = dir.path().join("ds");
+    let o = run(&[
+        "ingest",
+        src.to_str().unwrap(),
+        "--out",
+        ds.to_str().unwrap(),
+        "--max-side",
+        "12",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let cfg = dir.path().join("tiny.toml");
+    std::fs::write(&cfg, TINY_TRAIN).unwrap();
+    let o = train_run(&cfg, &ds, &dir.path().join("run"), &["--steps", "1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("at most 12 px") && err.contains("16 px views"),
+        "{err}"
     );
 }

@@ -301,16 +301,7 @@ fn bad_inputs_are_rejected_with_path_and_reason_and_the_run_goes_on() {
     let out = dir.path().join("ds");
     let rep = run(&opts(&src, &out));
     assert_eq!(rep.summary.ingested, 2);
-    let got: BTreeMap<String, RejectReason> = rep
-        .rejects
-        .iter()
-        .map(|r| {
-            (
-                r.path.file_name().unwrap().to_string_lossy().into_owned(),
-                r.reason,
-            )
-        })
-        .collect();
+    let got = reasons_by_name(&rep.rejects);
     let expected: BTreeMap<String, RejectReason> = [
         ("empty.jpg", RejectReason::Empty),
         ("truncated.jpg", RejectReason::Corrupt),

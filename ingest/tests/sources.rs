@@ -257,16 +257,7 @@ fn float_and_signed_tiffs_are_unsupported_not_corrupt() {
     write(&src.join("i16.tif"), &gray_tiff(4, 3, 16, 2));
     write(&src.join("ok.tif"), &gray_tiff(4, 3, 8, 1));
     let rep = run(&opts(&src, &dir.path().join("ds")));
-    let reasons: BTreeMap<String, RejectReason> = rep
-        .rejects
-        .iter()
-        .map(|r| {
-            (
-                r.path.file_name().unwrap().to_string_lossy().into_owned(),
-                r.reason,
-            )
-        })
-        .collect();
+    let reasons = reasons_by_name(&rep.rejects);
     assert_eq!(rep.summary.ingested, 1, "{:?}", rep.rejects);
     assert_eq!(
         reasons["f32.tif"],

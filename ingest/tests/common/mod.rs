@@ -304,3 +304,18 @@ pub fn gray_tiff(w: u32, h: u32, bits: u16, sample_format: u16) -> Vec<u8> {
     b.extend_from_slice(&0u32.to_le_bytes());
     b
 }
+
+/// Reject reasons by file name.
+pub fn reasons_by_name(
+    rejects: &[byol_ingest::Reject],
+) -> std::collections::BTreeMap<String, byol_ingest::RejectReason> {
+    rejects
+        .iter()
+        .map(|r| {
+            (
+                r.path.file_name().unwrap().to_string_lossy().into_owned(),
+                r.reason,
+            )
+        })
+        .collect()
+}
