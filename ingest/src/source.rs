@@ -66,6 +66,35 @@ pub struct Candidate {
     pub stamp: FileStamp,
 }
 
+impl Candidate {
+    /// The candidate for one file at `path` (absolute, as the dataset should record it)
+    /// with `label`: what a watcher hands to [`crate::Ingester::add`] for a single file.
+    ///
+    /// Errors when the file cannot be stat'ed or is not a regular file.
+    pub fn for_file(path: &Path, label: Option<String>) -> io::Result<Candidate> {
+        let meta = fs::metadata(path)?;
+        if !meta.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
+        }
+        let kind = if idx::is_idx_images(path) {
+            CandidateKind::Idx {
+                labels: idx::labels_path_for(path),
+            }
+        } else {
+            CandidateKind::Image
+        };
+        Ok(Candidate {
+            path: path.to_owned(),
+            label,
+            kind,
+            stamp: FileStamp::of(&meta),
+        })
+    }
+}
+
 /// Candidates and early rejects of one source path.
 #[derive(Debug, Default)]
 pub struct Scan {

@@ -311,3 +311,40 @@ fn a_version_1_dataset_is_read_and_upgraded() {
     assert_eq!(m.version, 2);
     assert_eq!(m.roots[0].layout, Layout::ImageFolder);
 }
+
+#[test]
+fn an_ingester_adds_retires_and_relabels_single_files() {
+    use byol_ingest::source::Candidate;
+    use byol_ingest::{Ingester, IngesterOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write(&src.join("a.png"), &png(8, 8, 1));
+    write(&src.join("b.png"), &png(8, 8, 2));
+    let (a, b) = (canonical(&src.join("a.png")), canonical(&src.join("b.png")));
+    let out = dir.path().join("ds");
+    let mut ing = Ingester::open_quiet(&out, IngesterOptions::default()).unwrap();
+    let file =
+        |p: &str, label: &str| Candidate::for_file(Path::new(p), Some(label.into())).unwrap();
+    ing.add(vec![file(&a, "cat")]).unwrap();
+    ing.commit().unwrap();
+    assert_eq!(per_class(&out), counts(&[("cat", 1)]));
+    // A second writer is kept off while this one is open.
+    let err = ingest(&opts(&src, &out), &NoProgress).err().unwrap();
+    assert!(err.to_string().contains("another ingest run"), "{err}");
+    ing.add(vec![file(&b, "cat")]).unwrap();
+    assert!(ing.relabel(Path::new(&a), Some("dog")).unwrap());
+    ing.commit().unwrap();
+    assert_eq!(per_class(&out), counts(&[("cat", 1), ("dog", 1)]));
+    assert!(ing.retire(Path::new(&b)).unwrap());
+    assert!(!ing.retire(Path::new("/nowhere.png")).unwrap());
+    let rep = ing.finish().unwrap();
+    assert_eq!(per_class(&out), counts(&[("dog", 1)]));
+    assert_eq!(
+        (
+            rep.summary.ingested,
+            rep.summary.relabelled,
+            rep.summary.sources_retired
+        ),
+        (2, 1, 1)
+    );
+}
