@@ -37,6 +37,114 @@ pub enum Command {
     Export(ExportArgs),
     /// Draw a run's training curves (loss, collapse, kNN accuracy) as a PNG.
     Plot(PlotArgs),
+    /// Measure the BYOL step on synthetic input (throughput, or a check against the CPU).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `byol bench` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Images/s of full training steps on seeded random views.
+    Step(BenchStepArgs),
+    /// Loss and every gradient on a device against our CPU kernels (same precision).
+    Check(BenchCheckArgs),
+}
+
+/// The network and batch a bench runs.
+#[derive(Debug, Args)]
+pub struct BenchNet {
+    /// Network.
+    #[arg(long, value_enum, default_value = "resnet18")]
+    pub arch: ArchArg,
+    /// Channels of the first stage.
+    #[arg(long, default_value_t = 64)]
+    pub width: usize,
+    /// 3x3 stride-1 first convolution without max-pool (small images).
+    #[arg(long)]
+    pub small_stem: bool,
+    /// View side in pixels.
+    #[arg(long, default_value_t = 32)]
+    pub size: usize,
+    /// Images per batch (two views each).
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    /// `cpu` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Numeric precision of the step.
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub precision: PrecisionArg,
+    /// Convolution/BatchNorm kernels: ours on CPU (auto) or candle's everywhere.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub kernels: KernelsArg,
+    /// Print one JSON object instead of a line of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `byol bench step`.
+#[derive(Debug, Args)]
+pub struct BenchStepArgs {
+    /// The network, batch and device.
+    #[command(flatten)]
+    pub net: BenchNet,
+    /// Optimizer (LARS with the official ImageNet settings, or AdamW).
+    #[arg(long, value_enum, default_value = "lars")]
+    pub optimizer: OptimizerArg,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+}
+
+/// `byol bench check`.
+#[derive(Debug, Args)]
+pub struct BenchCheckArgs {
+    /// The network, batch and device.
+    #[command(flatten)]
+    pub net: BenchNet,
+    /// Largest accepted relative L2 error of any gradient (and relative loss difference).
+    #[arg(long, default_value_t = 1e-3)]
+    pub tolerance: f64,
+}
+
+/// Network choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ArchArg {
+    /// ResNet-18 (basic blocks).
+    Resnet18,
+    /// ResNet-50 (bottlenecks).
+    Resnet50,
+}
+
+/// Precision choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PrecisionArg {
+    /// f32 everywhere.
+    Fp32,
+    /// bfloat16 convolutions and matrix products, f32 elsewhere.
+    Bf16,
+}
+
+/// Kernel choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KernelsArg {
+    /// Ours on CPU, candle's on CUDA.
+    Auto,
+    /// candle's everywhere.
+    Candle,
+}
+
+/// Optimizer choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OptimizerArg {
+    /// LARS (BYOL's).
+    Lars,
+    /// AdamW.
+    Adamw,
 }
 
 /// Evaluation protocols.
@@ -135,8 +243,13 @@ pub struct TrainArgs {
     #[arg(long, conflicts_with = "epochs")]
     pub steps: Option<u64>,
     /// Train for this many epochs of the dataset.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "minutes")]
     pub epochs: Option<u64>,
+    /// Train for this many minutes of wall-clock time: after a 10-step calibration the
+    /// cosine schedules are fitted to the steps that fit, and the run stops there (or
+    /// at the deadline, whichever comes first) with a checkpoint.
+    #[arg(long, conflicts_with = "steps")]
+    pub minutes: Option<f64>,
     /// Continue from the newest checkpoint of the run folder.
     #[arg(long)]
     pub resume: bool,

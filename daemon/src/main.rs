@@ -1,5 +1,6 @@
 //! The `byol` command. Thin: parses arguments, sets up logging, calls the library crates.
 
+mod bench_cmd;
 mod cli;
 mod config;
 mod demo;
@@ -41,6 +42,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         Some(cli::Command::Eval(args)) => eval_cmd::run(args),
         Some(cli::Command::Export(args)) => export_cmd::run(args),
         Some(cli::Command::Plot(args)) => plot_cmd::run(args),
+        Some(cli::Command::Bench(cmd)) => bench_cmd::run(cmd),
     }
 }
 

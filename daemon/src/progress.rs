@@ -38,6 +38,11 @@ impl Bar {
         self.0.inc(n);
     }
 
+    /// Sets the number of units (when it becomes known).
+    pub fn set_length(&self, len: u64) {
+        self.0.set_length(len);
+    }
+
     /// Shows `msg` after the bar.
     pub fn message(&self, msg: &str) {
         self.0.set_message(msg.to_owned());

@@ -64,6 +64,16 @@ fn is_zero(v: &u64) -> bool {
     *v == 0
 }
 
+/// Steps of a `--minutes` run timed before the schedules are fitted to the budget.
+const CALIBRATION_STEPS: u64 = 10;
+
+/// A wall-clock budget (`--minutes`).
+struct Budget {
+    deadline: Instant,
+    /// The schedules have been fitted to the steps that fit.
+    calibrated: bool,
+}
+
 /// Why the step loop ended early.
 enum Stop {
     /// SIGINT or SIGTERM: the signal number.
@@ -125,13 +135,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     };
     let max_side = dataset.manifest().settings.max_side;
     let loader = Loader::new(dataset, aug, loader_cfg, state)?;
-    let target = match (args.steps, args.epochs) {
-        (Some(s), _) => s,
-        (None, Some(e)) => e * loader.batches_per_epoch(),
-        (None, None) => cfg.train.total_steps,
+    let target = match (args.steps, args.epochs, args.minutes) {
+        (Some(s), _, _) => s,
+        (None, Some(e), _) => e * loader.batches_per_epoch(),
+        (None, None, Some(m)) if m > 0.0 && m.is_finite() => u64::MAX,
+        (None, None, Some(m)) => bail!("--minutes must be a positive number, not {m}"),
+        (None, None, None) => cfg.train.total_steps,
     };
     let warnings = [
-        schedule_warning(&cfg.train, &cfg.optim, target),
+        schedule_warning(&cfg.train, &cfg.optim, target).filter(|_| args.minutes.is_none()),
         size_warning(&args.data, max_side, view_size),
     ];
     for warning in warnings.into_iter().flatten() {
@@ -167,6 +179,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         ckpt_dir: ckpt_dir.clone(),
         view_size,
         signal,
+        budget: args.minutes.map(|m| Budget {
+            deadline: Instant::now() + Duration::from_secs_f64(m * 60.0),
+            calibrated: false,
+        }),
         abort_at: step_from_env(ABORT_AT_STEP_ENV),
         fail_at: step_from_env(FAIL_AT_STEP_ENV),
     };
@@ -226,6 +242,7 @@ struct TrainLoop {
     last_ckpt: (Instant, u64),
     /// Signal number received (0: none).
     signal: Arc<AtomicUsize>,
+    budget: Option<Budget>,
     abort_at: Option<u64>,
     fail_at: Option<u64>,
 }
@@ -235,17 +252,28 @@ impl TrainLoop {
     fn steps(
         &mut self,
         train: &byol_trainer::TrainConfig,
-        target: u64,
+        mut target: u64,
     ) -> anyhow::Result<Option<Stop>> {
         let size = self.view_size as usize;
-        let bar = Bar::new(target.saturating_sub(self.trainer.steps_done()), "train");
+        let first_step = self.trainer.steps_done();
+        let bar = Bar::new(target.saturating_sub(first_step).min(1 << 40), "train");
         let started = Instant::now();
         let mut window = (Instant::now(), 0u64, Duration::ZERO);
+        // When and at which step the calibration of a `--minutes` run started timing
+        // (after its first step, which pays one-off costs).
+        let mut calibration = (Instant::now(), first_step);
         while self.trainer.steps_done() < target {
             let sig = self.signal.load(Ordering::Relaxed);
             if sig != 0 {
                 bar.finish();
                 return Ok(Some(Stop::Signal(sig as i32)));
+            }
+            if self
+                .budget
+                .as_ref()
+                .is_some_and(|b| Instant::now() >= b.deadline)
+            {
+                break;
             }
             let wait_start = Instant::now();
             let batch = self.loader.next_batch();
@@ -257,6 +285,10 @@ impl TrainLoop {
             self.last_state = self.loader.state();
             self.last_epoch = epoch;
             bar.inc(1);
+            if let Some(fitted) = self.fit_budget(first_step, &mut calibration) {
+                target = fitted;
+                bar.set_length(fitted - first_step);
+            }
             let knn = match &self.monitor {
                 Some(m) if m.due(stats.step) => Some(m.measure(&self.trainer)?),
                 _ => None,
@@ -314,6 +346,32 @@ impl TrainLoop {
         }
         bar.finish();
         Ok(None)
+    }
+
+    /// For a `--minutes` run, once [`CALIBRATION_STEPS`] steps are timed: the step the
+    /// budget reaches at the measured pace, which becomes the schedules' length and the
+    /// run's target. `None` before (and after) that moment.
+    fn fit_budget(&mut self, first_step: u64, calibration: &mut (Instant, u64)) -> Option<u64> {
+        let budget = self.budget.as_mut().filter(|b| !b.calibrated)?;
+        let (now, done) = (Instant::now(), self.trainer.steps_done());
+        if done == first_step + 1 {
+            *calibration = (now, done);
+        }
+        if done < calibration.1 + CALIBRATION_STEPS || done == first_step + 1 {
+            return None;
+        }
+        budget.calibrated = true;
+        let per_step = (now - calibration.0).as_secs_f64() / (done - calibration.1) as f64;
+        let remaining = budget.deadline.saturating_duration_since(now).as_secs_f64();
+        let fitted = done + (remaining / per_step.max(1e-9)).floor() as u64;
+        self.trainer.set_total_steps(fitted);
+        let line = format!(
+            "--minutes: {:.2} s/step over {CALIBRATION_STEPS} steps; schedules fitted to {fitted} steps",
+            per_step
+        );
+        println!("{line}");
+        tracing::info!("{line}");
+        Some(fitted)
     }
 
     /// Checkpoints the last completed step.

@@ -58,7 +58,7 @@ fn time(reps: usize, x: &Var, conv: impl Fn(&Tensor) -> Tensor) -> (f64, f64) {
 /// feature maps of each stage, ours against candle's.
 fn bench_batch_norm(width: usize, batch: usize, reps: usize) {
     use byol_trainer::config::ModelConfig;
-    use byol_trainer::model::Norm;
+    use byol_trainer::model::{Compute, Norm};
     use candle_core::DType;
     use candle_nn::{VarBuilder, VarMap};
     println!("BatchNorm + ReLU, training mode, ms (forward | backward)");
@@ -72,7 +72,16 @@ fn bench_batch_norm(width: usize, batch: usize, reps: usize) {
         for fused in [true, false] {
             let vars = VarMap::new();
             let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
-            let norm = Norm::new(c, &ModelConfig::default(), fused, vb).unwrap();
+            let norm = Norm::new(
+                c,
+                &ModelConfig::default(),
+                Compute {
+                    ours: fused,
+                    bf16: false,
+                },
+                vb,
+            )
+            .unwrap();
             let (f, b) = time(reps, &x, |x| norm.forward_t(x, true, true).unwrap());
             row.extend([f * 1e3, b * 1e3]);
         }

@@ -158,6 +158,21 @@ pub struct TrainConfig {
     /// Convolution and BatchNorm kernels: `auto` (ours on CPU, candle's on CUDA) or
     /// `candle` (candle's everywhere: for comparison, and as a safety valve).
     pub kernels: Kernels,
+    /// `fp32` or `bf16` (mixed precision).
+    pub precision: Precision,
+}
+
+/// Numeric precision of the training step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    Fp32,
+    /// Mixed precision: convolutions and matrix products in bfloat16; master weights,
+    /// BatchNorm (statistics included), the loss, gradients and the optimizer in f32
+    /// (as PyTorch's `autocast(dtype=torch.bfloat16)`).
+    Bf16,
 }
 
 /// Which implementation runs convolution and BatchNorm.
@@ -189,6 +204,7 @@ impl Default for TrainConfig {
             checkpoint_every_minutes: 30.0,
             keep_last: 3,
             kernels: Kernels::Auto,
+            precision: Precision::Fp32,
         }
     }
 }

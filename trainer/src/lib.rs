@@ -2,6 +2,7 @@
 //! predictor MLPs, an EMA target, LARS and AdamW, schedules, and checkpoints.
 //! The only crate that uses candle. CPU by default; CUDA with `--features cuda`.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
@@ -16,7 +17,8 @@ mod trainer;
 
 pub use checkpoint::{CheckpointMeta, latest as latest_checkpoint, save as save_checkpoint};
 pub use config::{
-    Arch, Kernels, ModelConfig, OptimConfig, OptimizerKind, Schedule, TrainConfig, TrainerConfig,
+    Arch, Kernels, ModelConfig, OptimConfig, OptimizerKind, Precision, Schedule, TrainConfig,
+    TrainerConfig,
 };
 pub use trainer::{StepStats, Trainer};
 

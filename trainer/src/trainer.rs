@@ -7,7 +7,7 @@ use crate::TrainError;
 use crate::config::TrainerConfig;
 use crate::device::{open_device, parse_device};
 use crate::loss::{byol_loss, collapse_indicator};
-use crate::model::ByolModel;
+use crate::model::{ByolModel, Compute};
 use crate::optim::Optimizer;
 use crate::schedule;
 
@@ -50,8 +50,12 @@ impl Trainer {
             });
         }
         let device = open_device(parse_device(&cfg.train.device)?)?;
-        let model =
-            ByolModel::with_kernels(&cfg.model, cfg.train.kernels, cfg.train.seed, &device)?;
+        let model = ByolModel::with_compute(
+            &cfg.model,
+            Compute::new(cfg.train.kernels, cfg.train.precision, &device),
+            cfg.train.seed,
+            &device,
+        )?;
         let optimizer = Optimizer::new(&cfg.optim, model.trainable())?;
         Ok(Trainer {
             cfg,
@@ -61,6 +65,12 @@ impl Trainer {
             step: 0,
             batch_size,
         })
+    }
+
+    /// Sets the length of the cosine schedules (`train.total_steps`), e.g. once a
+    /// wall-clock budget has been turned into steps.
+    pub fn set_total_steps(&mut self, steps: u64) {
+        self.cfg.train.total_steps = steps.max(1);
     }
 
     /// The config the trainer was built with.

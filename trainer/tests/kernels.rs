@@ -4,7 +4,7 @@
 use byol_trainer::config::{Kernels, ModelConfig};
 use byol_trainer::kernels;
 use byol_trainer::loss::byol_loss;
-use byol_trainer::model::{ByolModel, Norm};
+use byol_trainer::model::{ByolModel, Compute, Norm};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use rand_core::{RngCore, SeedableRng};
@@ -141,7 +141,10 @@ fn norm(channels: usize, fused: bool) -> (Norm, VarMap) {
     let layer = Norm::new(
         channels,
         &cfg,
-        fused,
+        Compute {
+            ours: fused,
+            bf16: false,
+        },
         VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu),
     )
     .unwrap();

@@ -367,3 +367,37 @@ fn a_tiny_model_lowers_its_loss_without_collapsing() {
     assert!(last.collapse > 0.1, "collapse indicator {}", last.collapse);
     assert!(losses.iter().all(|l| l.is_finite()));
 }
+
+#[test]
+fn bf16_steps_track_fp32_and_keep_master_weights_in_f32() {
+    let (v1, v2) = views(8, 16, 3);
+    let run = |precision| {
+        let mut cfg = tiny();
+        cfg.train.precision = precision;
+        let mut t = Trainer::new(cfg, 8).unwrap();
+        let losses: Vec<f32> = (0..6)
+            .map(|_| t.step_tensors(&v1, &v2).unwrap().loss)
+            .collect();
+        (t, losses)
+    };
+    let (fp32, l32) = run(byol_trainer::Precision::Fp32);
+    let (bf16, l16) = run(byol_trainer::Precision::Bf16);
+    // The first loss (same weights, same batch) agrees to bf16's precision.
+    assert!(
+        (l16[0] - l32[0]).abs() / l32[0] < 1e-2,
+        "{l16:?} vs {l32:?}"
+    );
+    // Training works: the loss goes down as in f32.
+    assert!(l16.iter().all(|l| l.is_finite()), "{l16:?}");
+    assert!(l16[5] < l16[0] && l32[5] < l32[0], "{l16:?} / {l32:?}");
+    // Master weights (and so checkpoints) stay f32, and differ from the f32 run's.
+    for ((name, a), (_, b)) in fp32
+        .model()
+        .online_named()
+        .iter()
+        .zip(bf16.model().online_named())
+    {
+        assert_eq!(b.dtype(), candle_core::DType::F32, "{name}");
+        assert_eq!(a.dims(), b.dims(), "{name}");
+    }
+}

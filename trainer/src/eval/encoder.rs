@@ -8,8 +8,8 @@ use candle_nn::{VarBuilder, VarMap};
 
 use super::EvalError;
 use crate::checkpoint::{self, CheckpointMeta};
-use crate::config::{Kernels, ModelConfig};
-use crate::model::{ByolModel, Network, reinit, sorted};
+use crate::config::{Kernels, ModelConfig, Precision};
+use crate::model::{ByolModel, Compute, Network, reinit, sorted};
 
 /// The online network of a BYOL model, used only for its encoder.
 pub struct Encoder {
@@ -30,11 +30,12 @@ impl Encoder {
         device: &Device,
     ) -> Result<Self, EvalError> {
         let vars = VarMap::new();
-        let fused = kernels.ours_on(device);
+        // Evaluation runs in f32 whatever precision the run trained in.
+        let compute = Compute::new(kernels, Precision::Fp32, device);
         let network = Network::new(
             cfg,
             true,
-            fused,
+            compute,
             VarBuilder::from_varmap(&vars, DType::F32, device),
         )?;
         reinit(&vars, seed)?;

@@ -27,6 +27,12 @@ fn normal(rng: &mut Xoshiro256PlusPlus) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
+/// `n` standard-normal values from `seed` (synthetic inputs for benchmarks and checks).
+pub fn seeded_normal(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+    (0..n).map(|_| normal(&mut rng) as f32).collect()
+}
+
 /// Re-initialises every variable of `vars` from `seed`:
 /// convolutions: Kaiming normal, fan-out, ReLU gain (torchvision ResNet);
 /// linear weights and biases: U(−1/√fan_in, 1/√fan_in) (PyTorch `nn.Linear`);

@@ -1,18 +1,59 @@
 //! Convolution and BatchNorm layers that run our fused CPU kernels or candle's ops,
 //! with the same parameters (and names) either way.
 
-use candle_core::{Module, ModuleT, Result, Tensor, Var};
-use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
+use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Linear, VarBuilder};
 
-use crate::config::ModelConfig;
+use crate::config::{Kernels, ModelConfig, Precision};
 use crate::kernels;
+
+/// How the layers compute: whose kernels, and in which precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Compute {
+    /// Our CPU kernels for f32 convolution, BatchNorm and the residual add.
+    pub ours: bool,
+    /// Convolutions and matrix products in bfloat16 (inputs and weights cast per call;
+    /// outputs, BatchNorm and everything else in f32).
+    pub bf16: bool,
+}
+
+impl Compute {
+    /// The compute for `kernels` and `precision` on `device` (our kernels are CPU-only).
+    pub fn new(kernels: Kernels, precision: Precision, device: &Device) -> Self {
+        Compute {
+            ours: kernels.ours_on(device),
+            bf16: precision == Precision::Bf16,
+        }
+    }
+}
+
+/// `f(x, w)` on bfloat16 inputs with f32 accumulation and a bfloat16 result, returned
+/// as f32 (what a GPU's bf16 matrix units compute, and PyTorch's bf16 autocast).
+///
+/// On CUDA the operation runs in bf16. On CPU, where candle has no bf16 matrix product,
+/// `x` and `w` are rounded to bf16 and `f` runs in f32 on the rounded values: products of
+/// bf16 numbers are exact in f32, so this is the same arithmetic, and `f` may be one of
+/// our f32 kernels. Gradients flow through the casts (rounded to bf16 on the way back).
+fn in_bf16(
+    x: &Tensor,
+    w: &Tensor,
+    f: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let bf16 = |t: &Tensor| t.to_dtype(DType::BF16);
+    if x.device().is_cpu() {
+        let round = |t: &Tensor| bf16(t)?.to_dtype(DType::F32);
+        round(&f(&round(x)?, &round(w)?)?)
+    } else {
+        f(&bf16(x)?, &bf16(w)?)?.to_dtype(DType::F32)
+    }
+}
 
 /// A bias-free 2-D convolution (`weight`).
 pub struct Conv {
     inner: Conv2d,
     stride: usize,
     padding: usize,
-    fused: bool,
+    compute: Compute,
 }
 
 impl Conv {
@@ -23,7 +64,7 @@ impl Conv {
         k: usize,
         stride: usize,
         padding: usize,
-        fused: bool,
+        compute: Compute,
         vb: VarBuilder,
     ) -> Result<Self> {
         let cfg = Conv2dConfig {
@@ -35,16 +76,49 @@ impl Conv {
             inner: candle_nn::conv2d_no_bias(cin, cout, k, cfg, vb)?,
             stride,
             padding,
-            fused,
+            compute,
         })
     }
 
     /// Applies the convolution to `(n, cin, h, w)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.fused {
+        let (s, p) = (self.stride, self.padding);
+        if self.compute.bf16 && self.compute.ours {
+            in_bf16(x, self.inner.weight(), |x, w| kernels::conv2d(x, w, s, p))
+        } else if self.compute.bf16 {
+            in_bf16(x, self.inner.weight(), |x, w| x.conv2d(w, p, s, 1, 1))
+        } else if self.compute.ours {
             kernels::conv2d(x, self.inner.weight(), self.stride, self.padding)
         } else {
             self.inner.forward(x)
+        }
+    }
+}
+
+/// A fully connected layer (`weight`, `bias`), in PyTorch's layout.
+pub struct Dense {
+    inner: Linear,
+    bf16: bool,
+}
+
+impl Dense {
+    /// `input → output` features.
+    pub fn new(input: usize, output: usize, compute: Compute, vb: VarBuilder) -> Result<Self> {
+        Ok(Dense {
+            inner: candle_nn::linear(input, output, vb)?,
+            bf16: compute.bf16,
+        })
+    }
+
+    /// Applies the layer to `(n, input)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.bf16 {
+            return self.inner.forward(x);
+        }
+        let y = in_bf16(x, self.inner.weight(), |x, w| x.matmul(&w.t()?))?;
+        match self.inner.bias() {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
         }
     }
 }
@@ -58,12 +132,18 @@ pub struct Norm {
     running_var: Var,
     momentum: f64,
     eps: f64,
-    fused: bool,
+    /// Our kernels (BatchNorm is always computed in f32).
+    ours: bool,
 }
 
 impl Norm {
     /// A BatchNorm over `channels` with the config's momentum and epsilon.
-    pub fn new(channels: usize, cfg: &ModelConfig, fused: bool, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        channels: usize,
+        cfg: &ModelConfig,
+        compute: Compute,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let bn_cfg = candle_nn::BatchNormConfig {
             eps: cfg.bn_eps,
             remove_mean: true,
@@ -77,14 +157,14 @@ impl Norm {
             inner,
             momentum: cfg.bn_momentum,
             eps: cfg.bn_eps,
-            fused,
+            ours: compute.ours,
         })
     }
 
     /// Normalises with batch statistics (updating the running ones) when `train`, with
     /// the running statistics otherwise; then ReLU when `relu`.
     pub fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        if !self.fused {
+        if !self.ours {
             let y = self.inner.forward_t(x, train)?;
             return if relu { y.relu() } else { Ok(y) };
         }
@@ -122,5 +202,77 @@ impl Norm {
         blend(&self.running_mean, &out.mean, 1.0)?;
         blend(&self.running_var, &out.var, unbias)?;
         Ok(out.y)
+    }
+}
+
+/// The ImageNet stem's max-pool (3×3 window, stride 2, padding 1) of a non-negative map
+/// `(n, c, h, w)` → `(n, c, ⌊(h − 1)/2⌋ + 1, ⌊(w − 1)/2⌋ + 1)`, built from ops candle can
+/// differentiate (its own `max_pool2d` has no backward for overlapping windows).
+///
+/// The input is zero-padded (its values are ReLU outputs, so zeros never win a window
+/// they would change) and, when needed, padded once more to an even size; then split
+/// into 2×2 phases by a reshape, so that the three rows (and columns) of window `i` are
+/// phase 0 of pair `i`, phase 1 of pair `i` and phase 0 of pair `i + 1`; the window max
+/// is the element-wise maximum of those nine views. Equal maxima share the gradient.
+pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+    // Padded sizes: 1 before, and after enough for 2 * (ho + 1) rows / columns.
+    let (hp, wp) = (2 * (ho + 1), 2 * (wo + 1));
+    let x = x
+        .pad_with_zeros(2, 1, hp - h - 1)?
+        .pad_with_zeros(3, 1, wp - w - 1)?;
+    let phased = x.reshape((n, c, ho + 1, 2, wo + 1, 2))?;
+    let mut out: Option<Tensor> = None;
+    for (pair_h, phase_h) in [(0, 0), (0, 1), (1, 0)] {
+        let rows = phased.narrow(2, pair_h, ho)?.narrow(3, phase_h, 1)?;
+        for (pair_w, phase_w) in [(0, 0), (0, 1), (1, 0)] {
+            let view = rows.narrow(4, pair_w, wo)?.narrow(5, phase_w, 1)?;
+            out = Some(match out {
+                None => view,
+                Some(m) => m.maximum(&view)?,
+            });
+        }
+    }
+    out.expect("nine views").reshape((n, c, ho, wo))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stem_max_pool_matches_candle_forward_and_has_a_gradient() {
+        let dev = Device::Cpu;
+        for (h, w) in [(8, 8), (7, 9), (1, 2), (112, 112)] {
+            let v: Vec<f32> = (0..2 * 3 * h * w)
+                .map(|i| ((i * 7919) % 101) as f32 / 10.0)
+                .collect();
+            let x = Var::from_vec(v, (2, 3, h, w), &dev).unwrap();
+            let ours = max_pool_3x3_s2_p1(x.as_tensor()).unwrap();
+            // candle's forward (no backward for these windows), on a -inf padding.
+            let reference = x
+                .as_tensor()
+                .pad_with_same(2, 1, 1)
+                .unwrap()
+                .pad_with_same(3, 1, 1)
+                .unwrap()
+                .max_pool2d_with_stride(3, 2)
+                .unwrap();
+            assert_eq!(ours.dims(), reference.dims(), "{h}x{w}");
+            let (a, b): (Vec<f32>, Vec<f32>) = (
+                ours.flatten_all().unwrap().to_vec1().unwrap(),
+                reference.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert_eq!(a, b, "{h}x{w}");
+            // Every output's gradient lands on the input (sums are kept).
+            let grads = ours.sum_all().unwrap().backward().unwrap();
+            let g = grads.get(x.as_tensor()).unwrap().sum_all().unwrap();
+            let total = g.to_scalar::<f32>().unwrap();
+            assert!(
+                (total - ours.elem_count() as f32).abs() < 1e-3,
+                "{h}x{w}: {total}"
+            );
+        }
     }
 }

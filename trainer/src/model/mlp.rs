@@ -1,16 +1,16 @@
 //! The projector and predictor: Linear → BatchNorm → ReLU → Linear.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
 
-use super::layers::Norm;
+use super::layers::{Compute, Dense, Norm};
 use crate::config::ModelConfig;
 
 /// A two-layer MLP with BatchNorm in between (BYOL's projector and predictor).
 pub struct Mlp {
-    fc1: Linear,
+    fc1: Dense,
     bn: Norm,
-    fc2: Linear,
+    fc2: Dense,
 }
 
 impl Mlp {
@@ -21,13 +21,13 @@ impl Mlp {
         hidden: usize,
         output: usize,
         cfg: &ModelConfig,
-        fused: bool,
+        compute: Compute,
         vb: VarBuilder,
     ) -> Result<Self> {
         Ok(Mlp {
-            fc1: candle_nn::linear(input, hidden, vb.pp("0"))?,
-            bn: Norm::new(hidden, cfg, fused, vb.pp("1"))?,
-            fc2: candle_nn::linear(hidden, output, vb.pp("3"))?,
+            fc1: Dense::new(input, hidden, compute, vb.pp("0"))?,
+            bn: Norm::new(hidden, cfg, compute, vb.pp("1"))?,
+            fc2: Dense::new(hidden, output, compute, vb.pp("3"))?,
         })
     }
 

@@ -9,12 +9,12 @@ mod resnet;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
-pub use init::reinit;
-pub use layers::{Conv, Norm};
+pub use init::{reinit, seeded_normal};
+pub use layers::{Compute, Conv, Dense, Norm};
 pub use mlp::Mlp;
 pub use resnet::ResNet;
 
-use crate::config::{Kernels, ModelConfig};
+use crate::config::{Kernels, ModelConfig, Precision};
 
 /// Encoder → projector (→ predictor for the online network).
 pub struct Network {
@@ -28,11 +28,11 @@ pub struct Network {
 
 impl Network {
     /// Builds the networks' layers under `encoder.*`, `projector.*` and `predictor.*`;
-    /// `fused` selects our CPU kernels for convolution and BatchNorm.
+    /// `compute` selects our CPU kernels and the precision of convolutions and products.
     pub fn new(
         cfg: &ModelConfig,
         with_predictor: bool,
-        fused: bool,
+        compute: Compute,
         vb: VarBuilder,
     ) -> Result<Self> {
         let d = cfg.feature_dim();
@@ -41,7 +41,7 @@ impl Network {
             cfg.projector_hidden,
             cfg.projection_dim,
             cfg,
-            fused,
+            compute,
             vb.pp("projector"),
         )?;
         let predictor = if with_predictor {
@@ -50,14 +50,14 @@ impl Network {
                 cfg.predictor_hidden,
                 cfg.projection_dim,
                 cfg,
-                fused,
+                compute,
                 vb.pp("predictor"),
             )?)
         } else {
             None
         };
         Ok(Network {
-            encoder: ResNet::new(cfg, fused, vb.pp("encoder"))?,
+            encoder: ResNet::new(cfg, compute, vb.pp("encoder"))?,
             projector,
             predictor,
         })
@@ -107,19 +107,33 @@ impl ByolModel {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
-        let fused = kernels.ours_on(device);
+        Self::with_compute(
+            cfg,
+            Compute::new(kernels, Precision::Fp32, device),
+            seed,
+            device,
+        )
+    }
+
+    /// [`ByolModel::with_kernels`] with the kernels and precision given as a [`Compute`].
+    pub fn with_compute(
+        cfg: &ModelConfig,
+        compute: Compute,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let online_vars = VarMap::new();
         let target_vars = VarMap::new();
         let online = Network::new(
             cfg,
             true,
-            fused,
+            compute,
             VarBuilder::from_varmap(&online_vars, DType::F32, device),
         )?;
         let target = Network::new(
             cfg,
             false,
-            fused,
+            compute,
             VarBuilder::from_varmap(&target_vars, DType::F32, device),
         )?;
         reinit(&online_vars, seed)?;

@@ -3,7 +3,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{Conv, Norm};
+use super::layers::{Compute, Conv, Norm, max_pool_3x3_s2_p1};
 use crate::config::{Arch, ModelConfig};
 use crate::kernels;
 
@@ -22,13 +22,13 @@ impl ConvBn {
         stride: usize,
         padding: usize,
         cfg: &ModelConfig,
-        fused: bool,
+        compute: Compute,
         vb_conv: VarBuilder,
         vb_bn: VarBuilder,
     ) -> Result<Self> {
         Ok(ConvBn {
-            conv: Conv::new(cin, cout, k, stride, padding, fused, vb_conv)?,
-            bn: Norm::new(cout, cfg, fused, vb_bn)?,
+            conv: Conv::new(cin, cout, k, stride, padding, compute, vb_conv)?,
+            bn: Norm::new(cout, cfg, compute, vb_bn)?,
         })
     }
 
@@ -42,7 +42,7 @@ struct Block {
     convs: Vec<ConvBn>,
     downsample: Option<ConvBn>,
     /// Our kernel for the final add + ReLU.
-    fused: bool,
+    compute: Compute,
 }
 
 impl Block {
@@ -52,7 +52,7 @@ impl Block {
         stride: usize,
         bottleneck: bool,
         cfg: &ModelConfig,
-        fused: bool,
+        compute: Compute,
         vb: VarBuilder,
     ) -> Result<Self> {
         let unit = |i: usize, cin: usize, cout: usize, k: usize, stride: usize| {
@@ -64,7 +64,7 @@ impl Block {
                 stride,
                 k / 2,
                 cfg,
-                fused,
+                compute,
                 vb.pp(conv),
                 vb.pp(bn),
             )
@@ -91,14 +91,16 @@ impl Block {
         };
         let downsample = if stride != 1 || cin != cout {
             let (conv, bn) = (vb.pp("downsample.0"), vb.pp("downsample.1"));
-            Some(ConvBn::new(cin, cout, 1, stride, 0, cfg, fused, conv, bn)?)
+            Some(ConvBn::new(
+                cin, cout, 1, stride, 0, cfg, compute, conv, bn,
+            )?)
         } else {
             None
         };
         Ok(Block {
             convs,
             downsample,
-            fused,
+            compute,
         })
     }
 
@@ -112,7 +114,7 @@ impl Block {
             Some(d) => d.forward_t(x, train, false)?,
             None => x.clone(),
         };
-        if self.fused {
+        if self.compute.ours {
             kernels::add_relu(&y, &shortcut)
         } else {
             (y + shortcut)?.relu()
@@ -130,8 +132,8 @@ pub struct ResNet {
 impl ResNet {
     /// Builds the encoder; parameter names follow torchvision (`conv1.weight`,
     /// `layer1.0.bn1.running_mean`, `layer2.0.downsample.0.weight`, ...).
-    /// `fused` selects our CPU kernels for convolution and BatchNorm.
-    pub fn new(cfg: &ModelConfig, fused: bool, vb: VarBuilder) -> Result<Self> {
+    /// `compute` selects our CPU kernels and the precision of the convolutions.
+    pub fn new(cfg: &ModelConfig, compute: Compute, vb: VarBuilder) -> Result<Self> {
         let w = cfg.width;
         let (depths, bottleneck): ([usize; 4], bool) = match cfg.arch {
             Arch::Resnet18 => ([2, 2, 2, 2], false),
@@ -139,7 +141,7 @@ impl ResNet {
         };
         let (k, stride, padding) = if cfg.small_stem { (3, 1, 1) } else { (7, 2, 3) };
         let (conv1, bn1) = (vb.pp("conv1"), vb.pp("bn1"));
-        let stem = ConvBn::new(3, w, k, stride, padding, cfg, fused, conv1, bn1)?;
+        let stem = ConvBn::new(3, w, k, stride, padding, cfg, compute, conv1, bn1)?;
         let expansion = if bottleneck { 4 } else { 1 };
         let mut cin = w;
         let mut stages = Vec::new();
@@ -155,7 +157,7 @@ impl ResNet {
                     stride,
                     bottleneck,
                     cfg,
-                    fused,
+                    compute,
                     vb_stage.pp(b.to_string()),
                 )?);
                 cin = planes * expansion;
@@ -173,10 +175,7 @@ impl ResNet {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut y = self.stem.forward_t(x, train, true)?;
         if self.max_pool {
-            y = y
-                .pad_with_same(2, 1, 1)?
-                .pad_with_same(3, 1, 1)?
-                .max_pool2d_with_stride(3, 2)?;
+            y = max_pool_3x3_s2_p1(&y)?;
         }
         for stage in &self.stages {
             for block in stage {

@@ -1,0 +1,133 @@
+//! `byol bench step` and `byol bench check`: the step on synthetic input, measured or
+//! checked (logic in `byol_trainer::bench`).
+
+use std::process::ExitCode;
+
+use byol_trainer::bench::{grad_check, step_throughput};
+use byol_trainer::{
+    Arch, Kernels, ModelConfig, OptimConfig, OptimizerKind, Precision, Schedule, TrainConfig,
+    TrainerConfig,
+};
+
+use crate::cli::{
+    ArchArg, BenchCheckArgs, BenchCommand, BenchNet, BenchStepArgs, KernelsArg, OptimizerArg,
+    PrecisionArg,
+};
+
+/// Runs `byol bench ...`.
+pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BenchCommand::Step(args) => step(args),
+        BenchCommand::Check(args) => check(args),
+    }
+}
+
+fn model(net: &BenchNet) -> ModelConfig {
+    ModelConfig {
+        arch: match net.arch {
+            ArchArg::Resnet18 => Arch::Resnet18,
+            ArchArg::Resnet50 => Arch::Resnet50,
+        },
+        width: net.width,
+        small_stem: net.small_stem,
+        ..ModelConfig::default()
+    }
+}
+
+fn precision(p: PrecisionArg) -> Precision {
+    match p {
+        PrecisionArg::Fp32 => Precision::Fp32,
+        PrecisionArg::Bf16 => Precision::Bf16,
+    }
+}
+
+fn kernels(k: KernelsArg) -> Kernels {
+    match k {
+        KernelsArg::Auto => Kernels::Auto,
+        KernelsArg::Candle => Kernels::Candle,
+    }
+}
+
+fn step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
+    let net = &args.net;
+    let cfg = TrainerConfig {
+        model: model(net),
+        optim: OptimConfig {
+            optimizer: match args.optimizer {
+                OptimizerArg::Lars => OptimizerKind::Lars,
+                OptimizerArg::Adamw => OptimizerKind::Adamw,
+            },
+            schedule: Schedule::Constant,
+            ..OptimConfig::default()
+        },
+        train: TrainConfig {
+            device: net.device.clone(),
+            kernels: kernels(net.kernels),
+            precision: precision(net.precision),
+            ..TrainConfig::default()
+        },
+    };
+    let arch = format!("{:?}", cfg.model.arch).to_lowercase();
+    let r = step_throughput(cfg, net.batch, net.size, args.warmup, args.steps)?;
+    if net.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["peer"] = "byol".into();
+        v["arch"] = arch.into();
+        v["width"] = net.width.into();
+        v["small_stem"] = net.small_stem.into();
+        v["optimizer"] = format!("{:?}", args.optimizer).to_lowercase().into();
+        v["tf32"] = false.into();
+        println!("{v}");
+    } else {
+        println!(
+            "{arch} width {} {} px, batch {}, {:?} on {}: {:.1} img/s ({:.1} ms/step, median of {}); loss {:.4} -> {:.4}",
+            net.width,
+            net.size,
+            net.batch,
+            r.precision,
+            r.device,
+            r.images_per_sec,
+            r.step_seconds_median * 1e3,
+            r.steps,
+            r.loss_first,
+            r.loss_last
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(args: BenchCheckArgs) -> anyhow::Result<ExitCode> {
+    let net = &args.net;
+    let r = grad_check(
+        &model(net),
+        &net.device,
+        kernels(net.kernels),
+        precision(net.precision),
+        net.batch,
+        net.size,
+        args.tolerance,
+    )?;
+    if net.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{} ({}) vs {}: loss {:.6} vs {:.6}; {} gradients, relative L2 error median {:.2e}, largest {:.2e} ({}); tolerance {:.0e}: {}",
+            r.device,
+            r.checked,
+            r.reference,
+            r.loss_checked,
+            r.loss_reference,
+            r.parameters,
+            r.median_rel_l2,
+            r.max_rel_l2,
+            r.worst.first().map_or("-", |d| d.name.as_str()),
+            r.tolerance,
+            if r.pass { "PASS" } else { "FAIL" }
+        );
+    }
+    Ok(if r.pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

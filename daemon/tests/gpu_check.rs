@@ -1,0 +1,78 @@
+//! `scripts/gpu-check.sh --dry-run`: every part of the GPU check runs on CPU at tiny
+//! sizes and reports its figures, so the script is ready for a GPU machine.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{ingest, text};
+
+/// A labelled ImageFolder tree of 2 classes × `n` noisy 24x20 images.
+fn classes(dir: &Path, n: u32) -> std::path::PathBuf {
+    let src = dir.join("src");
+    for (class, base) in [("dark", 50u8), ("bright", 190u8)] {
+        std::fs::create_dir_all(src.join(class)).unwrap();
+        for i in 0..n {
+            let mut s = (i + 1).wrapping_mul(2_654_435_761) | u32::from(base);
+            let img = image::RgbImage::from_fn(24, 20, |_, _| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                let v = base.wrapping_add((s >> 27) as u8);
+                image::Rgb([v, v / 2, 255 - v])
+            });
+            img.save(src.join(class).join(format!("{i:02}.png")))
+                .unwrap();
+        }
+    }
+    src
+}
+
+#[test]
+fn the_gpu_check_dry_run_runs_every_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    ingest(&classes(dir.path(), 24), &ds);
+    let out = dir.path().join("out");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let o = Command::new("bash")
+        .arg(repo.join("scripts/gpu-check.sh"))
+        .arg("--dry-run")
+        .env("OUT", &out)
+        .env("BYOL", env!("CARGO_BIN_EXE_byol"))
+        .env("FMNIST_TRAIN", &ds)
+        .env("FMNIST_TEST", &ds)
+        .env("PHOTOS", &ds)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap();
+    for part in [
+        "r18-32 fp32",
+        "r50-224 bf16",
+        "check-fp32:",
+        "check-bf16:",
+        "train fmnist: step",
+        "eval fmnist: trained knn",
+        "loader r50 224:",
+        "all parts ran",
+    ] {
+        assert!(summary.contains(part), "{part} missing:\n{summary}");
+    }
+    // Our step ran in both precisions for both networks (the peer only with PyTorch).
+    let results = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    for case in [
+        "ours-r18-32-fp32",
+        "ours-r18-32-bf16",
+        "ours-r50-224-fp32",
+        "ours-r50-224-bf16",
+    ] {
+        let line = results
+            .lines()
+            .find(|l| l.contains(&format!("\"case\": \"{case}\"")))
+            .unwrap_or_else(|| panic!("{case} missing:\n{results}"));
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["images_per_sec"].as_f64().unwrap() > 0.0, "{line}");
+    }
+}

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Packs what scripts/gpu-check.sh needs on a GPU machine into gpu-pack/ (git-ignored;
+# carry it with `run`'s carry: ["gpu-pack"]; it must stay under 64 MiB with the tree):
+#   gpu-pack/byol        the release binary built with CUDA (or CUDA + cuDNN), stripped
+#   gpu-pack/fmnist/     Fashion-MNIST IDX files: the first 20,000 training images and
+#                        the 10,000 test images (ingested on the GPU machine by the check)
+#   gpu-pack/photos/     200 of the 256-px photos (the loader at 224 px)
+#
+#   scripts/gpu-prepare.sh             CUDA build (needs ../shared/tools/cuda-env.sh)
+#   scripts/gpu-prepare.sh --cudnn     CUDA + cuDNN build
+#   scripts/gpu-prepare.sh --data-only only the data (no build)
+#
+# Needs: apt-get install -y dataset-fashion-mnist; ../shared/data/photos256.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-}
+pack=gpu-pack
+mkdir -p "$pack"
+if [ "$mode" != "--data-only" ]; then
+  features=cuda
+  [ "$mode" = "--cudnn" ] && features=cudnn
+  # shellcheck disable=SC1091
+  source ../shared/tools/cuda-env.sh
+  # A target folder of its own, so the CPU build in target/release stays as it is.
+  cargo build --release -p byol-daemon --features "$features" --target-dir target/gpu
+  strip -o "$pack/byol" target/gpu/release/byol
+fi
+fm=/usr/share/datasets/fashion-mnist
+mkdir -p "$pack/fmnist"
+python3 - "$fm" "$pack/fmnist" <<'PY'
+import gzip, struct, sys
+src, dst = sys.argv[1], sys.argv[2]
+def subset(name, count, header):
+    data = gzip.open(f"{src}/{name}").read()
+    dims = struct.unpack(">" + "I" * (data[3]), data[4:4 + 4 * data[3]])
+    per = 1
+    for d in dims[1:]:
+        per *= d
+    n = min(count, dims[0])
+    out = data[:4] + struct.pack(">I", n) + data[8:4 + 4 * data[3]] + data[header:header + n * per]
+    with gzip.open(f"{dst}/{name}", "wb", compresslevel=9) as f:
+        f.write(out)
+for split, count in [("train", 20000), ("t10k", 10000)]:
+    subset(f"{split}-images-idx3-ubyte.gz", count, 16)
+    subset(f"{split}-labels-idx1-ubyte.gz", count, 8)
+PY
+rm -rf "$pack/photos"
+mkdir -p "$pack/photos"
+ls ../shared/data/photos256/*.jpg | head -n 200 | xargs -I{} cp {} "$pack/photos/"
+du -sh "$pack" "$pack"/*
