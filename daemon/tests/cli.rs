@@ -1012,3 +1012,41 @@ fn views_larger_than_the_stored_images_are_warned_about() {
         "{err}"
     );
 }
+
+#[test]
+fn minutes_fit_the_schedule_to_the_time_and_stop_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, ds) = packed(dir.path(), 24, 24);
+    let cfg = tiny_config(
+        dir.path(),
+        &[("checkpoint_every_steps = 3", "checkpoint_every_steps = 0")],
+    );
+    let run_dir = dir.path().join("run");
+    let started = std::time::Instant::now();
+    let o = train_run(&cfg, &ds, &run_dir, &["--minutes", "0.05"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "ran past its budget"
+    );
+    assert!(text(&o).contains("schedules fitted to"), "{}", text(&o));
+    // The checkpoint's schedule length is the step the run stopped at (or the fitted
+    // one, when the deadline came first).
+    let ckpt = std::fs::read_dir(run_dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("meta.json")).unwrap()).unwrap();
+    let (step, total) = (
+        meta["step"].as_u64().unwrap(),
+        meta["config"]["train"]["total_steps"].as_u64().unwrap(),
+    );
+    assert!(
+        step >= 11 && total >= step && total != 20,
+        "step {step}, total_steps {total}"
+    );
+    let o = train_run(&cfg, &ds, &run_dir, &["--minutes", "0", "--resume"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+}
