@@ -268,13 +268,7 @@ impl TrainLoop {
                 bar.finish();
                 return Ok(Some(Stop::Signal(sig as i32)));
             }
-            if self
-                .budget
-                .as_ref()
-                .is_some_and(|b| Instant::now() >= b.deadline)
-            {
-                break;
-            }
+
             let wait_start = Instant::now();
             let batch = self.loader.next_batch();
             window.2 += wait_start.elapsed();
@@ -293,7 +287,16 @@ impl TrainLoop {
                 Some(m) if m.due(stats.step) => Some(m.measure(&self.trainer)?),
                 _ => None,
             };
-            if stats.step % train.log_every == 0 || stats.step == target || knn.is_some() {
+            // The last step of a `--minutes` run is the one that reaches the deadline.
+            let out_of_time = self
+                .budget
+                .as_ref()
+                .is_some_and(|b| Instant::now() >= b.deadline);
+            if stats.step % train.log_every == 0
+                || stats.step == target
+                || out_of_time
+                || knn.is_some()
+            {
                 let secs = window.0.elapsed().as_secs_f64().max(1e-9);
                 let line = MetricsLine {
                     step: stats.step,
@@ -342,6 +345,9 @@ impl TrainLoop {
                     >= train.checkpoint_every_minutes * 60.0;
             if by_steps || by_time {
                 self.save()?;
+            }
+            if out_of_time {
+                break;
             }
         }
         bar.finish();

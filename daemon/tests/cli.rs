@@ -1023,7 +1023,7 @@ fn minutes_fit_the_schedule_to_the_time_and_stop_with_a_checkpoint() {
     );
     let run_dir = dir.path().join("run");
     let started = std::time::Instant::now();
-    let o = train_run(&cfg, &ds, &run_dir, &["--minutes", "0.05"]);
+    let o = train_run(&cfg, &ds, &run_dir, &["--minutes", "0.15"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
         started.elapsed() < Duration::from_secs(60),

@@ -53,12 +53,18 @@ pub enum DecodeError {
 
 /// A decoded image and how it was stored in its file.
 pub struct Decoded {
-    /// The pixels, EXIF orientation applied, converted to RGB8.
+    /// The pixels, EXIF orientation applied, converted to RGB8 (reduced in the IDCT
+    /// when [`Decoded::scaled`]).
     pub image: RgbImage,
     /// The container format found by content.
     pub format: ImageFormat,
     /// True when the file's pixels needed an orientation transform.
     pub reoriented: bool,
+    /// Width and height of the full image, orientation applied (the image's own size
+    /// unless it was decoded at a reduced scale).
+    pub full_size: (u32, u32),
+    /// True when a JPEG was decoded at 1/2, 1/4 or 1/8 of its size.
+    pub scaled: bool,
 }
 
 /// Decodes `bytes` by content (never by file name) into RGB8, applying EXIF orientation.
@@ -90,11 +96,116 @@ pub fn decode_rgb8(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, Decod
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
     let mut img = DynamicImage::from_decoder(decoder).map_err(classify)?;
     img.apply_orientation(orientation);
+    let image = img.into_rgb8();
     Ok(Decoded {
-        image: img.into_rgb8(),
+        full_size: image.dimensions(),
+        image,
         format,
         reoriented: orientation != Orientation::NoTransforms,
+        scaled: false,
     })
+}
+
+/// Decodes `bytes` for an ingest that resizes to a short side of `max_side`: like
+/// [`decode_rgb8`], except that a JPEG whose short side is at least twice `max_side` is
+/// decoded at the largest IDCT reduction (1/2, 1/4, 1/8) that keeps its short side at
+/// least `max_side` (libjpeg's scaled IDCT, as Pillow's `draft`), so the final Lanczos
+/// resize still does the antialiasing. Orientation, grayscale, progressive and
+/// restart-marker files take this path too; CMYK/YCCK, 12-bit and anything the scaled
+/// decoder refuses fall back to the full decode. The truncation and size checks run
+/// before any pixel is decoded.
+pub fn decode_for_ingest(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    max_side: Option<u32>,
+) -> Result<Decoded, DecodeError> {
+    if let Some(side) = max_side
+        && side > 0
+        && bytes.starts_with(&[0xFF, 0xD8, 0xFF])
+        && let Some(d) = decode_jpeg_scaled(bytes, limits, side)?
+    {
+        return Ok(d);
+    }
+    decode_rgb8(bytes, limits)
+}
+
+/// The scaled path of [`decode_for_ingest`]; `None` when the full decode should run
+/// (no reduction possible, or a format variant this decoder does not take).
+fn decode_jpeg_scaled(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    side: u32,
+) -> Result<Option<Decoded>, DecodeError> {
+    check_jpeg_end(bytes)?;
+    let mut decoder = jpeg_decoder::Decoder::new(bytes);
+    if decoder.read_info().is_err() {
+        return Ok(None); // the general decoder reports what is wrong
+    }
+    let Some(info) = decoder.info() else {
+        return Ok(None);
+    };
+    let (w, h) = (u32::from(info.width), u32::from(info.height));
+    if w.max(h) > limits.max_dimension {
+        return Err(DecodeError::TooLarge(format!(
+            "{w}x{h} exceeds the limit of {} pixels a side",
+            limits.max_dimension
+        )));
+    }
+    check_dimensions(w, h, limits)?;
+    let short = w.min(h);
+    if short < 2 * side
+        || !matches!(
+            info.pixel_format,
+            jpeg_decoder::PixelFormat::RGB24 | jpeg_decoder::PixelFormat::L8
+        )
+    {
+        return Ok(None);
+    }
+    // The decoder picks the smallest reduction that reaches the request on either axis:
+    // ask on the short axis only.
+    let request = |len: u32| u16::try_from(len).unwrap_or(u16::MAX);
+    let (sw, sh) = if w <= h {
+        decoder.scale(request(side), u16::MAX)
+    } else {
+        decoder.scale(u16::MAX, request(side))
+    }
+    .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    let (sw, sh) = (u32::from(sw), u32::from(sh));
+    if sw.min(sh) < side || (sw, sh) == (w, h) {
+        return Ok(None);
+    }
+    let pixels = match decoder.decode() {
+        Ok(p) => p,
+        Err(_) => return Ok(None), // the general decoder reports what is wrong
+    };
+    let orientation = decoder
+        .exif_data()
+        .and_then(Orientation::from_exif_chunk)
+        .unwrap_or(Orientation::NoTransforms);
+    let img = match info.pixel_format {
+        jpeg_decoder::PixelFormat::RGB24 => {
+            RgbImage::from_raw(sw, sh, pixels).map(DynamicImage::ImageRgb8)
+        }
+        _ => image::GrayImage::from_raw(sw, sh, pixels).map(DynamicImage::ImageLuma8),
+    };
+    let Some(mut img) = img else {
+        return Ok(None);
+    };
+    img.apply_orientation(orientation);
+    let swaps = matches!(
+        orientation,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    );
+    Ok(Some(Decoded {
+        image: img.into_rgb8(),
+        format: ImageFormat::Jpeg,
+        reoriented: orientation != Orientation::NoTransforms,
+        full_size: if swaps { (h, w) } else { (w, h) },
+        scaled: true,
+    }))
 }
 
 /// Decodes `bytes` like [`decode_rgb8`], into `out` (resized to `width * height * 3`),
@@ -280,7 +391,13 @@ const REDUCING_GAP: f64 = 3.0;
 /// since Lanczos3's support grows with the shrink factor.
 pub fn resize_short_side(img: RgbImage, max_side: Option<u32>) -> RgbImage {
     let (w, h) = img.dimensions();
-    let (nw, nh) = target_size(w, h, max_side);
+    resize_to(img, target_size(w, h, max_side))
+}
+
+/// Resizes `img` to exactly `(nw, nh)` as [`resize_short_side`] does (Lanczos3, with a
+/// box pre-reduction for large shrinks); unchanged when it already has that size.
+pub fn resize_to(img: RgbImage, (nw, nh): (u32, u32)) -> RgbImage {
+    let (w, h) = img.dimensions();
     if (nw, nh) == (w, h) {
         return img;
     }
@@ -439,6 +556,102 @@ mod tests {
         };
         assert!(matches!(
             decode_rgb8_into(jpeg, &small, &mut out),
+            Err(DecodeError::TooLarge(_))
+        ));
+    }
+}
+
+#[cfg(test)]
+mod scaled_tests {
+    use super::*;
+
+    /// A smooth photo-like image: gradients, soft shapes, mild texture.
+    fn photo(w: u32, h: u32) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| {
+            let (fx, fy) = (x as f32 / w as f32, y as f32 / h as f32);
+            let blob = (-((fx - 0.4).powi(2) + (fy - 0.5).powi(2)) * 12.0).exp();
+            let ripple = ((fx * 40.0).sin() * (fy * 30.0).cos() * 12.0) as i32;
+            let c = |v: f32| (v.clamp(0.0, 255.0)) as u8;
+            image::Rgb([
+                c(60.0 + 150.0 * blob + ripple as f32),
+                c(40.0 + 180.0 * fy),
+                c(200.0 - 120.0 * fx + (ripple / 2) as f32),
+            ])
+        })
+    }
+
+    fn encode(img: &RgbImage, progressive: bool, restart: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut e = jpeg_encoder::Encoder::new(&mut out, 90);
+        e.set_progressive(progressive);
+        if restart > 0 {
+            e.set_restart_interval(restart);
+        }
+        e.encode(
+            img.as_raw(),
+            img.width() as u16,
+            img.height() as u16,
+            jpeg_encoder::ColorType::Rgb,
+        )
+        .unwrap();
+        out
+    }
+
+    /// Mean and max absolute difference of two same-size images.
+    fn diff(a: &RgbImage, b: &RgbImage) -> (f64, u8) {
+        assert_eq!(a.dimensions(), b.dimensions());
+        let d: Vec<u8> = a
+            .as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(x, y)| x.abs_diff(*y))
+            .collect();
+        (
+            d.iter().map(|&v| f64::from(v)).sum::<f64>() / d.len() as f64,
+            *d.iter().max().unwrap(),
+        )
+    }
+
+    #[test]
+    fn large_jpegs_decode_scaled_close_to_the_full_decode() {
+        let limits = DecodeLimits::default();
+        let img = photo(1200, 900);
+        for (progressive, restart) in [(false, 0), (true, 0), (false, 8)] {
+            let bytes = encode(&img, progressive, restart);
+            let scaled = decode_for_ingest(&bytes, &limits, Some(128)).unwrap();
+            // 900 / 128 > 4: decoded at 1/4 (300 x 225), short side still >= 128.
+            assert!(scaled.scaled);
+            assert_eq!(scaled.image.dimensions(), (300, 225));
+            assert_eq!(scaled.full_size, (1200, 900));
+            let full = decode_rgb8(&bytes, &limits).unwrap();
+            let target = target_size(1200, 900, Some(128));
+            let a = resize_to(scaled.image, target);
+            let b = resize_to(full.image, target);
+            let (mean, max) = diff(&a, &b);
+            assert!(
+                mean < 1.0 && max < 24,
+                "progressive {progressive}, restart {restart}: mean {mean}, max {max}"
+            );
+        }
+        // Not reducible (short side < 2 x target): the full decode.
+        let small = encode(&photo(300, 200), false, 0);
+        assert!(
+            !decode_for_ingest(&small, &limits, Some(128))
+                .unwrap()
+                .scaled
+        );
+        // Truncated: refused before decoding, on the scaled path too.
+        let big = encode(&img, false, 0);
+        assert!(matches!(
+            decode_for_ingest(&big[..big.len() / 2], &limits, Some(128)),
+            Err(DecodeError::Corrupt(_))
+        ));
+        let tight = DecodeLimits {
+            max_pixels: 1000,
+            ..limits
+        };
+        assert!(matches!(
+            decode_for_ingest(&big, &tight, Some(128)),
             Err(DecodeError::TooLarge(_))
         ));
     }

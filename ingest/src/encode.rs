@@ -38,13 +38,15 @@ pub(crate) fn hash_files(images: &Path, labels: Option<&Path>) -> io::Result<Str
 
 /// Reads, hashes, decodes and encodes one image file (runs on a worker thread).
 ///
-/// Content the dataset already has (`previous_hash` at this path, or any of `known`)
-/// costs a read and a hash, never a decode.
+/// Content the dataset already has (`previous_hash` at this path, or any of `known`),
+/// or that an earlier file of the same run holds (`queued(hash)` is true), costs a read
+/// and a hash, never a decode.
 pub(crate) fn process_image(
     c: &Candidate,
     label: Option<u32>,
     previous_hash: Option<&str>,
     known: &HashSet<String>,
+    queued: &dyn Fn(&str) -> bool,
     settings: &IngestSettings,
     limits: &DecodeLimits,
 ) -> Outcome {
@@ -70,25 +72,33 @@ pub(crate) fn process_image(
     if previous_hash == Some(hash.as_str()) {
         return Outcome::Unchanged { hash };
     }
-    if known.contains(&hash) {
+    if known.contains(&hash) || queued(&hash) {
         return Outcome::Duplicate { hash };
     }
-    let decoded = match decode::decode_rgb8(&bytes, limits) {
+    let decoded = match decode::decode_for_ingest(&bytes, limits, settings.max_side) {
         Ok(d) => d,
         Err(e) => return reject_decode(c, e),
     };
     // Readers decode stored files with the same function, EXIF orientation included, so
     // the file's own bytes give the same pixels whether or not it is rotated.
-    let keep_original = matches!(
-        decoded.format,
-        ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP
-    );
+    let keep_original = !decoded.scaled
+        && matches!(
+            decoded.format,
+            ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP
+        );
     let original = Original {
         bytes: keep_original.then_some(bytes.as_slice()),
         lossy: decoded.format == ImageFormat::Jpeg
             || (decoded.format == ImageFormat::WebP && !decode::webp_is_lossless(&bytes)),
     };
-    match encode_record(decoded.image, original, settings, label, 0) {
+    match encode_record(
+        decoded.image,
+        decoded.full_size,
+        original,
+        settings,
+        label,
+        0,
+    ) {
         Ok(record) => Outcome::Stored { hash, record },
         Err(e) => reject_decode(c, e),
     }
@@ -114,6 +124,8 @@ pub(crate) struct Original<'a> {
 }
 
 /// Resizes `img` per the settings and turns it into a compressed record payload.
+/// `full_size` is the size of the source image (larger than `img` when it was decoded
+/// at a reduced scale): the stored size is computed from it.
 ///
 /// With the `encoded` codec, the source file's bytes are stored as they are when no
 /// resize is needed; otherwise the image is re-encoded: as JPEG at the configured
@@ -121,14 +133,16 @@ pub(crate) struct Original<'a> {
 /// source keeps exact pixels.
 pub(crate) fn encode_record(
     img: image::RgbImage,
+    full_size: (u32, u32),
     original: Original<'_>,
     settings: &IngestSettings,
     label: Option<u32>,
     item: u32,
 ) -> Result<StoredRecord, DecodeError> {
-    let (w, h) = img.dimensions();
-    let resize_needed = decode::target_size(w, h, settings.max_side) != (w, h);
-    let img = decode::resize_short_side(img, settings.max_side);
+    let (fw, fh) = full_size;
+    let target = decode::target_size(fw, fh, settings.max_side);
+    let resize_needed = target != full_size;
+    let img = decode::resize_to(img, target);
     let (w, h) = img.dimensions();
     let compress = |payload: &[u8]| {
         let (c, level) = (settings.compression, settings.zstd_level);

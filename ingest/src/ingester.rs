@@ -359,6 +359,9 @@ impl<'p> Ingester<'p> {
             })
             .collect();
         let known: HashSet<String> = self.by_hash.keys().cloned().collect();
+        // Content hash → the first file of this batch seen with it: later copies are
+        // duplicates before they are decoded.
+        let first_of: std::sync::Mutex<HashMap<String, usize>> = Default::default();
         self.progress.add_total(images.len() as u64);
         let settings = self.work.settings;
         let limits = self.opts.limits;
@@ -370,12 +373,19 @@ impl<'p> Ingester<'p> {
             images.len(),
             |i| {
                 let c = &images[i];
+                let queued = |hash: &str| {
+                    let mut first = first_of.lock().expect("never poisoned: no panics inside");
+                    let j = first.entry(hash.to_owned()).or_insert(i);
+                    *j = (*j).min(i);
+                    *j < i
+                };
                 let outcome = catch_unwind(AssertUnwindSafe(|| {
                     encode::process_image(
                         c,
                         labels[i],
                         previous[i].as_deref(),
                         &known,
+                        &queued,
                         &settings,
                         &limits,
                     )
@@ -390,11 +400,16 @@ impl<'p> Ingester<'p> {
                 progress.advance(1);
                 outcome
             },
-            |i, outcome| self.consume_image(&images[i], outcome),
+            |i, outcome| self.consume_image(&images[i], labels[i], outcome),
         )
     }
 
-    fn consume_image(&mut self, c: &Candidate, outcome: Outcome) -> Result<(), IngestError> {
+    fn consume_image(
+        &mut self,
+        c: &Candidate,
+        label: Option<u32>,
+        outcome: Outcome,
+    ) -> Result<(), IngestError> {
         let (hash, record) = match outcome {
             Outcome::Rejected(r) => {
                 self.rejects.push(r);
@@ -435,7 +450,18 @@ impl<'p> Ingester<'p> {
                 (id, None, vec![span])
             }
             (None, None, None) => {
-                unreachable!("a worker reports a duplicate only for a known hash")
+                // A copy of a file earlier in this run that was rejected: the same bytes,
+                // so the same verdict; decode it here to report it.
+                let outcome = encode::process_image(
+                    c,
+                    label,
+                    None,
+                    &HashSet::new(),
+                    &|_| false,
+                    &self.work.settings,
+                    &self.opts.limits,
+                );
+                return self.consume_image(c, label, outcome);
             }
         };
         self.pending.push(SourceEntry {
@@ -570,7 +596,15 @@ impl<'p> Ingester<'p> {
                 let img =
                     image::RgbImage::from_raw(images.cols, images.rows, rgb).expect("sizes match");
                 let label = label_values.as_ref().map(|l| class_of[l[i] as usize]);
-                let r = encode::encode_record(img, Original::default(), &settings, label, i as u32);
+                let size = img.dimensions();
+                let r = encode::encode_record(
+                    img,
+                    size,
+                    Original::default(),
+                    &settings,
+                    label,
+                    i as u32,
+                );
                 progress.advance(1);
                 r
             },

@@ -75,8 +75,12 @@ fn round_trip_matches_reference_decode_for_every_kind() {
             assert_eq!(recs.len(), 1, "{path}");
             let (img, label) = &recs[0];
             let reference = reference(Path::new(path), Some(64));
-            if codec == Codec::Encoded && path.contains("big_") {
-                // Resized images are re-encoded as JPEG (quality 95): close, not exact.
+            if path.contains("big_") {
+                // A JPEG twice the target size is decoded at half size in the IDCT, then
+                // resized; with the encoded codec it is also re-encoded as JPEG (quality
+                // 95): close to the full decode, not exact. The pattern's per-pixel noise
+                // is the worst case for the two antialiasing paths (photos differ far
+                // less: see the ingest benchmark).
                 assert_eq!(img.dimensions(), reference.dimensions());
                 let diff: f64 = img
                     .as_raw()
@@ -85,7 +89,7 @@ fn round_trip_matches_reference_decode_for_every_kind() {
                     .map(|(&a, &b)| (a as f64 - b as f64).abs())
                     .sum::<f64>()
                     / img.as_raw().len() as f64;
-                assert!(diff < 3.0, "{path}: mean abs diff {diff}");
+                assert!(diff < 6.0, "{path}: mean abs diff {diff}");
             } else {
                 assert!(
                     img == &reference,
@@ -610,4 +614,64 @@ fn mutated_images_never_stop_a_run() {
 
 fn out_dir(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("ds")
+}
+
+#[test]
+fn large_jpegs_of_every_kind_ingest_at_their_oriented_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    // Rotated 90 degrees (orientation 6), CMYK (the full-decode fallback), plain.
+    write(
+        &src.join("rotated.jpg"),
+        &jpeg_with_orientation(640, 480, 3, 6),
+    );
+    write(&src.join("cmyk.jpg"), &cmyk_jpeg(640, 480, 4));
+    write(&src.join("plain.jpg"), &jpeg(640, 480, 5));
+    let out = dir.path().join("ds");
+    let mut o = opts(&src, &out);
+    o.settings.max_side = Some(100);
+    let rep = run(&o);
+    assert_eq!(rep.rejects, vec![]);
+    let by_path = records_by_path(&Dataset::open(&out).unwrap());
+    for (name, size) in [
+        ("rotated.jpg", (100, 133)),
+        ("cmyk.jpg", (133, 100)),
+        ("plain.jpg", (133, 100)),
+    ] {
+        let path = src.join(name).canonicalize().unwrap();
+        let got = &by_path[path.to_str().unwrap()][0].0;
+        assert_eq!(got.dimensions(), size, "{name}");
+        let want = reference(&path, Some(100));
+        let mean = got
+            .as_raw()
+            .iter()
+            .zip(want.as_raw())
+            .map(|(&a, &b)| f64::from(a.abs_diff(b)))
+            .sum::<f64>()
+            / want.as_raw().len() as f64;
+        assert!(mean < 6.0, "{name}: mean abs diff {mean}");
+    }
+}
+
+#[test]
+fn copies_in_one_run_are_decoded_once_and_share_a_rejected_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let good = jpeg(64, 48, 1);
+    let mut bad = jpeg(64, 48, 2);
+    bad.truncate(bad.len() / 2);
+    for i in 0..5 {
+        write(&src.join(format!("good{i}.jpg")), &good);
+        write(&src.join(format!("bad{i}.jpg")), &bad);
+    }
+    let rep = run(&opts(&src, &out_dir(&dir)));
+    let s = &rep.summary;
+    assert_eq!((s.ingested, s.duplicates), (1, 4), "{s:?}");
+    // Every copy of the truncated file is rejected for what it is.
+    assert_eq!(rep.rejects.len(), 5, "{:?}", rep.rejects);
+    assert!(
+        rep.rejects
+            .iter()
+            .all(|r| r.reason == RejectReason::Corrupt)
+    );
 }
