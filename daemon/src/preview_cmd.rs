@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use byol_augment::rng::mix64;
 use byol_augment::{AugmentConfig, Augmenter, Preset, SampleKey, Scratch, ViewOut};
-use byol_ingest::decode::{DecodeLimits, decode_rgb8};
+use byol_ingest::IngestSettings;
+use byol_ingest::decode::{DecodeLimits, decode_for_ingest, resize_to, target_size};
 use byol_ingest::manifest::MANIFEST_FILE;
 use byol_ingest::{Dataset, Layout, RecordScratch};
 use image::{Rgb, RgbImage};
@@ -106,16 +107,26 @@ fn pick_images(path: &Path, n: usize, seed: u64) -> anyhow::Result<Vec<Picked>> 
     let mut out = Vec::new();
     for i in order(scan.candidates.len()) {
         let file = &scan.candidates[i].path;
+        // What `byol ingest` would store with its default settings (short side 256; a
+        // large JPEG decoded at a reduced scale): no full decode of a 20-megapixel photo
+        // for a 224-pixel view.
+        let max_side = IngestSettings::default().max_side;
         let decoded = std::fs::read(file)
             .map_err(|e| e.to_string())
-            .and_then(|b| decode_rgb8(&b, &DecodeLimits::default()).map_err(|e| e.to_string()));
+            .and_then(|b| {
+                decode_for_ingest(&b, &DecodeLimits::default(), max_side).map_err(|e| e.to_string())
+            });
         match decoded {
-            Ok(d) => out.push(Picked {
-                width: d.image.width(),
-                height: d.image.height(),
-                rgb: d.image.into_raw(),
-                index: i as u64,
-            }),
+            Ok(d) => {
+                let (w, h) = d.full_size;
+                let img = resize_to(d.image, target_size(w, h, max_side));
+                out.push(Picked {
+                    width: img.width(),
+                    height: img.height(),
+                    rgb: img.into_raw(),
+                    index: i as u64,
+                })
+            }
             Err(e) => eprintln!("skipped {}: {e}", file.display()),
         }
     }

@@ -1,8 +1,13 @@
-//! Ingest throughput beside decode-only throughput, same files, same decoder, same run.
+//! Ingest throughput beside decode-only throughput and, when `BYOL_PEER_PYTHON` names a
+//! Python with Pillow, beside the Pillow peer (`../shared/bench/peer_ingest.py`, with
+//! and without `draft`), interleaved in the same run; the pixel difference of the
+//! scaled-IDCT path against the full decode; and the wallpaper folders as installed
+//! (with their duplicates).
 //!
 //! ```text
 //! cargo bench -p byol-ingest --bench ingest              # Debian wallpapers + Fashion-MNIST
 //! cargo bench -p byol-ingest --bench ingest -- DIR...    # your own folders
+//! BYOL_PEER_PYTHON=/opt/torch-venv/bin/python cargo bench -p byol-ingest --bench ingest
 //! ```
 //! Wallpapers: `apt-get install -y mate-backgrounds plasma-workspace-wallpapers`;
 //! Fashion-MNIST: `apt-get install -y dataset-fashion-mnist`.
@@ -10,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use byol_ingest::decode::{DecodeLimits, decode_rgb8};
+use byol_ingest::decode::{DecodeLimits, decode_for_ingest, decode_rgb8, resize_to, target_size};
 use byol_ingest::{IngestOptions, NoProgress, ingest};
 use rayon::prelude::*;
 
@@ -90,10 +95,11 @@ fn stages(files: &[PathBuf]) {
         std::hint::black_box(blake3::hash(&bytes));
         hash += ms(t);
         let t = Instant::now();
-        let img = decode_rgb8(&bytes, &DecodeLimits::default()).unwrap().image;
+        let d = decode_for_ingest(&bytes, &DecodeLimits::default(), Some(256)).unwrap();
         decode += ms(t);
         let t = Instant::now();
-        let img = byol_ingest::decode::resize_short_side(img, Some(256));
+        let (w, h) = d.full_size;
+        let img = resize_to(d.image, target_size(w, h, Some(256)));
         resize += ms(t);
         let t = Instant::now();
         std::hint::black_box(zstd::bulk::compress(img.as_raw(), 3).unwrap());
@@ -101,7 +107,7 @@ fn stages(files: &[PathBuf]) {
     }
     let n = files.len() as f64;
     println!(
-        "ms per image, 1 thread: read {:.1}, hash {:.1}, decode {:.1}, resize {:.1}, compress {:.1}",
+        "ms per image, 1 thread: read {:.1}, hash {:.1}, decode (scaled where it can) {:.1}, resize {:.1}, compress {:.1}",
         read / n,
         hash / n,
         decode / n,
@@ -123,6 +129,73 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Mean and max absolute difference, over every JPEG that takes the scaled path, of the
+/// stored image (short side 256) from the scaled IDCT and from the full decode.
+fn scaled_vs_full(files: &[PathBuf]) {
+    let limits = DecodeLimits::default();
+    let (mut sum, mut count, mut max, mut images) = (0f64, 0u64, 0u8, 0);
+    for f in files {
+        let bytes = std::fs::read(f).unwrap();
+        let scaled = decode_for_ingest(&bytes, &limits, Some(256)).unwrap();
+        if !scaled.scaled {
+            continue;
+        }
+        let (w, h) = scaled.full_size;
+        let target = target_size(w, h, Some(256));
+        let a = resize_to(scaled.image, target);
+        let b = resize_to(decode_rgb8(&bytes, &limits).unwrap().image, target);
+        for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
+            let d = x.abs_diff(*y);
+            sum += f64::from(d);
+            max = max.max(d);
+        }
+        count += a.as_raw().len() as u64;
+        images += 1;
+    }
+    if images > 0 {
+        println!(
+            "scaled IDCT vs full decode, stored at 256 px, {images} JPEGs: mean |diff| {:.2} levels, max {max}",
+            sum / count as f64
+        );
+    }
+}
+
+/// Runs the Pillow peer on `dir` with `procs` processes; (no-draft, draft) images/s.
+fn peer(dir: &Path, procs: usize) -> Option<(f64, f64)> {
+    let python = std::env::var("BYOL_PEER_PYTHON").ok()?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/peer_ingest.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(dir)
+        .args(["--procs", &procs.to_string(), "--max-side", "256"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rate = |draft: bool| {
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["draft"] == draft)
+            .and_then(|v| v["img_per_s"].as_f64())
+    };
+    Some((rate(false)?, rate(true)?))
+}
+
+/// The folders as installed (duplicates included), ingested at one thread.
+fn as_installed(dirs: &[PathBuf]) {
+    let dirs: Vec<PathBuf> = dirs.iter().filter(|d| d.exists()).cloned().collect();
+    if dirs.is_empty() {
+        return;
+    }
+    let (_, s) = ingest_once(&dirs, 1, Some(256));
+    println!(
+        "as installed, 1 thread: {} files ({} duplicates, {} rejected) in {:.2} s",
+        s.files_seen,
+        s.duplicates,
+        s.rejected_total(),
+        s.seconds
+    );
+}
+
 fn photos(dirs: &[PathBuf]) {
     // Only the decodable images, linked into one folder, so both sides see the same files.
     let files = image_files(dirs);
@@ -132,7 +205,11 @@ fn photos(dirs: &[PathBuf]) {
     }
     let staging = tempfile::tempdir().unwrap();
     for (i, f) in files.iter().enumerate() {
-        std::os::unix::fs::symlink(f, staging.path().join(format!("{i:05}"))).unwrap();
+        // The extension is kept: the peer picks files by it.
+        let ext = f
+            .extension()
+            .map_or(String::new(), |e| format!(".{}", e.to_string_lossy()));
+        std::os::unix::fs::symlink(f, staging.path().join(format!("{i:05}{ext}"))).unwrap();
     }
     let src_bytes: u64 = files
         .iter()
@@ -144,19 +221,27 @@ fn photos(dirs: &[PathBuf]) {
         src_bytes as f64 / (1 << 20) as f64
     );
     stages(&files);
-    println!("| threads | decode-only img/s | ingest img/s (max side 256) | ingest / decode |");
-    println!("|---|---|---|---|");
+    scaled_vs_full(&files);
+    println!(
+        "| threads | full decode img/s | ingest img/s (max side 256) | ingest / decode | Pillow img/s | Pillow draft img/s | ingest / Pillow draft |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     let mut rates = Vec::new();
     let mut last = None;
     for threads in [1, 2] {
         let mut dec = Vec::new();
         let mut ing = Vec::new();
-        // Interleaved repeats: both sides see the same machine noise.
+        let (mut pil, mut draft) = (Vec::new(), Vec::new());
+        // Interleaved repeats: every side sees the same machine noise.
         for _ in 0..repeats() {
             dec.push(decode_only(&files, threads));
             let (rate, summary) = ingest_once(&[staging.path().to_owned()], threads, Some(256));
             ing.push(rate);
             last = Some(summary);
+            if let Some((p, d)) = peer(staging.path(), threads) {
+                pil.push(p);
+                draft.push(d);
+            }
         }
         let s = last.as_ref().unwrap();
         assert_eq!(
@@ -165,7 +250,16 @@ fn photos(dirs: &[PathBuf]) {
             "every file is ingested once: {s:?}"
         );
         let (d, i) = (median(dec), median(ing));
-        println!("| {threads} | {d:.2} | {i:.2} | {:.2} |", i / d);
+        let (p, dr) = if pil.is_empty() {
+            (f64::NAN, f64::NAN)
+        } else {
+            (median(pil), median(draft))
+        };
+        println!(
+            "| {threads} | {d:.2} | {i:.2} | {:.2} | {p:.2} | {dr:.2} | {:.2} |",
+            i / d,
+            i / dr
+        );
         rates.push((d, i));
     }
     println!(
@@ -230,6 +324,7 @@ fn main() {
         .collect();
     if args.is_empty() {
         photos(&WALLPAPERS.map(PathBuf::from));
+        as_installed(&WALLPAPERS.map(PathBuf::from));
         fashion_mnist();
     } else {
         photos(&args);

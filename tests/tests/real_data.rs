@@ -120,8 +120,19 @@ fn real_photos_ingest_and_verify() {
             .find(|s| s.id == m.source_id)
             .unwrap()
             .path;
+        // The full decode, then the ingest resize. Ingest decodes these 256-px JPEGs at
+        // half size in the IDCT first (short side 128 >= 96): close, not bit-exact.
+        // Pillow's `draft` differs from its own full decode on the same photos too:
+        // crop_106 1.05, crop_206 1.79 levels on average (ours: 1.62, 2.63).
         let reference =
             byol_ingest::decode::resize_short_side(image::open(src).unwrap().to_rgb8(), Some(96));
-        assert_eq!(buf, reference.into_raw(), "{src}");
+        assert_eq!((m.width, m.height), reference.dimensions(), "{src}");
+        let mean = buf
+            .iter()
+            .zip(reference.as_raw())
+            .map(|(&a, &b)| f64::from(a.abs_diff(b)))
+            .sum::<f64>()
+            / buf.len() as f64;
+        assert!(mean < 3.0, "{src}: mean abs diff {mean}");
     }
 }
