@@ -7,6 +7,7 @@
 //! ```text
 //! cargo bench -p byol-ingest --bench ingest              # Debian wallpapers + Fashion-MNIST
 //! cargo bench -p byol-ingest --bench ingest -- DIR...    # your own folders
+//! cargo bench -p byol-ingest --bench ingest -- --jpeg-only   # the wallpapers' JPEGs only
 //! BYOL_PEER_PYTHON=/opt/torch-venv/bin/python cargo bench -p byol-ingest --bench ingest
 //! ```
 //! Wallpapers: `apt-get install -y mate-backgrounds plasma-workspace-wallpapers`;
@@ -22,7 +23,7 @@ use rayon::prelude::*;
 const WALLPAPERS: [&str; 2] = ["/usr/share/backgrounds", "/usr/share/wallpapers"];
 const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 
-fn image_files(dirs: &[PathBuf]) -> Vec<PathBuf> {
+fn image_files(dirs: &[PathBuf], jpeg_only: bool) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = dirs
         .iter()
         .flat_map(|d| {
@@ -32,7 +33,8 @@ fn image_files(dirs: &[PathBuf]) -> Vec<PathBuf> {
         })
         .filter_map(Result::ok)
         .filter(|e| e.file_type().is_file())
-        .map(|e| e.into_path())
+        // Absolute paths: the staging folder links to them.
+        .filter_map(|e| std::fs::canonicalize(e.path()).ok())
         .collect();
     files.sort();
     // Distinct content only (wallpaper packages link one picture under several names),
@@ -40,7 +42,9 @@ fn image_files(dirs: &[PathBuf]) -> Vec<PathBuf> {
     let mut seen = std::collections::HashSet::new();
     files.retain(|p| {
         std::fs::read(p).is_ok_and(|b| {
-            seen.insert(blake3::hash(&b)) && decode_rgb8(&b, &DecodeLimits::default()).is_ok()
+            (!jpeg_only || b.starts_with(&[0xFF, 0xD8, 0xFF]))
+                && seen.insert(blake3::hash(&b))
+                && decode_rgb8(&b, &DecodeLimits::default()).is_ok()
         })
     });
     files
@@ -171,13 +175,19 @@ fn peer(dir: &Path, procs: usize) -> Option<(f64, f64)> {
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let rate = |draft: bool| {
+    let line = |draft: bool| {
         text.lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .find(|v| v["draft"] == draft)
-            .and_then(|v| v["img_per_s"].as_f64())
     };
-    Some((rate(false)?, rate(true)?))
+    let (plain, draft) = (line(false)?, line(true)?);
+    let files = std::fs::read_dir(dir).ok()?.count() as u64;
+    assert_eq!(
+        draft["images"].as_u64(),
+        Some(files),
+        "the peer saw other files"
+    );
+    Some((plain["img_per_s"].as_f64()?, draft["img_per_s"].as_f64()?))
 }
 
 /// The folders as installed (duplicates included), ingested at one thread.
@@ -196,9 +206,9 @@ fn as_installed(dirs: &[PathBuf]) {
     );
 }
 
-fn photos(dirs: &[PathBuf]) {
+fn photos(dirs: &[PathBuf], jpeg_only: bool) {
     // Only the decodable images, linked into one folder, so both sides see the same files.
-    let files = image_files(dirs);
+    let files = image_files(dirs, jpeg_only);
     if files.is_empty() {
         println!("no images under {dirs:?}; skipped");
         return;
@@ -216,7 +226,8 @@ fn photos(dirs: &[PathBuf]) {
         .map(|f| std::fs::metadata(f).unwrap().len())
         .sum();
     println!(
-        "photos: {} files, {:.1} MiB encoded",
+        "photos{}: {} files, {:.1} MiB encoded",
+        if jpeg_only { " (JPEGs only)" } else { "" },
         files.len(),
         src_bytes as f64 / (1 << 20) as f64
     );
@@ -322,11 +333,15 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .map(PathBuf::from)
         .collect();
+    let jpeg_only = std::env::args().any(|a| a == "--jpeg-only");
     if args.is_empty() {
-        photos(&WALLPAPERS.map(PathBuf::from));
-        as_installed(&WALLPAPERS.map(PathBuf::from));
-        fashion_mnist();
+        photos(&WALLPAPERS.map(PathBuf::from), true);
+        if !jpeg_only {
+            photos(&WALLPAPERS.map(PathBuf::from), false);
+            as_installed(&WALLPAPERS.map(PathBuf::from));
+            fashion_mnist();
+        }
     } else {
-        photos(&args);
+        photos(&args, jpeg_only);
     }
 }

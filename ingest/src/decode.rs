@@ -174,12 +174,30 @@ fn decode_jpeg_scaled(
     if sw.min(sh) < side || (sw, sh) == (w, h) {
         return Ok(None);
     }
-    let pixels = match decoder.decode() {
+    // At 1/8 each 8x8 block becomes one pixel: its DC coefficient alone. A progressive
+    // file stores every DC coefficient in its first scans, so the AC scans (most of the
+    // file) need not be decoded at all; the pixels are the same.
+    let dc_only = ((w.div_ceil(8), h.div_ceil(8)) == (sw, sh))
+        .then(|| progressive_dc_scans(bytes))
+        .flatten();
+    let decoded = match &dc_only {
+        Some(pruned) => {
+            let mut d = jpeg_decoder::Decoder::new(pruned.as_slice());
+            d.read_info()
+                .and_then(|_| d.scale(sw as u16, sh as u16))
+                .and_then(|_| d.decode())
+                .map(|p| (p, d.exif_data().map(<[u8]>::to_vec)))
+        }
+        None => decoder
+            .decode()
+            .map(|p| (p, decoder.exif_data().map(<[u8]>::to_vec))),
+    };
+    let (pixels, exif) = match decoded {
         Ok(p) => p,
         Err(_) => return Ok(None), // the general decoder reports what is wrong
     };
-    let orientation = decoder
-        .exif_data()
+    let orientation = exif
+        .as_deref()
         .and_then(Orientation::from_exif_chunk)
         .unwrap_or(Orientation::NoTransforms);
     let img = match info.pixel_format {
@@ -267,6 +285,68 @@ fn decode_jpeg_into(
     out.resize(w as usize * h as usize * 3, 0);
     decoder.decode_into(out).map_err(corrupt)?;
     Ok(Some((w, h)))
+}
+
+/// For a progressive JPEG, the same file without its AC scans (spectral selection
+/// starting above 0): every marker segment is kept, and of the scans only those that
+/// carry DC coefficients (`Ss = 0`), with their entropy-coded data. `None` for a
+/// sequential file, or one whose markers do not parse.
+///
+/// Decoded at 1/8 scale (one pixel per block, from its DC coefficient alone) it gives
+/// the same pixels as the whole file, for a fraction of the entropy decoding.
+fn progressive_dc_scans(bytes: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(bytes.len() / 4);
+    out.extend_from_slice(bytes.get(..2)?); // SOI
+    let mut at = 2;
+    let mut progressive = false;
+    loop {
+        // Fill bytes may precede a marker.
+        while bytes.get(at) == Some(&0xFF) && bytes.get(at + 1) == Some(&0xFF) {
+            at += 1;
+        }
+        if *bytes.get(at)? != 0xFF {
+            return None;
+        }
+        let marker = *bytes.get(at + 1)?;
+        if marker == 0xD9 {
+            out.extend_from_slice(&bytes[at..at + 2]);
+            return progressive.then_some(out);
+        }
+        let len = usize::from(u16::from_be_bytes([
+            *bytes.get(at + 2)?,
+            *bytes.get(at + 3)?,
+        ]));
+        let end = at + 2 + len;
+        let segment = bytes.get(at..end)?;
+        match marker {
+            0xC2 => progressive = true,
+            0xC0 | 0xC1 | 0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF => return None,
+            _ => {}
+        }
+        if marker != 0xDA {
+            out.extend_from_slice(segment);
+            at = end;
+            continue;
+        }
+        // SOS: header, then entropy-coded data up to the next marker that is neither a
+        // stuffed 0xFF00 nor a restart marker.
+        let components = usize::from(*segment.get(4)?);
+        let spectral_start = *segment.get(5 + 2 * components)?;
+        let mut data_end = end;
+        while data_end + 1 < bytes.len() {
+            if bytes[data_end] == 0xFF {
+                let next = bytes[data_end + 1];
+                if next != 0x00 && !(0xD0..=0xD7).contains(&next) {
+                    break;
+                }
+            }
+            data_end += 1;
+        }
+        if spectral_start == 0 {
+            out.extend_from_slice(&bytes[at..data_end]);
+        }
+        at = data_end;
+    }
 }
 
 /// A decodable size: no zero side, at most `limits.max_pixels` pixels.
@@ -633,6 +713,26 @@ mod scaled_tests {
                 "progressive {progressive}, restart {restart}: mean {mean}, max {max}"
             );
         }
+        // A progressive file at 1/8: decoded from its DC scans alone, the same pixels.
+        let prog = encode(&img, true, 0);
+        let pruned = progressive_dc_scans(&prog).expect("progressive");
+        assert!(
+            pruned.len() * 3 < prog.len(),
+            "{} of {}",
+            pruned.len(),
+            prog.len()
+        );
+        assert!(
+            progressive_dc_scans(&encode(&img, false, 0)).is_none(),
+            "sequential"
+        );
+        let eighth = decode_for_ingest(&prog, &limits, Some(100)).unwrap();
+        assert!(eighth.scaled);
+        assert_eq!(eighth.image.dimensions(), (150, 113));
+        let mut whole = jpeg_decoder::Decoder::new(prog.as_slice());
+        whole.read_info().unwrap();
+        whole.scale(150, 113).unwrap();
+        assert_eq!(eighth.image.as_raw(), &whole.decode().unwrap());
         // Not reducible (short side < 2 x target): the full decode.
         let small = encode(&photo(300, 200), false, 0);
         assert!(
