@@ -63,12 +63,27 @@ have_torch=0
 record() {
   local name=$1; shift
   local log=$OUT/logs/$name.log
-  if "$@" > "$log" 2> "$log.err"; then
-    tail -n 1 "$log" | "$PY" -c 'import json,sys; d=json.loads(sys.stdin.read()); d["case"]=sys.argv[1]; print(json.dumps(d))' "$name" >> "$RESULTS" \
-      || { say "FAIL: $name printed no JSON (see $log)"; fail=1; }
-  else
-    say "FAIL: $name exited $? (see $log.err)"; tail -n 5 "$log.err" | tee -a "$SUMMARY"; fail=1
+  "$@" > "$log" 2> "$log.err"
+  local rc=$?
+  # A check that fails still prints its figures: keep them.
+  add_json "$name" < <(tail -n 1 "$log") || { say "FAIL: $name printed no JSON (see $log)"; fail=1; }
+  if [ $rc != 0 ]; then
+    say "FAIL: $name exited $rc (see $log.err)"; tail -n 5 "$log.err" | tee -a "$SUMMARY"; fail=1
   fi
+}
+
+# Appends the JSON object on stdin to results.jsonl with "case" (and KEY=VALUE numbers)
+# added; fails on anything else, an empty input included.
+add_json() {
+  local name=$1; shift
+  "$PY" -c '
+import json, sys
+d = json.loads(sys.stdin.read())
+d["case"] = sys.argv[1]
+for kv in sys.argv[2:]:
+    k, v = kv.split("=", 1)
+    d[k] = int(v)
+print(json.dumps(d))' "$name" "$@" >> "$RESULTS" 2>/dev/null
 }
 
 # Peak GPU memory of the device while "$@" runs (nvidia-smi every 100 ms), in MiB, into
@@ -151,13 +166,14 @@ if [ -e "$FMNIST_TRAIN/manifest.json" ]; then
   with_peak_memory "$BYOL" train --config "$CFG" --data "$FMNIST_TRAIN" --run "$OUT/run-fmnist" --minutes $MINUTES \
     > "$OUT/logs/train-fmnist.log" 2>&1 || { say "FAIL: train (see logs/train-fmnist.log)"; fail=1; }
   tail -n 3 "$OUT/logs/train-fmnist.log" | tee -a "$SUMMARY"
-  tail -n 1 "$OUT/run-fmnist/metrics.jsonl" 2>/dev/null \
-    | "$PY" -c 'import json,sys; d=json.loads(sys.stdin.read()); d["case"]="train-fmnist"; d["peak_device_mib"]=int(sys.argv[1]); print(json.dumps(d))' "$PEAK_MIB" >> "$RESULTS"
+  add_json train-fmnist "peak_device_mib=$PEAK_MIB" < <(tail -n 1 "$OUT/run-fmnist/metrics.jsonl" 2>/dev/null) \
+    || { say "FAIL: the Fashion-MNIST run logged no metrics"; fail=1; }
   eval_args=(--checkpoint "$OUT/run-fmnist" --train "$FMNIST_TRAIN" --test "$FMNIST_TEST" --protocol knn --random-init)
   [ $DRY = 1 ] && eval_args+=(--device cpu)
   "$BYOL" eval "${eval_args[@]}" --json "$OUT/eval-fmnist.json" > "$OUT/logs/eval-fmnist.log" 2>&1 \
     || { say "FAIL: eval (see logs/eval-fmnist.log)"; fail=1; }
-  [ -e "$OUT/eval-fmnist.json" ] && "$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); d["case"]="eval-fmnist-report"; print(json.dumps(d))' "$OUT/eval-fmnist.json" >> "$RESULTS"
+  add_json eval-fmnist-report < "$OUT/eval-fmnist.json" 2>/dev/null \
+    || { say "FAIL: no evaluation report"; fail=1; }
 else
   say "FAIL: no Fashion-MNIST dataset at $FMNIST_TRAIN (scripts/gpu-prepare.sh packs it)"; fail=1
 fi
@@ -171,8 +187,8 @@ if [ -e "$PHOTOS/manifest.json" ]; then
   fi
   "$BYOL" train --config "$P224" --data "$PHOTOS" --run "$OUT/run-photos" --steps $PSTEPS_TRAIN \
     > "$OUT/logs/train-photos.log" 2>&1 || { say "FAIL: train at 224 (see logs/train-photos.log)"; fail=1; }
-  tail -n 1 "$OUT/run-photos/metrics.jsonl" 2>/dev/null \
-    | "$PY" -c 'import json,sys; d=json.loads(sys.stdin.read()); d["case"]="loader-r50-224"; print(json.dumps(d))' >> "$RESULTS"
+  add_json loader-r50-224 < <(tail -n 1 "$OUT/run-photos/metrics.jsonl" 2>/dev/null) \
+    || { say "FAIL: the run at 224 logged no metrics"; fail=1; }
 else
   say "no photos dataset at $PHOTOS: the data-wait measurement at 224 is skipped"
 fi

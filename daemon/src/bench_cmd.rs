@@ -48,8 +48,26 @@ fn kernels(k: KernelsArg) -> Kernels {
     }
 }
 
+/// The smallest view the network takes: its stem and stages halve the map 3 times
+/// (small stem) or 5 times (ImageNet stem).
+fn check_size(net: &BenchNet) -> anyhow::Result<()> {
+    let min = if net.small_stem { 8 } else { 32 };
+    if net.size < min {
+        anyhow::bail!(
+            "--size {}: the {} stem needs views of at least {min} px",
+            net.size,
+            if net.small_stem { "small" } else { "ImageNet" }
+        );
+    }
+    Ok(())
+}
+
 fn step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
     let net = &args.net;
+    check_size(net)?;
+    if args.steps == 0 {
+        anyhow::bail!("--steps must be at least 1");
+    }
     let cfg = TrainerConfig {
         model: model(net),
         optim: OptimConfig {
@@ -80,11 +98,12 @@ fn step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
         println!("{v}");
     } else {
         println!(
-            "{arch} width {} {} px, batch {}, {:?} on {}: {:.1} img/s ({:.1} ms/step, median of {}); loss {:.4} -> {:.4}",
+            "{arch}{} width {} {} px, batch {}, {} on {}: {:.1} img/s ({:.1} ms/step, median of {}); loss {:.4} -> {:.4}",
+            if net.small_stem { " (small stem)" } else { "" },
             net.width,
             net.size,
             net.batch,
-            r.precision,
+            format!("{:?}", r.precision).to_lowercase(),
             r.device,
             r.images_per_sec,
             r.step_seconds_median * 1e3,
@@ -98,6 +117,17 @@ fn step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
 
 fn check(args: BenchCheckArgs) -> anyhow::Result<ExitCode> {
     let net = &args.net;
+    check_size(net)?;
+    if net.device == "cpu" && net.kernels == KernelsArg::Auto {
+        eprintln!(
+            "note: on the CPU the checked side runs our kernels too; --kernels candle checks \
+             candle's against ours"
+        );
+    }
+    let tolerance = args.tolerance.unwrap_or(match net.precision {
+        PrecisionArg::Fp32 => 1e-3,
+        PrecisionArg::Bf16 => 1e-2,
+    });
     let r = grad_check(
         &model(net),
         &net.device,
@@ -105,13 +135,13 @@ fn check(args: BenchCheckArgs) -> anyhow::Result<ExitCode> {
         precision(net.precision),
         net.batch,
         net.size,
-        args.tolerance,
+        tolerance,
     )?;
     if net.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "{} ({}) vs {}: loss {:.6} vs {:.6}; {} gradients, relative L2 error median {:.2e}, largest {:.2e} ({}); tolerance {:.0e}: {}",
+            "{} ({}) vs {}: loss {:.6} vs {:.6}; {} gradients, relative L2 error median {:.2e}, largest {:.2e} ({}); tolerance {:.0e} on the loss{}: {}",
             r.device,
             r.checked,
             r.reference,
@@ -122,6 +152,11 @@ fn check(args: BenchCheckArgs) -> anyhow::Result<ExitCode> {
             r.max_rel_l2,
             r.worst.first().map_or("-", |d| d.name.as_str()),
             r.tolerance,
+            if net.precision == PrecisionArg::Fp32 {
+                " and every gradient"
+            } else {
+                " (bf16: gradients reported, not judged)"
+            },
             if r.pass { "PASS" } else { "FAIL" }
         );
     }

@@ -61,7 +61,11 @@ pub fn run(args: IngestArgs) -> anyhow::Result<ExitCode> {
     }
     let report = ingest_with_bar(&opts)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report.summary)?);
+        // The summary's counts, with every change and reject listed.
+        let mut json = serde_json::to_value(&report.summary)?;
+        json["changes"] = serde_json::to_value(&report.changes)?;
+        json["rejects"] = serde_json::to_value(&report.rejects)?;
+        println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         print_report(&report, &opts);
     }
@@ -122,10 +126,10 @@ pub fn print_report(report: &IngestReport, opts: &IngestOptions) {
     if s.relabelled > 0 {
         println!("relabelled       {}", s.relabelled);
     }
-    if s.sources_removed > s.sources_retired {
+    if s.sources_removed > 0 {
         println!(
             "removed          {} vanished files whose content another file keeps",
-            s.sources_removed - s.sources_retired
+            s.sources_removed
         );
     }
     for c in report.changes.iter().take(REJECTS_SHOWN) {

@@ -133,7 +133,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         ),
         (None, false) => None,
     };
-    let max_side = dataset.manifest().settings.max_side;
+    let short_side = median_short_side(&dataset);
     let loader = Loader::new(dataset, aug, loader_cfg, state)?;
     let target = match (args.steps, args.epochs, args.minutes) {
         (Some(s), _, _) => s,
@@ -144,11 +144,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     };
     let warnings = [
         schedule_warning(&cfg.train, &cfg.optim, target).filter(|_| args.minutes.is_none()),
-        size_warning(&args.data, max_side, view_size),
+        size_warning(&args.data, short_side, view_size),
     ];
     for warning in warnings.into_iter().flatten() {
         eprintln!("warning: {warning}");
-        tracing::warn!("{warning}");
+        tracing::info!("{warning}");
     }
     std::fs::create_dir_all(&args.run)
         .with_context(|| format!("cannot create {}", args.run.display()))?;
@@ -158,7 +158,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let dropped = truncate_metrics(&metrics_path, trainer.steps_done())?;
     if dropped > 0 {
         println!(
-            "dropped {dropped} metrics line(s) past step {} (the resumed run logs those steps again)",
+            "dropped {dropped} metrics line(s) past step {} (written by a run that stopped before checkpointing them)",
             trainer.steps_done()
         );
     }
@@ -415,16 +415,32 @@ fn schedule_warning(
 
 /// A warning when the dataset's images were stored smaller than the views: every view
 /// is then upsampled, and the detail the view size pays for is not there.
-fn size_warning(data: &Path, max_side: Option<u32>, view_size: u32) -> Option<String> {
-    let m = max_side?;
-    (m < view_size).then(|| {
+fn size_warning(data: &Path, median_short_side: Option<u32>, view_size: u32) -> Option<String> {
+    let m = median_short_side?;
+    (2 * m < view_size).then(|| {
         format!(
-            "{} stores images with a short side of at most {m} px, smaller than the {view_size} px \
-             views: every view is upsampled; ingest with --max-side {view_size} or more, or \
-             train at a smaller [augment] size",
+            "half of the images in {} have a short side of {m} px or less, under half the \
+             {view_size} px views: their views are upsampled at least 2x; train at a smaller \
+             [augment] size, or ingest larger images (--max-side)",
             data.display()
         )
     })
+}
+
+/// The median short side of the dataset's live images (`None` when it has none).
+fn median_short_side(dataset: &Dataset) -> Option<u32> {
+    let mut sides: Vec<u32> = dataset
+        .live_records()
+        .map(|r| {
+            let m = dataset.meta(r);
+            m.width.min(m.height)
+        })
+        .collect();
+    if sides.is_empty() {
+        return None;
+    }
+    let mid = sides.len() / 2;
+    Some(*sides.select_nth_unstable(mid).1)
 }
 
 /// Rewrites `metrics.jsonl` without the lines past `step` (and a torn last line),

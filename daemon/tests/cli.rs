@@ -999,7 +999,7 @@ fn views_larger_than_the_stored_images_are_warned_about() {
         "--out",
         ds.to_str().unwrap(),
         "--max-side",
-        "12",
+        "6",
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let cfg = dir.path().join("tiny.toml");
@@ -1008,7 +1008,7 @@ fn views_larger_than_the_stored_images_are_warned_about() {
     assert!(o.status.success(), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("at most 12 px") && err.contains("16 px views"),
+        err.contains("short side of 6 px") && err.contains("16 px views"),
         "{err}"
     );
 }

@@ -25,7 +25,8 @@ pub enum SourceChange {
         replaced: bool,
     },
     /// The source's content now counts under another label: it moved to another class
-    /// folder (`now` is its new path), or the layout of its root changed.
+    /// folder (`now` is its new path, found in the same run), or its label changed in
+    /// place (a new layout for its root).
     Relabelled {
         /// The source file as it was.
         path: String,
@@ -36,8 +37,10 @@ pub enum SourceChange {
         /// Class name after.
         to: Option<String>,
     },
-    /// The source vanished but other sources hold its content under the same label (a
-    /// copy was deleted, or the file moved within its class): nothing is retired.
+    /// The source vanished but another source holds its content (a copy was deleted, or
+    /// the file was renamed within its class): no record is retired. Its own sample is
+    /// gone: if the copy that stays is in another class, the content now counts there
+    /// only.
     Removed {
         /// The source file.
         path: String,

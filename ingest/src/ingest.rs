@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -81,7 +81,7 @@ pub enum IngestError {
         source: io::Error,
     },
     /// A source path given by the user cannot be read at all.
-    #[error("{path}: cannot read source: {source}")]
+    #[error("{path}: cannot read source")]
     Source {
         /// The source path.
         path: PathBuf,
@@ -161,7 +161,8 @@ pub struct IngestSummary {
     pub retired: u64,
     /// Sources whose records were retired (vanished, or replaced by new content).
     pub sources_retired: u64,
-    /// Sources whose file vanished (retired, relabelled or kept by a copy).
+    /// Sources whose file vanished while another source keeps their content (a deleted
+    /// copy, a rename).
     pub sources_removed: u64,
     /// Sources whose content now counts under another label.
     pub relabelled: u64,
@@ -221,6 +222,15 @@ pub struct IngestReport {
 /// sources there (a warning: an unmounted disk must not empty a dataset).
 pub fn ingest(opts: &IngestOptions, progress: &dyn Progress) -> Result<IngestReport, IngestError> {
     validate_options(opts)?;
+    // Every source must exist before the dataset is touched.
+    let mut sources = Vec::with_capacity(opts.sources.len());
+    for src in &opts.sources {
+        let root = std::fs::canonicalize(src).map_err(|source| IngestError::Source {
+            path: src.clone(),
+            source,
+        })?;
+        sources.push((src, root));
+    }
     let mut ing = Ingester::open(
         &opts.out,
         IngesterOptions {
@@ -237,33 +247,59 @@ pub fn ingest(opts: &IngestOptions, progress: &dyn Progress) -> Result<IngestRep
     let mut seen = HashSet::new();
     let mut roots = Vec::new();
     let mut ignored = 0;
-    for src in &opts.sources {
+    let mut warnings = Vec::new();
+    for (src, root) in sources {
         let source_err = |source| IngestError::Source {
             path: src.clone(),
             source,
         };
-        let root = std::fs::canonicalize(src).map_err(source_err)?;
+        // A folder inside a folder ingested before (a class folder given on its own)
+        // keeps the labels that folder gives it.
+        let enclosing = (opts.layout == Layout::Auto && root.is_dir())
+            .then(|| enclosing_root(ing.manifest(), &root))
+            .flatten();
         let kept = ing.root_layout(&root);
-        let layout = match (opts.layout, kept) {
-            (Layout::Auto, Some(kept)) => kept,
-            (asked, _) => asked,
+        let layout = match (opts.layout, kept, &enclosing) {
+            (Layout::Auto, _, Some(_)) => Layout::Flat,
+            (Layout::Auto, Some(kept), None) => kept,
+            (asked, _, _) => asked,
         };
-        let scan = source::scan(&root, layout, Some(&opts.out)).map_err(source_err)?;
-        if root.is_dir() {
+        let mut scan = source::scan(&root, layout, Some(&opts.out)).map_err(source_err)?;
+        if let Some((outer, outer_layout)) = &enclosing {
+            if *outer_layout == Layout::ImageFolder {
+                source::label_from(outer, &mut scan.candidates);
+            }
+            scan.layout = *outer_layout;
+            roots.push(RootReport {
+                path: root.clone(),
+                layout: *outer_layout,
+                reason: format!("as the folder it is in, {}", outer.display()),
+            });
+        } else if root.is_dir() {
             let reason = match (&scan.layout_reason, opts.layout, kept) {
                 (Some(r), _, _) => format!("auto: {r}"),
-                (None, Layout::Auto, _) => "kept from this folder's first ingest".into(),
+                (None, Layout::Auto, _) => "as recorded for this folder".into(),
                 (None, _, Some(k)) if k != scan.layout => {
-                    format!("as asked (was {}: sources relabelled)", k)
+                    format!("as asked; was {k}, its sources are relabelled")
                 }
                 (None, _, _) => "as asked".into(),
             };
-            ing.set_root_layout(&root, scan.layout);
+            // A layout chosen from nothing (an empty folder) is not kept.
+            if !scan.candidates.is_empty() || opts.layout != Layout::Auto {
+                ing.set_root_layout(&root, scan.layout);
+            }
             roots.push(RootReport {
                 path: root.clone(),
                 layout: scan.layout,
                 reason,
             });
+        }
+        if scan.root_images > 0 {
+            warnings.push(format!(
+                "{} image(s) at the root of {} (a tree of class folders) are stored unlabelled",
+                scan.root_images,
+                root.display()
+            ));
         }
         ignored += scan.ignored;
         candidates.extend(
@@ -283,7 +319,6 @@ pub fn ingest(opts: &IngestOptions, progress: &dyn Progress) -> Result<IngestRep
     ing.add(candidates)?;
 
     // Reconcile each folder with what its scan found.
-    let mut warnings = Vec::new();
     for scan in &scans {
         let recorded = ing.sources_under(&scan.root);
         if scan.candidates.is_empty() && !recorded.is_empty() && scan.root.is_dir() {
@@ -307,6 +342,31 @@ pub fn ingest(opts: &IngestOptions, progress: &dyn Progress) -> Result<IngestRep
     report.summary.roots = roots;
     report.summary.warnings.extend(warnings);
     Ok(report)
+}
+
+/// The folder whose labels `root` (a folder) takes, when it lies inside one ingested
+/// before: the nearest recorded root above it; or, for a version-1 manifest that records
+/// none, its parent when every source already stored under `root` is labelled with
+/// `root`'s own name (a class folder of an image-folder tree).
+fn enclosing_root(m: &crate::Manifest, root: &Path) -> Option<(PathBuf, Layout)> {
+    if let Some(r) = m
+        .roots
+        .iter()
+        .filter(|r| root.starts_with(&r.path) && Path::new(&r.path) != root)
+        .max_by_key(|r| r.path.len())
+    {
+        return Some((PathBuf::from(&r.path), r.layout));
+    }
+    if m.roots.iter().any(|r| Path::new(&r.path) == root) {
+        return None;
+    }
+    let name = root.file_name()?.to_string_lossy();
+    let mut under = m.sources_under(root).peekable();
+    under.peek()?;
+    under
+        .all(|s| s.label.as_deref() == Some(&*name))
+        .then(|| Some((root.parent()?.to_owned(), Layout::ImageFolder)))
+        .flatten()
 }
 
 fn validate_options(opts: &IngestOptions) -> Result<(), IngestError> {

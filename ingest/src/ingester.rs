@@ -89,6 +89,8 @@ pub struct Ingester<'p> {
     /// Path → index in `work.sources` (vanished entries are not in it).
     by_path: HashMap<String, usize>,
     next_source_id: u64,
+    /// Sources with an id from this one on were added by this ingester.
+    first_new_id: u64,
     /// A source is partly written: the manifest must not be saved.
     in_source: bool,
     dirty: bool,
@@ -147,6 +149,7 @@ impl<'p> Ingester<'p> {
             pool: std::sync::Arc::new(pool),
             progress,
             next_source_id: work.next_source_id(),
+            first_new_id: work.next_source_id(),
             work,
             writer: None,
             pending: Vec::new(),
@@ -731,8 +734,10 @@ impl<'p> Ingester<'p> {
     }
 
     /// Takes vanished sources out of the manifest, saying for each what became of its
-    /// content: still held under its label (removed), held under other labels only
-    /// (relabelled), or held by no source (retired).
+    /// content: held by a source added since this ingester opened, under another label
+    /// (relabelled: the file moved to another class); held by another source (removed:
+    /// a copy or a rename, or a copy in another class that was there before); or held
+    /// by no source (retired).
     fn drop_removed(&mut self) {
         if self.removed.is_empty() {
             return;
@@ -743,14 +748,15 @@ impl<'p> Ingester<'p> {
             .iter()
             .map(|&i| self.work.sources[i].hash.as_str())
             .collect();
-        // Live holders of each affected content: (path, label).
-        let mut holders: HashMap<&str, Vec<(&str, Option<&str>)>> = HashMap::new();
+        // Live holders of each affected content: (path, label, added by this ingester).
+        let mut holders: HashMap<&str, Vec<Holder>> = HashMap::new();
         for s in self.by_path.values().map(|&i| &self.work.sources[i]) {
             if hashes.contains(s.hash.as_str()) {
-                holders
-                    .entry(s.hash.as_str())
-                    .or_default()
-                    .push((s.path.as_str(), s.label.as_deref()));
+                holders.entry(s.hash.as_str()).or_default().push((
+                    s.path.as_str(),
+                    s.label.as_deref(),
+                    s.id >= self.first_new_id,
+                ));
             }
         }
         let mut gone = Vec::new();
@@ -760,30 +766,33 @@ impl<'p> Ingester<'p> {
             let mut held = holders.get(old.hash.as_str()).cloned().unwrap_or_default();
             held.sort_unstable();
             let same_name = |p: &str| Path::new(p).file_name() == Path::new(&old.path).file_name();
-            if let Some((kept_by, _)) = held.iter().find(|(_, l)| *l == old.label.as_deref()) {
-                changes.push(SourceChange::Removed {
-                    path: old.path.clone(),
-                    kept_by: kept_by.to_string(),
-                });
-            } else if let Some(&(now, to)) =
-                held.iter().find(|(p, _)| same_name(p)).or(held.first())
-            {
-                changes.push(SourceChange::Relabelled {
+            let same_label = held.iter().find(|(_, l, _)| *l == old.label.as_deref());
+            let moved_to = held
+                .iter()
+                .filter(|(_, _, new)| *new)
+                .min_by_key(|(p, _, _)| !same_name(p));
+            match (same_label, moved_to, held.first()) {
+                (None, Some(&(now, to, _)), _) => changes.push(SourceChange::Relabelled {
                     path: old.path.clone(),
                     now: now.to_owned(),
                     from: old.label.clone(),
                     to: to.map(str::to_owned),
-                });
-            } else {
-                gone.push(old.clone());
+                }),
+                (Some(&(kept_by, _, _)), _, _) | (None, None, Some(&(kept_by, _, _))) => changes
+                    .push(SourceChange::Removed {
+                        path: old.path.clone(),
+                        kept_by: kept_by.to_owned(),
+                    }),
+                (None, None, None) => gone.push(old.clone()),
             }
         }
         for c in &changes {
-            if matches!(c, SourceChange::Relabelled { .. }) {
-                self.summary.relabelled += 1;
+            match c {
+                SourceChange::Relabelled { .. } => self.summary.relabelled += 1,
+                SourceChange::Removed { .. } => self.summary.sources_removed += 1,
+                SourceChange::Retired { .. } => {}
             }
         }
-        self.summary.sources_removed += removed.len() as u64;
         self.changes.extend(changes);
         // Compact the source list and re-index the paths.
         let mut k = 0;
@@ -900,6 +909,10 @@ fn merge_settings(
     }
     Ok(m)
 }
+
+/// A live source holding some content: its path, its label, and whether it was added
+/// by this ingester.
+type Holder<'a> = (&'a str, Option<&'a str>, bool);
 
 /// Holds the dataset lock for as long as it lives.
 struct DatasetLock(#[allow(dead_code)] File);

@@ -108,8 +108,11 @@ pub struct Scan {
     pub candidates: Vec<Candidate>,
     /// Entries rejected without reading them.
     pub rejects: Vec<Reject>,
-    /// Files skipped for their names (hidden, backups, temporary, partial downloads).
+    /// Files skipped: for their names (backups, temporary, partial downloads), or,
+    /// in an image-folder tree, non-image files at its root.
     pub ignored: u64,
+    /// Images at the root of an image-folder tree (kept, unlabelled).
+    pub root_images: usize,
 }
 
 fn is_hidden(name: &std::ffi::OsStr) -> bool {
@@ -339,20 +342,19 @@ pub fn scan(src: &Path, layout: Layout, exclude: Option<&Path>) -> io::Result<Sc
     let mut keep_iter = keep.iter();
     first_level.retain(|_| *keep_iter.next().unwrap());
 
+    // Files at the root: images or not (by content), for the layout and its report.
+    let root_is_image: Vec<Option<bool>> = scan
+        .candidates
+        .iter()
+        .zip(&first_level)
+        .map(|(c, f)| (f.is_none() && layout != Layout::Flat).then(|| sniffs_as_image(&c.path)))
+        .collect();
     scan.layout = match layout {
         Layout::Auto => {
             let folders: std::collections::BTreeSet<&str> =
                 first_level.iter().flatten().map(String::as_str).collect();
-            let (mut images, mut other) = (0, 0);
-            for (c, f) in scan.candidates.iter().zip(&first_level) {
-                if f.is_none() {
-                    if sniffs_as_image(&c.path) {
-                        images += 1;
-                    } else {
-                        other += 1;
-                    }
-                }
-            }
+            let images = root_is_image.iter().filter(|r| **r == Some(true)).count();
+            let other = root_is_image.iter().filter(|r| **r == Some(false)).count();
             let choice = choose_layout(folders.len(), images, other);
             scan.layout_reason = Some(choice.reason);
             choice.layout
@@ -360,11 +362,44 @@ pub fn scan(src: &Path, layout: Layout, exclude: Option<&Path>) -> io::Result<Sc
         l => l,
     };
     if scan.layout == Layout::ImageFolder {
-        for (c, f) in scan.candidates.iter_mut().zip(first_level) {
-            c.label = f;
+        // In a tree of class folders, a root file that is not an image (README, notes)
+        // is not data: ignored, not rejected run after run. Root images stay, unlabelled.
+        let mut keep = root_is_image.iter();
+        let mut ignored = 0;
+        let mut kept_labels = Vec::new();
+        let mut labels = first_level.into_iter();
+        scan.candidates.retain(|_| {
+            let label = labels.next().flatten();
+            let keep = *keep.next().unwrap() != Some(false);
+            if keep {
+                kept_labels.push(label);
+            } else {
+                ignored += 1;
+            }
+            keep
+        });
+        scan.ignored += ignored;
+        scan.root_images = kept_labels.iter().filter(|l| l.is_none()).count();
+        for (c, l) in scan.candidates.iter_mut().zip(kept_labels) {
+            c.label = l;
         }
     }
     Ok(scan)
+}
+
+/// Labels `candidates` as files of an image-folder tree rooted at `root` (an ancestor
+/// of their folder): the first folder below `root` is the class; files right in
+/// `root` stay unlabelled.
+pub fn label_from(root: &Path, candidates: &mut [Candidate]) {
+    for c in candidates {
+        c.label = c.path.strip_prefix(root).ok().and_then(|rel| {
+            let mut parts = rel.components();
+            let first = parts.next()?;
+            parts
+                .next()
+                .map(|_| first.as_os_str().to_string_lossy().into_owned())
+        });
+    }
 }
 
 fn walk_reject(root: &Path, e: walkdir::Error) -> Reject {

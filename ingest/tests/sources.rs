@@ -167,7 +167,14 @@ fn one_content_under_two_labels_counts_under_both() {
     fs::remove_file(src.join("cat/c0.png")).unwrap();
     fs::remove_file(src.join("cat/c1.png")).unwrap();
     let rep = run(&opts(&src, &out));
-    assert_eq!(rep.summary.relabelled, 2, "{:?}", rep.changes);
+    // The kitten copies were there before: the cat samples are gone, nothing moved.
+    let s = &rep.summary;
+    assert_eq!(
+        (s.sources_removed, s.relabelled),
+        (2, 0),
+        "{:?}",
+        rep.changes
+    );
     assert_eq!(
         per_class(&out),
         counts(&[("cat", 1), ("dog", 1), ("kitten", 2)])
@@ -239,7 +246,7 @@ fn auto_layout_ignores_a_readme_and_a_dataset_keeps_its_layout() {
     write(&flat.join("trip/z.png"), &png(8, 8, 5));
     let s = run(&opts(&flat, &out2)).summary;
     assert_eq!(s.roots[0].layout, Layout::Flat);
-    assert_eq!(s.roots[0].reason, "kept from this folder's first ingest");
+    assert_eq!(s.roots[0].reason, "as recorded for this folder");
     assert_eq!(per_class(&out2), counts(&[("", 2)]));
     // Asking for another layout relabels what is there.
     let mut o = opts(&flat, &out2);
@@ -347,4 +354,63 @@ fn an_ingester_adds_retires_and_relabels_single_files() {
         ),
         (2, 1, 1)
     );
+}
+
+#[test]
+fn a_class_folder_ingested_on_its_own_keeps_its_class() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write(&src.join("cat/a.png"), &png(8, 8, 1));
+    write(&src.join("dog/b.png"), &png(8, 8, 2));
+    let out = dir.path().join("ds");
+    run(&opts(&src, &out));
+    // New photos of cats, added by ingesting the cat folder alone.
+    write(&src.join("cat/c.png"), &png(8, 8, 3));
+    let rep = run(&opts(&src.join("cat"), &out));
+    assert_eq!(
+        (rep.summary.ingested, rep.summary.relabelled),
+        (1, 0),
+        "{:?}",
+        rep.changes
+    );
+    assert!(
+        rep.summary.roots[0]
+            .reason
+            .contains("as the folder it is in"),
+        "{:?}",
+        rep.summary.roots
+    );
+    assert_eq!(per_class(&out), counts(&[("cat", 2), ("dog", 1)]));
+    // And again, and the whole tree: nothing flips.
+    assert_eq!(run(&opts(&src.join("cat"), &out)).summary.relabelled, 0);
+    assert_eq!(run(&opts(&src, &out)).summary.relabelled, 0);
+    assert_eq!(per_class(&out), counts(&[("cat", 2), ("dog", 1)]));
+}
+
+#[test]
+fn an_empty_folder_does_not_fix_a_layout_and_a_root_readme_is_not_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let out = dir.path().join("ds");
+    run(&opts(&src, &out));
+    write(&src.join("cat/a.png"), &png(8, 8, 1));
+    fs::write(src.join("README"), "pets\n").unwrap();
+    write(&src.join("stray.png"), &png(8, 8, 2));
+    let rep = run(&opts(&src, &out));
+    assert_eq!(rep.summary.roots[0].layout, Layout::ImageFolder);
+    // The README is skipped, not rejected run after run; the stray image is reported.
+    assert_eq!(
+        (rep.rejects.len(), rep.summary.ignored),
+        (0, 1),
+        "{:?}",
+        rep.rejects
+    );
+    assert!(
+        rep.summary
+            .warnings
+            .iter()
+            .any(|w| w.contains("1 image(s) at the root"))
+    );
+    assert_eq!(per_class(&out), counts(&[("cat", 1), ("", 1)]));
 }
