@@ -8,8 +8,9 @@
 #   scripts/gpu-check.sh --dry-run  our side of every part on CPU at tiny sizes (the peer
 #                                   only where PyTorch is installed): kept working by a test
 #
-# Environment: OUT (results folder; default: a temp folder), BYOL (the binary; default
-# gpu-pack/byol, or target/release/byol when dry), PYTHON (default python3),
+# Environment: OUT (results folder; default: a temp folder), BYOL (the binary; default:
+# gpu-pack/byol.xz unpacked into $OUT/bin, or target/release/byol when dry), PYTHON
+# (default python3),
 # FMNIST_TRAIN / FMNIST_TEST / PHOTOS (datasets; default: the files in gpu-pack/,
 # ingested into $OUT/data/ first).
 #
@@ -26,7 +27,13 @@ OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT/logs"
 PY=${PYTHON:-python3}
 PACK=${PACK:-gpu-pack}
-if [ $DRY = 1 ]; then BYOL=${BYOL:-target/release/byol}; else BYOL=${BYOL:-$PACK/byol}; fi
+if [ $DRY = 1 ]; then BYOL=${BYOL:-target/release/byol}; else BYOL=${BYOL:-$OUT/bin/byol}; fi
+# The carried binary is xz-compressed (the device machine has Python, maybe not xz).
+if [ ! -x "$BYOL" ] && [ -e "$PACK/byol.xz" ]; then
+  mkdir -p "$(dirname "$BYOL")"
+  "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$PACK/byol.xz" "$BYOL"
+  chmod +x "$BYOL"
+fi
 RESULTS=$OUT/results.jsonl
 SUMMARY=$OUT/summary.txt
 : > "$RESULTS"

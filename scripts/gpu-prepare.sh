@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Packs what scripts/gpu-check.sh needs on a GPU machine into gpu-pack/ (git-ignored;
 # carry it with `run`'s carry: ["gpu-pack"]; it must stay under 64 MiB with the tree):
-#   gpu-pack/byol        the release binary built with CUDA (or CUDA + cuDNN), stripped
+#   gpu-pack/byol.xz     the release binary built with CUDA (or CUDA + cuDNN), stripped
+#                        and xz-compressed (66 MB stripped, 9 MB compressed: candle's
+#                        PTX kernels compress well); gpu-check.sh unpacks it
 #   gpu-pack/fmnist/     Fashion-MNIST IDX files: the first 20,000 training images and
 #                        the 10,000 test images (ingested on the GPU machine by the check)
 #   gpu-pack/photos/     200 of the 256-px photos (the loader at 224 px)
@@ -18,12 +20,22 @@ pack=gpu-pack
 mkdir -p "$pack"
 if [ "$mode" != "--data-only" ]; then
   features=cuda
-  [ "$mode" = "--cudnn" ] && features=cudnn
   # shellcheck disable=SC1091
   source ../shared/tools/cuda-env.sh
+  if [ "$mode" = "--cudnn" ]; then
+    # cuDNN from its wheel, in the same environment; the linker wants libcudnn.so next
+    # to the other CUDA libraries (candle links it; the device machine has PyTorch's).
+    features=cudnn
+    venv=${CUDA_ENV_DIR:-/opt/cuda13-build}
+    "$venv/bin/pip" install -q --disable-pip-version-check "nvidia-cudnn-cu13"
+    cudnn=$(echo "$venv"/lib/python3*/site-packages/nvidia/cudnn)
+    ln -sf "$cudnn/lib/libcudnn.so.9" "$CUDA_ROOT/lib/libcudnn.so"
+    export CPATH="$cudnn/include${CPATH:+:$CPATH}"
+  fi
   # A target folder of its own, so the CPU build in target/release stays as it is.
   cargo build --release -p byol-daemon --features "$features" --target-dir target/gpu
   strip -o "$pack/byol" target/gpu/release/byol
+  xz -T0 -6 -f "$pack/byol"
 fi
 fm=/usr/share/datasets/fashion-mnist
 mkdir -p "$pack/fmnist"
