@@ -249,7 +249,7 @@ pub struct TrainArgs {
     /// Train for this many minutes of wall-clock time: after a 10-step calibration the
     /// cosine schedules are fitted to the steps that fit, and the run stops there (or
     /// at the deadline, whichever comes first) with a checkpoint.
-    #[arg(long, conflicts_with = "steps")]
+    #[arg(long, conflicts_with = "steps", allow_negative_numbers = true)]
     pub minutes: Option<f64>,
     /// Continue from the newest checkpoint of the run folder.
     #[arg(long)]

@@ -112,11 +112,13 @@ pub fn print_report(report: &IngestReport, opts: &IngestOptions) {
     for (reason, n) in &s.rejected {
         println!("  {reason:<15} {n}");
     }
-    println!(
-        "new shards       {} ({})",
-        s.shards_written,
-        stored_vs_raw(s.bytes_stored, s.bytes_raw)
-    );
+    if s.shards_written > 0 {
+        println!(
+            "new shards       {} ({})",
+            s.shards_written,
+            stored_vs_raw(s.bytes_stored, s.bytes_raw)
+        );
+    }
     if s.retired > 0 || s.sources_retired > 0 {
         println!(
             "retired          {} records of {} vanished or replaced files",
@@ -151,13 +153,12 @@ pub fn print_report(report: &IngestReport, opts: &IngestOptions) {
             s.leftovers_removed
         );
     }
-    let rate = if s.seconds > 0.0 {
-        s.ingested as f64 / s.seconds
-    } else {
-        0.0
+    let rate = match s.ingested {
+        0 => String::new(),
+        n => format!(" ({:.0} images/s)", n as f64 / s.seconds.max(1e-9)),
     };
     println!(
-        "time             {:.1} s ({rate:.0} images/s), generation {}",
+        "time             {:.1} s{rate}, generation {}",
         s.seconds, s.generation
     );
     for r in report.rejects.iter().take(REJECTS_SHOWN) {

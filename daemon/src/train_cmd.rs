@@ -121,7 +121,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         (Some(path), true) => {
             let meta = trainer
                 .load_checkpoint(path)
-                .with_context(|| format!("cannot resume from {}", path.display()))?;
+                .context("cannot resume")?;
             println!("resumed from {} (step {})", path.display(), meta.step);
             meta.loader
         }
