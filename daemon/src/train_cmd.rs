@@ -119,9 +119,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let mut trainer = Trainer::new(trainer_cfg, loader_cfg.batch_size)?;
     let state = match (&latest, args.resume) {
         (Some(path), true) => {
-            let meta = trainer
-                .load_checkpoint(path)
-                .context("cannot resume")?;
+            let meta = trainer.load_checkpoint(path).context("cannot resume")?;
             println!("resumed from {} (step {})", path.display(), meta.step);
             meta.loader
         }
