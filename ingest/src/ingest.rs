@@ -218,7 +218,7 @@ pub struct IngestReport {
 /// to another class folder is relabelled, its content stored once). Sources under
 /// folders not given to this run are left alone, and so is everything under a folder
 /// that is missing or unreadable (an error: nothing changes), under an entry the scan
-/// could not read (a reject), or under a folder that is empty while the dataset holds
+/// could not read (a reject), or under a folder where no file is an image while the dataset holds
 /// sources there (a warning: an unmounted disk must not empty a dataset).
 pub fn ingest(opts: &IngestOptions, progress: &dyn Progress) -> Result<IngestReport, IngestError> {
     validate_options(opts)?;
@@ -321,10 +321,18 @@ pub fn ingest(opts: &IngestOptions, progress: &dyn Progress) -> Result<IngestRep
     // Reconcile each folder with what its scan found.
     for scan in &scans {
         let recorded = ing.sources_under(&scan.root);
-        if scan.candidates.is_empty() && !recorded.is_empty() && scan.root.is_dir() {
+        // An unmounted disk leaves an empty mount point, or one with a stub file: a folder
+        // where no file is an image retires nothing.
+        let no_image = || {
+            !scan
+                .candidates
+                .iter()
+                .any(|c| source::sniffs_as_image(&c.path))
+        };
+        if !recorded.is_empty() && scan.root.is_dir() && no_image() {
             warnings.push(format!(
-                "{} holds no files but the dataset has {} source(s) there: nothing retired \
-                 (an unmounted disk?)",
+                "{} holds no image file but the dataset has {} source(s) there: nothing \
+                 retired (an unmounted disk?)",
                 scan.root.display(),
                 recorded.len()
             ));

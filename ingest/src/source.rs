@@ -162,7 +162,7 @@ fn looks_like_idx(path: &Path, kind: &str) -> bool {
 
 /// True when the first bytes of the file at `path` are those of an image format (or an
 /// IDX image file): a README or a stray text file is not.
-fn sniffs_as_image(path: &Path) -> bool {
+pub(crate) fn sniffs_as_image(path: &Path) -> bool {
     use std::io::Read;
     let mut head = [0u8; 64];
     let n = fs::File::open(path)

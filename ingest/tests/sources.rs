@@ -138,6 +138,11 @@ fn a_missing_or_emptied_root_retires_nothing() {
         "{s:?}"
     );
     assert_eq!(Dataset::open(&out).unwrap().live_records().count(), 3);
+    // Or holding only a stub file: the same.
+    fs::write(src.join("NOT_MOUNTED"), "the photo disk is not mounted\n").unwrap();
+    let s = run(&opts(&src, &out)).summary;
+    assert_eq!(s.sources_retired, 0, "{s:?}");
+    assert_eq!(Dataset::open(&out).unwrap().live_records().count(), 3);
 }
 
 #[test]
