@@ -108,24 +108,21 @@ with_peak_memory() {
 
 # --- 2. our step beside PyTorch's --------------------------------------------------------
 if [ $DRY = 1 ]; then
-  CASES=("r18-32 --arch resnet18 --small-stem --width 8 --size 16 --batch 4"
-         "r50-224 --arch resnet50 --width 8 --size 32 --batch 2")
+  # name arch stem width size batch
+  CASES=("r18-32 resnet18 cifar 8 16 4"
+         "r50-224 resnet50 imagenet 8 32 2")
   STEPS="--warmup 1 --steps 1"; PSTEPS="--warmup 1 --steps 1"
 else
-  CASES=("r18-32 --arch resnet18 --small-stem --width 64 --size 32 --batch 256"
-         "r50-224 --arch resnet50 --width 64 --size 224 --batch 64")
+  CASES=("r18-32 resnet18 cifar 64 32 256"
+         "r50-224 resnet50 imagenet 64 224 64")
   STEPS="--warmup 3 --steps 10"; PSTEPS="--warmup 3 --steps 10"
 fi
 idle_mib=0
 [ $DRY = 0 ] && idle_mib=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -n 1)
 for c in "${CASES[@]}"; do
-  set -- $c; name=$1; shift
-  args=("$@")
-  arch=${args[1]}
-  stem=imagenet; [[ " ${args[*]} " == *" --small-stem "* ]] && stem=cifar
-  width=$(echo "${args[*]}" | sed -E 's/.*--width ([0-9]+).*/\1/')
-  size=$(echo "${args[*]}" | sed -E 's/.*--size ([0-9]+).*/\1/')
-  batch=$(echo "${args[*]}" | sed -E 's/.*--batch ([0-9]+).*/\1/')
+  read -r name arch stem width size batch <<< "$c"
+  args=(--arch "$arch" --width "$width" --size "$size" --batch "$batch")
+  [ "$stem" = cifar ] && args+=(--small-stem)
   for prec in fp32 bf16; do
     with_peak_memory record "ours-$name-$prec" "$BYOL" bench step "${args[@]}" --device $DEVICE --precision $prec $STEPS --json
     echo "{\"case\": \"ours-$name-$prec-memory\", \"peak_device_mib\": $PEAK_MIB, \"idle_device_mib\": $idle_mib}" >> "$RESULTS"

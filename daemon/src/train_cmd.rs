@@ -74,12 +74,6 @@ struct Budget {
     calibrated: bool,
 }
 
-/// Why the step loop ended early.
-enum Stop {
-    /// SIGINT or SIGTERM: the signal number.
-    Signal(i32),
-}
-
 /// Runs `byol train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     // The first SIGINT/SIGTERM stops after the current step (with a checkpoint); a
@@ -166,10 +160,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         .open(&metrics_path)
         .with_context(|| format!("cannot open {}", metrics_path.display()))?;
 
+    let resumed = loader.state();
     let mut run = TrainLoop {
         trainer,
-        last_state: loader.state(),
-        last_epoch: loader.state().epoch,
+        last_epoch: resumed.epoch,
+        last_state: resumed,
         last_ckpt: (Instant::now(), u64::MAX),
         loader,
         monitor,
@@ -207,7 +202,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         (Ok(_), Some(Err(save_err))) => Err(save_err),
         (Ok(stop), _) => {
             let how = match stop {
-                Some(Stop::Signal(sig)) => format!("stopped by signal {sig} at step"),
+                Some(sig) => format!("stopped by signal {sig} at step"),
                 None => "trained to step".into(),
             };
             println!(
@@ -218,7 +213,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
                 ckpt_dir.display()
             );
             Ok(match stop {
-                Some(Stop::Signal(sig)) => ExitCode::from(128 + sig as u8),
+                Some(sig) => ExitCode::from(128 + sig as u8),
                 None => ExitCode::SUCCESS,
             })
         }
@@ -246,12 +241,12 @@ struct TrainLoop {
 }
 
 impl TrainLoop {
-    /// Steps until `target`, a signal, or an error.
+    /// Steps until `target`, a signal (its number is returned), or an error.
     fn steps(
         &mut self,
         train: &byol_trainer::TrainConfig,
         mut target: u64,
-    ) -> anyhow::Result<Option<Stop>> {
+    ) -> anyhow::Result<Option<i32>> {
         let size = self.view_size as usize;
         let first_step = self.trainer.steps_done();
         let bar = Bar::new(target.saturating_sub(first_step).min(1 << 40), "train");
@@ -264,7 +259,7 @@ impl TrainLoop {
             let sig = self.signal.load(Ordering::Relaxed);
             if sig != 0 {
                 bar.finish();
-                return Ok(Some(Stop::Signal(sig as i32)));
+                return Ok(Some(sig as i32));
             }
 
             let wait_start = Instant::now();

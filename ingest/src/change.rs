@@ -1,8 +1,7 @@
 //! What happened to sources the dataset already held: retired, relabelled, removed;
 //! and the changes report (`changes.jsonl`).
 
-use std::fs::OpenOptions;
-use std::io::{self, BufRead, Write};
+use std::io::{self, BufRead};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -79,25 +78,14 @@ pub fn append_report(
     generation: u64,
     changes: &[SourceChange],
 ) -> io::Result<()> {
-    if changes.is_empty() {
-        return Ok(());
-    }
-    let mut buf = Vec::new();
-    for change in changes {
-        let line = ChangeLine {
+    crate::fsutil::append_json_lines(
+        &dataset_dir.join(CHANGES_FILE),
+        changes.iter().map(|change| ChangeLine {
             run_unix,
             generation,
             change: change.clone(),
-        };
-        serde_json::to_writer(&mut buf, &line).map_err(io::Error::other)?;
-        buf.push(b'\n');
-    }
-    let mut f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dataset_dir.join(CHANGES_FILE))?;
-    f.write_all(&buf)?;
-    f.sync_data()
+        }),
+    )
 }
 
 /// Reads the changes report of `dataset_dir` (empty when there is none). A torn last

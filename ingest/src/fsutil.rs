@@ -46,6 +46,28 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result
 }
 
+/// Appends `lines` to the JSON Lines file at `path` (created if missing), one object
+/// per line, in one write, then syncs the data. Nothing is written for no lines.
+pub fn append_json_lines<T: serde::Serialize>(
+    path: &Path,
+    lines: impl IntoIterator<Item = T>,
+) -> io::Result<()> {
+    let mut buf = Vec::new();
+    for line in lines {
+        serde_json::to_writer(&mut buf, &line).map_err(io::Error::other)?;
+        buf.push(b'\n');
+    }
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    f.write_all(&buf)?;
+    f.sync_data()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -242,7 +242,9 @@ pub fn ingest(opts: &IngestOptions, progress: &dyn Progress) -> Result<IngestRep
         },
         progress,
     )?;
-    let mut scans = Vec::new();
+    // Each folder scanned, and whether any of its files is an image.
+    let mut reconciled: Vec<(PathBuf, bool)> = Vec::new();
+    let mut unreadable = Vec::new();
     let mut candidates = Vec::new();
     let mut seen = HashSet::new();
     let mut roots = Vec::new();
@@ -256,9 +258,9 @@ pub fn ingest(opts: &IngestOptions, progress: &dyn Progress) -> Result<IngestRep
         // A folder inside a folder ingested before (a class folder given on its own)
         // keeps the labels that folder gives it.
         let enclosing = (opts.layout == Layout::Auto && root.is_dir())
-            .then(|| enclosing_root(ing.manifest(), &root))
+            .then(|| ing.manifest().enclosing_root(&root))
             .flatten();
-        let kept = ing.root_layout(&root);
+        let kept = ing.manifest().root_layout(&root);
         let layout = match (opts.layout, kept, &enclosing) {
             (Layout::Auto, _, Some(_)) => Layout::Flat,
             (Layout::Auto, Some(kept), None) => kept,
@@ -302,38 +304,32 @@ pub fn ingest(opts: &IngestOptions, progress: &dyn Progress) -> Result<IngestRep
             ));
         }
         ignored += scan.ignored;
+        // Whatever a scan could not read (a file, or a whole subfolder) is not gone.
+        unreadable.extend(scan.rejects.iter().map(|r| r.path.clone()));
+        ing.note_rejects(scan.rejects);
+        // An unmounted disk leaves an empty mount point, or one with a stub file: a
+        // folder where no file is an image retires nothing.
+        let has_image = scan
+            .candidates
+            .iter()
+            .any(|c| source::sniffs_as_image(&c.path));
+        reconciled.push((scan.root, has_image));
         candidates.extend(
             scan.candidates
-                .iter()
-                .filter(|c| seen.insert(c.path.clone()))
-                .cloned(),
+                .into_iter()
+                .filter(|c| seen.insert(c.path.clone())),
         );
-        scans.push(scan);
-    }
-    // Whatever a scan could not read (a file, or a whole subfolder) is not gone.
-    let mut unreadable = Vec::new();
-    for scan in &mut scans {
-        unreadable.extend(scan.rejects.iter().map(|r| r.path.clone()));
-        ing.note_rejects(std::mem::take(&mut scan.rejects));
     }
     ing.add(candidates)?;
 
     // Reconcile each folder with what its scan found.
-    for scan in &scans {
-        let recorded = ing.sources_under(&scan.root);
-        // An unmounted disk leaves an empty mount point, or one with a stub file: a folder
-        // where no file is an image retires nothing.
-        let no_image = || {
-            !scan
-                .candidates
-                .iter()
-                .any(|c| source::sniffs_as_image(&c.path))
-        };
-        if !recorded.is_empty() && scan.root.is_dir() && no_image() {
+    for (root, has_image) in &reconciled {
+        let recorded = ing.sources_under(root);
+        if !recorded.is_empty() && root.is_dir() && !has_image {
             warnings.push(format!(
                 "{} holds no image file but the dataset has {} source(s) there: nothing \
                  retired (an unmounted disk?)",
-                scan.root.display(),
+                root.display(),
                 recorded.len()
             ));
             continue;
@@ -350,31 +346,6 @@ pub fn ingest(opts: &IngestOptions, progress: &dyn Progress) -> Result<IngestRep
     report.summary.roots = roots;
     report.summary.warnings.extend(warnings);
     Ok(report)
-}
-
-/// The folder whose labels `root` (a folder) takes, when it lies inside one ingested
-/// before: the nearest recorded root above it; or, for a version-1 manifest that records
-/// none, its parent when every source already stored under `root` is labelled with
-/// `root`'s own name (a class folder of an image-folder tree).
-fn enclosing_root(m: &crate::Manifest, root: &Path) -> Option<(PathBuf, Layout)> {
-    if let Some(r) = m
-        .roots
-        .iter()
-        .filter(|r| root.starts_with(&r.path) && Path::new(&r.path) != root)
-        .max_by_key(|r| r.path.len())
-    {
-        return Some((PathBuf::from(&r.path), r.layout));
-    }
-    if m.roots.iter().any(|r| Path::new(&r.path) == root) {
-        return None;
-    }
-    let name = root.file_name()?.to_string_lossy();
-    let mut under = m.sources_under(root).peekable();
-    under.peek()?;
-    under
-        .all(|s| s.label.as_deref() == Some(&*name))
-        .then(|| Some((root.parent()?.to_owned(), Layout::ImageFolder)))
-        .flatten()
 }
 
 fn validate_options(opts: &IngestOptions) -> Result<(), IngestError> {

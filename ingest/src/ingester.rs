@@ -181,23 +181,9 @@ impl<'p> Ingester<'p> {
         &self.out
     }
 
-    /// The layout folder `root` was first ingested with (see [`Manifest::root_layout`]).
-    pub fn root_layout(&self, root: &Path) -> Option<Layout> {
-        self.work.root_layout(root)
-    }
-
     /// Records the layout of folder `root` for later runs.
     pub fn set_root_layout(&mut self, root: &Path, layout: Layout) {
-        if self
-            .work
-            .roots
-            .iter()
-            .any(|r| Path::new(&r.path) == root && r.layout == layout)
-        {
-            return;
-        }
-        self.work.set_root_layout(root, layout);
-        self.dirty = true;
+        self.dirty |= self.work.set_root_layout(root, layout);
     }
 
     /// Paths of the sources at or under `root` (canonical).
@@ -281,15 +267,21 @@ impl<'p> Ingester<'p> {
         }
         let entry = &mut self.work.sources[i];
         let from = std::mem::replace(&mut entry.label, label.map(str::to_owned));
-        self.changes.push(SourceChange::Relabelled {
-            path: entry.path.clone(),
-            now: entry.path.clone(),
-            from,
-            to: label.map(str::to_owned),
-        });
-        self.summary.relabelled += 1;
+        let path = entry.path.clone();
+        self.note_relabelled_in_place(path, from, label.map(str::to_owned));
         self.dirty = true;
         Ok(true)
+    }
+
+    /// Reports that the source at `path` now has label `to` (was `from`).
+    fn note_relabelled_in_place(&mut self, path: String, from: Option<String>, to: Option<String>) {
+        self.summary.relabelled += 1;
+        self.changes.push(SourceChange::Relabelled {
+            now: path.clone(),
+            path,
+            from,
+            to,
+        });
     }
 
     /// Saves the working manifest now (finishing the open shard first).
@@ -428,13 +420,7 @@ impl<'p> Ingester<'p> {
             (Some(e), _, _) => {
                 self.summary.already_present += 1;
                 if e.label != c.label {
-                    self.summary.relabelled += 1;
-                    self.changes.push(SourceChange::Relabelled {
-                        path: path.clone(),
-                        now: path.clone(),
-                        from: e.label.clone(),
-                        to: c.label.clone(),
-                    });
+                    self.note_relabelled_in_place(path.clone(), e.label.clone(), c.label.clone());
                 }
                 (e.id, e.duplicate_of, e.records)
             }

@@ -373,16 +373,44 @@ impl Manifest {
         })
     }
 
-    /// Records (or updates) the layout of folder `root`.
-    pub fn set_root_layout(&mut self, root: &Path, layout: Layout) {
+    /// The folder whose labels `root` (a folder) takes, when it lies inside one ingested
+    /// before: the nearest recorded root above it; or, for a version-1 manifest that records
+    /// none, its parent when every source already stored under `root` is labelled with
+    /// `root`'s own name (a class folder of an image-folder tree).
+    pub fn enclosing_root(&self, root: &Path) -> Option<(PathBuf, Layout)> {
+        if let Some(r) = self
+            .roots
+            .iter()
+            .filter(|r| root.starts_with(&r.path) && Path::new(&r.path) != root)
+            .max_by_key(|r| r.path.len())
+        {
+            return Some((PathBuf::from(&r.path), r.layout));
+        }
+        if self.roots.iter().any(|r| Path::new(&r.path) == root) {
+            return None;
+        }
+        let name = root.file_name()?.to_string_lossy();
+        let mut under = self.sources_under(root).peekable();
+        under.peek()?;
+        under
+            .all(|s| s.label.as_deref() == Some(&*name))
+            .then(|| Some((root.parent()?.to_owned(), Layout::ImageFolder)))
+            .flatten()
+    }
+
+    /// Records (or updates) the layout of folder `root`; false when it was recorded
+    /// already.
+    pub fn set_root_layout(&mut self, root: &Path, layout: Layout) -> bool {
         let path = root.to_string_lossy().into_owned();
         match self.roots.iter_mut().find(|r| r.path == path) {
+            Some(r) if r.layout == layout => return false,
             Some(r) => r.layout = layout,
             None => {
                 self.roots.push(RootEntry { path, layout });
                 self.roots.sort_by(|a, b| a.path.cmp(&b.path));
             }
         }
+        true
     }
 
     /// File name of shard `id`.

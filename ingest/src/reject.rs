@@ -1,7 +1,6 @@
 //! Rejected inputs: why a file was not ingested, and the rejects report.
 
-use std::fs::OpenOptions;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -94,19 +93,8 @@ struct ReportLine<'a> {
 
 /// Appends `rejects` to the report in `dataset_dir`, one JSON object per line.
 pub fn append_report(dataset_dir: &Path, run_unix: u64, rejects: &[Reject]) -> io::Result<()> {
-    if rejects.is_empty() {
-        return Ok(());
-    }
-    let mut buf = Vec::new();
-    for reject in rejects {
-        serde_json::to_writer(&mut buf, &ReportLine { run_unix, reject })
-            .map_err(io::Error::other)?;
-        buf.push(b'\n');
-    }
-    let mut f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dataset_dir.join(REJECTS_FILE))?;
-    f.write_all(&buf)?;
-    f.sync_data()
+    crate::fsutil::append_json_lines(
+        &dataset_dir.join(REJECTS_FILE),
+        rejects.iter().map(|reject| ReportLine { run_unix, reject }),
+    )
 }

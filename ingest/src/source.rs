@@ -209,15 +209,6 @@ fn choose_layout(class_folders: usize, root_images: usize, root_other: usize) ->
     }
 }
 
-/// Decides the layout of folder `root` when `layout` is [`Layout::Auto`] (see
-/// [`scan`] for the rule); other layouts are returned as they are.
-pub fn resolve_layout(root: &Path, layout: Layout) -> io::Result<Layout> {
-    if layout != Layout::Auto {
-        return Ok(layout);
-    }
-    Ok(scan(root, layout, None)?.layout)
-}
-
 /// Lists what `src` (a folder, an image file or an IDX file) holds.
 ///
 /// `exclude` (the dataset folder) is never descended into. Hidden files and folders,
@@ -274,8 +265,6 @@ pub fn scan(src: &Path, layout: Layout, exclude: Option<&Path>) -> io::Result<Sc
             e.depth() == 0 || !(is_hidden(e.file_name()) || excluded())
         });
     let mut paired_labels = Vec::new();
-    // First-level folder of each candidate (None at the root), for the layout.
-    let mut first_level: Vec<Option<String>> = Vec::new();
     for entry in walker {
         let entry = match entry {
             Ok(e) => e,
@@ -316,14 +305,6 @@ pub fn scan(src: &Path, layout: Layout, exclude: Option<&Path>) -> io::Result<Sc
         } else {
             CandidateKind::Image
         };
-        first_level.push(if entry.depth() >= 2 {
-            path.strip_prefix(&root)
-                .ok()
-                .and_then(|rel| rel.components().next())
-                .map(|c| c.as_os_str().to_string_lossy().into_owned())
-        } else {
-            None
-        });
         scan.candidates.push(Candidate {
             path,
             label: None,
@@ -332,59 +313,54 @@ pub fn scan(src: &Path, layout: Layout, exclude: Option<&Path>) -> io::Result<Sc
         });
     }
     // Labels files travel with their image file; they are not images themselves.
-    let keep: Vec<bool> = scan
-        .candidates
-        .iter()
-        .map(|c| !paired_labels.contains(&c.path))
-        .collect();
-    let mut keep_iter = keep.iter();
-    scan.candidates.retain(|_| *keep_iter.next().unwrap());
-    let mut keep_iter = keep.iter();
-    first_level.retain(|_| *keep_iter.next().unwrap());
-
-    // Files at the root: images or not (by content), for the layout and its report.
-    let root_is_image: Vec<Option<bool>> = scan
-        .candidates
-        .iter()
-        .zip(&first_level)
-        .map(|(c, f)| (f.is_none() && layout != Layout::Flat).then(|| sniffs_as_image(&c.path)))
-        .collect();
+    scan.candidates.retain(|c| !paired_labels.contains(&c.path));
+    // Files at the root that are not images by content (a README): they never decide
+    // the layout, and in a tree of class folders they are not data.
+    let (mut root_files, mut not_images) = (0, std::collections::HashSet::new());
+    if layout != Layout::Flat {
+        for c in &scan.candidates {
+            if class_of(&root, &c.path).is_none() {
+                root_files += 1;
+                if !sniffs_as_image(&c.path) {
+                    not_images.insert(c.path.clone());
+                }
+            }
+        }
+    }
     scan.layout = match layout {
         Layout::Auto => {
-            let folders: std::collections::BTreeSet<&str> =
-                first_level.iter().flatten().map(String::as_str).collect();
-            let images = root_is_image.iter().filter(|r| **r == Some(true)).count();
-            let other = root_is_image.iter().filter(|r| **r == Some(false)).count();
-            let choice = choose_layout(folders.len(), images, other);
+            let folders: std::collections::BTreeSet<String> = scan
+                .candidates
+                .iter()
+                .filter_map(|c| class_of(&root, &c.path))
+                .collect();
+            let choice = choose_layout(
+                folders.len(),
+                root_files - not_images.len(),
+                not_images.len(),
+            );
             scan.layout_reason = Some(choice.reason);
             choice.layout
         }
         l => l,
     };
     if scan.layout == Layout::ImageFolder {
-        // In a tree of class folders, a root file that is not an image (README, notes)
-        // is not data: ignored, not rejected run after run. Root images stay, unlabelled.
-        let mut keep = root_is_image.iter();
-        let mut ignored = 0;
-        let mut kept_labels = Vec::new();
-        let mut labels = first_level.into_iter();
-        scan.candidates.retain(|_| {
-            let label = labels.next().flatten();
-            let keep = *keep.next().unwrap() != Some(false);
-            if keep {
-                kept_labels.push(label);
-            } else {
-                ignored += 1;
-            }
-            keep
-        });
-        scan.ignored += ignored;
-        scan.root_images = kept_labels.iter().filter(|l| l.is_none()).count();
-        for (c, l) in scan.candidates.iter_mut().zip(kept_labels) {
-            c.label = l;
-        }
+        scan.candidates.retain(|c| !not_images.contains(&c.path));
+        scan.ignored += not_images.len() as u64;
+        scan.root_images = root_files - not_images.len();
+        label_from(&root, &mut scan.candidates);
     }
     Ok(scan)
+}
+
+/// The class of `path` in an image-folder tree rooted at `root`: the first folder below
+/// `root`; `None` for a file right in `root` (or outside it).
+fn class_of(root: &Path, path: &Path) -> Option<String> {
+    let mut parts = path.strip_prefix(root).ok()?.components();
+    let first = parts.next()?;
+    parts
+        .next()
+        .map(|_| first.as_os_str().to_string_lossy().into_owned())
 }
 
 /// Labels `candidates` as files of an image-folder tree rooted at `root` (an ancestor
@@ -392,13 +368,7 @@ pub fn scan(src: &Path, layout: Layout, exclude: Option<&Path>) -> io::Result<Sc
 /// `root` stay unlabelled.
 pub fn label_from(root: &Path, candidates: &mut [Candidate]) {
     for c in candidates {
-        c.label = c.path.strip_prefix(root).ok().and_then(|rel| {
-            let mut parts = rel.components();
-            let first = parts.next()?;
-            parts
-                .next()
-                .map(|_| first.as_os_str().to_string_lossy().into_owned())
-        });
+        c.label = class_of(root, &c.path);
     }
 }
 
