@@ -31,7 +31,7 @@ pub struct Config {
     pub train: byol_trainer::TrainConfig,
     /// Optional kNN accuracy on small labelled datasets while training.
     #[serde(default)]
-    pub monitor: Option<crate::monitor::MonitorConfig>,
+    pub monitor: Option<byol_run::MonitorConfig>,
 }
 
 /// The `[ingest]` table; every key is optional and a command-line flag overrides it.

@@ -8,7 +8,6 @@ mod eval_cmd;
 mod export_cmd;
 mod ingest_cmd;
 mod inspect_cmd;
-mod monitor;
 mod plot_cmd;
 mod preview_cmd;
 mod progress;

@@ -11,7 +11,7 @@ use plotters::prelude::*;
 use plotters::style::FontStyle;
 
 use crate::cli::PlotArgs;
-use crate::train_cmd::METRICS_FILE;
+use byol_run::RunDir;
 
 /// DejaVu Sans (Debian's fonts-dejavu-core; licence in `assets/fonts/`).
 static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
@@ -183,7 +183,7 @@ pub fn run(args: PlotArgs) -> anyhow::Result<ExitCode> {
     if !(200..=8000).contains(&args.width) {
         bail!("--width {} is outside 200..=8000 pixels", args.width);
     }
-    let path = args.run.join(METRICS_FILE);
+    let path = RunDir::new(&args.run).metrics();
     let curves = read_curves(&path)?;
     let (buf, height) = render(&curves, args.width)?;
     let img = image::RgbImage::from_raw(args.width, height, buf).expect("buffer size");
@@ -209,7 +209,7 @@ mod tests {
     #[test]
     fn torn_last_lines_are_skipped_other_bad_lines_named() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join(METRICS_FILE);
+        let p = RunDir::new(dir.path()).metrics();
         std::fs::write(
             &p,
             "{\"step\":10,\"loss\":3.5,\"collapse\":0.9}\n{\"step\":20,\"loss\":null,\"collapse\":0.8,\"knn_accuracy\":0.4}\n{\"step\":30,\"lo",
@@ -230,7 +230,7 @@ mod tests {
     #[test]
     fn a_step_logged_twice_counts_once_as_its_last_line_says() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join(METRICS_FILE);
+        let p = RunDir::new(dir.path()).metrics();
         let line = |step: u64, loss: f64| format!("{{\"step\":{step},\"loss\":{loss}}}\n");
         let text: String = [(1, 4.0), (2, 3.0), (3, 2.0), (2, 3.5), (3, 2.5), (4, 1.0)]
             .iter()

@@ -30,16 +30,17 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Creates (or truncates) `path`, writes `bytes` and fsyncs the file (not its folder).
+pub fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 /// Replaces `path` with `bytes` atomically: readers see the old or the new content, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = tmp_path(path);
-    let result = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        rename_durable(&tmp, path)
-    })();
+    let result = write_synced(&tmp, bytes).and_then(|()| rename_durable(&tmp, path));
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }

@@ -51,6 +51,11 @@ pub struct LoaderConfig {
     pub newest_share: f32,
     /// How many of the most recently ingested records count as newest.
     pub newest_records: usize,
+    /// Look for new shards every this many batches within an epoch (0: only at epoch
+    /// boundaries). When the dataset grew, the epoch ends there and the next one samples
+    /// every shard: new records are drawn within this many batches (plus `batches_ahead`)
+    /// of being committed, not hours later at the end of a long epoch.
+    pub refresh_every_batches: u64,
     /// Which buffers to fill.
     pub output: Output,
 }
@@ -67,6 +72,7 @@ impl Default for LoaderConfig {
             shard_window: 4,
             newest_share: 0.0,
             newest_records: 10_000,
+            refresh_every_batches: 0,
             output: Output::F32,
         }
     }

@@ -35,6 +35,11 @@ pub struct LoaderState {
     pub batch: u64,
     /// Shards in that epoch's domain (the dataset may have grown since).
     pub shards: u64,
+    /// `batch` is a refresh boundary where the run already looked for new shards and
+    /// went on with the epoch: a resume must not look again (the dataset may have grown
+    /// since, and the run that did not stop carries on with this epoch).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub went_on: bool,
 }
 
 /// Throughput and health counters.
@@ -111,6 +116,7 @@ impl Loader {
             epoch: 0,
             batch: 0,
             shards: dataset.shards().len() as u64,
+            went_on: false,
         });
         if state.seed != cfg.seed {
             return Err(LoaderError::State(format!(
@@ -126,7 +132,7 @@ impl Loader {
                 dataset.shards().len()
             )));
         }
-        let first = EpochPlan::new(
+        let mut first = EpochPlan::new(
             &cfg,
             dataset.clone(),
             state.shards as usize,
@@ -134,6 +140,21 @@ impl Loader {
             state.batch,
             0,
         );
+        // Resumed on a refresh boundary: a run that did not stop looked for new shards
+        // there, and started the next epoch if the dataset had grown.
+        if !state.went_on
+            && first.at_refresh_boundary(state.batch)
+            && dataset.shards().len() > state.shards as usize
+        {
+            first = EpochPlan::new(
+                &cfg,
+                dataset.clone(),
+                dataset.shards().len(),
+                state.epoch + 1,
+                0,
+                0,
+            );
+        }
         if first.total() > u64::from(Global::MAX) {
             return Err(LoaderError::State(format!(
                 "{} records is more than the loader addresses",
@@ -255,18 +276,33 @@ impl Loader {
         while plans.queue.len() > 1 && plans.queue[0].end_global() < self.next_global {
             plans.queue.pop_front();
         }
-        let plan = plans
+        let at = plans
             .queue
             .iter()
-            .find(|p| p.epoch == epoch)
+            .position(|p| p.epoch == epoch && p.first_batch <= index && index < p.end_batch)
             .expect("plan of a live batch");
-        if index + 1 < plan.batches {
+        let plan = &plans.queue[at];
+        let here = LoaderState {
+            seed: self.shared.cfg.seed,
+            epoch,
+            batch: index + 1,
+            shards,
+            went_on: false,
+        };
+        if index + 1 < plan.end_batch {
+            here
+        } else if let Some(next) = plans.queue.get(at + 1) {
+            // Already planned: a continued segment, or the next epoch.
             LoaderState {
                 seed: self.shared.cfg.seed,
-                epoch,
-                batch: index + 1,
-                shards,
+                epoch: next.epoch,
+                batch: next.first_batch,
+                shards: next.shards as u64,
+                went_on: next.epoch == epoch,
             }
+        } else if plan.ends_early() {
+            // A refresh boundary not planned yet: a resume decides there, as this run will.
+            here
         } else {
             // The next epoch's domain is decided when it is planned; a resume re-plans it
             // over the shards present then, exactly as a run that did not stop.
@@ -280,6 +316,7 @@ impl Loader {
                 epoch: epoch + 1,
                 batch: 0,
                 shards: next_shards,
+                went_on: false,
             }
         }
     }
@@ -519,7 +556,8 @@ fn plan_for(shared: &Shared, global_batch: u64) -> Option<Arc<EpochPlan>> {
             return Some(p.clone());
         }
         let last = plans.queue.back()?.clone();
-        // Epoch boundary: pick up shards added since, then plan the next epoch.
+        // Epoch or refresh boundary: pick up shards added since; the epoch goes on when
+        // the dataset kept its shards, the next one starts over all of them otherwise.
         match plans.latest.refreshed() {
             Ok(Some(ds)) => plans.latest = Arc::new(ds),
             Ok(None) => {}
@@ -529,6 +567,10 @@ fn plan_for(shared: &Shared, global_batch: u64) -> Option<Arc<EpochPlan>> {
         }
         let dataset = plans.latest.clone();
         let shards = dataset.shards().len();
+        if last.ends_early() && shards == last.shards {
+            plans.queue.push_back(Arc::new(last.continued(dataset)));
+            continue;
+        }
         let next = EpochPlan::new(
             &shared.cfg,
             dataset,

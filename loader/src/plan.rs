@@ -27,10 +27,15 @@ pub(crate) struct EpochPlan {
     pub shards: usize,
     /// Global index of each shard's first record; one more entry holds the total.
     starts: Vec<u64>,
-    /// The epoch order (a permutation of `0..total`).
-    order: Vec<Global>,
+    /// The epoch order (a permutation of `0..total`), shared by the epoch's segments.
+    order: Arc<Vec<Global>>,
     /// Batches in this epoch.
     pub batches: u64,
+    /// One past the last batch of this plan: the epoch's end, or the next refresh
+    /// boundary (a multiple of `refresh_every_batches`) where a grown dataset starts
+    /// the next epoch.
+    pub end_batch: u64,
+    refresh_every: u64,
     /// Batch of this epoch that global batch `first_global` is (non-zero when resuming).
     pub first_batch: u64,
     /// Global (loader-lifetime) number of batch `first_batch`.
@@ -100,13 +105,16 @@ impl EpochPlan {
         } else {
             total.div_ceil(seq)
         };
+        let refresh_every = cfg.refresh_every_batches;
         EpochPlan {
             epoch,
             dataset,
             shards,
             starts,
-            order,
+            order: Arc::new(order),
             batches,
+            end_batch: segment_end(first_batch, batches, refresh_every),
+            refresh_every,
             first_batch,
             first_global,
             seq_per_batch: cfg.sequential_per_batch(),
@@ -125,7 +133,45 @@ impl EpochPlan {
 
     /// One past the last global batch number of this plan.
     pub fn end_global(&self) -> u64 {
-        self.first_global + self.batches.saturating_sub(self.first_batch)
+        self.first_global + self.end_batch.saturating_sub(self.first_batch)
+    }
+
+    /// True when this plan stops at a refresh boundary before its epoch's end.
+    pub fn ends_early(&self) -> bool {
+        self.end_batch < self.batches
+    }
+
+    /// True when a loader resumed at `batch` stands on a refresh boundary (where a run
+    /// that did not stop looked for new shards).
+    pub fn at_refresh_boundary(&self, batch: u64) -> bool {
+        self.refresh_every > 0
+            && batch > 0
+            && batch < self.batches
+            && batch % self.refresh_every == 0
+    }
+
+    /// The same epoch's order from this plan's end to the next refresh boundary, over
+    /// `dataset` (a newer view with the same first shards: shards are append-only).
+    pub fn continued(&self, dataset: Arc<Dataset>) -> Self {
+        let first_batch = self.end_batch;
+        EpochPlan {
+            epoch: self.epoch,
+            dataset,
+            shards: self.shards,
+            starts: self.starts.clone(),
+            order: self.order.clone(),
+            batches: self.batches,
+            end_batch: segment_end(first_batch, self.batches, self.refresh_every),
+            refresh_every: self.refresh_every,
+            first_batch,
+            first_global: self.end_global(),
+            seq_per_batch: self.seq_per_batch,
+            newest_per_batch: self.newest_per_batch,
+            newest_pool: self.newest_pool,
+            batch_size: self.batch_size,
+            seed: self.seed,
+            max_record: self.max_record,
+        }
     }
 
     /// Number of samples in batch `batch` of this epoch.
@@ -162,6 +208,16 @@ impl EpochPlan {
             shard,
             index: (g - self.starts[shard]) as u32,
         }
+    }
+}
+
+/// End of the segment that starts at `first_batch`: the next multiple of `every` (the
+/// same boundaries whatever batch a resumed loader starts from), or the epoch's end.
+fn segment_end(first_batch: u64, batches: u64, every: u64) -> u64 {
+    if every == 0 {
+        batches
+    } else {
+        ((first_batch / every + 1) * every).min(batches)
     }
 }
 

@@ -229,3 +229,61 @@ fn too_small_a_dataset_is_a_clear_error() {
         Ok(_) => panic!("expected an error"),
     }
 }
+
+/// With `refresh_every_batches`, records committed mid-epoch are drawn within that many
+/// batches (plus the ones already queued), and a loader resumed from any state the run
+/// recorded once it had seen the grown dataset yields the same batches as the run that
+/// did not stop. (Before that, where the run cut its epoch depended on when the commit
+/// landed, which no resume can replay.)
+#[test]
+fn new_shards_join_at_the_next_refresh_boundary_and_resume_stays_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dataset(dir.path(), 160); // 20 batches of 8 per epoch
+    let cfg = || LoaderConfig {
+        refresh_every_batches: 3,
+        batches_ahead: 1,
+        ..config(8, 2)
+    };
+    let mut loader = Loader::new(open(&path), augmenter(), cfg(), None).unwrap();
+    let mut seen = Vec::new();
+    let mut states = Vec::new();
+    for _ in 0..4 {
+        seen.extend(take(&mut loader, 1));
+        states.push(loader.state());
+    }
+    let src = write_images(dir.path(), 160, 24);
+    ingest_into(&src, dir.path());
+    // Committed after batch 4: in the epoch that starts at a refresh boundary soon after.
+    for _ in 0..10 {
+        seen.extend(take(&mut loader, 1));
+        states.push(loader.state());
+    }
+    let first_new = seen
+        .iter()
+        .position(|s| s.records.iter().any(|&r| (160..184).contains(&r)))
+        .expect("new records are drawn");
+    assert!(
+        first_new < 4 + 3 + 3,
+        "first new record in batch {first_new} (refresh every 3, 3 queued)"
+    );
+    assert_eq!(
+        seen[first_new].index, 0,
+        "a new epoch starts at the boundary"
+    );
+    assert!(seen[first_new].epoch == 1 && seen[first_new - 1].epoch == 0);
+    assert!(
+        seen[first_new - 1].index < 19,
+        "the first epoch was cut short"
+    );
+    // Exact resume from every state since, on the grown dataset.
+    for (i, state) in states
+        .iter()
+        .enumerate()
+        .take(states.len() - 1)
+        .skip(first_new - 1)
+    {
+        let mut resumed = Loader::new(open(&path), augmenter(), cfg(), Some(*state)).unwrap();
+        let got = take(&mut resumed, seen.len() - i - 1);
+        assert!(got == seen[i + 1..], "resumed after batch {}", i + 1);
+    }
+}

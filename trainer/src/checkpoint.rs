@@ -2,14 +2,17 @@
 //!
 //! A checkpoint is a folder `step-NNNNNNNNNN/` written as `step-NNNNNNNNNN.tmp/`, every
 //! file fsynced, then renamed (and the parent fsynced): a killed write leaves only a
-//! `.tmp` folder, which loaders ignore and the next save removes.
+//! `.tmp` folder, which loaders ignore and [`prune`] removes. `meta.json` holds the
+//! blake3 of every tensor file, so a damaged checkpoint is detected ([`verify`]) rather
+//! than loaded. This module is the IO; which checkpoints to keep is the caller's policy
+//! ([`prune`]), and what else a run records (loader position, epoch) is the caller's
+//! JSON, kept in [`CheckpointMeta::run`].
 
-use std::collections::HashMap;
-use std::fs::{self, File};
-use std::io::Write;
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
 use std::path::{Path, PathBuf};
 
-use byol_loader::LoaderState;
+use byol_ingest::fsutil;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
@@ -24,18 +27,16 @@ const TARGET: &str = "target.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 pub(crate) const META: &str = "meta.json";
 
+/// Folder of a run folder that holds its checkpoints (`RUN/checkpoints/`).
+pub const RUN_CHECKPOINTS_DIR: &str = "checkpoints";
+
 /// The JSON part of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CheckpointMeta {
     /// [`CHECKPOINT_VERSION`].
     pub format_version: u32,
     /// Optimizer steps done.
     pub step: u64,
-    /// Epoch the loader is in.
-    pub epoch: u64,
-    /// Where the loader resumes (None for checkpoints made without a loader).
-    pub loader: Option<LoaderState>,
     /// Batch size the schedules were scaled for.
     pub batch_size: usize,
     /// The trainer config (model, optimizer, schedule, seed).
@@ -46,6 +47,14 @@ pub struct CheckpointMeta {
     pub view_size: Option<u32>,
     /// Seconds since the Unix epoch when written.
     pub created_unix: u64,
+    /// blake3 (hex) of each tensor file by name; empty in checkpoints written before
+    /// checksums were recorded (those load unverified).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checksums: BTreeMap<String, String>,
+    /// What the run that wrote it records beside the weights (its other top-level keys:
+    /// the loader's resume state and epoch, for `byol train` and the daemon).
+    #[serde(flatten)]
+    pub run: serde_json::Map<String, serde_json::Value>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
@@ -55,10 +64,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     }
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    let mut f = File::create(path).map_err(io(path))?;
-    f.write_all(bytes).map_err(io(path))?;
-    f.sync_all().map_err(io(path))
+fn checksum(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
 }
 
 fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>, TrainError> {
@@ -98,14 +105,16 @@ pub fn latest(dir: &Path) -> Option<PathBuf> {
     list(dir).pop().map(|(_, p)| p)
 }
 
-/// Writes a checkpoint of `trainer` into `dir` and keeps the newest `keep_last`; `epoch`,
-/// `loader` and `view_size` are recorded in its meta.
+/// Writes a checkpoint of `trainer` into `dir` as `step-NNNNNNNNNN/`; `view_size` and
+/// the caller's `run` JSON go into its meta. Returns its folder. Retention is
+/// [`prune`]'s job.
+///
+/// Errors: a file cannot be written ([`TrainError::Io`], naming it).
 pub fn save(
     dir: &Path,
     trainer: &Trainer,
-    epoch: u64,
-    loader: Option<LoaderState>,
     view_size: Option<u32>,
+    run: serde_json::Map<String, serde_json::Value>,
 ) -> Result<PathBuf, TrainError> {
     fs::create_dir_all(dir).map_err(io(dir))?;
     let name = format!("step-{:010}", trainer.steps_done());
@@ -116,48 +125,43 @@ pub fn save(
     }
     fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     let model = trainer.model();
-    write_synced(
-        &tmp.join(ONLINE),
-        &safetensors_bytes(&named(model.online_named()))?,
-    )?;
-    write_synced(
-        &tmp.join(TARGET),
-        &safetensors_bytes(&named(model.target_named()))?,
-    )?;
-    write_synced(
-        &tmp.join(OPTIMIZER),
-        &safetensors_bytes(&trainer.optimizer().state())?,
-    )?;
+    let files = [
+        (ONLINE, safetensors_bytes(&named(model.online_named()))?),
+        (TARGET, safetensors_bytes(&named(model.target_named()))?),
+        (OPTIMIZER, safetensors_bytes(&trainer.optimizer().state())?),
+    ];
+    let mut checksums = BTreeMap::new();
+    for (file, bytes) in &files {
+        let path = tmp.join(file);
+        fsutil::write_synced(&path, bytes).map_err(io(&path))?;
+        checksums.insert((*file).to_owned(), checksum(bytes));
+    }
     let meta = CheckpointMeta {
         format_version: CHECKPOINT_VERSION,
         step: trainer.steps_done(),
-        epoch,
-        loader,
         batch_size: trainer.batch_size(),
         config: trainer.config().clone(),
         view_size,
         created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        checksums,
+        run,
     };
     let json = serde_json::to_vec_pretty(&meta).expect("meta serialises");
-    write_synced(&tmp.join(META), &json)?;
-    File::open(&tmp)
-        .and_then(|d| d.sync_all())
-        .map_err(io(&tmp))?;
+    let meta_path = tmp.join(META);
+    fsutil::write_synced(&meta_path, &json).map_err(io(&meta_path))?;
+    fsutil::sync_dir(&tmp).map_err(io(&tmp))?;
     if done.exists() {
         fs::remove_dir_all(&done).map_err(io(&done))?;
     }
-    fs::rename(&tmp, &done).map_err(io(&done))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
-    prune(dir, trainer.config().train.keep_last)?;
+    fsutil::rename_durable(&tmp, &done).map_err(io(&done))?;
     Ok(done)
 }
 
-/// Removes all but the newest `keep` checkpoints, and leftover `.tmp` folders.
-fn prune(dir: &Path, keep: usize) -> Result<(), TrainError> {
+/// Removes all but the newest `keep` checkpoints in `dir`, and leftover `.tmp` folders
+/// of interrupted writes.
+pub fn prune(dir: &Path, keep: usize) -> Result<(), TrainError> {
     let all = list(dir);
     for (_, p) in &all[..all.len().saturating_sub(keep)] {
         fs::remove_dir_all(p).map_err(io(p))?;
@@ -168,6 +172,24 @@ fn prune(dir: &Path, keep: usize) -> Result<(), TrainError> {
         }
     }
     Ok(())
+}
+
+/// Reads the meta of the checkpoint at `path` and checks every tensor file against
+/// its recorded checksum: a damaged checkpoint (a flipped bit, a truncated file, a file
+/// missing) is an error naming the file, not weights that load wrong.
+pub fn verify(path: &Path) -> Result<CheckpointMeta, TrainError> {
+    let meta = read_meta(path)?;
+    for (file, expected) in &meta.checksums {
+        let p = path.join(file);
+        let bytes = fs::read(&p).map_err(io(&p))?;
+        if checksum(&bytes) != *expected {
+            return Err(TrainError::Checkpoint(format!(
+                "{}: checksum mismatch (the file is damaged)",
+                p.display()
+            )));
+        }
+    }
+    Ok(meta)
 }
 
 /// Reads the meta of the checkpoint at `path`.
@@ -186,8 +208,23 @@ pub fn read_meta(path: &Path) -> Result<CheckpointMeta, TrainError> {
     Ok(meta)
 }
 
-fn load_tensors(path: &Path, trainer: &Trainer) -> Result<HashMap<String, Tensor>, TrainError> {
-    candle_core::safetensors::load(path, trainer.device())
+/// The tensors of one file of a checkpoint, checked against `meta`'s checksum.
+pub(crate) fn load_tensors(
+    path: &Path,
+    meta: &CheckpointMeta,
+    device: &candle_core::Device,
+) -> Result<HashMap<String, Tensor>, TrainError> {
+    let bytes = fs::read(path).map_err(io(path))?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    if let Some(expected) = meta.checksums.get(name.as_ref())
+        && checksum(&bytes) != *expected
+    {
+        return Err(TrainError::Checkpoint(format!(
+            "{}: checksum mismatch (the file is damaged)",
+            path.display()
+        )));
+    }
+    candle_core::safetensors::load_buffer(&bytes, device)
         .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))
 }
 
@@ -225,7 +262,7 @@ impl Trainer {
     /// Restores weights, optimizer state and step from the checkpoint at `path`.
     ///
     /// Refuses a checkpoint made with another model, optimizer or batch size, naming the
-    /// difference; nothing is changed then.
+    /// difference, or one whose files fail their checksums; nothing is changed then.
     pub fn load_checkpoint(&mut self, path: &Path) -> Result<CheckpointMeta, TrainError> {
         let meta = read_meta(path)?;
         let mismatch = |what: &str, theirs: String, ours: String| {
@@ -255,9 +292,10 @@ impl Trainer {
                 self.batch_size().to_string(),
             ));
         }
-        let online = load_tensors(&path.join(ONLINE), self)?;
-        let target = load_tensors(&path.join(TARGET), self)?;
-        let optim = load_tensors(&path.join(OPTIMIZER), self)?;
+        let device = self.device().clone();
+        let online = load_tensors(&path.join(ONLINE), &meta, &device)?;
+        let target = load_tensors(&path.join(TARGET), &meta, &device)?;
+        let optim = load_tensors(&path.join(OPTIMIZER), &meta, &device)?;
         let (model, optimizer, step) = self.parts_mut();
         restore_vars(model.online_named(), &online, &path.join(ONLINE))?;
         restore_vars(model.target_named(), &target, &path.join(TARGET))?;

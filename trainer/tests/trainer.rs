@@ -210,7 +210,7 @@ fn resume_from_a_checkpoint_is_exact() {
             first.step_tensors(a, b).unwrap();
         }
         let ckdir = dir.path().join(format!("{kind:?}"));
-        let path = checkpoint::save(&ckdir, &first, 0, None, None).unwrap();
+        let path = checkpoint::save(&ckdir, &first, None, Default::default()).unwrap();
         drop(first);
         let mut resumed = Trainer::new(cfg.clone(), 4).unwrap();
         let meta = resumed.load_checkpoint(&path).unwrap();
@@ -237,7 +237,7 @@ fn a_killed_checkpoint_write_leaves_the_previous_one_loadable() {
     let mut t = Trainer::new(tiny(), 4).unwrap();
     let (a, b) = views(4, 8, 3);
     t.step_tensors(&a, &b).unwrap();
-    let good = checkpoint::save(dir.path(), &t, 0, None, None).unwrap();
+    let good = checkpoint::save(dir.path(), &t, None, Default::default()).unwrap();
     // A write killed half-way: a temp folder with a partial file, never renamed.
     let partial = dir.path().join("step-0000000002.tmp");
     std::fs::create_dir_all(&partial).unwrap();
@@ -245,13 +245,12 @@ fn a_killed_checkpoint_write_leaves_the_previous_one_loadable() {
     assert_eq!(checkpoint::latest(dir.path()), Some(good.clone()));
     let mut fresh = Trainer::new(tiny(), 4).unwrap();
     assert_eq!(fresh.load_checkpoint(&good).unwrap().step, 1);
-    // The next save removes the leftover; keep_last prunes old checkpoints.
-    let mut cfg = tiny();
-    cfg.train.keep_last = 2;
-    let mut t = Trainer::new(cfg, 4).unwrap();
+    // Pruning removes the leftover and all but the newest checkpoints.
+    let mut t = Trainer::new(tiny(), 4).unwrap();
     for _ in 0..3 {
         t.step_tensors(&a, &b).unwrap();
-        checkpoint::save(dir.path(), &t, 0, None, None).unwrap();
+        checkpoint::save(dir.path(), &t, None, Default::default()).unwrap();
+        checkpoint::prune(dir.path(), 2).unwrap();
     }
     assert!(!partial.exists());
     let steps: Vec<u64> = checkpoint::list(dir.path())
@@ -265,7 +264,7 @@ fn a_killed_checkpoint_write_leaves_the_previous_one_loadable() {
 fn an_incompatible_checkpoint_is_refused_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let t = Trainer::new(tiny(), 4).unwrap();
-    let path = checkpoint::save(dir.path(), &t, 0, None, None).unwrap();
+    let path = checkpoint::save(dir.path(), &t, None, Default::default()).unwrap();
     let mut other = tiny();
     other.model.width = 8;
     let mut wider = Trainer::new(other, 4).unwrap();
@@ -400,4 +399,34 @@ fn bf16_steps_track_fp32_and_keep_master_weights_in_f32() {
         assert_eq!(b.dtype(), candle_core::DType::F32, "{name}");
         assert_eq!(a.dims(), b.dims(), "{name}");
     }
+}
+
+#[test]
+fn a_damaged_checkpoint_fails_its_checksum_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(tiny(), 4).unwrap();
+    let (a, b) = views(4, 8, 3);
+    t.step_tensors(&a, &b).unwrap();
+    let path = checkpoint::save(dir.path(), &t, Some(8), Default::default()).unwrap();
+    assert_eq!(checkpoint::verify(&path).unwrap().step, 1);
+    // One flipped byte in the middle of the target's tensors.
+    let file = path.join("target.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(&file, &bytes).unwrap();
+    match checkpoint::verify(&path) {
+        Err(TrainError::Checkpoint(m)) => {
+            assert!(
+                m.contains("target.safetensors") && m.contains("checksum"),
+                "{m}"
+            )
+        }
+        other => panic!("expected a checksum error, got {:?}", other.map(|m| m.step)),
+    }
+    let mut fresh = Trainer::new(tiny(), 4).unwrap();
+    let before = snapshot(fresh.model().online_named());
+    assert!(fresh.load_checkpoint(&path).is_err());
+    assert_eq!(fresh.steps_done(), 0);
+    assert_eq!(before, snapshot(fresh.model().online_named()));
 }

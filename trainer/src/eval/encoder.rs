@@ -57,8 +57,7 @@ impl Encoder {
         let meta = checkpoint::read_meta(path)?;
         let mut enc = Self::random(&meta.config.model, meta.config.train.seed, kernels, device)?;
         let file = path.join(checkpoint::ONLINE);
-        let tensors = candle_core::safetensors::load(&file, device)
-            .map_err(|e| crate::TrainError::Checkpoint(format!("{}: {e}", file.display())))?;
+        let tensors = checkpoint::load_tensors(&file, &meta, device)?;
         checkpoint::restore_vars(sorted(&enc.vars), &tensors, &file)?;
         // Each step runs the online network in training mode on both views.
         enc.bn_updates = 2 * meta.step;
@@ -143,7 +142,7 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, EvalError> {
             ),
         });
     }
-    checkpoint::latest(&path.join("checkpoints"))
+    checkpoint::latest(&path.join(checkpoint::RUN_CHECKPOINTS_DIR))
         .or_else(|| checkpoint::latest(path))
         .ok_or_else(|| EvalError::Data {
             path: path.to_owned(),

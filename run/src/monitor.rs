@@ -1,14 +1,15 @@
-//! The optional `[monitor]` of `byol train`: kNN accuracy of the online encoder on a
-//! small labelled dataset every N steps, logged with the other metrics.
+//! The optional `[monitor]`: kNN accuracy of the online encoder on a small labelled
+//! dataset every N steps, logged with the other metrics.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use anyhow::Context;
 use byol_ingest::{Dataset, NoProgress};
 use byol_trainer::Trainer;
 use byol_trainer::eval::{Encoder, Features, KnnConfig, Preprocess, extract, knn_accuracy};
 use serde::Deserialize;
+
+use crate::RunError;
 
 /// The `[monitor]` table.
 #[derive(Debug, Clone, Deserialize)]
@@ -55,13 +56,16 @@ impl Monitor {
     /// Opens both datasets and checks, before any step is trained, everything a
     /// measurement needs: both have labelled images, and every class of the test set
     /// occurs in the train set. Images are preprocessed to `size` (the views' size).
-    pub fn open(cfg: &MonitorConfig, size: u32) -> anyhow::Result<Self> {
+    pub fn open(cfg: &MonitorConfig, size: u32) -> Result<Self, RunError> {
         if cfg.every_steps == 0 || cfg.k == 0 {
-            anyhow::bail!("invalid [monitor]: every_steps and k must be at least 1");
+            return Err(RunError::Monitor(
+                "every_steps and k must be at least 1".into(),
+            ));
         }
         let open = |path: &PathBuf| {
-            Dataset::open(path)
-                .with_context(|| format!("[monitor]: cannot open dataset {}", path.display()))
+            Dataset::open(path).map_err(|e| {
+                RunError::Monitor(format!("cannot open dataset {}: {e}", path.display()))
+            })
         };
         let (train, test) = (open(&cfg.train)?, open(&cfg.test)?);
         let train_classes = labelled_classes(&train)?;
@@ -72,12 +76,12 @@ impl Monitor {
             .map(String::as_str)
             .collect();
         if !missing.is_empty() {
-            anyhow::bail!(
-                "[monitor]: the test set {} has class(es) {missing:?} that the train set {} \
+            return Err(RunError::Monitor(format!(
+                "the test set {} has class(es) {missing:?} that the train set {} \
                  lacks: kNN cannot predict them",
                 cfg.test.display(),
                 cfg.train.display()
-            );
+            )));
         }
         Ok(Monitor {
             train,
@@ -94,7 +98,7 @@ impl Monitor {
 
     /// kNN top-1 of the trainer's current online encoder (BatchNorm in eval mode).
     /// Corrupt records are skipped and counted.
-    pub fn measure(&self, trainer: &Trainer) -> anyhow::Result<Measurement> {
+    pub fn measure(&self, trainer: &Trainer) -> Result<Measurement, RunError> {
         let cfg = trainer.config();
         let encoder = Encoder::from_model(
             trainer.model(),
@@ -103,11 +107,13 @@ impl Monitor {
             cfg.train.kernels,
             trainer.device(),
         )?;
-        let features = |ds: &Dataset| -> anyhow::Result<Features> {
-            let f = extract(&encoder, ds, &self.pre, 256, &NoProgress)
-                .with_context(|| format!("[monitor]: features of {}", ds.dir().display()))?;
+        let features = |ds: &Dataset| -> Result<Features, RunError> {
+            let f = extract(&encoder, ds, &self.pre, 256, &NoProgress)?;
             if f.is_empty() {
-                anyhow::bail!("[monitor]: {} has no labelled images", ds.dir().display());
+                return Err(RunError::Monitor(format!(
+                    "{} has no labelled images",
+                    ds.dir().display()
+                )));
             }
             Ok(f)
         };
@@ -127,7 +133,7 @@ impl Monitor {
 
 /// Names of the classes that have at least one live sample in `ds`; an error naming
 /// `[monitor]` and the dataset when it has none.
-fn labelled_classes(ds: &Dataset) -> anyhow::Result<BTreeSet<String>> {
+fn labelled_classes(ds: &Dataset) -> Result<BTreeSet<String>, RunError> {
     let classes = &ds.manifest().classes;
     let names: BTreeSet<String> = ds
         .samples()
@@ -135,11 +141,11 @@ fn labelled_classes(ds: &Dataset) -> anyhow::Result<BTreeSet<String>> {
         .filter_map(|l| classes.get(l as usize).cloned())
         .collect();
     if names.is_empty() {
-        anyhow::bail!(
-            "[monitor]: {} has no labelled images (kNN needs class labels: ImageFolder \
+        return Err(RunError::Monitor(format!(
+            "{} has no labelled images (kNN needs class labels: ImageFolder \
              layout or IDX with a labels file)",
             ds.dir().display()
-        );
+        )));
     }
     Ok(names)
 }

@@ -1,0 +1,371 @@
+//! Open-ended training on a dataset that keeps growing: the daemon's loop.
+//!
+//! The loop owns the [`Run`]; the daemon's other threads steer it through
+//! [`Controls`]: a stop (SIGTERM/SIGINT), a checkpoint request (SIGUSR1), "the dataset
+//! changed" (the ingester, after each commit), and reloaded [`Settings`] (SIGHUP).
+//!
+//! - **Schedule.** Open-ended: `[optim] schedule = "constant"` (linear warm-up, then a
+//!   constant learning rate and a fixed τ = `tau_base`); a cosine schedule would reach
+//!   learning rate 0 and stop learning, so [`check_schedule`] refuses it.
+//! - **New data.** The ingester commits new shards; the loader samples them from its
+//!   next refresh boundary (`[loader] refresh_every_batches`), and `newest_share` of
+//!   every batch replays the `newest_records` most recent records.
+//! - **Idle.** After `idle_after_epochs` epochs with nothing new, the loop checkpoints
+//!   and sleeps until the dataset changes (no step, no CPU or GPU time).
+//! - **Divergence.** A non-finite loss never reaches a checkpoint: the run rolls back
+//!   to the newest good checkpoint and goes on with the next batch.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use byol_augment::Augmenter;
+use byol_ingest::Dataset;
+use byol_loader::{Loader, LoaderConfig};
+use byol_trainer::{OptimConfig, Schedule, Trainer};
+
+use crate::{
+    CheckpointPolicy, FaultPoints, Monitor, Run, RunDir, RunError, RunParts, StepReport, resume,
+};
+
+/// Consecutive rollbacks without a good step in between before the loop gives up.
+const MAX_ROLLBACKS_IN_A_ROW: u32 = 3;
+/// How often a waiting loop looks at its controls when nothing wakes it.
+const WAIT_TICK: Duration = Duration::from_millis(500);
+
+/// The loop's settings that a reload may change while it runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    /// Checkpoint cadence and retention.
+    pub policy: CheckpointPolicy,
+    /// Metrics line every this many steps.
+    pub log_every: u64,
+    /// Pause after this many epochs without new data (0: never pause).
+    pub idle_after_epochs: u64,
+}
+
+/// What the daemon's other threads tell the training loop (thread-safe, shared).
+pub struct Controls {
+    stop: AtomicI32,
+    checkpoint: AtomicBool,
+    generation: AtomicU64,
+    settings: Mutex<Settings>,
+    wake: (Mutex<()>, Condvar),
+}
+
+impl Controls {
+    /// Controls with the first settings.
+    pub fn new(settings: Settings) -> Self {
+        Controls {
+            stop: AtomicI32::new(0),
+            checkpoint: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            settings: Mutex::new(settings),
+            wake: (Mutex::new(()), Condvar::new()),
+        }
+    }
+
+    /// Stop after the current step, with a checkpoint; `signal` is reported back.
+    pub fn request_stop(&self, signal: i32) {
+        self.stop.store(signal.max(1), Ordering::SeqCst);
+        self.wake();
+    }
+
+    /// The stop asked for, if any (its signal number).
+    pub fn stop_requested(&self) -> Option<i32> {
+        Some(self.stop.load(Ordering::SeqCst)).filter(|&s| s != 0)
+    }
+
+    /// Checkpoint after the current step.
+    pub fn request_checkpoint(&self) {
+        self.checkpoint.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+
+    /// The dataset changed (records added, retired or relabelled).
+    pub fn data_changed(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.wake();
+    }
+
+    /// Replaces the reloadable settings; they apply before the next step.
+    pub fn update(&self, settings: Settings) {
+        *self.settings.lock().unwrap() = settings;
+        self.wake();
+    }
+
+    /// The current settings.
+    pub fn settings(&self) -> Settings {
+        *self.settings.lock().unwrap()
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    fn wake(&self) {
+        let _guard = self.wake.0.lock().unwrap();
+        self.wake.1.notify_all();
+    }
+
+    /// Sleeps until woken or `timeout`.
+    fn wait(&self, timeout: Duration) {
+        let guard = self.wake.0.lock().unwrap();
+        let _ = self.wake.1.wait_timeout(guard, timeout).unwrap();
+    }
+}
+
+/// What the loop reports as it goes (the daemon logs it and shows it).
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// Resumed from a checkpoint (passing over damaged newer ones).
+    Resumed {
+        /// The checkpoint.
+        path: &'a Path,
+        /// Its step.
+        step: u64,
+        /// Newer checkpoints passed over, with the reason.
+        skipped: &'a [(PathBuf, String)],
+    },
+    /// Waiting for the dataset to hold one batch of records.
+    Waiting {
+        /// Live records now.
+        records: usize,
+        /// Records needed.
+        needed: usize,
+    },
+    /// Training (again).
+    Training {
+        /// Steps done.
+        step: u64,
+    },
+    /// A step was taken.
+    Step(&'a StepReport),
+    /// A checkpoint was written.
+    Checkpoint {
+        /// Its folder.
+        path: &'a Path,
+        /// Its step.
+        step: u64,
+    },
+    /// Paused: nothing new for `epochs` epochs.
+    Paused {
+        /// Epochs without new data.
+        epochs: u64,
+    },
+    /// A non-finite loss was rolled back.
+    RolledBack {
+        /// The step that diverged.
+        step: u64,
+        /// The checkpoint restored (`None`: restarted from the seed).
+        to: Option<&'a Path>,
+        /// The step restored.
+        to_step: u64,
+    },
+}
+
+/// Everything the loop needs to start.
+pub struct Setup {
+    /// The run folder (locked by the caller).
+    pub dir: RunDir,
+    /// A fresh trainer (the loop resumes it from the run's checkpoints).
+    pub trainer: Trainer,
+    /// The dataset folder the ingester fills.
+    pub data: PathBuf,
+    /// BYOL's two views.
+    pub augmenter: Augmenter,
+    /// Batches and sampling.
+    pub loader: LoaderConfig,
+    /// Optional kNN monitor.
+    pub monitor: Option<Monitor>,
+    /// Test fault points.
+    pub faults: FaultPoints,
+}
+
+/// Refuses a schedule that ends: open-ended training needs `schedule = "constant"`.
+pub fn check_schedule(optim: &OptimConfig) -> Result<(), RunError> {
+    if optim.schedule == Schedule::Cosine {
+        return Err(RunError::Resume(
+            "[optim] schedule = \"cosine\" decays the learning rate to 0 at total_steps and \
+             stops learning; continuous training needs schedule = \"constant\" (warm-up, then \
+             a constant learning rate and a fixed tau)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Trains until [`Controls::request_stop`]: resumes from the run's newest good
+/// checkpoint, waits for one batch of records, then steps, checkpoints, pauses and
+/// rolls back as the module docs say. Returns the stop's signal number after the
+/// last step is checkpointed.
+///
+/// Errors: no usable checkpoint where there are some, a checkpoint for another model,
+/// the loader cannot start, a step or a write failed (the last good step is
+/// checkpointed first when it can be), or rollbacks keep failing.
+pub fn train_continuously(
+    setup: Setup,
+    controls: &Controls,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<i32, RunError> {
+    let Setup {
+        dir,
+        mut trainer,
+        data,
+        augmenter,
+        loader: loader_cfg,
+        monitor,
+        faults,
+    } = setup;
+    let resumed = resume(&mut trainer, &dir.checkpoints())?;
+    if let Some(r) = &resumed {
+        on_event(Event::Resumed {
+            path: &r.path,
+            step: r.meta.step,
+            skipped: &r.skipped,
+        });
+    }
+    let state = resumed.and_then(|r| r.run.loader);
+    let needed_shards = state.map_or(0, |s| s.shards as usize);
+    // The loader needs one batch of records (and, resuming, the shards it had).
+    let mut waiting_reported = None;
+    let dataset = loop {
+        if let Some(sig) = controls.stop_requested() {
+            return Ok(sig);
+        }
+        if let Ok(ds) = Dataset::open(&data) {
+            let records = ds.live_records().count();
+            if records >= loader_cfg.batch_size && ds.shards().len() >= needed_shards {
+                break ds;
+            }
+            if waiting_reported != Some(records) {
+                waiting_reported = Some(records);
+                on_event(Event::Waiting {
+                    records,
+                    needed: loader_cfg.batch_size,
+                });
+            }
+        }
+        controls.wait(WAIT_TICK);
+    };
+    let settings = controls.settings();
+    let view_size = augmenter.size();
+    let loader = Loader::new(dataset, augmenter, loader_cfg, state)?;
+    let (mut run, dropped) = Run::start(RunParts {
+        dir,
+        trainer,
+        loader,
+        view_size,
+        policy: settings.policy,
+        log_every: settings.log_every,
+        monitor,
+        export_latest: true,
+        faults,
+    })?;
+    if dropped > 0 {
+        tracing::info!(dropped, "metrics lines past the resumed step dropped");
+    }
+    on_event(Event::Training {
+        step: run.trainer().steps_done(),
+    });
+    let outcome = steps(&mut run, controls, settings, on_event);
+    // Whatever ended the loop, the last good step is kept.
+    if run.has_unsaved_steps() {
+        match run.checkpoint() {
+            Ok(path) => on_event(Event::Checkpoint {
+                path: &path,
+                step: run.trainer().steps_done(),
+            }),
+            Err(e) if outcome.is_ok() => return Err(e),
+            Err(e) => tracing::error!(error = %e, "the last checkpoint failed too"),
+        }
+    }
+    outcome
+}
+
+fn steps(
+    run: &mut Run,
+    controls: &Controls,
+    mut settings: Settings,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<i32, RunError> {
+    let mut seen_generation = controls.generation();
+    let mut last_new_epoch = run.epoch();
+    let mut rollbacks = 0;
+    loop {
+        if let Some(sig) = controls.stop_requested() {
+            return Ok(sig);
+        }
+        let now = controls.settings();
+        if now != settings {
+            settings = now;
+            run.set_policy(settings.policy);
+            run.set_log_every(settings.log_every);
+            tracing::info!(?settings, "settings reloaded");
+        }
+        if controls.checkpoint.swap(false, Ordering::SeqCst) && run.has_unsaved_steps() {
+            let path = run.checkpoint()?;
+            on_event(Event::Checkpoint {
+                path: &path,
+                step: run.trainer().steps_done(),
+            });
+        }
+        let generation = controls.generation();
+        if generation != seen_generation {
+            seen_generation = generation;
+            last_new_epoch = run.epoch();
+        }
+        let idle_epochs = run.epoch().saturating_sub(last_new_epoch);
+        if settings.idle_after_epochs > 0 && idle_epochs >= settings.idle_after_epochs {
+            if run.has_unsaved_steps() {
+                let path = run.checkpoint()?;
+                on_event(Event::Checkpoint {
+                    path: &path,
+                    step: run.trainer().steps_done(),
+                });
+            }
+            on_event(Event::Paused {
+                epochs: idle_epochs,
+            });
+            while controls.generation() == seen_generation && controls.stop_requested().is_none() {
+                controls.wait(WAIT_TICK);
+            }
+            if let Some(sig) = controls.stop_requested() {
+                return Ok(sig);
+            }
+            seen_generation = controls.generation();
+            last_new_epoch = run.epoch();
+            on_event(Event::Training {
+                step: run.trainer().steps_done(),
+            });
+            continue;
+        }
+        match run.step(false) {
+            Ok(report) => {
+                rollbacks = 0;
+                on_event(Event::Step(&report));
+                if let Some(path) = &report.checkpoint {
+                    on_event(Event::Checkpoint {
+                        path,
+                        step: report.stats.step,
+                    });
+                }
+            }
+            Err(RunError::NonFiniteLoss { step, loss }) => {
+                rollbacks += 1;
+                tracing::warn!(step, loss, "non-finite loss: rolling back");
+                if rollbacks > MAX_ROLLBACKS_IN_A_ROW {
+                    return Err(RunError::NonFiniteLoss { step, loss });
+                }
+                let to = run.rollback()?;
+                on_event(Event::RolledBack {
+                    step,
+                    to: to.as_deref(),
+                    to_step: run.trainer().steps_done(),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! One training run between steps: [`Run::step`] takes a batch, steps the trainer,
+//! logs, and checkpoints when the policy says so.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use byol_loader::{Loader, LoaderState};
+use byol_trainer::eval::{Encoder, export_encoder};
+use byol_trainer::{StepStats, Trainer, checkpoint};
+
+use crate::{
+    CheckpointPolicy, MetricsLine, MetricsSink, Monitor, RunDir, RunError, RunMeta, resume,
+};
+
+/// Test hook: abort the process (as `kill -9` would) right after this step's metrics
+/// line, so a test can crash a run at a known step.
+const ABORT_AT_STEP_ENV: &str = "BYOL_TEST_ABORT_AT_STEP";
+/// Test hook: fail with an error right after this step's metrics line.
+const FAIL_AT_STEP_ENV: &str = "BYOL_TEST_FAIL_AT_STEP";
+/// Test hook: report this step's loss as NaN (what a diverging run produces), once.
+const NAN_AT_STEP_ENV: &str = "BYOL_TEST_NAN_AT_STEP";
+
+/// Deterministic fault points for tests, read from the environment
+/// (`BYOL_TEST_ABORT_AT_STEP`, `BYOL_TEST_FAIL_AT_STEP`, `BYOL_TEST_NAN_AT_STEP`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultPoints {
+    /// Abort the process after this step.
+    pub abort_at: Option<u64>,
+    /// Return [`RunError::InjectedFault`] after this step.
+    pub fail_at: Option<u64>,
+    /// Report this step's loss as NaN (the first time the step is reached).
+    pub nan_at: Option<u64>,
+}
+
+impl FaultPoints {
+    /// The fault points set in the environment (none in normal use).
+    pub fn from_env() -> Self {
+        let step = |key: &str| std::env::var(key).ok().and_then(|v| v.parse().ok());
+        FaultPoints {
+            abort_at: step(ABORT_AT_STEP_ENV),
+            fail_at: step(FAIL_AT_STEP_ENV),
+            nan_at: step(NAN_AT_STEP_ENV),
+        }
+    }
+}
+
+/// What a run is made of.
+pub struct RunParts {
+    /// The run folder (locked by the caller).
+    pub dir: RunDir,
+    /// The trainer, resumed or fresh.
+    pub trainer: Trainer,
+    /// The loader, started from the resumed position.
+    pub loader: Loader,
+    /// Side of the square views in pixels.
+    pub view_size: u32,
+    /// When to checkpoint and how many to keep.
+    pub policy: CheckpointPolicy,
+    /// Log (metrics line, `tracing` event) every this many steps.
+    pub log_every: u64,
+    /// kNN accuracy every N steps, when configured.
+    pub monitor: Option<Monitor>,
+    /// Write `RUN/encoder-latest.safetensors` after every checkpoint.
+    pub export_latest: bool,
+    /// Test fault points.
+    pub faults: FaultPoints,
+}
+
+/// One step's outcome.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// Loss, learning rate, τ, collapse indicator and the step number.
+    pub stats: StepStats,
+    /// Loader epoch of the batch.
+    pub epoch: u64,
+    /// Images in the batch.
+    pub images: usize,
+    /// The metrics line, when this step was logged.
+    pub line: Option<MetricsLine>,
+    /// The checkpoint written after this step, if the policy made one.
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// A training run between steps (see the crate docs).
+pub struct Run {
+    dir: RunDir,
+    trainer: Trainer,
+    loader: Loader,
+    metrics: MetricsSink,
+    policy: CheckpointPolicy,
+    log_every: u64,
+    monitor: Option<Monitor>,
+    export_latest: bool,
+    faults: FaultPoints,
+    view_size: u32,
+    /// Loader state and epoch after the last completed step (what a checkpoint records).
+    last_state: LoaderState,
+    last_epoch: u64,
+    /// When, and at which step, the last checkpoint was written (or the run started).
+    last_ckpt: (Instant, u64),
+    /// Images and data wait since the last logged step, and when that was.
+    window: (Instant, u64, Duration),
+    started: Instant,
+    /// A step produced a non-finite loss and the weights hold its update: nothing may
+    /// be checkpointed until [`Run::rollback`].
+    poisoned: bool,
+}
+
+impl Run {
+    /// Starts a run: opens `metrics.jsonl`, dropping lines past the trainer's step.
+    /// Returns the run and the number of dropped lines.
+    pub fn start(parts: RunParts) -> Result<(Self, usize), RunError> {
+        let step = parts.trainer.steps_done();
+        let (metrics, dropped) = MetricsSink::open(&parts.dir.metrics(), step)?;
+        let state = parts.loader.state();
+        let now = Instant::now();
+        Ok((
+            Run {
+                dir: parts.dir,
+                last_epoch: state.epoch,
+                last_state: state,
+                trainer: parts.trainer,
+                loader: parts.loader,
+                metrics,
+                policy: parts.policy,
+                log_every: parts.log_every.max(1),
+                monitor: parts.monitor,
+                export_latest: parts.export_latest,
+                faults: parts.faults,
+                view_size: parts.view_size,
+                last_ckpt: (now, step),
+                window: (now, 0, Duration::ZERO),
+                started: now,
+                poisoned: false,
+            },
+            dropped,
+        ))
+    }
+
+    /// One step: the next batch through the trainer; a metrics line every `log_every`
+    /// steps (or when `force_log`, or when the monitor measures); a checkpoint when the
+    /// policy says so.
+    ///
+    /// Errors: the step failed, the metrics could not be written, the checkpoint failed;
+    /// [`RunError::NonFiniteLoss`] when the loss is NaN or infinite (nothing is
+    /// checkpointed from then until [`Run::rollback`]).
+    pub fn step(&mut self, force_log: bool) -> Result<StepReport, RunError> {
+        let size = self.view_size as usize;
+        let wait_start = Instant::now();
+        let batch = self.loader.next_batch();
+        self.window.2 += wait_start.elapsed();
+        let mut stats = self.trainer.step(batch.view1(), batch.view2(), size)?;
+        let images = batch.len();
+        let epoch = batch.epoch;
+        drop(batch);
+        self.window.1 += images as u64;
+        self.last_state = self.loader.state();
+        self.last_epoch = epoch;
+        if self.faults.nan_at == Some(stats.step) {
+            self.faults.nan_at = None;
+            stats.loss = f32::NAN;
+        }
+        if !stats.loss.is_finite() {
+            self.poisoned = true;
+            return Err(RunError::NonFiniteLoss {
+                step: stats.step,
+                loss: stats.loss,
+            });
+        }
+        let knn = match &self.monitor {
+            Some(m) if m.due(stats.step) => Some(m.measure(&self.trainer)?),
+            _ => None,
+        };
+        let line = if force_log || stats.step.is_multiple_of(self.log_every) || knn.is_some() {
+            Some(self.log(&stats, epoch, knn)?)
+        } else {
+            None
+        };
+        if self.faults.abort_at == Some(stats.step) {
+            std::process::abort();
+        }
+        if self.faults.fail_at == Some(stats.step) {
+            return Err(RunError::InjectedFault {
+                step: stats.step,
+                key: FAIL_AT_STEP_ENV,
+            });
+        }
+        let checkpoint = if self.checkpoint_due() {
+            Some(self.checkpoint()?)
+        } else {
+            None
+        };
+        Ok(StepReport {
+            stats,
+            epoch,
+            images,
+            line,
+            checkpoint,
+        })
+    }
+
+    /// Writes the metrics line of a step that [`Run::step`] did not log (the last step
+    /// of a run that ends on a deadline).
+    pub fn log_last(&mut self, report: &StepReport) -> Result<MetricsLine, RunError> {
+        self.log(&report.stats, report.epoch, None)
+    }
+
+    fn log(
+        &mut self,
+        stats: &StepStats,
+        epoch: u64,
+        knn: Option<crate::Measurement>,
+    ) -> Result<MetricsLine, RunError> {
+        let secs = self.window.0.elapsed().as_secs_f64().max(1e-9);
+        let line = MetricsLine {
+            step: stats.step,
+            epoch,
+            loss: stats.loss,
+            lr: stats.lr,
+            tau: stats.tau,
+            collapse: stats.collapse,
+            images_per_sec: self.window.1 as f64 / secs,
+            data_wait_secs: self.window.2.as_secs_f64(),
+            elapsed_secs: self.started.elapsed().as_secs_f64(),
+            skipped_records: self.loader.stats().skipped,
+            knn_accuracy: knn.map(|k| k.accuracy),
+            knn_skipped_records: knn.map(|k| k.skipped as u64),
+        };
+        self.metrics.append(&line)?;
+        tracing::info!(
+            step = stats.step,
+            epoch,
+            loss = stats.loss,
+            collapse = stats.collapse,
+            lr = stats.lr,
+            tau = stats.tau,
+            images_per_sec = line.images_per_sec,
+            knn_accuracy = line.knn_accuracy,
+            "step"
+        );
+        self.window = (Instant::now(), 0, Duration::ZERO);
+        Ok(line)
+    }
+
+    /// True when the policy wants a checkpoint now.
+    pub fn checkpoint_due(&self) -> bool {
+        self.policy.due(
+            self.trainer.steps_done() - self.last_ckpt.1.min(self.trainer.steps_done()),
+            self.last_ckpt.0.elapsed(),
+        )
+    }
+
+    /// True when steps were taken since the last checkpoint (or the start).
+    pub fn has_unsaved_steps(&self) -> bool {
+        self.trainer.steps_done() != self.last_ckpt.1
+    }
+
+    /// Checkpoints the last completed step, keeps the newest `keep_last`, and (when
+    /// asked for) writes `encoder-latest.safetensors`. Returns the checkpoint folder.
+    ///
+    /// Errors: the weights hold a non-finite step's update (see [`Run::rollback`]), or
+    /// a file cannot be written; the previous checkpoints are intact either way.
+    pub fn checkpoint(&mut self) -> Result<PathBuf, RunError> {
+        if self.poisoned {
+            return Err(RunError::Resume(format!(
+                "not checkpointing step {}: a non-finite loss reached the weights",
+                self.trainer.steps_done()
+            )));
+        }
+        let dir = self.dir.checkpoints();
+        let meta = RunMeta {
+            epoch: self.last_epoch,
+            loader: Some(self.last_state),
+        };
+        let path = checkpoint::save(&dir, &self.trainer, Some(self.view_size), meta.to_json())?;
+        checkpoint::prune(&dir, self.policy.keep_last)?;
+        self.last_ckpt = (Instant::now(), self.trainer.steps_done());
+        tracing::info!(step = self.trainer.steps_done(), path = %path.display(), "checkpoint written");
+        if self.export_latest {
+            let cfg = self.trainer.config();
+            let enc = Encoder::from_model(
+                self.trainer.model(),
+                &cfg.model,
+                self.trainer.steps_done(),
+                cfg.train.kernels,
+                self.trainer.device(),
+            )?;
+            export_encoder(&enc, &self.dir.encoder_latest())?;
+        }
+        Ok(path)
+    }
+
+    /// Puts the weights, optimizer and step back to the newest usable checkpoint (after
+    /// a non-finite loss); the loader goes on from where it is, so the batch that
+    /// diverged is not replayed. Without a checkpoint the trainer starts afresh from its
+    /// seed. Metrics lines past the restored step are dropped. Returns the checkpoint
+    /// used.
+    pub fn rollback(&mut self) -> Result<Option<PathBuf>, RunError> {
+        let mut fresh = Trainer::new(self.trainer.config().clone(), self.trainer.batch_size())?;
+        let resumed = resume(&mut fresh, &self.dir.checkpoints())?;
+        self.trainer = fresh;
+        self.poisoned = false;
+        self.metrics.truncate_to(self.trainer.steps_done())?;
+        self.last_ckpt = (Instant::now(), self.trainer.steps_done());
+        Ok(resumed.map(|r| r.path))
+    }
+
+    /// The trainer.
+    pub fn trainer(&self) -> &Trainer {
+        &self.trainer
+    }
+
+    /// The trainer, mutably (e.g. to fit the schedules to a time budget).
+    pub fn trainer_mut(&mut self) -> &mut Trainer {
+        &mut self.trainer
+    }
+
+    /// The loader.
+    pub fn loader(&self) -> &Loader {
+        &self.loader
+    }
+
+    /// The run folder.
+    pub fn dir(&self) -> &RunDir {
+        &self.dir
+    }
+
+    /// Replaces the checkpoint policy (a reloaded config).
+    pub fn set_policy(&mut self, policy: CheckpointPolicy) {
+        self.policy = policy;
+    }
+
+    /// Replaces the logging interval (a reloaded config).
+    pub fn set_log_every(&mut self, every: u64) {
+        self.log_every = every.max(1);
+    }
+
+    /// Loader epoch after the last completed step.
+    pub fn epoch(&self) -> u64 {
+        self.last_epoch
+    }
+}
