@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use byol_ingest::{Codec, Compression, Layout};
 use byol_trainer::eval::ProbeConfig;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -31,6 +32,10 @@ pub enum Command {
     Preview(PreviewArgs),
     /// Pretrain an encoder with BYOL on a dataset.
     Train(TrainArgs),
+    /// Keep pretraining while images arrive in watched folders (the service).
+    Daemon(DaemonArgs),
+    /// Check a config file: every table parsed, every value in range.
+    Validate(ValidateArgs),
     /// Evaluate a checkpoint's frozen encoder: linear probe and kNN on labelled data.
     Eval(EvalArgs),
     /// Write a checkpoint's online encoder as a torchvision ResNet state_dict.
@@ -290,38 +295,20 @@ pub struct PreviewArgs {
     pub size: Option<u32>,
 }
 
-/// Payload codec choices.
-#[derive(Debug, Clone, Copy, ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CodecArg {
-    /// Raw RGB8 pixels (fastest to read).
-    #[serde(alias = "raw-rgb8")]
-    Raw,
-    /// The original JPEG/PNG/WebP bytes (smallest for large photos).
-    Encoded,
+/// `byol daemon`.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Config file with a [daemon] table (watch, data, run; see configs/daemon.toml).
+    #[arg(long)]
+    pub config: PathBuf,
 }
 
-/// Record compression choices.
-#[derive(Debug, Clone, Copy, ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CompressionArg {
-    /// One zstd frame per record (about half the disk for raw pixels).
-    Zstd,
-    /// Stored as is (fastest to read; the loader skips decompression).
-    None,
-}
-
-/// Source layout choices.
-#[derive(Debug, Clone, Copy, ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum LayoutArg {
-    /// ImageFolder when a first-level subfolder holds files (root images stay
-    /// unlabelled), flat otherwise; a folder keeps the layout of its first ingest.
-    Auto,
-    /// Class = first-level subfolder.
-    Imagefolder,
-    /// Unlabelled, every image in the tree.
-    Flat,
+/// `byol validate`.
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Config file to check ([daemon] checked too when present).
+    #[arg(long)]
+    pub config: PathBuf,
 }
 
 /// `byol ingest`.
@@ -336,19 +323,22 @@ pub struct IngestArgs {
     /// Read settings from the [ingest] table of this TOML file; flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Layout of source folders [default: auto].
-    #[arg(long, value_enum)]
-    pub layout: Option<LayoutArg>,
-    /// Payload codec of a new dataset [default: raw].
-    #[arg(long, value_enum)]
-    pub codec: Option<CodecArg>,
+    /// Layout of source folders: auto (ImageFolder when a first-level subfolder holds
+    /// files, flat otherwise; a folder keeps the layout of its first ingest),
+    /// imagefolder (class = first-level subfolder) or flat [default: auto].
+    #[arg(long)]
+    pub layout: Option<Layout>,
+    /// Payload codec of a new dataset: raw (RGB8 pixels, fastest to read) or encoded
+    /// (the original JPEG/PNG/WebP bytes, smallest for large photos) [default: raw].
+    #[arg(long)]
+    pub codec: Option<Codec>,
     /// Resize so the short side is at most this many pixels; 0 keeps the decoded size
     /// [default for a new dataset: 256].
     #[arg(long)]
     pub max_side: Option<u32>,
-    /// Compression of new shards [default: zstd].
-    #[arg(long, value_enum)]
-    pub compression: Option<CompressionArg>,
+    /// Compression of new shards: zstd (one frame per record) or none [default: zstd].
+    #[arg(long)]
+    pub compression: Option<Compression>,
     /// zstd level of each record [default: 3].
     #[arg(long)]
     pub zstd_level: Option<i32>,

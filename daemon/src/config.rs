@@ -1,11 +1,9 @@
 //! The TOML config file (`configs/default.toml` documents every key).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::Deserialize;
-
-use crate::cli::{CodecArg, CompressionArg, LayoutArg};
 
 /// The whole config file. Unknown keys are errors.
 #[derive(Debug, Default, Deserialize)]
@@ -13,7 +11,7 @@ use crate::cli::{CodecArg, CompressionArg, LayoutArg};
 pub struct Config {
     /// Settings of `byol ingest`.
     #[serde(default)]
-    pub ingest: IngestConfig,
+    pub ingest: byol_ingest::IngestConfig,
     /// BYOL's two views (`preset`, `size`, `view1`, `view2`); see `configs/default.toml`.
     #[serde(default)]
     pub augment: Option<byol_augment::AugmentConfig>,
@@ -32,40 +30,160 @@ pub struct Config {
     /// Optional kNN accuracy on small labelled datasets while training.
     #[serde(default)]
     pub monitor: Option<byol_run::MonitorConfig>,
+    /// `byol daemon`: watched folders, dataset and run folders, idle and watch knobs.
+    #[serde(default)]
+    pub daemon: Option<DaemonConfig>,
 }
 
-/// The `[ingest]` table; every key is optional and a command-line flag overrides it.
-#[derive(Debug, Default, Deserialize)]
+/// The `[daemon]` table (`configs/default.toml` documents every key).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct IngestConfig {
-    /// `auto`, `imagefolder` or `flat`.
-    pub layout: Option<LayoutArg>,
-    /// `raw` or `encoded`.
-    pub codec: Option<CodecArg>,
-    /// Short-side limit in pixels, 0 to keep the decoded size.
-    pub max_side: Option<u32>,
-    /// `zstd` or `none`.
-    pub compression: Option<CompressionArg>,
-    /// zstd level of each record.
-    pub zstd_level: Option<i32>,
-    /// JPEG quality when the encoded codec must re-encode.
-    pub jpeg_quality: Option<u8>,
-    /// Target shard size in MiB.
-    pub shard_size_mib: Option<u64>,
-    /// Worker threads, 0 for one per core.
-    pub threads: Option<usize>,
-    /// Largest accepted image in megapixels.
-    pub max_megapixels: Option<u64>,
-    /// Shortest time between two manifest saves during a run.
-    pub commit_interval_secs: Option<f64>,
+pub struct DaemonConfig {
+    /// Folders watched recursively: a path, or `{ path, layout }`.
+    pub watch: Vec<WatchEntry>,
+    /// Dataset folder the daemon ingests into.
+    pub data: PathBuf,
+    /// Run folder (checkpoints, metrics, encoder-latest.safetensors).
+    pub run: PathBuf,
+    /// Address of the metrics endpoint (loopback unless asked otherwise).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Seconds a file's size and mtime must stay unchanged before it is ingested.
+    #[serde(default = "default_settle")]
+    pub settle_secs: f64,
+    /// Poll the folders instead of using inotify (network filesystems); also the
+    /// fallback when a watch cannot be registered.
+    #[serde(default)]
+    pub poll: bool,
+    /// Seconds between two polls.
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval_secs: f64,
+    /// Pause training after this many epochs without new data (0: never).
+    #[serde(default = "default_idle")]
+    pub idle_after_epochs: u64,
+    /// New records are sampled within this many steps of their commit (sets
+    /// `[loader] refresh_every_batches` when that is 0).
+    #[serde(default = "default_new_data_within")]
+    pub new_data_within_steps: u64,
+    /// Threads for ingest and the loader together (0: one per core); ingest gets
+    /// half, at a lower priority.
+    #[serde(default)]
+    pub threads: usize,
+    /// Seconds a stop (SIGTERM/SIGINT) may take to finish the step and checkpoint
+    /// before the process exits anyway.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_secs: f64,
+}
+
+/// One watched folder.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum WatchEntry {
+    /// A folder with `[ingest] layout`.
+    Path(PathBuf),
+    /// A folder with its own layout.
+    Folder {
+        /// The folder.
+        path: PathBuf,
+        /// `auto`, `imagefolder` or `flat`.
+        layout: Option<byol_ingest::Layout>,
+    },
+}
+
+impl WatchEntry {
+    /// The folder and its layout (`default` when it sets none).
+    pub fn resolve(&self, default: byol_ingest::Layout) -> (PathBuf, byol_ingest::Layout) {
+        match self {
+            WatchEntry::Path(p) => (p.clone(), default),
+            WatchEntry::Folder { path, layout } => (path.clone(), layout.unwrap_or(default)),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+fn default_settle() -> f64 {
+    2.0
+}
+fn default_poll_interval() -> f64 {
+    5.0
+}
+fn default_idle() -> u64 {
+    3
+}
+fn default_new_data_within() -> u64 {
+    100
+}
+fn default_stop_timeout() -> f64 {
+    90.0
 }
 
 impl Config {
-    /// Reads and checks a config file.
+    /// Reads and parses a config file (unknown keys are errors).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    /// The trainer's part.
+    pub fn trainer(&self) -> byol_trainer::TrainerConfig {
+        byol_trainer::TrainerConfig {
+            model: self.model.clone(),
+            optim: self.optim.clone(),
+            train: self.train.clone(),
+        }
+    }
+
+    /// Checks every value a run reads, naming the table and key of the first bad one;
+    /// with `daemon`, also the `[daemon]` table and an open-ended schedule.
+    pub fn validate(&self, daemon: bool) -> anyhow::Result<()> {
+        self.trainer().validate()?;
+        self.loader.validate().context("invalid [loader]")?;
+        byol_augment::Augmenter::new(self.augment.clone().unwrap_or_default())
+            .context("invalid [augment]")?;
+        self.ingest.ingester_options().context("invalid [ingest]")?;
+        if !daemon {
+            return Ok(());
+        }
+        let d = self
+            .daemon
+            .as_ref()
+            .context("no [daemon] table: byol daemon needs watch, data and run")?;
+        byol_run::continuous::check_schedule(&self.optim)?;
+        anyhow::ensure!(
+            !d.watch.is_empty(),
+            "[daemon] watch: name at least one folder"
+        );
+        for entry in &d.watch {
+            let (path, _) = entry.resolve(self.ingest.layout());
+            anyhow::ensure!(
+                path.is_dir(),
+                "[daemon] watch: {} is not a folder",
+                path.display()
+            );
+        }
+        let secs = |key: &str, v: f64| {
+            anyhow::ensure!(
+                v.is_finite() && v >= 0.0,
+                "[daemon] {key}: must be a non-negative number of seconds, not {v}"
+            );
+            Ok(())
+        };
+        secs("settle_secs", d.settle_secs)?;
+        secs("poll_interval_secs", d.poll_interval_secs)?;
+        secs("stop_timeout_secs", d.stop_timeout_secs)?;
+        anyhow::ensure!(
+            d.poll_interval_secs > 0.0,
+            "[daemon] poll_interval_secs: must be above 0"
+        );
+        let addr: std::net::SocketAddr = d
+            .listen
+            .parse()
+            .with_context(|| format!("[daemon] listen: {:?} is not an address:port", d.listen))?;
+        let _ = addr;
+        Ok(())
     }
 }
 

@@ -3,13 +3,10 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use byol_ingest::{
-    Codec, Compression, DecodeLimits, IngestOptions, IngestReport, Layout, SettingsOverride,
-    SourceChange,
-};
+use byol_ingest::{IngestConfig, IngestOptions, IngestReport, SourceChange};
 
-use crate::cli::{CodecArg, CompressionArg, IngestArgs, LayoutArg};
-use crate::config::{Config, IngestConfig};
+use crate::cli::IngestArgs;
+use crate::config::Config;
 use crate::progress::{Bar, stored_vs_raw};
 
 /// Exit status when `--fail-if-empty` is given and nothing was added.
@@ -19,46 +16,23 @@ const REJECTS_SHOWN: usize = 10;
 
 /// Runs `byol ingest`.
 pub fn run(args: IngestArgs) -> anyhow::Result<ExitCode> {
-    let cfg = match &args.config {
+    let file = match &args.config {
         Some(path) => Config::load(path)?.ingest,
         None => IngestConfig::default(),
     };
-    let mut opts = IngestOptions::new(args.sources, args.out);
-    opts.layout = match args.layout.or(cfg.layout).unwrap_or(LayoutArg::Auto) {
-        LayoutArg::Auto => Layout::Auto,
-        LayoutArg::Imagefolder => Layout::ImageFolder,
-        LayoutArg::Flat => Layout::Flat,
+    let flags = IngestConfig {
+        layout: args.layout,
+        codec: args.codec,
+        max_side: args.max_side,
+        compression: args.compression,
+        zstd_level: args.zstd_level,
+        jpeg_quality: args.jpeg_quality,
+        shard_size_mib: args.shard_size_mib,
+        threads: args.threads,
+        max_megapixels: args.max_megapixels,
+        commit_interval_secs: args.commit_interval_secs,
     };
-    opts.settings = SettingsOverride {
-        codec: args.codec.or(cfg.codec).map(|c| match c {
-            CodecArg::Raw => Codec::RawRgb8,
-            CodecArg::Encoded => Codec::Encoded,
-        }),
-        max_side: args.max_side.or(cfg.max_side),
-        compression: args.compression.or(cfg.compression).map(|c| match c {
-            CompressionArg::Zstd => Compression::Zstd,
-            CompressionArg::None => Compression::None,
-        }),
-        zstd_level: args.zstd_level.or(cfg.zstd_level),
-        jpeg_quality: args.jpeg_quality.or(cfg.jpeg_quality),
-    };
-    if let Some(mib) = args.shard_size_mib.or(cfg.shard_size_mib) {
-        opts.shard_bytes = mib.saturating_mul(1 << 20);
-    }
-    opts.threads = args.threads.or(cfg.threads).unwrap_or(0);
-    if let Some(mp) = args.max_megapixels.or(cfg.max_megapixels) {
-        opts.limits = DecodeLimits {
-            max_pixels: mp.saturating_mul(1_000_000),
-            ..DecodeLimits::default()
-        };
-    }
-    if let Some(secs) = args.commit_interval_secs.or(cfg.commit_interval_secs) {
-        anyhow::ensure!(
-            secs.is_finite() && secs >= 0.0,
-            "commit interval must be a non-negative number of seconds, not {secs}"
-        );
-        opts.commit_interval = std::time::Duration::from_secs_f64(secs);
-    }
+    let opts = file.or(&flags).ingest_options(args.sources, args.out)?;
     let report = ingest_with_bar(&opts)?;
     if args.json {
         // The summary's counts, with every change and reject listed.

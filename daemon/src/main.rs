@@ -3,6 +3,7 @@
 mod bench_cmd;
 mod cli;
 mod config;
+mod daemon_cmd;
 mod demo;
 mod eval_cmd;
 mod export_cmd;
@@ -12,6 +13,7 @@ mod plot_cmd;
 mod preview_cmd;
 mod progress;
 mod train_cmd;
+mod watch;
 
 use std::process::ExitCode;
 
@@ -38,6 +40,8 @@ fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         Some(cli::Command::Inspect(args)) => inspect_cmd::run(args),
         Some(cli::Command::Preview(args)) => preview_cmd::run(args),
         Some(cli::Command::Train(args)) => train_cmd::run(args),
+        Some(cli::Command::Daemon(args)) => daemon_cmd::run(args),
+        Some(cli::Command::Validate(args)) => daemon_cmd::validate(args),
         Some(cli::Command::Eval(args)) => eval_cmd::run(args),
         Some(cli::Command::Export(args)) => export_cmd::run(args),
         Some(cli::Command::Plot(args)) => plot_cmd::run(args),

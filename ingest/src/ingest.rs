@@ -239,46 +239,77 @@ pub fn ingest(opts: &IngestOptions, progress: &dyn Progress) -> Result<IngestRep
             threads: opts.threads,
             limits: opts.limits,
             commit_interval: opts.commit_interval,
+            background: false,
         },
         progress,
     )?;
+    let roots: Vec<(PathBuf, Layout)> = sources
+        .into_iter()
+        .map(|(_, root)| (root, opts.layout))
+        .collect();
+    let scanned = scan_roots(&mut ing, &roots, Some(&opts.out))?;
+    let mut report = ing.finish()?;
+    report.summary.ignored = scanned.ignored;
+    report.summary.roots = scanned.roots;
+    report.summary.warnings.extend(scanned.warnings);
+    Ok(report)
+}
+
+/// What [`scan_roots`] found beside the ingester's own report.
+#[derive(Debug, Default)]
+pub(crate) struct Scanned {
+    /// Each root's layout and why.
+    pub roots: Vec<RootReport>,
+    /// Files skipped by name.
+    pub ignored: u64,
+    /// Warnings (root images stored unlabelled, roots left alone).
+    pub warnings: Vec<String>,
+}
+
+/// Scans each canonical `root` (with the layout asked for it), adds what is new or
+/// changed, and reconciles the dataset with what each scan found: the body of
+/// [`ingest()`], and of a long-lived follower's start-up scan.
+pub(crate) fn scan_roots(
+    ing: &mut Ingester<'_>,
+    roots: &[(PathBuf, Layout)],
+    exclude: Option<&std::path::Path>,
+) -> Result<Scanned, IngestError> {
     // Each folder scanned, and whether any of its files is an image.
     let mut reconciled: Vec<(PathBuf, bool)> = Vec::new();
     let mut unreadable = Vec::new();
     let mut candidates = Vec::new();
     let mut seen = HashSet::new();
-    let mut roots = Vec::new();
-    let mut ignored = 0;
-    let mut warnings = Vec::new();
-    for (src, root) in sources {
+    let mut out = Scanned::default();
+    for (root, asked) in roots {
+        let (root, asked) = (root.clone(), *asked);
         let source_err = |source| IngestError::Source {
-            path: src.clone(),
+            path: root.clone(),
             source,
         };
         // A folder inside a folder ingested before (a class folder given on its own)
         // keeps the labels that folder gives it.
-        let enclosing = (opts.layout == Layout::Auto && root.is_dir())
+        let enclosing = (asked == Layout::Auto && root.is_dir())
             .then(|| ing.manifest().enclosing_root(&root))
             .flatten();
         let kept = ing.manifest().root_layout(&root);
-        let layout = match (opts.layout, kept, &enclosing) {
+        let layout = match (asked, kept, &enclosing) {
             (Layout::Auto, _, Some(_)) => Layout::Flat,
             (Layout::Auto, Some(kept), None) => kept,
             (asked, _, _) => asked,
         };
-        let mut scan = source::scan(&root, layout, Some(&opts.out)).map_err(source_err)?;
+        let mut scan = source::scan(&root, layout, exclude).map_err(source_err)?;
         if let Some((outer, outer_layout)) = &enclosing {
             if *outer_layout == Layout::ImageFolder {
                 source::label_from(outer, &mut scan.candidates);
             }
             scan.layout = *outer_layout;
-            roots.push(RootReport {
+            out.roots.push(RootReport {
                 path: root.clone(),
                 layout: *outer_layout,
                 reason: format!("as the folder it is in, {}", outer.display()),
             });
         } else if root.is_dir() {
-            let reason = match (&scan.layout_reason, opts.layout, kept) {
+            let reason = match (&scan.layout_reason, asked, kept) {
                 (Some(r), _, _) => format!("auto: {r}"),
                 (None, Layout::Auto, _) => "as recorded for this folder".into(),
                 (None, _, Some(k)) if k != scan.layout => {
@@ -287,23 +318,23 @@ pub fn ingest(opts: &IngestOptions, progress: &dyn Progress) -> Result<IngestRep
                 (None, _, _) => "as asked".into(),
             };
             // A layout chosen from nothing (an empty folder) is not kept.
-            if !scan.candidates.is_empty() || opts.layout != Layout::Auto {
+            if !scan.candidates.is_empty() || asked != Layout::Auto {
                 ing.set_root_layout(&root, scan.layout);
             }
-            roots.push(RootReport {
+            out.roots.push(RootReport {
                 path: root.clone(),
                 layout: scan.layout,
                 reason,
             });
         }
         if scan.root_images > 0 {
-            warnings.push(format!(
+            out.warnings.push(format!(
                 "{} image(s) at the root of {} (a tree of class folders) are stored unlabelled",
                 scan.root_images,
                 root.display()
             ));
         }
-        ignored += scan.ignored;
+        out.ignored += scan.ignored;
         // Whatever a scan could not read (a file, or a whole subfolder) is not gone.
         unreadable.extend(scan.rejects.iter().map(|r| r.path.clone()));
         ing.note_rejects(scan.rejects);
@@ -326,7 +357,7 @@ pub fn ingest(opts: &IngestOptions, progress: &dyn Progress) -> Result<IngestRep
     for (root, has_image) in &reconciled {
         let recorded = ing.sources_under(root);
         if !recorded.is_empty() && root.is_dir() && !has_image {
-            warnings.push(format!(
+            out.warnings.push(format!(
                 "{} holds no image file but the dataset has {} source(s) there: nothing \
                  retired (an unmounted disk?)",
                 root.display(),
@@ -341,11 +372,7 @@ pub fn ingest(opts: &IngestOptions, progress: &dyn Progress) -> Result<IngestRep
             ing.retire(&path)?;
         }
     }
-    let mut report = ing.finish()?;
-    report.summary.ignored = ignored;
-    report.summary.roots = roots;
-    report.summary.warnings.extend(warnings);
-    Ok(report)
+    Ok(out)
 }
 
 fn validate_options(opts: &IngestOptions) -> Result<(), IngestError> {

@@ -50,6 +50,9 @@ pub struct IngesterOptions {
     pub limits: DecodeLimits,
     /// Shortest time between two manifest saves while adding (the last save is always made).
     pub commit_interval: Duration,
+    /// Run the worker threads at a lower scheduling priority (nice 10 on Linux): a
+    /// long-lived ingester beside training takes the cores training leaves idle.
+    pub background: bool,
 }
 
 impl Default for IngesterOptions {
@@ -60,6 +63,19 @@ impl Default for IngesterOptions {
             threads: 0,
             limits: DecodeLimits::default(),
             commit_interval: Duration::from_secs(10),
+            background: false,
+        }
+    }
+}
+
+/// Lowers the calling thread's scheduling priority (Linux: per-thread nice 10).
+fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain system calls on the calling thread's own id; no memory is shared.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        if libc::setpriority(libc::PRIO_PROCESS, tid, 10) != 0 {
+            tracing::debug!("could not lower an ingest thread's priority");
         }
     }
 }
@@ -124,9 +140,15 @@ impl<'p> Ingester<'p> {
             None => Manifest::new(resolve_settings(&opts.settings)),
         };
         let leftovers = remove_leftovers(out, &work).map_err(output_err)?;
+        let background = opts.background;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(opts.threads)
             .thread_name(|i| format!("byol-ingest-{i}"))
+            .start_handler(move |_| {
+                if background {
+                    lower_thread_priority();
+                }
+            })
             .build()
             .map_err(|e| IngestError::InvalidOption {
                 key: "threads",
@@ -292,6 +314,13 @@ impl<'p> Ingester<'p> {
 
     /// Commits, appends the rejects and changes reports, and returns what was done.
     pub fn finish(mut self) -> Result<IngestReport, IngestError> {
+        self.flush()
+    }
+
+    /// Commits, appends the rejects and changes reports, and returns what was done
+    /// since the last flush (or the open); the ingester stays open. What a long-lived
+    /// ingester calls after each batch of files.
+    pub fn flush(&mut self) -> Result<IngestReport, IngestError> {
         self.commit()?;
         let mut summary = std::mem::take(&mut self.summary);
         for r in &self.rejects {
@@ -309,6 +338,7 @@ impl<'p> Ingester<'p> {
             .map_err(output_err)?;
         summary.generation = self.work.generation;
         summary.seconds = self.started.elapsed().as_secs_f64();
+        self.started = Instant::now();
         Ok(IngestReport {
             summary,
             rejects: std::mem::take(&mut self.rejects),

@@ -7,6 +7,8 @@
 //!   the dataset with its sources (vanished files retired, moved files relabelled);
 //! - [`Ingester`]: the engine under it, a dataset opened for writing file by file (add,
 //!   retire, relabel, commit), for long-lived ingesters;
+//! - [`Follower`]: an [`Ingester`] kept in step with watched folders, path by path
+//!   (the daemon's), and [`Settler`], which decides when a changed file is complete;
 //! - [`Dataset`]: a packed dataset opened for reading;
 //! - [`inspect`]: statistics and verification of a dataset.
 //!
@@ -21,9 +23,11 @@
 //! ```
 
 pub mod change;
+mod config;
 pub mod dataset;
 pub mod decode;
 mod encode;
+pub mod follow;
 pub mod fsutil;
 pub mod idx;
 mod ingest;
@@ -32,12 +36,15 @@ pub mod inspect;
 pub mod manifest;
 mod pipeline;
 pub mod reject;
+pub mod settle;
 pub mod shard;
 pub mod source;
 
 pub use change::SourceChange;
+pub use config::IngestConfig;
 pub use dataset::{Dataset, DatasetError, RecordRef, RecordScratch, Sample};
 pub use decode::DecodeLimits;
+pub use follow::{Follower, WatchRoot};
 pub use ingest::{
     IngestError, IngestOptions, IngestReport, IngestSummary, NoProgress, Progress, RootReport,
     SettingsOverride, ingest,
@@ -45,5 +52,6 @@ pub use ingest::{
 pub use ingester::{Ingester, IngesterOptions, LOCK_FILE};
 pub use manifest::{IngestSettings, Manifest};
 pub use reject::{Reject, RejectReason};
+pub use settle::Settler;
 pub use shard::{Codec, Compression};
 pub use source::Layout;

@@ -32,9 +32,36 @@ pub const NO_LABEL: u32 = u32::MAX;
 #[serde(rename_all = "kebab-case")]
 pub enum Codec {
     /// Raw RGB8 pixels, row-major, `width * height * 3` bytes.
+    #[serde(alias = "raw")]
     RawRgb8,
     /// An encoded image file (JPEG, PNG or WebP), decoded by content.
     Encoded,
+}
+
+impl std::str::FromStr for Codec {
+    type Err = String;
+
+    /// `raw` (or `raw-rgb8`), `encoded`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "raw" | "raw-rgb8" => Ok(Codec::RawRgb8),
+            "encoded" => Ok(Codec::Encoded),
+            _ => Err(format!("unknown codec {s:?} (expected raw or encoded)")),
+        }
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    /// `zstd`, `none`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "zstd" => Ok(Compression::Zstd),
+            "none" => Ok(Compression::None),
+            _ => Err(format!("unknown compression {s:?} (expected zstd or none)")),
+        }
+    }
 }
 
 impl Codec {

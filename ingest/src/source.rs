@@ -19,6 +19,7 @@ pub enum Layout {
     #[default]
     Auto,
     /// Label = name of the first-level subfolder.
+    #[serde(alias = "imagefolder")]
     ImageFolder,
     /// Every image in the tree, unlabelled.
     Flat,
@@ -31,6 +32,22 @@ impl Layout {
             Layout::Auto => "auto",
             Layout::ImageFolder => "image-folder",
             Layout::Flat => "flat",
+        }
+    }
+}
+
+impl std::str::FromStr for Layout {
+    type Err = String;
+
+    /// `auto`, `imagefolder` (or `image-folder`), `flat`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Layout::Auto),
+            "imagefolder" | "image-folder" => Ok(Layout::ImageFolder),
+            "flat" => Ok(Layout::Flat),
+            _ => Err(format!(
+                "unknown layout {s:?} (expected auto, imagefolder or flat)"
+            )),
         }
     }
 }
@@ -355,7 +372,7 @@ pub fn scan(src: &Path, layout: Layout, exclude: Option<&Path>) -> io::Result<Sc
 
 /// The class of `path` in an image-folder tree rooted at `root`: the first folder below
 /// `root`; `None` for a file right in `root` (or outside it).
-fn class_of(root: &Path, path: &Path) -> Option<String> {
+pub(crate) fn class_of(root: &Path, path: &Path) -> Option<String> {
     let mut parts = path.strip_prefix(root).ok()?.components();
     let first = parts.next()?;
     parts

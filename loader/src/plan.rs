@@ -147,7 +147,7 @@ impl EpochPlan {
         self.refresh_every > 0
             && batch > 0
             && batch < self.batches
-            && batch % self.refresh_every == 0
+            && batch.is_multiple_of(self.refresh_every)
     }
 
     /// The same epoch's order from this plan's end to the next refresh boundary, over
@@ -214,10 +214,9 @@ impl EpochPlan {
 /// End of the segment that starts at `first_batch`: the next multiple of `every` (the
 /// same boundaries whatever batch a resumed loader starts from), or the epoch's end.
 fn segment_end(first_batch: u64, batches: u64, every: u64) -> u64 {
-    if every == 0 {
-        batches
-    } else {
-        ((first_batch / every + 1) * every).min(batches)
+    match first_batch.checked_div(every) {
+        None => batches,
+        Some(segment) => ((segment + 1) * every).min(batches),
     }
 }
 

@@ -1,0 +1,399 @@
+//! `byol daemon` and `byol validate`: the shell around continuous training. Signals,
+//! the folder watcher and the ingest thread live here; the logic is in the libraries
+//! (`byol_ingest::Follower`, `byol_run::continuous`).
+//!
+//! Signals: SIGTERM/SIGINT finish the step, checkpoint and exit 0 (a second one exits
+//! at once, status 128 + signal); SIGUSR1 checkpoints; SIGHUP reloads the config.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use byol_augment::Augmenter;
+use byol_ingest::{Follower, IngestReport, Settler};
+use byol_loader::Output;
+use byol_run::continuous::{self, Controls, Event, Settings, Setup};
+use byol_run::{CheckpointPolicy, FaultPoints, Monitor, RunDir};
+use byol_trainer::Trainer;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+
+use crate::cli::{DaemonArgs, ValidateArgs};
+use crate::config::{Config, DaemonConfig};
+use crate::watch::{Change, watch};
+
+/// Runs `byol validate`: the config is parsed and every value checked.
+pub fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
+    let cfg = Config::load(&args.config)?;
+    cfg.validate(cfg.daemon.is_some())
+        .with_context(|| format!("invalid config {}", args.config.display()))?;
+    println!("{}: valid", args.config.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The reloadable settings of a config.
+fn settings(cfg: &Config, d: &DaemonConfig) -> Settings {
+    Settings {
+        policy: CheckpointPolicy::from_train(&cfg.train),
+        log_every: cfg.train.log_every,
+        idle_after_epochs: d.idle_after_epochs,
+    }
+}
+
+/// Runs `byol daemon`.
+pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
+    let cfg = Config::load(&args.config)?;
+    cfg.validate(true)
+        .with_context(|| format!("invalid config {}", args.config.display()))?;
+    let d = cfg.daemon.clone().expect("validated");
+    let dir = RunDir::new(&d.run);
+    let _lock = dir.lock().with_context(|| {
+        format!(
+            "cannot start: is another byol daemon running on {}?",
+            d.run.display()
+        )
+    })?;
+
+    // Thread budget: the loader gets it all, ingest half of it at a lower priority.
+    let budget = match d.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let mut ingest_cfg = cfg.ingest.clone();
+    ingest_cfg.threads = Some(ingest_cfg.threads.unwrap_or((budget / 2).max(1)));
+    let mut ingest_opts = ingest_cfg.ingester_options()?;
+    ingest_opts.background = true;
+    let roots: Vec<(PathBuf, byol_ingest::Layout)> = d
+        .watch
+        .iter()
+        .map(|w| w.resolve(cfg.ingest.layout()))
+        .collect();
+    let mut follower = Follower::open(&d.data, &roots, ingest_opts)
+        .with_context(|| format!("cannot open dataset {}", d.data.display()))?;
+    let report = follower
+        .scan_all()
+        .context("start-up scan of the watched folders")?;
+    println!("start-up scan: {}", describe(&report));
+    for w in &report.summary.warnings {
+        eprintln!("warning: {w}");
+    }
+
+    let controls = Arc::new(Controls::new(settings(&cfg, &d)));
+    let stop_ingest = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let watched: Vec<PathBuf> = follower.roots().iter().map(|r| r.path.clone()).collect();
+    let watchers = watch(
+        &watched,
+        d.poll,
+        Duration::from_secs_f64(d.poll_interval_secs),
+        &tx,
+    )?;
+    // A new folder's files may predate its watch: the ingest thread scans new folders.
+    let ingest = spawn_ingest(
+        follower,
+        rx,
+        Duration::from_secs_f64(d.settle_secs),
+        controls.clone(),
+        stop_ingest.clone(),
+    )?;
+    let signals = spawn_signals(&args.config, &cfg, controls.clone(), d.stop_timeout_secs)?;
+
+    let mut loader_cfg = cfg.loader.clone();
+    loader_cfg.output = Output::F32;
+    if loader_cfg.threads == 0 {
+        loader_cfg.threads = budget;
+    }
+    if loader_cfg.refresh_every_batches == 0 {
+        loader_cfg.refresh_every_batches = d.new_data_within_steps.max(1);
+    }
+    let augmenter = Augmenter::new(cfg.augment.clone().unwrap_or_default())?;
+    let monitor = match &cfg.monitor {
+        Some(m) => Some(Monitor::open(m, augmenter.size())?),
+        None => None,
+    };
+    let trainer = Trainer::new(cfg.trainer(), loader_cfg.batch_size)?;
+    let setup = Setup {
+        dir,
+        trainer,
+        data: d.data.clone(),
+        augmenter,
+        loader: loader_cfg,
+        monitor,
+        faults: FaultPoints::from_env(),
+    };
+    let started = Instant::now();
+    let outcome = continuous::train_continuously(setup, &controls, &mut report_event);
+    stop_ingest.store(true, Ordering::SeqCst);
+    drop(watchers);
+    drop(tx);
+    let ingest_result = ingest.join().expect("the ingest thread does not panic");
+    drop(signals);
+    let sig = outcome?;
+    ingest_result?;
+    println!(
+        "stopped by signal {sig} after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints what the training loop reports (and logs it).
+fn report_event(e: Event) {
+    match e {
+        Event::Resumed {
+            path,
+            step,
+            skipped,
+        } => {
+            for (p, why) in skipped {
+                eprintln!("warning: passed over checkpoint {}: {why}", p.display());
+            }
+            println!("resumed from {} (step {step})", path.display());
+        }
+        Event::Waiting { records, needed } => {
+            println!("waiting for images: {records} of the {needed} one batch needs");
+        }
+        Event::Training { step } => println!("training from step {step}"),
+        Event::Step(r) => {
+            if let Some(line) = &r.line {
+                println!(
+                    "step {} epoch {} loss {:.4} lr {:.4} tau {:.4} {:.0} img/s",
+                    line.step, line.epoch, line.loss, line.lr, line.tau, line.images_per_sec
+                );
+            }
+        }
+        Event::Checkpoint { path, step } => {
+            println!("checkpoint step {step}: {}", path.display());
+        }
+        Event::Paused { epochs } => {
+            println!("paused: nothing new for {epochs} epochs; waiting for images");
+            tracing::info!(epochs, "training paused");
+        }
+        Event::RolledBack { step, to, to_step } => {
+            let to = to.map_or("a fresh start".to_owned(), |p| p.display().to_string());
+            eprintln!(
+                "warning: non-finite loss at step {step}: rolled back to {to} (step {to_step})"
+            );
+        }
+    }
+}
+
+/// One line on what an ingest batch did.
+fn describe(r: &IngestReport) -> String {
+    let s = &r.summary;
+    let mut parts = vec![format!("{} new image(s)", s.ingested)];
+    if s.rejected_total() > 0 {
+        let reasons: Vec<String> = s
+            .rejected
+            .iter()
+            .map(|(reason, n)| format!("{n} {}", reason.as_str()))
+            .collect();
+        parts.push(format!("rejected {}", reasons.join(", ")));
+    }
+    if s.retired > 0 {
+        parts.push(format!("retired {}", s.retired));
+    }
+    if s.relabelled > 0 {
+        parts.push(format!("relabelled {}", s.relabelled));
+    }
+    if s.duplicates > 0 {
+        parts.push(format!("{} duplicate(s)", s.duplicates));
+    }
+    parts.join(", ")
+}
+
+/// True when an ingest batch changed what training samples or how it is labelled.
+fn changed(r: &IngestReport) -> bool {
+    let s = &r.summary;
+    s.ingested > 0 || s.retired > 0 || s.relabelled > 0 || !r.changes.is_empty()
+}
+
+/// The ingest thread: settles changed paths and hands them to the follower; a lost
+/// event stream triggers a full scan.
+fn spawn_ingest(
+    mut follower: Follower,
+    rx: Receiver<Change>,
+    settle: Duration,
+    controls: Arc<Controls>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
+    let tick = (settle / 4).clamp(Duration::from_millis(50), Duration::from_millis(250));
+    let body = move || -> anyhow::Result<()> {
+        let mut settler = Settler::new(settle);
+        let mut rescan = false;
+        while !stop.load(Ordering::SeqCst) {
+            match rx.recv_timeout(tick) {
+                Ok(Change::Paths(paths)) => {
+                    let now = Instant::now();
+                    for (p, complete) in paths {
+                        if complete {
+                            settler.note_complete(p, now);
+                        } else {
+                            settler.note(p, now);
+                        }
+                    }
+                }
+                Ok(Change::Rescan) => rescan = true,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            let report = if rescan {
+                rescan = false;
+                Some(follower.scan_all()?)
+            } else {
+                let ready = settler.take_ready(Instant::now());
+                if ready.is_empty() {
+                    None
+                } else {
+                    Some(follower.apply(&ready)?)
+                }
+            };
+            if let Some(report) = report
+                && (changed(&report) || report.summary.rejected_total() > 0)
+            {
+                println!("ingest: {}", describe(&report));
+                for r in report.rejects.iter().take(10) {
+                    eprintln!(
+                        "rejected {}: {} ({})",
+                        r.path.display(),
+                        r.reason.as_str(),
+                        r.detail
+                    );
+                }
+                if changed(&report) {
+                    controls.data_changed();
+                }
+            }
+        }
+        Ok(())
+    };
+    std::thread::Builder::new()
+        .name("byol-ingest".into())
+        .spawn(body)
+        .context("cannot start the ingest thread")
+}
+
+/// Handles the daemon's signals on their own thread (see the module docs).
+fn spawn_signals(
+    config: &Path,
+    cfg: &Config,
+    controls: Arc<Controls>,
+    stop_timeout: f64,
+) -> anyhow::Result<signal_hook::iterator::Handle> {
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])
+        .context("cannot install the signal handlers")?;
+    let handle = signals.handle();
+    let config = config.to_owned();
+    let mut current = toml_tables(&config).unwrap_or_default();
+    let _ = cfg;
+    std::thread::Builder::new()
+        .name("byol-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                match sig {
+                    SIGTERM | SIGINT => {
+                        if controls.stop_requested().is_some() {
+                            eprintln!("second signal {sig}: exiting now");
+                            std::process::exit(128 + sig);
+                        }
+                        println!("signal {sig}: finishing the step, checkpointing, stopping");
+                        controls.request_stop(sig);
+                        let limit = Duration::from_secs_f64(stop_timeout);
+                        std::thread::spawn(move || {
+                            std::thread::sleep(limit);
+                            eprintln!(
+                                "error: the stop took longer than stop_timeout_secs = {}; exiting",
+                                limit.as_secs_f64()
+                            );
+                            std::process::exit(1);
+                        });
+                    }
+                    SIGUSR1 => {
+                        println!("signal {sig}: checkpoint requested");
+                        controls.request_checkpoint();
+                    }
+                    SIGHUP => reload(&config, &mut current, &controls),
+                    _ => {}
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(handle)
+}
+
+/// Keys a reload applies while the daemon runs; any other change needs a restart.
+const RELOADABLE: [(&str, &[&str]); 2] = [
+    (
+        "train",
+        &[
+            "log_every",
+            "checkpoint_every_steps",
+            "checkpoint_every_minutes",
+            "keep_last",
+        ],
+    ),
+    ("daemon", &["idle_after_epochs"]),
+];
+
+/// The config file as TOML tables (for comparing a reload with what runs).
+fn toml_tables(path: &Path) -> anyhow::Result<toml::Table> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(toml::from_str(&text)?)
+}
+
+/// SIGHUP: the config is read and validated again; a bad one is reported and the
+/// running one kept. Reloadable keys apply before the next step; changes to other keys
+/// are named as needing a restart.
+fn reload(path: &Path, current: &mut toml::Table, controls: &Controls) {
+    let checked = Config::load(path).and_then(|cfg| {
+        cfg.validate(true)?;
+        Ok((cfg, toml_tables(path)?))
+    });
+    let (cfg, tables) = match checked {
+        Ok(ok) => ok,
+        Err(e) => {
+            eprintln!("error: reload refused, the running config is kept: {e:#}");
+            tracing::error!(error = format!("{e:#}"), "reload refused");
+            return;
+        }
+    };
+    let mut needs_restart = Vec::new();
+    let empty = toml::Table::new();
+    let names: std::collections::BTreeSet<&String> = current.keys().chain(tables.keys()).collect();
+    for name in names {
+        let old = current
+            .get(name)
+            .and_then(|v| v.as_table())
+            .unwrap_or(&empty);
+        let new = tables
+            .get(name)
+            .and_then(|v| v.as_table())
+            .unwrap_or(&empty);
+        let reloadable = RELOADABLE
+            .iter()
+            .find(|(t, _)| t == name)
+            .map_or(&[][..], |(_, keys)| *keys);
+        for key in old.keys().chain(new.keys()) {
+            if old.get(key) != new.get(key) && !reloadable.contains(&key.as_str()) {
+                needs_restart.push(format!("[{name}] {key}"));
+            }
+        }
+    }
+    needs_restart.sort();
+    needs_restart.dedup();
+    let d = cfg.daemon.as_ref().expect("validated");
+    controls.update(settings(&cfg, d));
+    *current = tables;
+    println!("config reloaded from {}", path.display());
+    tracing::info!("config reloaded");
+    if !needs_restart.is_empty() {
+        eprintln!(
+            "warning: changed keys that apply at the next restart: {}",
+            needs_restart.join(", ")
+        );
+    }
+}
