@@ -74,6 +74,18 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         .collect();
     let mut follower = Follower::open(&d.data, &roots, ingest_opts)
         .with_context(|| format!("cannot open dataset {}", d.data.display()))?;
+    let controls = Arc::new(Controls::new(settings(&cfg, &d)));
+    let stop_ingest = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let watched: Vec<PathBuf> = follower.roots().iter().map(|r| r.path.clone()).collect();
+    // Watch first, then scan: a file that lands during the scan is seen by one or the
+    // other (or both: an unchanged file costs a stat).
+    let watchers = watch(
+        &watched,
+        d.poll,
+        Duration::from_secs_f64(d.poll_interval_secs),
+        &tx,
+    )?;
     let report = follower
         .scan_all()
         .context("start-up scan of the watched folders")?;
@@ -82,16 +94,6 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         eprintln!("warning: {w}");
     }
 
-    let controls = Arc::new(Controls::new(settings(&cfg, &d)));
-    let stop_ingest = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let watched: Vec<PathBuf> = follower.roots().iter().map(|r| r.path.clone()).collect();
-    let watchers = watch(
-        &watched,
-        d.poll,
-        Duration::from_secs_f64(d.poll_interval_secs),
-        &tx,
-    )?;
     // A new folder's files may predate its watch: the ingest thread scans new folders.
     let ingest = spawn_ingest(
         follower,

@@ -1,130 +1,242 @@
-//! The no-argument demo: packs an embedded sample of photos, reports on it, and draws
-//! BYOL's two views of a few of them.
+//! The no-argument demo: the daemon on an embedded default, on CPU, in a few minutes.
+//!
+//! Generates a small labelled image set (`textures`), starts `byol daemon` on an empty
+//! watched folder, feeds it images in waves (written in place and renamed into place),
+//! lets it train, stops it with SIGTERM, and prints the kNN accuracy of the trained
+//! encoder beside the same encoder at random init.
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::process::{Child, Command, ExitCode};
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use byol_ingest::{Dataset, IngestOptions, inspect};
+use anyhow::{Context, bail};
+use byol_ingest::{IngestOptions, NoProgress};
 
-/// The embedded sample: 16 photos, 128 px (see assets/sample/SOURCES.txt).
-const SAMPLE: [(&str, &[u8]); 16] = [
-    (
-        "photo_00.jpg",
-        include_bytes!("../assets/sample/photo_00.jpg"),
-    ),
-    (
-        "photo_01.jpg",
-        include_bytes!("../assets/sample/photo_01.jpg"),
-    ),
-    (
-        "photo_02.jpg",
-        include_bytes!("../assets/sample/photo_02.jpg"),
-    ),
-    (
-        "photo_03.jpg",
-        include_bytes!("../assets/sample/photo_03.jpg"),
-    ),
-    (
-        "photo_04.jpg",
-        include_bytes!("../assets/sample/photo_04.jpg"),
-    ),
-    (
-        "photo_05.jpg",
-        include_bytes!("../assets/sample/photo_05.jpg"),
-    ),
-    (
-        "photo_06.jpg",
-        include_bytes!("../assets/sample/photo_06.jpg"),
-    ),
-    (
-        "photo_07.jpg",
-        include_bytes!("../assets/sample/photo_07.jpg"),
-    ),
-    (
-        "photo_08.jpg",
-        include_bytes!("../assets/sample/photo_08.jpg"),
-    ),
-    (
-        "photo_09.jpg",
-        include_bytes!("../assets/sample/photo_09.jpg"),
-    ),
-    (
-        "photo_10.jpg",
-        include_bytes!("../assets/sample/photo_10.jpg"),
-    ),
-    (
-        "photo_11.jpg",
-        include_bytes!("../assets/sample/photo_11.jpg"),
-    ),
-    (
-        "photo_12.jpg",
-        include_bytes!("../assets/sample/photo_12.jpg"),
-    ),
-    (
-        "photo_13.jpg",
-        include_bytes!("../assets/sample/photo_13.jpg"),
-    ),
-    (
-        "photo_14.jpg",
-        include_bytes!("../assets/sample/photo_14.jpg"),
-    ),
-    (
-        "photo_15.jpg",
-        include_bytes!("../assets/sample/photo_15.jpg"),
-    ),
-];
+use crate::textures::{CLASSES, Draws, texture};
 
 /// Folder the demo works in, relative to the current directory.
 pub const DEMO_DIR: &str = "byol-demo";
+/// Training images per class, arriving in [`WAVES`] waves.
+const TRAIN_PER_CLASS: u32 = 128;
+/// Test images per class (the kNN queries).
+const TEST_PER_CLASS: u32 = 64;
+/// Waves of images dropped into the watched folder.
+const WAVES: u32 = 4;
+/// Steps trained before the demo stops the daemon (`BYOL_DEMO_STEPS` overrides it).
+const STEPS: u64 = 3000;
 
-/// Writes the sample to `dir` (unchanged files are left alone, so re-runs are incremental).
-pub fn write_sample(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    for (name, bytes) in SAMPLE {
-        let path = dir.join(name);
-        if std::fs::read(&path).ok().as_deref() != Some(bytes) {
-            std::fs::write(&path, bytes)
-                .with_context(|| format!("cannot write {}", path.display()))?;
+/// The daemon's config: a width-8 ResNet-18 on 16-px views, AdamW at a constant
+/// learning rate after warm-up (continuous training has no end to decay to).
+fn config(dir: &Path, steps: u64) -> String {
+    let p = |name: &str| dir.join(name).display().to_string();
+    format!(
+        r#"# Written by the byol demo.
+[augment]
+preset = "small"
+size = 16
+[loader]
+batch_size = 32
+threads = 2
+seed = 1
+newest_share = 0.25
+newest_records = 128
+[model]
+arch = "resnet18"
+width = 8
+small_stem = true
+projector_hidden = 128
+projection_dim = 32
+predictor_hidden = 128
+[optim]
+optimizer = "adamw"
+base_lr = 3e-3
+warmup_steps = 10
+tau_base = 0.99
+schedule = "constant"
+[train]
+device = "cpu"
+seed = 1
+log_every = {log_every}
+checkpoint_every_steps = {checkpoint_every}
+keep_last = 2
+[ingest]
+max_side = 0
+[daemon]
+watch = [{{ path = "{incoming}", layout = "imagefolder" }}]
+data = "{data}"
+run = "{run}"
+settle_secs = 0.5
+idle_after_epochs = 0
+new_data_within_steps = 20
+"#,
+        incoming = p("incoming"),
+        data = p("dataset"),
+        run = p("run"),
+        log_every = (steps / 12).clamp(1, 250),
+        checkpoint_every = (steps / 3).max(1),
+    )
+}
+
+/// Runs the demo.
+pub fn run() -> anyhow::Result<ExitCode> {
+    let root = std::path::absolute(DEMO_DIR)?;
+    let steps: u64 = match std::env::var("BYOL_DEMO_STEPS") {
+        Ok(v) => v.parse().context("BYOL_DEMO_STEPS must be a step count")?,
+        Err(_) => STEPS,
+    };
+    // A fresh start each time: the demo's own folders only.
+    for sub in ["incoming", "dataset", "run", "test", "test-src"] {
+        let p = root.join(sub);
+        if p.exists() {
+            std::fs::remove_dir_all(&p).with_context(|| format!("cannot clear {}", p.display()))?;
         }
+    }
+    let incoming = root.join("incoming");
+    std::fs::create_dir_all(&incoming)?;
+    println!(
+        "byol demo: continuous BYOL pretraining on {} generated textures ({} classes) \
+         arriving in {WAVES} waves, {steps} steps on CPU; work folder {}",
+        TRAIN_PER_CLASS * CLASSES.len() as u32,
+        CLASSES.len(),
+        root.display()
+    );
+    let test = test_set(&root)?;
+    let config_path = root.join("daemon.toml");
+    std::fs::write(&config_path, config(&root, steps))?;
+    let exe = std::env::current_exe()?;
+    let mut daemon = Command::new(&exe)
+        .args(["daemon", "--config"])
+        .arg(&config_path)
+        .spawn()
+        .context("cannot start byol daemon")?;
+    let outcome = feed_and_wait(&root, &incoming, steps, &mut daemon);
+    // SIGTERM: the daemon finishes its step, checkpoints and exits 0.
+    // SAFETY: sends a signal to our own child process, whose id we hold.
+    unsafe {
+        libc::kill(daemon.id() as i32, libc::SIGTERM);
+    }
+    let status = daemon.wait()?;
+    outcome?;
+    if !status.success() {
+        bail!("byol daemon exited with {status}");
+    }
+    println!(
+        "\nkNN (k = 20) on {} held-out textures:",
+        TEST_PER_CLASS * CLASSES.len() as u32
+    );
+    let eval = Command::new(&exe)
+        .args([
+            "eval",
+            "--protocol",
+            "knn",
+            "--k",
+            "20",
+            "--size",
+            "32",
+            "--random-init",
+        ])
+        .arg("--checkpoint")
+        .arg(root.join("run"))
+        .arg("--train")
+        .arg(root.join("dataset"))
+        .arg("--test")
+        .arg(&test)
+        .status()?;
+    if !eval.success() {
+        bail!("byol eval failed");
+    }
+    println!(
+        "\nNext: point configs/daemon.toml at your folders and run `byol daemon --config \
+         configs/daemon.toml`; `byol plot --run {}` draws the curves.",
+        root.join("run").display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The held-out test set, ingested into `root/test`.
+fn test_set(root: &Path) -> anyhow::Result<PathBuf> {
+    let src = root.join("test-src");
+    let mut d = Draws(2);
+    for (c, class) in CLASSES.iter().enumerate() {
+        std::fs::create_dir_all(src.join(class))?;
+        for i in 0..TEST_PER_CLASS {
+            texture(c, &mut d).save(src.join(class).join(format!("{i:03}.png")))?;
+        }
+    }
+    let out = root.join("test");
+    let mut opts = IngestOptions::new(vec![src], out.clone());
+    opts.settings.max_side = Some(0);
+    byol_ingest::ingest(&opts, &NoProgress)?;
+    Ok(out)
+}
+
+/// Drops the waves while the daemon trains, then waits for `steps` steps.
+fn feed_and_wait(
+    root: &Path,
+    incoming: &Path,
+    steps: u64,
+    daemon: &mut Child,
+) -> anyhow::Result<()> {
+    let per_wave = TRAIN_PER_CLASS / WAVES;
+    let mut d = Draws(1);
+    let metrics = root.join("run").join("metrics.jsonl");
+    let started = Instant::now();
+    for wave in 0..WAVES {
+        // Each wave lands when training has taken its share of the steps.
+        wait_for(daemon, || {
+            Ok(last_step(&metrics) >= wave as u64 * steps / (2 * WAVES as u64))
+        })?;
+        println!(
+            "demo: wave {} of {WAVES}: {} images",
+            wave + 1,
+            per_wave * CLASSES.len() as u32
+        );
+        for (c, class) in CLASSES.iter().enumerate() {
+            let dir = incoming.join(class);
+            std::fs::create_dir_all(&dir)?;
+            for i in wave * per_wave..(wave + 1) * per_wave {
+                let img = texture(c, &mut d);
+                let name = format!("{i:03}.png");
+                if i % 2 == 0 {
+                    img.save(dir.join(&name))?;
+                } else {
+                    // Written under a partial name, then renamed into place.
+                    let part = dir.join(format!("{name}.part"));
+                    img.save_with_format(&part, image::ImageFormat::Png)?;
+                    std::fs::rename(&part, dir.join(&name))?;
+                }
+            }
+        }
+    }
+    wait_for(daemon, || Ok(last_step(&metrics) >= steps))?;
+    println!(
+        "demo: {steps} steps in {:.0} s; stopping the daemon (SIGTERM)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Waits until `done`, failing if the daemon exits first.
+fn wait_for(
+    daemon: &mut Child,
+    mut done: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    while !done()? {
+        if let Some(status) = daemon.try_wait()? {
+            bail!("byol daemon exited early with {status}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
     Ok(())
 }
 
-/// Runs the demo: sample → ingest → inspect with verification.
-pub fn run() -> anyhow::Result<ExitCode> {
-    let root = PathBuf::from(DEMO_DIR);
-    let sample = root.join("sample");
-    let dataset = root.join("dataset");
-    println!(
-        "byol demo: packing the embedded sample ({} photos) into {}",
-        SAMPLE.len(),
-        dataset.display()
-    );
-    write_sample(&sample)?;
-    let opts = IngestOptions::new(vec![sample], dataset.clone());
-    let report = crate::ingest_cmd::ingest_with_bar(&opts)?;
-    crate::ingest_cmd::print_report(&report, &opts);
-    println!();
-    let ds = Dataset::open(&dataset)?;
-    crate::inspect_cmd::print_stats(&dataset.display().to_string(), &inspect::stats(&ds));
-    let bad = inspect::verify(&ds, &|_| {});
-    anyhow::ensure!(
-        bad.is_empty(),
-        "{} corrupt records in the demo dataset",
-        bad.len()
-    );
-    println!("verify           all {} records OK", ds.len());
-    let grid = root.join("preview.png");
-    let aug = byol_augment::Augmenter::new(byol_augment::AugmentConfig::byol(96))?;
-    let rows = crate::preview_cmd::write_grid(&aug, &dataset, &grid, 6, 0)?;
-    println!(
-        "preview          {} ({rows} rows: stored, BYOL view 1, view 2)",
-        grid.display()
-    );
-    println!(
-        "\nNext: `byol ingest YOUR_FOLDER --out DATASET`, `byol inspect DATASET --verify`,\n\
-         `byol preview DATASET --out grid.png`, `byol train --data DATASET --config configs/small.toml`."
-    );
-    Ok(ExitCode::SUCCESS)
+/// The last step logged in `metrics.jsonl` (0 before the first line).
+fn last_step(metrics: &Path) -> u64 {
+    std::fs::read_to_string(metrics)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["step"].as_u64())
+        .max()
+        .unwrap_or(0)
 }

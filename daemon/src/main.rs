@@ -12,6 +12,7 @@ mod inspect_cmd;
 mod plot_cmd;
 mod preview_cmd;
 mod progress;
+mod textures;
 mod train_cmd;
 mod watch;
 

@@ -236,20 +236,39 @@ fn killed_runs_leave_a_readable_dataset_and_the_next_run_completes() {
 #[test]
 fn no_arguments_runs_the_demo() {
     let dir = tempfile::tempdir().unwrap();
-    let o = byol().current_dir(dir.path()).output().unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("all 16 records OK"), "{}", text(&o));
-    let grid = image::open(dir.path().join("byol-demo/preview.png")).unwrap();
-    assert_eq!(
-        (grid.width(), grid.height()),
-        (3 * 96 + 4 * 4, 6 * 96 + 7 * 4)
-    );
+    // The demo's flow at a few steps (its full length is for people, not CI).
+    let o = byol()
+        .current_dir(dir.path())
+        .env("BYOL_DEMO_STEPS", "40")
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    for expected in [
+        "wave 4 of 4",
+        "ingest: ",
+        "training from step 0",
+        "stopped by signal 15",
+        "trained ",
+        "random-init ",
+    ] {
+        assert!(out.contains(expected), "no {expected:?} in:\n{out}");
+    }
     let o = run(&[
         "inspect",
         dir.path().join("byol-demo/dataset").to_str().unwrap(),
         "--json",
     ]);
-    assert_eq!(json(&o)["stats"]["records"], 16);
+    let records = json(&o)["stats"]["records"].as_u64().unwrap();
+    assert!(
+        (400..=512).contains(&records),
+        "{records} of 512 textures (a few coincide)"
+    );
+    assert!(
+        dir.path()
+            .join("byol-demo/run/encoder-latest.safetensors")
+            .is_file()
+    );
 }
 
 #[test]

@@ -2,10 +2,8 @@
 //! makes kNN accuracy beat the same encoder at random init, by a margin that holds for
 //! every seed tried.
 //!
-//! The set: four texture classes (horizontal stripes, vertical stripes, checkerboard,
-//! dots) at a random period (2 to 8 px), phase and polarity, in a random bright and a
-//! random dark gray. Random crops, flips and colour jitter keep every class's texture, so
-//! the class is what two views of an image share.
+//! The set: the demo's four texture classes (`src/textures.rs`), whose class is what
+//! two views of an image share.
 //!
 //! 512 training images (the kNN memory bank too), 256 test images, 3,000 steps of batch 32
 //! per seed (about 2.5 minutes each on 2 cores). BYOL first lowers kNN accuracy below a
@@ -20,51 +18,11 @@ use std::path::{Path, PathBuf};
 
 use common::{ingest, run, text};
 
-const CLASSES: [&str; 4] = ["horizontal", "vertical", "checker", "dots"];
+#[path = "../src/textures.rs"]
+#[allow(dead_code)]
+mod textures;
 
-/// SplitMix64: a seeded stream of draws for the generator.
-struct Draws(u64);
-
-impl Draws {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u32) -> u32 {
-        (self.next() % u64::from(n)) as u32
-    }
-}
-
-/// One 24 x 24 texture of class `class`.
-fn texture(class: usize, d: &mut Draws) -> image::RgbImage {
-    let half = 1 + d.below(4); // stripes 1-4 px wide
-    let period = 2 * half;
-    let (px, py) = (d.below(period), d.below(period));
-    let bright = [140 + d.below(116) as u8; 3];
-    let dark = [d.below(110) as u8; 3];
-    let (on, off) = if d.below(2) == 0 {
-        (bright, dark)
-    } else {
-        (dark, bright)
-    };
-    image::RgbImage::from_fn(24, 24, |x, y| {
-        let (bx, by) = (
-            ((x + px) / half).is_multiple_of(2),
-            ((y + py) / half).is_multiple_of(2),
-        );
-        let lit = match class {
-            0 => by,
-            1 => bx,
-            2 => bx != by,
-            _ => bx && by,
-        };
-        image::Rgb(if lit { on } else { off })
-    })
-}
+use textures::{CLASSES, Draws, texture};
 
 /// `per_class` textures of every class as an ImageFolder, ingested into `dir/name`.
 fn textures(dir: &Path, name: &str, per_class: u32, seed: u64) -> PathBuf {

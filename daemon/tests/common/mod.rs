@@ -1,4 +1,5 @@
 //! Helpers shared by the CLI test files: run the real `byol` binary, read its output.
+#![allow(dead_code)]
 
 use std::path::Path;
 use std::process::{Command, Output};

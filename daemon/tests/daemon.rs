@@ -1,0 +1,333 @@
+//! `byol daemon` end to end through the real binary: an empty watched folder, images
+//! in waves (written in place, slowly, renamed into place; deleted, replaced, moved to
+//! another class; a folder made with its files at once; bad files), SIGTERM, a restart
+//! that resumes the same step; bad configs at start and at SIGHUP; one daemon per run.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{byol, text};
+
+/// A distinct 32 x 32 PNG for each `n` (no two share content).
+fn png(n: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(32, 32, |x, y| {
+        image::Rgb([
+            (x * 7 + n * 13) as u8,
+            (y * 5 + n * 29) as u8,
+            ((x ^ y) + n * 3) as u8,
+        ])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+fn config(dir: &Path, log_every: u64) -> String {
+    format!(
+        r#"
+[augment]
+preset = "small"
+size = 16
+[loader]
+batch_size = 8
+threads = 1
+[model]
+arch = "resnet18"
+width = 4
+small_stem = true
+projector_hidden = 32
+projection_dim = 16
+predictor_hidden = 32
+[optim]
+optimizer = "adamw"
+base_lr = 1e-3
+warmup_steps = 5
+schedule = "constant"
+[train]
+device = "cpu"
+log_every = {log_every}
+checkpoint_every_steps = 25
+[ingest]
+max_side = 0
+[daemon]
+watch = [{{ path = "{watch}", layout = "imagefolder" }}]
+data = "{data}"
+run = "{run}"
+settle_secs = 0.4
+idle_after_epochs = 0
+new_data_within_steps = 4
+stop_timeout_secs = 60
+"#,
+        watch = dir.join("in").display(),
+        data = dir.join("data").display(),
+        run = dir.join("run").display(),
+    )
+}
+
+/// A running daemon with its output going to a file.
+struct Daemon {
+    child: Child,
+    out: PathBuf,
+}
+
+impl Daemon {
+    fn start(cfg: &Path, out: PathBuf) -> Daemon {
+        let log = File::create(&out).unwrap();
+        let child = byol()
+            .args(["daemon", "--config", cfg.to_str().unwrap()])
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        Daemon { child, out }
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    /// Waits (up to two minutes) until `done` holds for the output.
+    fn wait_for(&mut self, what: &str, done: impl Fn(&str) -> bool) {
+        let start = Instant::now();
+        while !done(&self.output()) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "daemon exited ({status}) waiting for {what}:\n{}",
+                    self.output()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "timed out waiting for {what}:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: a signal to our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    fn stop(mut self) -> (std::process::ExitStatus, String) {
+        self.signal(libc::SIGTERM);
+        let status = self.child.wait().unwrap();
+        (status, self.output())
+    }
+}
+
+/// The last step named in a "checkpoint step N" line.
+fn last_checkpoint(out: &str) -> u64 {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("checkpoint step "))
+        .filter_map(|l| l.split(':').next()?.parse().ok())
+        .max()
+        .expect("a checkpoint line")
+}
+
+fn steps_logged(out: &str) -> Vec<u64> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("step "))
+        .filter_map(|l| l.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+/// The dataset's sources (path → (hash, label)) and its live record count.
+fn dataset_state(data: &Path) -> (BTreeMap<String, (String, Option<String>)>, u64) {
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("manifest.json")).unwrap()).unwrap();
+    let sources = m["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["path"].as_str().unwrap().to_owned(),
+                (
+                    s["hash"].as_str().unwrap().to_owned(),
+                    s["label"].as_str().map(str::to_owned),
+                ),
+            )
+        })
+        .collect();
+    let live = m["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            s["records"].as_u64().unwrap() - s["retired"].as_array().map_or(0, |r| r.len() as u64)
+        })
+        .sum();
+    (sources, live)
+}
+
+/// Every complete image file under `root`: canonical path → (blake3, class folder).
+fn expected(root: &Path) -> BTreeMap<String, (String, Option<String>)> {
+    let mut out = BTreeMap::new();
+    for class in std::fs::read_dir(root).unwrap() {
+        let class = class.unwrap().path();
+        for f in std::fs::read_dir(&class).unwrap() {
+            let f = f.unwrap().path();
+            let bytes = std::fs::read(&f).unwrap();
+            if image::load_from_memory(&bytes).is_err() {
+                continue; // the bad files
+            }
+            out.insert(
+                std::fs::canonicalize(&f).unwrap().display().to_string(),
+                (
+                    blake3::hash(&bytes).to_hex().to_string(),
+                    Some(class.file_name().unwrap().to_string_lossy().into_owned()),
+                ),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn waves_of_files_end_as_the_dataset_and_a_restart_resumes_the_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let watch = root.join("in");
+    std::fs::create_dir_all(&watch).unwrap();
+    let cfg = root.join("daemon.toml");
+    std::fs::write(&cfg, config(root, 5)).unwrap();
+    let mut d = Daemon::start(&cfg, root.join("out1.txt"));
+    d.wait_for("the watch", |o| o.contains("watching"));
+
+    // `mkdir -p` and files at once: created before the folders' watches exist.
+    for (class, first) in [("cat", 0), ("dog", 100)] {
+        std::fs::create_dir_all(watch.join(class)).unwrap();
+        for i in 0..6 {
+            std::fs::write(watch.join(class).join(format!("{i}.png")), png(first + i)).unwrap();
+        }
+    }
+    d.wait_for("training", |o| steps_logged(o).len() >= 2);
+
+    // A slow write: three chunks over a second; only the complete file is stored.
+    let slow = watch.join("cat/slow.png");
+    let bytes = png(7);
+    let mut f = File::create(&slow).unwrap();
+    for chunk in bytes.chunks(bytes.len().div_ceil(3)) {
+        f.write_all(chunk).unwrap();
+        f.sync_all().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop(f);
+    // Renamed into place from a partial-download name (which is ignored).
+    std::fs::write(watch.join("dog/new.png.part"), png(8)).unwrap();
+    std::fs::rename(watch.join("dog/new.png.part"), watch.join("dog/new.png")).unwrap();
+    // Deleted, replaced, moved to another class.
+    std::fs::remove_file(watch.join("cat/0.png")).unwrap();
+    std::fs::write(watch.join("cat/1.png"), png(9)).unwrap();
+    std::fs::rename(watch.join("cat/2.png"), watch.join("dog/2.png")).unwrap();
+    // Bad files: rejected with a reason, training goes on.
+    std::fs::write(watch.join("dog/empty.png"), b"").unwrap();
+    std::fs::write(watch.join("dog/truncated.png"), &png(10)[..60]).unwrap();
+    std::fs::write(watch.join("dog/notes.jpg"), b"not an image at all").unwrap();
+    d.wait_for("the rejects", |o| {
+        o.contains("empty") && o.contains("not-an-image") && o.contains("corrupt")
+    });
+    d.wait_for("the relabel", |o| o.contains("relabelled 1"));
+    let steps_before = steps_logged(&d.output()).len();
+    d.wait_for("more steps", |o| steps_logged(o).len() >= steps_before + 2);
+
+    // A second daemon on the same run folder is refused.
+    let o = byol()
+        .args(["daemon", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("another byol daemon"), "{}", text(&o));
+
+    // SIGHUP with a bad config: refused, the daemon trains on.
+    std::fs::write(
+        &cfg,
+        config(root, 5).replace("settle_secs = 0.4", "settle_secs = -1"),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_for("the refused reload", |o| o.contains("reload refused"));
+    assert!(d.output().contains("settle_secs"), "{}", d.output());
+    let steps_before = steps_logged(&d.output()).len();
+    d.wait_for("steps after the bad reload", |o| {
+        steps_logged(o).len() >= steps_before + 2
+    });
+    // A good one applies.
+    std::fs::write(&cfg, config(root, 3)).unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_for("the reload", |o| o.contains("config reloaded"));
+
+    let (status, out) = d.stop();
+    assert!(status.success(), "{status}\n{out}");
+    let stopped_at = last_checkpoint(&out);
+
+    // The dataset is what the folders hold: every complete file once, with its final
+    // content and label; nothing deleted or replaced is live.
+    let want = expected(&watch);
+    let (sources, live) = dataset_state(&root.join("data"));
+    assert_eq!(sources, want, "{out}");
+    let distinct: std::collections::BTreeSet<&String> = want.values().map(|(h, _)| h).collect();
+    assert_eq!(live, distinct.len() as u64, "live records");
+
+    // A restart resumes the step it stopped at.
+    let mut d = Daemon::start(&cfg, root.join("out2.txt"));
+    d.wait_for("the resume", |o| o.contains("training from step"));
+    let out = d.output();
+    assert!(
+        out.contains(&format!("(step {stopped_at})"))
+            && out.contains(&format!("training from step {stopped_at}")),
+        "{out}"
+    );
+    let (status, out) = d.stop();
+    assert!(status.success(), "{out}");
+}
+
+#[test]
+fn a_bad_config_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("in")).unwrap();
+    let cfg = root.join("bad.toml");
+    for (bad, named) in [
+        (
+            config(root, 5).replace("schedule = \"constant\"", "schedule = \"cosine\""),
+            "constant",
+        ),
+        (
+            config(root, 5).replace("settle_secs", "settle_sec"),
+            "settle_sec",
+        ),
+        (
+            config(root, 5).replace(&root.join("in").display().to_string(), "/no/such/folder"),
+            "/no/such/folder",
+        ),
+    ] {
+        std::fs::write(&cfg, bad).unwrap();
+        for cmd in ["validate", "daemon"] {
+            let o = byol()
+                .args([cmd, "--config", cfg.to_str().unwrap()])
+                .output()
+                .unwrap();
+            assert_eq!(o.status.code(), Some(1), "{cmd}: {}", text(&o));
+            assert!(text(&o).contains(named), "{cmd}: {}", text(&o));
+        }
+    }
+    assert!(!root.join("run").exists(), "nothing was started");
+    std::fs::write(&cfg, config(root, 5)).unwrap();
+    let o = byol()
+        .args(["validate", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+}
