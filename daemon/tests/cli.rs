@@ -1069,3 +1069,29 @@ fn minutes_fit_the_schedule_to_the_time_and_stop_with_a_checkpoint() {
     let o = train_run(&cfg, &ds, &run_dir, &["--minutes", "0", "--resume"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
 }
+
+#[test]
+fn a_damaged_newest_checkpoint_is_passed_over_for_the_one_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, ds) = packed(dir.path(), 16, 24);
+    let cfg = tiny_config(dir.path(), &[("keep_last = 2", "keep_last = 3")]);
+    let run_dir = dir.path().join("run");
+    let o = train_run(&cfg, &ds, &run_dir, &["--steps", "6"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let newest = run_dir.join("checkpoints/step-0000000006/online.safetensors");
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&newest, bytes).unwrap();
+    let o = train_run(&cfg, &ds, &run_dir, &["--steps", "8", "--resume"]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("passed over") && out.contains("checksum"),
+        "{out}"
+    );
+    assert!(
+        out.contains("resumed from") && out.contains("(step 3)"),
+        "{out}"
+    );
+}

@@ -331,3 +331,70 @@ fn a_bad_config_is_refused_before_anything_starts() {
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
 }
+
+#[test]
+fn a_non_finite_loss_is_rolled_back_and_an_idle_daemon_pauses_until_new_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let watch = root.join("in");
+    for (class, first) in [("a", 200), ("b", 300)] {
+        std::fs::create_dir_all(watch.join(class)).unwrap();
+        for i in 0..8 {
+            std::fs::write(watch.join(class).join(format!("{i}.png")), png(first + i)).unwrap();
+        }
+    }
+    let cfg = root.join("daemon.toml");
+    let text_cfg = config(root, 5)
+        .replace("idle_after_epochs = 0", "idle_after_epochs = 20")
+        .replace("checkpoint_every_steps = 25", "checkpoint_every_steps = 10");
+    std::fs::write(&cfg, text_cfg).unwrap();
+    let log = File::create(root.join("out.txt")).unwrap();
+    let child = byol()
+        .args(["daemon", "--config", cfg.to_str().unwrap()])
+        .env("BYOL_TEST_NAN_AT_STEP", "13")
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
+    let mut d = Daemon {
+        child,
+        out: root.join("out.txt"),
+    };
+    // Step 13 diverges: back to the checkpoint of step 10, and training goes on.
+    d.wait_for("the rollback", |o| o.contains("non-finite loss at step 13"));
+    assert!(d.output().contains("(step 10)"), "{}", d.output());
+    // 16 records, batches of 8: 20 epochs of nothing new is 40 steps.
+    d.wait_for("the pause", |o| o.contains("paused: nothing new"));
+    let paused_at = *steps_logged(&d.output()).last().unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        *steps_logged(&d.output()).last().unwrap(),
+        paused_at,
+        "no step while paused"
+    );
+    std::fs::write(watch.join("a/new.png"), png(400)).unwrap();
+    d.wait_for("training again", |o| {
+        o.matches("training from step").count() >= 2
+    });
+    d.wait_for("a step after the pause", |o| {
+        steps_logged(o).last().is_some_and(|&s| s > paused_at)
+    });
+    let (status, out) = d.stop();
+    assert!(status.success(), "{out}");
+    // No metrics line holds the diverged step's loss; steps past the rollback are
+    // logged once each.
+    let metrics = std::fs::read_to_string(root.join("run/metrics.jsonl")).unwrap();
+    assert!(
+        !metrics.contains("NaN") && !metrics.contains("null"),
+        "{metrics}"
+    );
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+}
