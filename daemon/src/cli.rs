@@ -17,9 +17,22 @@ pub struct Cli {
     /// More log output (-v: info, -vv: debug). BYOL_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Log lines on stderr as text or JSON (one object per line) [env: BYOL_LOG_FORMAT;
+    /// default: text].
+    #[arg(long, global = true)]
+    pub log_format: Option<LogFormat>,
     /// What to do (default: the demo).
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (for journald, Loki, ...).
+    Json,
 }
 
 /// The subcommands.

@@ -45,9 +45,16 @@ pub struct DaemonConfig {
     pub data: PathBuf,
     /// Run folder (checkpoints, metrics, encoder-latest.safetensors).
     pub run: PathBuf,
-    /// Address of the metrics endpoint (loopback unless asked otherwise).
+    /// Address of the metrics endpoint (`/metrics`, `/healthz`); loopback unless
+    /// `allow_remote_metrics`.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Let `listen` be a non-loopback address (anyone who reaches it reads the metrics).
+    #[serde(default)]
+    pub allow_remote_metrics: bool,
+    /// Seconds before the ingester is reopened after an error (a full disk).
+    #[serde(default = "default_retry")]
+    pub retry_secs: f64,
     /// Seconds a file's size and mtime must stay unchanged before it is ingested.
     #[serde(default = "default_settle")]
     pub settle_secs: f64,
@@ -73,6 +80,15 @@ pub struct DaemonConfig {
     /// before the process exits anyway.
     #[serde(default = "default_stop_timeout")]
     pub stop_timeout_secs: f64,
+}
+
+impl DaemonConfig {
+    /// The metrics endpoint's address.
+    pub fn listen_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
+        self.listen
+            .parse()
+            .with_context(|| format!("[daemon] listen: {:?} is not an address:port", self.listen))
+    }
 }
 
 /// One watched folder.
@@ -102,6 +118,9 @@ impl WatchEntry {
 
 fn default_listen() -> String {
     "127.0.0.1:9464".into()
+}
+fn default_retry() -> f64 {
+    30.0
 }
 fn default_settle() -> f64 {
     2.0
@@ -174,15 +193,17 @@ impl Config {
         secs("settle_secs", d.settle_secs)?;
         secs("poll_interval_secs", d.poll_interval_secs)?;
         secs("stop_timeout_secs", d.stop_timeout_secs)?;
+        secs("retry_secs", d.retry_secs)?;
         anyhow::ensure!(
             d.poll_interval_secs > 0.0,
             "[daemon] poll_interval_secs: must be above 0"
         );
-        let addr: std::net::SocketAddr = d
-            .listen
-            .parse()
-            .with_context(|| format!("[daemon] listen: {:?} is not an address:port", d.listen))?;
-        let _ = addr;
+        let addr = d.listen_addr()?;
+        anyhow::ensure!(
+            addr.ip().is_loopback() || d.allow_remote_metrics,
+            "[daemon] listen: {addr} is not a loopback address; set allow_remote_metrics = true \
+             to serve metrics beyond this machine"
+        );
         Ok(())
     }
 }

@@ -4,6 +4,10 @@
 //!
 //! Signals: SIGTERM/SIGINT finish the step, checkpoint and exit 0 (a second one exits
 //! at once, status 128 + signal); SIGUSR1 checkpoints; SIGHUP reloads the config.
+//!
+//! Output: progress lines for people on stdout; typed log events (`event` = ingest_batch,
+//! reject, checkpoint, checkpoint_failed, reload, rollback, pause, resume) through
+//! tracing on stderr; metrics on `[daemon] listen`; the systemd notify protocol.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -24,6 +28,8 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 
 use crate::cli::{DaemonArgs, ValidateArgs};
 use crate::config::{Config, DaemonConfig};
+use crate::metrics::{Metrics, serve};
+use crate::service::{Notifier, stopping};
 use crate::watch::{Change, watch};
 
 /// Runs `byol validate`: the config is parsed and every value checked.
@@ -72,8 +78,13 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|w| w.resolve(cfg.ingest.layout()))
         .collect();
-    let mut follower = Follower::open(&d.data, &roots, ingest_opts)
+    let mut follower = Follower::open(&d.data, &roots, ingest_opts.clone())
         .with_context(|| format!("cannot open dataset {}", d.data.display()))?;
+    let metrics = Arc::new(Metrics::new());
+    let healthy = Arc::new(AtomicBool::new(true));
+    let (bound, _server) = serve(d.listen_addr()?, metrics.clone(), healthy.clone())?;
+    println!("metrics on http://{bound}/metrics");
+    tracing::info!(address = %bound, "metrics endpoint listening");
     let controls = Arc::new(Controls::new(settings(&cfg, &d)));
     let stop_ingest = Arc::new(AtomicBool::new(false));
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -90,19 +101,31 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         .scan_all()
         .context("start-up scan of the watched folders")?;
     println!("start-up scan: {}", describe(&report));
+    log_ingest(&report);
+    metrics.on_ingest(&report, follower.live_records());
     for w in &report.summary.warnings {
         eprintln!("warning: {w}");
     }
 
     // A new folder's files may predate its watch: the ingest thread scans new folders.
     let ingest = spawn_ingest(
-        follower,
+        IngestThread {
+            follower,
+            reopen: (d.data.clone(), roots.clone(), ingest_opts),
+            settle: Duration::from_secs_f64(d.settle_secs),
+            retry: Duration::from_secs_f64(d.retry_secs),
+            controls: controls.clone(),
+            metrics: metrics.clone(),
+            stop: stop_ingest.clone(),
+        },
         rx,
-        Duration::from_secs_f64(d.settle_secs),
-        controls.clone(),
-        stop_ingest.clone(),
     )?;
-    let signals = spawn_signals(&args.config, &cfg, controls.clone(), d.stop_timeout_secs)?;
+    let signals = spawn_signals(
+        &args.config,
+        controls.clone(),
+        healthy.clone(),
+        d.stop_timeout_secs,
+    )?;
 
     let mut loader_cfg = cfg.loader.clone();
     loader_cfg.output = Output::F32;
@@ -128,7 +151,12 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         faults: FaultPoints::from_env(),
     };
     let started = Instant::now();
-    let outcome = continuous::train_continuously(setup, &controls, &mut report_event);
+    let mut reporter = Reporter {
+        metrics: metrics.clone(),
+        notifier: Notifier::from_env(),
+    };
+    let outcome = continuous::train_continuously(setup, &controls, &mut |e| reporter.on_event(e));
+    healthy.store(false, Ordering::SeqCst);
     stop_ingest.store(true, Ordering::SeqCst);
     drop(watchers);
     drop(tx);
@@ -143,44 +171,93 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Prints what the training loop reports (and logs it).
-fn report_event(e: Event) {
-    match e {
-        Event::Resumed {
-            path,
-            step,
-            skipped,
-        } => {
-            for (p, why) in skipped {
-                eprintln!("warning: passed over checkpoint {}: {why}", p.display());
+/// Shows, logs, counts and notifies what the training loop reports.
+struct Reporter {
+    metrics: Arc<Metrics>,
+    notifier: Notifier,
+}
+
+impl Reporter {
+    fn on_event(&mut self, e: Event) {
+        self.metrics.on_event(&e);
+        self.notifier.alive();
+        match e {
+            Event::Resumed {
+                path,
+                step,
+                skipped,
+            } => {
+                for (p, why) in skipped {
+                    eprintln!("warning: passed over checkpoint {}: {why}", p.display());
+                }
+                println!("resumed from {} (step {step})", path.display());
+                tracing::info!(event = "resume", step, checkpoint = %path.display(), "resumed from a checkpoint");
             }
-            println!("resumed from {} (step {step})", path.display());
-        }
-        Event::Waiting { records, needed } => {
-            println!("waiting for images: {records} of the {needed} one batch needs");
-        }
-        Event::Training { step } => println!("training from step {step}"),
-        Event::Step(r) => {
-            if let Some(line) = &r.line {
-                println!(
-                    "step {} epoch {} loss {:.4} lr {:.4} tau {:.4} {:.0} img/s",
-                    line.step, line.epoch, line.loss, line.lr, line.tau, line.images_per_sec
+            Event::Waiting { records, needed } => {
+                println!("waiting for images: {records} of the {needed} one batch needs");
+                let status = format!("waiting for images: {records} of {needed}");
+                self.notifier.ready(&status);
+                self.notifier.status(&status);
+            }
+            Event::Training { step } => {
+                println!("training from step {step}");
+                tracing::info!(event = "resume", step, "training");
+                self.notifier.ready(&format!("training from step {step}"));
+            }
+            Event::Step(r) => {
+                if let Some(line) = &r.line {
+                    println!(
+                        "step {} epoch {} loss {:.4} lr {:.4} tau {:.4} {:.0} img/s",
+                        line.step, line.epoch, line.loss, line.lr, line.tau, line.images_per_sec
+                    );
+                    self.notifier.status(&format!(
+                        "step {} loss {:.4} {:.0} img/s",
+                        line.step, line.loss, line.images_per_sec
+                    ));
+                }
+            }
+            Event::Checkpoint { path, step } => {
+                println!("checkpoint step {step}: {}", path.display());
+                tracing::info!(event = "checkpoint", step, path = %path.display(), "checkpoint written");
+            }
+            Event::CheckpointFailed { error } => {
+                eprintln!(
+                    "error: checkpoint failed (the previous ones are intact; retrying later): {error}"
                 );
+                tracing::error!(event = "checkpoint_failed", %error, "checkpoint failed");
             }
+            Event::Paused { epochs } => {
+                println!("paused: nothing new for {epochs} epochs; waiting for images");
+                tracing::info!(event = "pause", epochs, "training paused");
+                self.notifier
+                    .status(&format!("paused: nothing new for {epochs} epochs"));
+            }
+            Event::RolledBack { step, to, to_step } => {
+                let to = to.map_or("a fresh start".to_owned(), |p| p.display().to_string());
+                eprintln!(
+                    "warning: non-finite loss at step {step}: rolled back to {to} (step {to_step})"
+                );
+                tracing::warn!(event = "rollback", step, to_step, checkpoint = %to, "non-finite loss rolled back");
+            }
+            Event::Heartbeat => {}
         }
-        Event::Checkpoint { path, step } => {
-            println!("checkpoint step {step}: {}", path.display());
-        }
-        Event::Paused { epochs } => {
-            println!("paused: nothing new for {epochs} epochs; waiting for images");
-            tracing::info!(epochs, "training paused");
-        }
-        Event::RolledBack { step, to, to_step } => {
-            let to = to.map_or("a fresh start".to_owned(), |p| p.display().to_string());
-            eprintln!(
-                "warning: non-finite loss at step {step}: rolled back to {to} (step {to_step})"
-            );
-        }
+    }
+}
+
+/// The typed log events of one ingest batch: the batch, then each reject.
+fn log_ingest(r: &IngestReport) {
+    let s = &r.summary;
+    tracing::info!(
+        event = "ingest_batch",
+        ingested = s.ingested,
+        rejected = s.rejected_total(),
+        retired = s.retired,
+        relabelled = s.relabelled,
+        duplicates = s.duplicates,
+        "ingest batch"
+    );
+    for j in &r.rejects {
+        tracing::warn!(event = "reject", path = %j.path.display(), reason = j.reason.as_str(), detail = %j.detail, "file rejected");
     }
 }
 
@@ -214,17 +291,43 @@ fn changed(r: &IngestReport) -> bool {
     s.ingested > 0 || s.retired > 0 || s.relabelled > 0 || !r.changes.is_empty()
 }
 
-/// The ingest thread: settles changed paths and hands them to the follower; a lost
-/// event stream triggers a full scan.
-fn spawn_ingest(
-    mut follower: Follower,
-    rx: Receiver<Change>,
+/// What the ingest thread owns.
+struct IngestThread {
+    follower: Follower,
+    /// How to open the dataset again after an error.
+    reopen: (
+        PathBuf,
+        Vec<(PathBuf, byol_ingest::Layout)>,
+        byol_ingest::IngesterOptions,
+    ),
     settle: Duration,
+    retry: Duration,
     controls: Arc<Controls>,
+    metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
+}
+
+/// The ingest thread: settles changed paths and hands them to the follower; a lost
+/// event stream triggers a full scan. An error (a full disk) closes the dataset: what
+/// was committed before is intact, and after `retry` it is opened again and every
+/// folder rescanned, so nothing that arrived meanwhile is missed.
+fn spawn_ingest(
+    t: IngestThread,
+    rx: Receiver<Change>,
 ) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
-    let tick = (settle / 4).clamp(Duration::from_millis(50), Duration::from_millis(250));
+    let tick = (t.settle / 4).clamp(Duration::from_millis(50), Duration::from_millis(250));
     let body = move || -> anyhow::Result<()> {
+        let IngestThread {
+            follower,
+            reopen,
+            settle,
+            retry,
+            controls,
+            metrics,
+            stop,
+        } = t;
+        let mut follower = Some(follower);
+        let mut retry_at = Instant::now();
         let mut settler = Settler::new(settle);
         let mut rescan = false;
         while !stop.load(Ordering::SeqCst) {
@@ -243,28 +346,63 @@ fn spawn_ingest(
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            let report = if rescan {
+            if follower.is_none() {
+                if Instant::now() < retry_at {
+                    continue;
+                }
+                let (data, roots, opts) = &reopen;
+                match Follower::open(data, roots, opts.clone()) {
+                    Ok(f) => {
+                        println!("ingest: dataset reopened; rescanning the watched folders");
+                        tracing::info!(event = "ingest_reopened", "dataset reopened");
+                        follower = Some(f);
+                        rescan = true;
+                    }
+                    Err(e) => {
+                        retry_at = Instant::now() + retry;
+                        eprintln!("error: cannot reopen the dataset (retrying in {retry:?}): {e}");
+                        continue;
+                    }
+                }
+            }
+            let f = follower.as_mut().expect("opened above");
+            let result = if rescan {
                 rescan = false;
-                Some(follower.scan_all()?)
+                f.scan_all().map(Some)
             } else {
                 let ready = settler.take_ready(Instant::now());
                 if ready.is_empty() {
-                    None
+                    Ok(None)
                 } else {
-                    Some(follower.apply(&ready)?)
+                    // Paths lost to an error are taken again by the rescan after it.
+                    f.apply(&ready).map(Some)
                 }
             };
-            if let Some(report) = report
-                && (changed(&report) || report.summary.rejected_total() > 0)
-            {
-                println!("ingest: {}", describe(&report));
-                for r in report.rejects.iter().take(10) {
+            let report = match result {
+                Ok(report) => report,
+                Err(e) => {
                     eprintln!(
-                        "rejected {}: {} ({})",
-                        r.path.display(),
-                        r.reason.as_str(),
-                        r.detail
+                        "error: ingest failed, the dataset keeps its last commit; retrying in {retry:?}: {e}"
                     );
+                    tracing::error!(event = "ingest_failed", error = %e, retry_secs = retry.as_secs_f64(), "ingest failed");
+                    follower = None;
+                    retry_at = Instant::now() + retry;
+                    continue;
+                }
+            };
+            if let Some(report) = report {
+                metrics.on_ingest(&report, f.live_records());
+                if changed(&report) || report.summary.rejected_total() > 0 {
+                    println!("ingest: {}", describe(&report));
+                    log_ingest(&report);
+                    for r in report.rejects.iter().take(10) {
+                        eprintln!(
+                            "rejected {}: {} ({})",
+                            r.path.display(),
+                            r.reason.as_str(),
+                            r.detail
+                        );
+                    }
                 }
                 if changed(&report) {
                     controls.data_changed();
@@ -282,8 +420,8 @@ fn spawn_ingest(
 /// Handles the daemon's signals on their own thread (see the module docs).
 fn spawn_signals(
     config: &Path,
-    cfg: &Config,
     controls: Arc<Controls>,
+    healthy: Arc<AtomicBool>,
     stop_timeout: f64,
 ) -> anyhow::Result<signal_hook::iterator::Handle> {
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])
@@ -291,7 +429,6 @@ fn spawn_signals(
     let handle = signals.handle();
     let config = config.to_owned();
     let mut current = toml_tables(&config).unwrap_or_default();
-    let _ = cfg;
     std::thread::Builder::new()
         .name("byol-signals".into())
         .spawn(move || {
@@ -303,6 +440,9 @@ fn spawn_signals(
                             std::process::exit(128 + sig);
                         }
                         println!("signal {sig}: finishing the step, checkpointing, stopping");
+                        tracing::info!(event = "stop", signal = sig, "stopping");
+                        stopping(&format!("signal {sig}: checkpointing and stopping"));
+                        healthy.store(false, Ordering::SeqCst);
                         controls.request_stop(sig);
                         let limit = Duration::from_secs_f64(stop_timeout);
                         std::thread::spawn(move || {
@@ -359,7 +499,7 @@ fn reload(path: &Path, current: &mut toml::Table, controls: &Controls) {
         Ok(ok) => ok,
         Err(e) => {
             eprintln!("error: reload refused, the running config is kept: {e:#}");
-            tracing::error!(error = format!("{e:#}"), "reload refused");
+            tracing::error!(event = "reload", error = format!("{e:#}"), "reload refused");
             return;
         }
     };
@@ -391,7 +531,11 @@ fn reload(path: &Path, current: &mut toml::Table, controls: &Controls) {
     controls.update(settings(&cfg, d));
     *current = tables;
     println!("config reloaded from {}", path.display());
-    tracing::info!("config reloaded");
+    tracing::info!(
+        event = "reload",
+        needs_restart = needs_restart.join(", "),
+        "config reloaded"
+    );
     if !needs_restart.is_empty() {
         eprintln!(
             "warning: changed keys that apply at the next restart: {}",

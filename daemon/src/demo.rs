@@ -65,6 +65,7 @@ max_side = 0
 watch = [{{ path = "{incoming}", layout = "imagefolder" }}]
 data = "{data}"
 run = "{run}"
+listen = "127.0.0.1:0"
 settle_secs = 0.5
 idle_after_epochs = 0
 new_data_within_steps = 20

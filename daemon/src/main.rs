@@ -9,9 +9,11 @@ mod eval_cmd;
 mod export_cmd;
 mod ingest_cmd;
 mod inspect_cmd;
+mod metrics;
 mod plot_cmd;
 mod preview_cmd;
 mod progress;
+mod service;
 mod textures;
 mod train_cmd;
 mod watch;
@@ -24,7 +26,23 @@ fn main() -> ExitCode {
     restore_sigpipe();
     byol_trainer::memory::keep_freed_memory();
     let cli = cli::Cli::parse();
-    init_logging(cli.verbose);
+    // The service logs what it does by default; commands only warnings.
+    let default_level = match &cli.command {
+        Some(cli::Command::Daemon(_)) => "info",
+        _ => "warn",
+    };
+    let format =
+        cli.log_format
+            .or_else(|| match std::env::var("BYOL_LOG_FORMAT").ok().as_deref() {
+                Some("json") => Some(cli::LogFormat::Json),
+                Some("text") => Some(cli::LogFormat::Text),
+                _ => None,
+            });
+    init_logging(
+        cli.verbose,
+        default_level,
+        format.unwrap_or(cli::LogFormat::Text),
+    );
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -60,16 +78,20 @@ fn restore_sigpipe() {
     }
 }
 
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
+/// Log lines go to stderr (journald under systemd), filtered by `BYOL_LOG` when set.
+fn init_logging(verbose: u8, default_level: &str, format: cli::LogFormat) {
+    let level = match verbose {
+        0 => default_level,
         1 => "info",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("BYOL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        cli::LogFormat::Text => builder.init(),
+        cli::LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }

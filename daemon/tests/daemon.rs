@@ -59,6 +59,7 @@ max_side = 0
 watch = [{{ path = "{watch}", layout = "imagefolder" }}]
 data = "{data}"
 run = "{run}"
+listen = "127.0.0.1:0"
 settle_secs = 0.4
 idle_after_epochs = 0
 new_data_within_steps = 4
@@ -311,6 +312,10 @@ fn a_bad_config_is_refused_before_anything_starts() {
         (
             config(root, 5).replace(&root.join("in").display().to_string(), "/no/such/folder"),
             "/no/such/folder",
+        ),
+        (
+            config(root, 5).replace("127.0.0.1:0", "0.0.0.0:9464"),
+            "allow_remote_metrics",
         ),
     ] {
         std::fs::write(&cfg, bad).unwrap();

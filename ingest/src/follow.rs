@@ -70,6 +70,11 @@ impl Follower {
         &self.data
     }
 
+    /// Live records in the dataset (as committed and about to be).
+    pub fn live_records(&self) -> u64 {
+        self.ing.manifest().live_records()
+    }
+
     /// The start-up scan: every watched folder scanned and reconciled as `byol ingest`
     /// would (new and changed files added, vanished ones retired, moved ones
     /// relabelled; a folder with no image file retires nothing), then committed.

@@ -154,6 +154,14 @@ pub enum Event<'a> {
         /// Epochs without new data.
         epochs: u64,
     },
+    /// A checkpoint failed (a full disk, say): the previous ones are intact, training
+    /// goes on, and the checkpoint is tried again later.
+    CheckpointFailed {
+        /// Why.
+        error: String,
+    },
+    /// The loop is alive while it waits (for data, or paused): a watchdog's heartbeat.
+    Heartbeat,
     /// A non-finite loss was rolled back.
     RolledBack {
         /// The step that diverged.
@@ -247,6 +255,7 @@ pub fn train_continuously(
                 });
             }
         }
+        on_event(Event::Heartbeat);
         controls.wait(WAIT_TICK);
     };
     let settings = controls.settings();
@@ -305,11 +314,7 @@ fn steps(
             tracing::info!(?settings, "settings reloaded");
         }
         if controls.checkpoint.swap(false, Ordering::SeqCst) && run.has_unsaved_steps() {
-            let path = run.checkpoint()?;
-            on_event(Event::Checkpoint {
-                path: &path,
-                step: run.trainer().steps_done(),
-            });
+            checkpoint_now(run, on_event);
         }
         let generation = controls.generation();
         if generation != seen_generation {
@@ -319,11 +324,7 @@ fn steps(
         let idle_epochs = run.epoch().saturating_sub(last_new_epoch);
         if settings.idle_after_epochs > 0 && idle_epochs >= settings.idle_after_epochs {
             if run.has_unsaved_steps() {
-                let path = run.checkpoint()?;
-                on_event(Event::Checkpoint {
-                    path: &path,
-                    step: run.trainer().steps_done(),
-                });
+                checkpoint_now(run, on_event);
             }
             on_event(Event::Paused {
                 epochs: idle_epochs,
@@ -351,6 +352,11 @@ fn steps(
                         step: report.stats.step,
                     });
                 }
+                if let Some(error) = &report.checkpoint_error {
+                    on_event(Event::CheckpointFailed {
+                        error: error.clone(),
+                    });
+                }
             }
             Err(RunError::NonFiniteLoss { step, loss }) => {
                 rollbacks += 1;
@@ -366,6 +372,23 @@ fn steps(
                 });
             }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A checkpoint asked for outside the policy (SIGUSR1, pausing); a failure is reported
+/// and training goes on (the previous checkpoints are intact).
+fn checkpoint_now(run: &mut Run, on_event: &mut dyn FnMut(Event)) {
+    match run.checkpoint() {
+        Ok(path) => on_event(Event::Checkpoint {
+            path: &path,
+            step: run.trainer().steps_done(),
+        }),
+        Err(e) => {
+            tracing::error!(error = %e, "checkpoint failed");
+            on_event(Event::CheckpointFailed {
+                error: e.to_string(),
+            });
         }
     }
 }

@@ -79,7 +79,15 @@ pub struct StepReport {
     pub line: Option<MetricsLine>,
     /// The checkpoint written after this step, if the policy made one.
     pub checkpoint: Option<PathBuf>,
+    /// Why the checkpoint the policy asked for failed (a full disk, say); it is tried
+    /// again after [`CHECKPOINT_RETRY`], and the previous checkpoints are intact.
+    pub checkpoint_error: Option<String>,
+    /// Finished batches waiting in the loader after this step.
+    pub queue_depth: usize,
 }
+
+/// How long after a failed checkpoint the policy tries again.
+pub const CHECKPOINT_RETRY: Duration = Duration::from_secs(60);
 
 /// A training run between steps (see the crate docs).
 pub struct Run {
@@ -104,6 +112,8 @@ pub struct Run {
     /// A step produced a non-finite loss and the weights hold its update: nothing may
     /// be checkpointed until [`Run::rollback`].
     poisoned: bool,
+    /// After a failed checkpoint, the policy waits until then.
+    retry_at: Option<Instant>,
 }
 
 impl Run {
@@ -132,6 +142,7 @@ impl Run {
                 window: (now, 0, Duration::ZERO),
                 started: now,
                 poisoned: false,
+                retry_at: None,
             },
             dropped,
         ))
@@ -141,7 +152,7 @@ impl Run {
     /// steps (or when `force_log`, or when the monitor measures); a checkpoint when the
     /// policy says so.
     ///
-    /// Errors: the step failed, the metrics could not be written, the checkpoint failed;
+    /// Errors: the step failed, the metrics could not be written;
     /// [`RunError::NonFiniteLoss`] when the loss is NaN or infinite (nothing is
     /// checkpointed from then until [`Run::rollback`]).
     pub fn step(&mut self, force_log: bool) -> Result<StepReport, RunError> {
@@ -185,17 +196,25 @@ impl Run {
                 key: FAIL_AT_STEP_ENV,
             });
         }
-        let checkpoint = if self.checkpoint_due() {
-            Some(self.checkpoint()?)
-        } else {
-            None
-        };
+        let (mut checkpoint, mut checkpoint_error) = (None, None);
+        if self.checkpoint_due() {
+            match self.checkpoint() {
+                Ok(path) => checkpoint = Some(path),
+                Err(e) => {
+                    tracing::error!(error = %e, retry_secs = CHECKPOINT_RETRY.as_secs(), "checkpoint failed");
+                    self.retry_at = Some(Instant::now() + CHECKPOINT_RETRY);
+                    checkpoint_error = Some(e.to_string());
+                }
+            }
+        }
         Ok(StepReport {
             stats,
             epoch,
             images,
             line,
             checkpoint,
+            checkpoint_error,
+            queue_depth: self.loader.stats().queue_depth,
         })
     }
 
@@ -242,12 +261,14 @@ impl Run {
         Ok(line)
     }
 
-    /// True when the policy wants a checkpoint now.
+    /// True when the policy wants a checkpoint now (and no failed one waits to be
+    /// retried).
     pub fn checkpoint_due(&self) -> bool {
-        self.policy.due(
-            self.trainer.steps_done() - self.last_ckpt.1.min(self.trainer.steps_done()),
-            self.last_ckpt.0.elapsed(),
-        )
+        self.retry_at.is_none_or(|t| Instant::now() >= t)
+            && self.policy.due(
+                self.trainer.steps_done() - self.last_ckpt.1.min(self.trainer.steps_done()),
+                self.last_ckpt.0.elapsed(),
+            )
     }
 
     /// True when steps were taken since the last checkpoint (or the start).
@@ -275,6 +296,7 @@ impl Run {
         let path = checkpoint::save(&dir, &self.trainer, Some(self.view_size), meta.to_json())?;
         checkpoint::prune(&dir, self.policy.keep_last)?;
         self.last_ckpt = (Instant::now(), self.trainer.steps_done());
+        self.retry_at = None;
         tracing::info!(step = self.trainer.steps_done(), path = %path.display(), "checkpoint written");
         if self.export_latest {
             let cfg = self.trainer.config();
