@@ -103,6 +103,8 @@ impl Follower {
     pub fn apply(&mut self, paths: &[PathBuf]) -> Result<IngestReport, IngestError> {
         let mut candidates: Vec<Candidate> = Vec::new();
         let mut rejects = Vec::new();
+        // Whether each watched folder still holds images (looked at once per call).
+        let mut holds_images: std::collections::HashMap<PathBuf, bool> = Default::default();
         for path in paths {
             let Some(root) = self.root_of(path) else {
                 continue;
@@ -128,8 +130,12 @@ impl Follower {
                         scan.candidates.iter().map(|c| c.path.as_path()).collect();
                     let unreadable_dirs: Vec<PathBuf> =
                         scan.rejects.iter().map(|r| r.path.clone()).collect();
+                    let holds = *holds_images
+                        .entry(root.path.clone())
+                        .or_insert_with(|| root_holds_images(&root));
                     for recorded in self.ing.sources_under(path) {
-                        if !found.contains(recorded.as_path())
+                        if holds
+                            && !found.contains(recorded.as_path())
                             && !unreadable_dirs.iter().any(|d| recorded.starts_with(d))
                             && !recorded.exists()
                         {
@@ -153,9 +159,20 @@ impl Follower {
                         )),
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound && *path == root.path => {
-                    // An unmounted disk or a removed watch folder: nothing is retired.
-                    tracing::warn!(folder = %path.display(), "watched folder gone; nothing retired");
+                Err(e)
+                    if e.kind() == io::ErrorKind::NotFound
+                        && !*holds_images
+                            .entry(root.path.clone())
+                            .or_insert_with(|| root_holds_images(&root)) =>
+                {
+                    // The watched folder itself is gone, or holds no image any more: an
+                    // unmounted disk (or its empty mount point), a removed folder.
+                    // Nothing is retired; the next start-up scan reconciles.
+                    tracing::warn!(
+                        folder = %root.path.display(),
+                        path = %path.display(),
+                        "watched folder gone or empty (unmounted?); nothing retired"
+                    );
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     // Gone: a file deleted or moved away, or a whole folder.
@@ -200,6 +217,16 @@ impl Follower {
             Err(_) => Layout::Flat,
         }
     }
+}
+
+/// True when the watched folder exists and some file under it is an image (the walk
+/// stops at the first one).
+fn root_holds_images(root: &WatchRoot) -> bool {
+    walkdir::WalkDir::new(&root.path)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .any(|e| source::sniffs_as_image(e.path()))
 }
 
 /// A path the scans skip: a hidden, temporary or partial name anywhere below `root`.

@@ -34,6 +34,9 @@ use crate::reject::{self, Reject, RejectReason};
 use crate::shard::{ShardWriter, StoredRecord};
 use crate::source::{Candidate, CandidateKind, Layout};
 
+/// Shards finished by this process (what the `BYOL_TEST_ABORT_IN_SHARD` fault point counts).
+static SHARDS_FINISHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Name of the lock file that keeps two writers off one dataset.
 pub const LOCK_FILE: &str = ".lock";
 
@@ -681,8 +684,10 @@ impl<'p> Ingester<'p> {
         if let Some((id, writer)) = self.writer.take() {
             let records = writer.len() as u64;
             let raw_bytes = writer.raw_bytes();
-            let bytes = writer.finish()?;
             self.summary.shards_written += 1;
+            let nth = SHARDS_FINISHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            crate::fault::abort_if("BYOL_TEST_ABORT_IN_SHARD", nth);
+            let bytes = writer.finish()?;
             self.summary.bytes_stored += bytes;
             self.summary.bytes_raw += raw_bytes;
             self.work.shards.push(ShardEntry {

@@ -27,6 +27,7 @@ mod config;
 pub mod dataset;
 pub mod decode;
 mod encode;
+pub mod fault;
 pub mod follow;
 pub mod fsutil;
 pub mod idx;

@@ -135,6 +135,7 @@ pub fn save(
         let path = tmp.join(file);
         fsutil::write_synced(&path, bytes).map_err(io(&path))?;
         checksums.insert((*file).to_owned(), checksum(bytes));
+        byol_ingest::fault::abort_if("BYOL_TEST_ABORT_IN_CHECKPOINT", trainer.steps_done());
     }
     let meta = CheckpointMeta {
         format_version: CHECKPOINT_VERSION,
