@@ -195,7 +195,7 @@ impl Draws {
 
 /// Writes four new files: two in place, two renamed into place.
 fn arrive(watch: &Path, next: &mut u32) {
-    for k in 0..4 {
+    for k in 0..4u32 {
         let class = if next.is_multiple_of(2) { "a" } else { "b" };
         let dir = watch.join(class);
         std::fs::create_dir_all(&dir).unwrap();
