@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{byol, text};
@@ -73,7 +73,7 @@ stop_timeout_secs = 60
 
 /// A running daemon with its output going to a file.
 struct Daemon {
-    child: Child,
+    child: common::Reaped,
     out: PathBuf,
 }
 
@@ -86,7 +86,10 @@ impl Daemon {
             .stderr(Stdio::from(log))
             .spawn()
             .unwrap();
-        Daemon { child, out }
+        Daemon {
+            child: common::Reaped(child),
+            out,
+        }
     }
 
     fn output(&self) -> String {
@@ -362,7 +365,7 @@ fn a_non_finite_loss_is_rolled_back_and_an_idle_daemon_pauses_until_new_files() 
         .spawn()
         .unwrap();
     let mut d = Daemon {
-        child,
+        child: common::Reaped(child),
         out: root.join("out.txt"),
     };
     // Step 13 diverges: back to the checkpoint of step 10, and training goes on.

@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{byol, text};
@@ -72,7 +72,7 @@ new_data_within_steps = 4
 }
 
 struct Daemon {
-    child: Child,
+    child: common::Reaped,
     out: PathBuf,
 }
 
@@ -86,7 +86,10 @@ impl Daemon {
             .stderr(Stdio::from(log))
             .spawn()
             .unwrap();
-        Daemon { child, out }
+        Daemon {
+            child: common::Reaped(child),
+            out,
+        }
     }
 
     fn output(&self) -> String {

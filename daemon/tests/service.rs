@@ -133,15 +133,17 @@ fn notify_protocol_in_order_and_metrics_a_prometheus_parser_reads() {
         .unwrap();
     let out_path = root.join("out.txt");
     let log = std::fs::File::create(&out_path).unwrap();
-    let mut child = byol()
-        .args(["daemon", "--config", cfg.to_str().unwrap()])
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "200000")
-        .env("BYOL_LOG_FORMAT", "json")
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap();
+    let mut child = common::Reaped(
+        byol()
+            .args(["daemon", "--config", cfg.to_str().unwrap()])
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env("WATCHDOG_USEC", "200000")
+            .env("BYOL_LOG_FORMAT", "json")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap(),
+    );
     let mut messages: Vec<String> = Vec::new();
     let mut buf = [0u8; 4096];
     let start = Instant::now();

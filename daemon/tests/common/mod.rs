@@ -35,3 +35,29 @@ pub fn ingest(src: &Path, out: &Path) {
     ]);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+/// A child process killed (SIGKILL) and reaped when dropped, so a failing test leaves
+/// no daemon behind.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
