@@ -119,6 +119,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         monitor,
         export_latest: false,
         faults: FaultPoints::from_env(),
+        batch_trace: std::env::var_os(byol_run::TRACE_BATCHES_ENV).map(Into::into),
     })?;
     if dropped > 0 {
         println!(

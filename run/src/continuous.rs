@@ -271,6 +271,7 @@ pub fn train_continuously(
         monitor,
         export_latest: true,
         faults,
+        batch_trace: std::env::var_os(crate::TRACE_BATCHES_ENV).map(PathBuf::from),
     })?;
     if dropped > 0 {
         tracing::info!(dropped, "metrics lines past the resumed step dropped");

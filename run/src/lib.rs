@@ -30,7 +30,7 @@ pub use metrics::{MetricsLine, MetricsSink};
 pub use monitor::{Measurement, Monitor, MonitorConfig};
 pub use policy::CheckpointPolicy;
 pub use resume::{Resumed, RunMeta, resume};
-pub use run::{CHECKPOINT_RETRY, FaultPoints, Run, RunParts, StepReport};
+pub use run::{CHECKPOINT_RETRY, FaultPoints, Run, RunParts, StepReport, TRACE_BATCHES_ENV};
 
 use std::path::PathBuf;
 

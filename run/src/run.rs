@@ -64,7 +64,13 @@ pub struct RunParts {
     pub export_latest: bool,
     /// Test fault points.
     pub faults: FaultPoints,
+    /// Append each batch's records to this JSON Lines file (`BYOL_TRACE_BATCHES`, a
+    /// measurement hook: when does a new record first reach a batch).
+    pub batch_trace: Option<PathBuf>,
 }
+
+/// Environment variable naming the batch trace file ([`RunParts::batch_trace`]).
+pub const TRACE_BATCHES_ENV: &str = "BYOL_TRACE_BATCHES";
 
 /// One step's outcome.
 #[derive(Debug, Clone)]
@@ -114,6 +120,7 @@ pub struct Run {
     poisoned: bool,
     /// After a failed checkpoint, the policy waits until then.
     retry_at: Option<Instant>,
+    batch_trace: Option<std::fs::File>,
 }
 
 impl Run {
@@ -121,6 +128,16 @@ impl Run {
     /// Returns the run and the number of dropped lines.
     pub fn start(parts: RunParts) -> Result<(Self, usize), RunError> {
         let step = parts.trainer.steps_done();
+        let batch_trace = match &parts.batch_trace {
+            Some(p) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(crate::io(p))?,
+            ),
+            None => None,
+        };
         let (metrics, dropped) = MetricsSink::open(&parts.dir.metrics(), step)?;
         let state = parts.loader.state();
         let now = Instant::now();
@@ -143,6 +160,7 @@ impl Run {
                 started: now,
                 poisoned: false,
                 retry_at: None,
+                batch_trace,
             },
             dropped,
         ))
@@ -163,6 +181,16 @@ impl Run {
         let mut stats = self.trainer.step(batch.view1(), batch.view2(), size)?;
         let images = batch.len();
         let epoch = batch.epoch;
+        if let Some(f) = &mut self.batch_trace {
+            // Global record indices (newest-pool draws carry their slot above bit 32).
+            let records: Vec<u64> = batch.records().iter().map(|r| r & 0xFFFF_FFFF).collect();
+            let unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            let line = serde_json::json!({"step": stats.step, "unix_ms": unix_ms, "records": records});
+            use std::io::Write;
+            let _ = writeln!(f, "{line}");
+        }
         drop(batch);
         self.window.1 += images as u64;
         self.last_state = self.loader.state();

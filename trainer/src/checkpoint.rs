@@ -124,6 +124,26 @@ pub fn save(
         fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    // A failed write (a full disk) leaves nothing behind to fill the disk further.
+    if let Err(e) = write_files(&tmp, trainer, view_size, run) {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if done.exists() {
+        fs::remove_dir_all(&done).map_err(io(&done))?;
+    }
+    fsutil::rename_durable(&tmp, &done).map_err(io(&done))?;
+    Ok(done)
+}
+
+/// Writes the tensor files and the meta of a checkpoint into `tmp`, each fsynced, then
+/// the folder.
+fn write_files(
+    tmp: &Path,
+    trainer: &Trainer,
+    view_size: Option<u32>,
+    run: serde_json::Map<String, serde_json::Value>,
+) -> Result<(), TrainError> {
     let model = trainer.model();
     let files = [
         (ONLINE, safetensors_bytes(&named(model.online_named()))?),
@@ -152,12 +172,7 @@ pub fn save(
     let json = serde_json::to_vec_pretty(&meta).expect("meta serialises");
     let meta_path = tmp.join(META);
     fsutil::write_synced(&meta_path, &json).map_err(io(&meta_path))?;
-    fsutil::sync_dir(&tmp).map_err(io(&tmp))?;
-    if done.exists() {
-        fs::remove_dir_all(&done).map_err(io(&done))?;
-    }
-    fsutil::rename_durable(&tmp, &done).map_err(io(&done))?;
-    Ok(done)
+    fsutil::sync_dir(tmp).map_err(io(tmp))
 }
 
 /// Removes all but the newest `keep` checkpoints in `dir`, and leftover `.tmp` folders
