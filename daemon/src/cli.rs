@@ -42,6 +42,8 @@ pub enum Command {
     Ingest(IngestArgs),
     /// Report what a dataset holds; --verify checks every record.
     Inspect(InspectArgs),
+    /// Merge small shards and reclaim retired records' bytes (record indices kept).
+    Compact(CompactArgs),
     /// Draw a PNG grid of images and their two augmented views.
     Preview(PreviewArgs),
     /// Pretrain an encoder with BYOL on a dataset.
@@ -376,6 +378,23 @@ pub struct IngestArgs {
     #[arg(long)]
     pub fail_if_empty: bool,
     /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `byol compact`.
+#[derive(Debug, Args)]
+pub struct CompactArgs {
+    /// Dataset folder.
+    pub dataset: PathBuf,
+    /// Merge runs of at least this many small shards.
+    #[arg(long, default_value_t = 4)]
+    pub min_run: usize,
+    /// Target shard size in MiB (a shard under a quarter of it is small) [default: the
+    /// ingest default, 256].
+    #[arg(long)]
+    pub shard_size_mib: Option<u64>,
+    /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
 }

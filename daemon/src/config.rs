@@ -76,6 +76,10 @@ pub struct DaemonConfig {
     /// half, at a lower priority.
     #[serde(default)]
     pub threads: usize,
+    /// Compact in the background once this many small shards lie side by side (waves
+    /// leave one each); 0 never compacts.
+    #[serde(default = "default_compact")]
+    pub compact_min_shards: usize,
     /// Seconds a stop (SIGTERM/SIGINT) may take to finish the step and checkpoint
     /// before the process exits anyway.
     #[serde(default = "default_stop_timeout")]
@@ -118,6 +122,9 @@ impl WatchEntry {
 
 fn default_listen() -> String {
     "127.0.0.1:9464".into()
+}
+fn default_compact() -> usize {
+    8
 }
 fn default_retry() -> f64 {
     30.0

@@ -41,6 +41,27 @@ pub fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The daemon's compaction policy: off with `compact_min_shards = 0`, and with
+/// `[loader] order = "shard-windows"`, whose epoch order depends on shard boundaries
+/// (a compaction would change the order of an epoch being resumed).
+fn compact_policy(
+    cfg: &Config,
+    d: &DaemonConfig,
+    shard_bytes: u64,
+) -> Option<byol_ingest::CompactPolicy> {
+    if d.compact_min_shards == 0 {
+        return None;
+    }
+    if cfg.loader.order != byol_loader::Order::Global {
+        eprintln!("warning: no background compaction with [loader] order = \"shard-windows\"");
+        return None;
+    }
+    Some(byol_ingest::CompactPolicy::for_shard_bytes(
+        shard_bytes,
+        d.compact_min_shards,
+    ))
+}
+
 /// The reloadable settings of a config.
 fn settings(cfg: &Config, d: &DaemonConfig) -> Settings {
     Settings {
@@ -78,6 +99,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|w| w.resolve(cfg.ingest.layout()))
         .collect();
+    let shard_bytes = ingest_opts.shard_bytes;
     let mut follower = Follower::open(&d.data, &roots, ingest_opts.clone())
         .with_context(|| format!("cannot open dataset {}", d.data.display()))?;
     let metrics = Arc::new(Metrics::new());
@@ -114,6 +136,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
             reopen: (d.data.clone(), roots.clone(), ingest_opts),
             settle: Duration::from_secs_f64(d.settle_secs),
             retry: Duration::from_secs_f64(d.retry_secs),
+            compact: compact_policy(&cfg, &d, shard_bytes),
             controls: controls.clone(),
             metrics: metrics.clone(),
             stop: stop_ingest.clone(),
@@ -302,6 +325,8 @@ struct IngestThread {
     ),
     settle: Duration,
     retry: Duration,
+    /// Background compaction after ingest batches, when enabled.
+    compact: Option<byol_ingest::CompactPolicy>,
     controls: Arc<Controls>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
@@ -322,6 +347,7 @@ fn spawn_ingest(
             reopen,
             settle,
             retry,
+            compact,
             controls,
             metrics,
             stop,
@@ -406,6 +432,38 @@ fn spawn_ingest(
                 }
                 if changed(&report) {
                     controls.data_changed();
+                }
+                if let Some(policy) = &compact {
+                    match f.compact(policy) {
+                        Ok(Some(c)) => {
+                            println!(
+                                "compacted: {} shards -> {}, {:.1} -> {:.1} MiB, {} retired records reclaimed",
+                                c.shards_before,
+                                c.shards_after,
+                                c.bytes_before as f64 / (1 << 20) as f64,
+                                c.bytes_after as f64 / (1 << 20) as f64,
+                                c.reclaimed_records
+                            );
+                            tracing::info!(
+                                event = "compaction",
+                                shards_before = c.shards_before,
+                                shards_after = c.shards_after,
+                                bytes_before = c.bytes_before,
+                                bytes_after = c.bytes_after,
+                                reclaimed_records = c.reclaimed_records,
+                                "compacted"
+                            );
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            eprintln!(
+                                "error: compaction failed, the dataset is unchanged; retrying in {retry:?}: {e}"
+                            );
+                            tracing::error!(event = "compaction_failed", error = %e, "compaction failed");
+                            follower = None;
+                            retry_at = Instant::now() + retry;
+                        }
+                    }
                 }
             }
         }

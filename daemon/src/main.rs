@@ -2,6 +2,7 @@
 
 mod bench_cmd;
 mod cli;
+mod compact_cmd;
 mod config;
 mod daemon_cmd;
 mod demo;
@@ -57,6 +58,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         None => demo::run(),
         Some(cli::Command::Ingest(args)) => ingest_cmd::run(args),
         Some(cli::Command::Inspect(args)) => inspect_cmd::run(args),
+        Some(cli::Command::Compact(args)) => compact_cmd::run(args),
         Some(cli::Command::Preview(args)) => preview_cmd::run(args),
         Some(cli::Command::Train(args)) => train_cmd::run(args),
         Some(cli::Command::Daemon(args)) => daemon_cmd::run(args),

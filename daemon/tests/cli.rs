@@ -1095,3 +1095,56 @@ fn a_damaged_newest_checkpoint_is_passed_over_for_the_one_before() {
         "{out}"
     );
 }
+
+#[test]
+fn compact_merges_shards_and_a_killed_compaction_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let ds = dir.path().join("ds");
+    // Three ingest runs: three small shards; one file deleted: a retired record.
+    for wave in 0..3u32 {
+        std::fs::create_dir_all(src.join("a")).unwrap();
+        for i in 0..4u32 {
+            let img = image::RgbImage::from_fn(20, 20, |x, y| {
+                image::Rgb([
+                    (x * 9 + wave * 40 + i) as u8,
+                    (y * 7 + i * 30) as u8,
+                    (wave * 80) as u8,
+                ])
+            });
+            img.save(src.join(format!("a/{wave}-{i}.png"))).unwrap();
+        }
+        ingest(&src, &ds);
+    }
+    std::fs::remove_file(src.join("a/0-0.png")).unwrap();
+    ingest(&src, &ds);
+    let records = |o: &Output| json(o)["stats"]["records"].as_u64().unwrap();
+    let before = run(&["inspect", ds.to_str().unwrap(), "--json"]);
+    // Killed after writing the merged shard, before the manifest that lists it.
+    let o = byol()
+        .args(["compact", ds.to_str().unwrap(), "--min-run", "2"])
+        .env("BYOL_TEST_ABORT_IN_COMPACTION", "1")
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{}", text(&o));
+    let o = run(&["inspect", ds.to_str().unwrap(), "--verify", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(records(&o), records(&before));
+    // Done: one shard, the retired record's bytes gone, the same live records.
+    let o = run(&["compact", ds.to_str().unwrap(), "--min-run", "2", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let r = json(&o);
+    assert_eq!(r["before"]["shards"], 3, "{r}");
+    assert_eq!(r["after"]["shards"], 1, "{r}");
+    assert_eq!(r["report"]["reclaimed_records"], 1, "{r}");
+    assert!(
+        r["after"]["bytes"].as_u64() < r["before"]["bytes"].as_u64(),
+        "{r}"
+    );
+    assert_eq!(r["after"]["live"], r["before"]["live"]);
+    let o = run(&["inspect", ds.to_str().unwrap(), "--verify", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(records(&o), records(&before));
+    let text_out = run(&["compact", ds.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&text_out.stdout).contains("nothing to compact"));
+}

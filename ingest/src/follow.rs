@@ -70,6 +70,19 @@ impl Follower {
         &self.data
     }
 
+    /// Compacts the dataset ([`Ingester::compact`]); `Ok(None)` when nothing qualifies.
+    pub fn compact(
+        &mut self,
+        policy: &crate::CompactPolicy,
+    ) -> Result<Option<crate::CompactReport>, IngestError> {
+        self.ing.compact(policy)
+    }
+
+    /// The target shard size of this dataset's writer.
+    pub fn shard_bytes(&self) -> u64 {
+        self.ing.shard_bytes()
+    }
+
     /// Live records in the dataset (as committed and about to be).
     pub fn live_records(&self) -> u64 {
         self.ing.manifest().live_records()

@@ -34,6 +34,10 @@ use crate::reject::{self, Reject, RejectReason};
 use crate::shard::{ShardWriter, StoredRecord};
 use crate::source::{Candidate, CandidateKind, Layout};
 
+mod compact;
+
+pub use compact::{CompactPolicy, CompactReport};
+
 /// Shards finished by this process (what the `BYOL_TEST_ABORT_IN_SHARD` fault point counts).
 static SHARDS_FINISHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -204,6 +208,11 @@ impl<'p> Ingester<'p> {
     /// The dataset folder.
     pub fn dir(&self) -> &Path {
         &self.out
+    }
+
+    /// Target size of one shard in bytes.
+    pub fn shard_bytes(&self) -> u64 {
+        self.opts.shard_bytes
     }
 
     /// Records the layout of folder `root` for later runs.

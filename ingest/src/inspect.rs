@@ -149,8 +149,9 @@ pub struct CorruptRecord {
     pub reason: String,
 }
 
-/// Reads every record (retired ones too), checks its checksum, decompresses and, for
-/// the `encoded` codec, decodes it. Returns the corrupt records in shard order.
+/// Reads every live record, checks its checksum, decompresses and, for the `encoded`
+/// codec, decodes it (retired records are not data: after a compaction they are
+/// tombstones without bytes). Returns the corrupt records in shard order.
 /// `progress` is called with the number of records checked, from worker threads.
 pub fn verify(ds: &Dataset, progress: &(dyn Fn(u64) + Sync)) -> Vec<CorruptRecord> {
     let refs: Vec<RecordRef> = ds
@@ -158,6 +159,8 @@ pub fn verify(ds: &Dataset, progress: &(dyn Fn(u64) + Sync)) -> Vec<CorruptRecor
         .iter()
         .enumerate()
         .flat_map(|(shard, s)| (0..s.len() as u32).map(move |index| RecordRef { shard, index }))
+        // Retired records are not data (after a compaction, tombstones without bytes).
+        .filter(|&r| ds.is_live(r))
         .collect();
     let mut bad: Vec<CorruptRecord> = refs
         .par_chunks(256)

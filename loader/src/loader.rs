@@ -33,8 +33,14 @@ pub struct LoaderState {
     pub epoch: u64,
     /// Batch number within that epoch of the next batch.
     pub batch: u64,
-    /// Shards in that epoch's domain (the dataset may have grown since).
+    /// Shards in that epoch's domain when it was planned (informational; the domain is
+    /// `records`).
     pub shards: u64,
+    /// Records in that epoch's domain: the first `records` records (global index,
+    /// shard after shard), which a compaction keeps. `None` in states written before
+    /// it was recorded: the records of the first `shards` shards then.
+    #[serde(default)]
+    pub records: Option<u64>,
     /// `batch` is a refresh boundary where the run already looked for new shards and
     /// went on with the epoch: a resume must not look again (the dataset may have grown
     /// since, and the run that did not stop carries on with this epoch).
@@ -111,11 +117,13 @@ impl Loader {
     ) -> Result<Self, LoaderError> {
         cfg.validate()?;
         let dataset = Arc::new(dataset);
+        let total = dataset.manifest().total_records();
         let state = state.unwrap_or(LoaderState {
             seed: cfg.seed,
             epoch: 0,
             batch: 0,
             shards: dataset.shards().len() as u64,
+            records: Some(total),
             went_on: false,
         });
         if state.seed != cfg.seed {
@@ -124,36 +132,28 @@ impl Loader {
                 state.seed, cfg.seed
             )));
         }
-        if state.shards as usize > dataset.shards().len() {
+        let records = match state.records {
+            Some(r) => r,
+            None if state.shards as usize <= dataset.shards().len() => dataset.shards()
+                [..state.shards as usize]
+                .iter()
+                .map(|s| s.len() as u64)
+                .sum(),
+            None => total + 1, // refused below
+        };
+        if records > total {
             return Err(LoaderError::State(format!(
-                "the state covers {} shards but {} has {}",
+                "the state covers {} records ({} shards) but {} has {total}",
+                records,
                 state.shards,
                 dataset.dir().display(),
-                dataset.shards().len()
             )));
         }
-        let mut first = EpochPlan::new(
-            &cfg,
-            dataset.clone(),
-            state.shards as usize,
-            state.epoch,
-            state.batch,
-            0,
-        );
+        let mut first = EpochPlan::new(&cfg, dataset.clone(), records, state.epoch, state.batch, 0);
         // Resumed on a refresh boundary: a run that did not stop looked for new shards
         // there, and started the next epoch if the dataset had grown.
-        if !state.went_on
-            && first.at_refresh_boundary(state.batch)
-            && dataset.shards().len() > state.shards as usize
-        {
-            first = EpochPlan::new(
-                &cfg,
-                dataset.clone(),
-                dataset.shards().len(),
-                state.epoch + 1,
-                0,
-                0,
-            );
+        if !state.went_on && first.at_refresh_boundary(state.batch) && total > records {
+            first = EpochPlan::new(&cfg, dataset.clone(), total, state.epoch + 1, 0, 0);
         }
         if first.total() > u64::from(Global::MAX) {
             return Err(LoaderError::State(format!(
@@ -256,10 +256,10 @@ impl Loader {
             s.index_in_epoch.load(Ordering::Acquire),
         );
         let len = s.len.load(Ordering::Acquire);
-        let shards = s.shards.load(Ordering::Acquire);
+        let records = s.domain_records.load(Ordering::Acquire);
         self.next_global += 1;
         self.images += len as u64;
-        self.state = self.state_after(epoch, index, shards);
+        self.state = self.state_after(epoch, index, records);
         Batch {
             loader: self,
             slot,
@@ -270,7 +270,7 @@ impl Loader {
     }
 
     /// State after batch `index` of `epoch`: where a resume would continue.
-    fn state_after(&self, epoch: u64, index: u64, shards: u64) -> LoaderState {
+    fn state_after(&self, epoch: u64, index: u64, records: u64) -> LoaderState {
         let mut plans = self.shared.plans.lock().unwrap();
         // Plans the consumer has moved past are no longer needed.
         while plans.queue.len() > 1 && plans.queue[0].end_global() < self.next_global {
@@ -286,7 +286,8 @@ impl Loader {
             seed: self.shared.cfg.seed,
             epoch,
             batch: index + 1,
-            shards,
+            shards: plan.shards as u64,
+            records: Some(records),
             went_on: false,
         };
         if index + 1 < plan.end_batch {
@@ -298,6 +299,7 @@ impl Loader {
                 epoch: next.epoch,
                 batch: next.first_batch,
                 shards: next.shards as u64,
+                records: Some(next.records),
                 went_on: next.epoch == epoch,
             }
         } else if plan.ends_early() {
@@ -306,16 +308,21 @@ impl Loader {
         } else {
             // The next epoch's domain is decided when it is planned; a resume re-plans it
             // over the shards present then, exactly as a run that did not stop.
-            let next_shards = plans
+            let latest = (
+                plans.latest.shards().len(),
+                plans.latest.manifest().total_records(),
+            );
+            let (next_shards, next_records) = plans
                 .queue
                 .iter()
                 .find(|p| p.epoch == epoch + 1)
-                .map_or(plans.latest.shards().len() as u64, |p| p.shards as u64);
+                .map_or(latest, |p| (p.shards, p.records));
             LoaderState {
                 seed: self.shared.cfg.seed,
                 epoch: epoch + 1,
                 batch: 0,
-                shards: next_shards,
+                shards: next_shards as u64,
+                records: Some(next_records),
                 went_on: false,
             }
         }
@@ -534,7 +541,7 @@ fn worker_loop(shared: &Shared, started: &Barrier) {
         if slot_in_batch == 0 {
             slot.epoch.store(plan.epoch, Ordering::Relaxed);
             slot.index_in_epoch.store(batch, Ordering::Relaxed);
-            slot.shards.store(plan.shards as u64, Ordering::Relaxed);
+            slot.domain_records.store(plan.records, Ordering::Relaxed);
             slot.len.store(len, Ordering::Relaxed);
         }
         if slot.filled.fetch_add(1, Ordering::AcqRel) + 1 == len {
@@ -566,15 +573,15 @@ fn plan_for(shared: &Shared, global_batch: u64) -> Option<Arc<EpochPlan>> {
             }
         }
         let dataset = plans.latest.clone();
-        let shards = dataset.shards().len();
-        if last.ends_early() && shards == last.shards {
+        let records = dataset.manifest().total_records();
+        if last.ends_early() && records == last.records {
             plans.queue.push_back(Arc::new(last.continued(dataset)));
             continue;
         }
         let next = EpochPlan::new(
             &shared.cfg,
             dataset,
-            shards,
+            records,
             last.epoch + 1,
             0,
             last.end_global(),

@@ -1,6 +1,6 @@
 //! The plan of one epoch: which record fills which slot of which batch.
 //!
-//! Everything here is a pure function of (seed, epoch, the first `shards` shards of the
+//! Everything here is a pure function of (seed, epoch, the first `records` records of the
 //! dataset, the config), which is what makes a resumed run yield the same batches.
 
 use std::sync::Arc;
@@ -19,13 +19,17 @@ pub(crate) type Global = u32;
 /// probing visits many distinct positions).
 const PROBE_STEP: u64 = 7_919;
 
-/// One epoch's order over the records of its first `shards` shards.
+/// One epoch's order over the first `records` records of the dataset (global index:
+/// shard after shard in manifest order). A compaction merges shards but keeps every
+/// record's global index, so a domain named by its record count survives it.
 pub(crate) struct EpochPlan {
     pub epoch: u64,
     pub dataset: Arc<Dataset>,
-    /// Number of shards in this epoch's domain.
+    /// Records in this epoch's domain.
+    pub records: u64,
+    /// Shards the domain touches (the last one possibly in part).
     pub shards: usize,
-    /// Global index of each shard's first record; one more entry holds the total.
+    /// Global index of each touched shard's first record; one more entry holds the total.
     starts: Vec<u64>,
     /// The epoch order (a permutation of `0..total`), shared by the epoch's segments.
     order: Arc<Vec<Global>>,
@@ -51,31 +55,18 @@ pub(crate) struct EpochPlan {
 }
 
 impl EpochPlan {
-    /// Plans `epoch` over the first `shards` shards of `dataset`.
+    /// Plans `epoch` over the first `records` records of `dataset`.
     pub fn new(
         cfg: &LoaderConfig,
         dataset: Arc<Dataset>,
-        shards: usize,
+        records: u64,
         epoch: u64,
         first_batch: u64,
         first_global: u64,
     ) -> Self {
-        let mut starts = Vec::with_capacity(shards + 1);
-        let mut total = 0u64;
-        let mut max_record = (0u32, 0u32, 0usize);
-        for s in &dataset.shards()[..shards] {
-            starts.push(total);
-            total += s.len() as u64;
-            for i in 0..s.len() {
-                let m = s.meta(i);
-                max_record = (
-                    max_record.0.max(m.width),
-                    max_record.1.max(m.height),
-                    max_record.2.max(m.raw_len as usize),
-                );
-            }
-        }
-        starts.push(total);
+        let (starts, max_record) = domain(&dataset, records);
+        let shards = starts.len() - 1;
+        let total = records;
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(mix64(
             mix64(cfg.seed ^ 0x243F_6A88_85A3_08D3) ^ epoch,
         ));
@@ -109,6 +100,7 @@ impl EpochPlan {
         EpochPlan {
             epoch,
             dataset,
+            records,
             shards,
             starts,
             order: Arc::new(order),
@@ -151,14 +143,17 @@ impl EpochPlan {
     }
 
     /// The same epoch's order from this plan's end to the next refresh boundary, over
-    /// `dataset` (a newer view with the same first shards: shards are append-only).
+    /// `dataset` (a newer view holding the same first records: appended to, or
+    /// compacted, which keeps every record's index).
     pub fn continued(&self, dataset: Arc<Dataset>) -> Self {
         let first_batch = self.end_batch;
+        let (starts, max_record) = domain(&dataset, self.records);
         EpochPlan {
             epoch: self.epoch,
             dataset,
-            shards: self.shards,
-            starts: self.starts.clone(),
+            records: self.records,
+            shards: starts.len() - 1,
+            starts,
             order: self.order.clone(),
             batches: self.batches,
             end_batch: segment_end(first_batch, self.batches, self.refresh_every),
@@ -170,7 +165,7 @@ impl EpochPlan {
             newest_pool: self.newest_pool,
             batch_size: self.batch_size,
             seed: self.seed,
-            max_record: self.max_record,
+            max_record,
         }
     }
 
@@ -209,6 +204,32 @@ impl EpochPlan {
             index: (g - self.starts[shard]) as u32,
         }
     }
+}
+
+/// The first `records` records of `dataset`: each touched shard's first global index
+/// (and the total after them), and the largest width, height and payload among them.
+fn domain(dataset: &Dataset, records: u64) -> (Vec<u64>, (u32, u32, usize)) {
+    let mut starts = Vec::new();
+    let mut total = 0u64;
+    let mut max_record = (0u32, 0u32, 0usize);
+    for s in dataset.shards() {
+        if total >= records {
+            break;
+        }
+        starts.push(total);
+        let take = (s.len() as u64).min(records - total);
+        for i in 0..take as usize {
+            let m = s.meta(i);
+            max_record = (
+                max_record.0.max(m.width),
+                max_record.1.max(m.height),
+                max_record.2.max(m.raw_len as usize),
+            );
+        }
+        total += take;
+    }
+    starts.push(total);
+    (starts, max_record)
 }
 
 /// End of the segment that starts at `first_batch`: the next multiple of `every` (the

@@ -63,8 +63,8 @@ pub(crate) struct Slot {
     pub epoch: AtomicU64,
     /// Batch number within its epoch.
     pub index_in_epoch: AtomicU64,
-    /// Shards in the batch's epoch domain.
-    pub shards: AtomicU64,
+    /// Records in the batch's epoch domain.
+    pub domain_records: AtomicU64,
     /// Samples in the batch.
     pub len: AtomicUsize,
     pub view1: RawBuf<f32>,
@@ -83,7 +83,7 @@ impl Slot {
             filled: AtomicUsize::new(0),
             epoch: AtomicU64::new(0),
             index_in_epoch: AtomicU64::new(0),
-            shards: AtomicU64::new(0),
+            domain_records: AtomicU64::new(0),
             len: AtomicUsize::new(0),
             view1: RawBuf::new(batch_size * f32_len),
             view2: RawBuf::new(batch_size * f32_len),

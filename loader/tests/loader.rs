@@ -287,3 +287,47 @@ fn new_shards_join_at_the_next_refresh_boundary_and_resume_stays_exact() {
         assert!(got == seen[i + 1..], "resumed after batch {}", i + 1);
     }
 }
+
+/// A compaction (shards merged, retired records made tombstones) keeps every record's
+/// global index: a loader resumed on the compacted dataset, and one that kept running
+/// across the compaction, yield the batches of a run that never saw it.
+#[test]
+fn a_compaction_changes_no_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dataset(dir.path(), 96); // 12 batches of 8 per epoch, several shards
+    // Retire a few records: their files go, a new ingest run reconciles.
+    for i in [3u32, 10, 41] {
+        let class = if i % 2 == 0 { "a" } else { "b" };
+        std::fs::remove_file(dir.path().join(format!("src/{class}/{i:05}.png"))).unwrap();
+    }
+    ingest_into(&dir.path().join("src"), dir.path());
+    let cfg = || LoaderConfig {
+        refresh_every_batches: 3,
+        batches_ahead: 1,
+        ..config(8, 2)
+    };
+    let straight = take(
+        &mut Loader::new(open(&path), augmenter(), cfg(), None).unwrap(),
+        30,
+    );
+    let mut running = Loader::new(open(&path), augmenter(), cfg(), None).unwrap();
+    let mut got = take(&mut running, 4);
+    let state = running.state();
+    let shards_before = open(&path).shards().len();
+    let mut ing =
+        byol_ingest::Ingester::open_quiet(&path, byol_ingest::IngesterOptions::default()).unwrap();
+    let report = ing
+        .compact(&byol_ingest::CompactPolicy::for_shard_bytes(1 << 20, 2))
+        .unwrap()
+        .expect("small shards to merge");
+    drop(ing);
+    assert!(report.shards_after < shards_before && report.reclaimed_records == 3);
+    got.extend(take(&mut running, 26));
+    assert!(got == straight, "a loader running across the compaction");
+    let mut resumed = Loader::new(open(&path), augmenter(), cfg(), Some(state)).unwrap();
+    assert!(
+        take(&mut resumed, 26) == straight[4..],
+        "a loader resumed on the compacted dataset"
+    );
+    assert_eq!(running.stats().skipped, 0, "no tombstone is ever read");
+}

@@ -187,7 +187,8 @@ impl Run {
             let unix_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis());
-            let line = serde_json::json!({"step": stats.step, "unix_ms": unix_ms, "records": records});
+            let line =
+                serde_json::json!({"step": stats.step, "unix_ms": unix_ms, "records": records});
             use std::io::Write;
             let _ = writeln!(f, "{line}");
         }

@@ -60,10 +60,13 @@ impl AdamW {
             let Some(g) = grads.get(&p.var) else {
                 continue;
             };
+            // Detached, as in LARS: moments that recorded ops would chain every step's.
+            let g = g.detach();
+            let g = &g;
             p.m = ((&p.m * b1)? + (g * (1.0 - b1))?)?;
             p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let update = ((&p.m / c1)? / ((&p.v / c2)?.sqrt()? + self.eps)?)?;
-            let w = p.var.as_tensor();
+            let w = &p.var.as_tensor().detach();
             let update = if p.decay {
                 (update + (w * self.weight_decay)?)?
             } else {
