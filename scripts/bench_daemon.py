@@ -143,7 +143,7 @@ def throughput():
         quiet = (images(dm) - i0) / (time.time() - t0)
         # A wave of large photos: the window is the ingest's.
         before = ingested(dm)
-        n = 120
+        n = 400
         i0, t0 = images(dm), time.time()
         for k in range(n):
             put(WALLPAPERS[k % len(WALLPAPERS)], os.path.join(d, "in"), f"w{k % 4}")

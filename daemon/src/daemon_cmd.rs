@@ -352,6 +352,8 @@ fn spawn_ingest(
             metrics,
             stop,
         } = t;
+        // This thread appends and commits; like the ingest workers, it yields to training.
+        byol_ingest::lower_thread_priority();
         let mut follower = Some(follower);
         let mut retry_at = Instant::now();
         let mut settler = Settler::new(settle);

@@ -57,8 +57,9 @@ pub struct IngesterOptions {
     pub limits: DecodeLimits,
     /// Shortest time between two manifest saves while adding (the last save is always made).
     pub commit_interval: Duration,
-    /// Run the worker threads at a lower scheduling priority (nice 10 on Linux): a
-    /// long-lived ingester beside training takes the cores training leaves idle.
+    /// Run the worker threads at the lowest scheduling priority (nice 19 on Linux,
+    /// [`lower_thread_priority`]): a long-lived ingester beside training takes the
+    /// cycles training leaves.
     pub background: bool,
 }
 
@@ -75,13 +76,15 @@ impl Default for IngesterOptions {
     }
 }
 
-/// Lowers the calling thread's scheduling priority (Linux: per-thread nice 10).
-fn lower_thread_priority() {
+/// Lowers the calling thread's scheduling priority to the lowest (Linux: per-thread
+/// nice 19, a CFS weight of 15 against 1024 at nice 0): beside training, ingest gets
+/// the cycles training leaves, and is never starved (CFS gives every weight a share).
+pub fn lower_thread_priority() {
     #[cfg(target_os = "linux")]
     // SAFETY: plain system calls on the calling thread's own id; no memory is shared.
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        if libc::setpriority(libc::PRIO_PROCESS, tid, 10) != 0 {
+        if libc::setpriority(libc::PRIO_PROCESS, tid, 19) != 0 {
             tracing::debug!("could not lower an ingest thread's priority");
         }
     }

@@ -50,7 +50,9 @@ pub use ingest::{
     IngestError, IngestOptions, IngestReport, IngestSummary, NoProgress, Progress, RootReport,
     SettingsOverride, ingest,
 };
-pub use ingester::{CompactPolicy, CompactReport, Ingester, IngesterOptions, LOCK_FILE};
+pub use ingester::{
+    CompactPolicy, CompactReport, Ingester, IngesterOptions, LOCK_FILE, lower_thread_priority,
+};
 pub use manifest::{IngestSettings, Manifest};
 pub use reject::{Reject, RejectReason};
 pub use settle::Settler;
