@@ -12,21 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{byol, text};
-
-/// A distinct 32 x 32 PNG for each `n` (no two share content).
-fn png(n: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(32, 32, |x, y| {
-        image::Rgb([
-            (x * 7 + n * 13) as u8,
-            (y * 5 + n * 29) as u8,
-            ((x ^ y) + n * 3) as u8,
-        ])
-    });
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
-}
+use common::{byol, distinct_png, text};
 
 fn config(dir: &Path, log_every: u64) -> String {
     format!(
@@ -213,14 +199,18 @@ fn waves_of_files_end_as_the_dataset_and_a_restart_resumes_the_step() {
     for (class, first) in [("cat", 0), ("dog", 100)] {
         std::fs::create_dir_all(watch.join(class)).unwrap();
         for i in 0..6 {
-            std::fs::write(watch.join(class).join(format!("{i}.png")), png(first + i)).unwrap();
+            std::fs::write(
+                watch.join(class).join(format!("{i}.png")),
+                distinct_png(first + i),
+            )
+            .unwrap();
         }
     }
     d.wait_for("training", |o| steps_logged(o).len() >= 2);
 
     // A slow write: three chunks over a second; only the complete file is stored.
     let slow = watch.join("cat/slow.png");
-    let bytes = png(7);
+    let bytes = distinct_png(7);
     let mut f = File::create(&slow).unwrap();
     for chunk in bytes.chunks(bytes.len().div_ceil(3)) {
         f.write_all(chunk).unwrap();
@@ -229,15 +219,15 @@ fn waves_of_files_end_as_the_dataset_and_a_restart_resumes_the_step() {
     }
     drop(f);
     // Renamed into place from a partial-download name (which is ignored).
-    std::fs::write(watch.join("dog/new.png.part"), png(8)).unwrap();
+    std::fs::write(watch.join("dog/new.png.part"), distinct_png(8)).unwrap();
     std::fs::rename(watch.join("dog/new.png.part"), watch.join("dog/new.png")).unwrap();
     // Deleted, replaced, moved to another class.
     std::fs::remove_file(watch.join("cat/0.png")).unwrap();
-    std::fs::write(watch.join("cat/1.png"), png(9)).unwrap();
+    std::fs::write(watch.join("cat/1.png"), distinct_png(9)).unwrap();
     std::fs::rename(watch.join("cat/2.png"), watch.join("dog/2.png")).unwrap();
     // Bad files: rejected with a reason, training goes on.
     std::fs::write(watch.join("dog/empty.png"), b"").unwrap();
-    std::fs::write(watch.join("dog/truncated.png"), &png(10)[..60]).unwrap();
+    std::fs::write(watch.join("dog/truncated.png"), &distinct_png(10)[..60]).unwrap();
     std::fs::write(watch.join("dog/notes.jpg"), b"not an image at all").unwrap();
     d.wait_for("the rejects", |o| {
         o.contains("empty") && o.contains("not-an-image") && o.contains("corrupt")
@@ -345,10 +335,14 @@ fn a_non_finite_loss_is_rolled_back_and_an_idle_daemon_pauses_until_new_files() 
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let watch = root.join("in");
-    for (class, first) in [("a", 200), ("b", 300)] {
+    for (class, first) in [("a", 200), ("b", 220)] {
         std::fs::create_dir_all(watch.join(class)).unwrap();
         for i in 0..8 {
-            std::fs::write(watch.join(class).join(format!("{i}.png")), png(first + i)).unwrap();
+            std::fs::write(
+                watch.join(class).join(format!("{i}.png")),
+                distinct_png(first + i),
+            )
+            .unwrap();
         }
     }
     let cfg = root.join("daemon.toml");
@@ -380,7 +374,7 @@ fn a_non_finite_loss_is_rolled_back_and_an_idle_daemon_pauses_until_new_files() 
         paused_at,
         "no step while paused"
     );
-    std::fs::write(watch.join("a/new.png"), png(400)).unwrap();
+    std::fs::write(watch.join("a/new.png"), distinct_png(240)).unwrap();
     d.wait_for("training again", |o| {
         o.matches("training from step").count() >= 2
     });

@@ -12,20 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{byol, text};
-
-fn png(n: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(24, 24, |x, y| {
-        image::Rgb([
-            (x * 11 + n * 7) as u8,
-            (y * 3 + n * 31) as u8,
-            ((x * y) + n * 5) as u8,
-        ])
-    });
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
-}
+use common::{byol, distinct_png, text};
 
 fn config(dir: &Path, extra: &str) -> String {
     format!(
@@ -204,10 +191,10 @@ fn arrive(watch: &Path, next: &mut u32) {
         std::fs::create_dir_all(&dir).unwrap();
         let name = format!("{next:04}.png");
         if k.is_multiple_of(2) {
-            std::fs::write(dir.join(&name), png(*next)).unwrap();
+            std::fs::write(dir.join(&name), distinct_png(*next)).unwrap();
         } else {
             let part = dir.join(format!("{name}.part"));
-            std::fs::write(&part, png(*next)).unwrap();
+            std::fs::write(&part, distinct_png(*next)).unwrap();
             std::fs::rename(&part, dir.join(&name)).unwrap();
         }
         *next += 1;

@@ -11,21 +11,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::byol;
-
-/// A distinct 32 x 32 PNG for each `n`.
-fn png(n: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(32, 32, |x, y| {
-        image::Rgb([
-            (x * 7 + n * 13) as u8,
-            (y * 5 + n * 29) as u8,
-            ((x ^ y) + n * 3) as u8,
-        ])
-    });
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
-}
+use common::{byol, distinct_png};
 
 fn config(dir: &Path) -> String {
     format!(
@@ -122,7 +108,7 @@ fn notify_protocol_in_order_and_metrics_a_prometheus_parser_reads() {
     let root = dir.path();
     std::fs::create_dir_all(root.join("in/a")).unwrap();
     for i in 0..16 {
-        std::fs::write(root.join(format!("in/a/{i}.png")), png(i)).unwrap();
+        std::fs::write(root.join(format!("in/a/{i}.png")), distinct_png(i)).unwrap();
     }
     std::fs::write(root.join("in/a/bad.png"), b"not a png").unwrap();
     let cfg = root.join("d.toml");

@@ -61,3 +61,17 @@ impl std::ops::DerefMut for Reaped {
         &mut self.0
     }
 }
+
+/// A distinct 32 x 32 PNG for each `n` below 256 (`n` and `n + 256` coincide).
+pub fn distinct_png(n: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(32, 32, |x, y| {
+        image::Rgb([
+            (x * 7 + n * 13) as u8,
+            (y * 5 + n * 29) as u8,
+            ((x ^ y) + n * 3) as u8,
+        ])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
