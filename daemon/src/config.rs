@@ -76,6 +76,10 @@ pub struct DaemonConfig {
     /// half, at a lower priority.
     #[serde(default)]
     pub threads: usize,
+    /// Share of the time ingest workers may work while training runs, in (0, 1]:
+    /// they rest in proportion after each file (cache and memory bandwidth for training).
+    #[serde(default = "default_duty")]
+    pub ingest_duty: f64,
     /// Compact in the background once this many small shards lie side by side (waves
     /// leave one each); 0 never compacts.
     #[serde(default = "default_compact")]
@@ -122,6 +126,9 @@ impl WatchEntry {
 
 fn default_listen() -> String {
     "127.0.0.1:9464".into()
+}
+fn default_duty() -> f64 {
+    0.5
 }
 fn default_compact() -> usize {
     8
@@ -201,6 +208,11 @@ impl Config {
         secs("poll_interval_secs", d.poll_interval_secs)?;
         secs("stop_timeout_secs", d.stop_timeout_secs)?;
         secs("retry_secs", d.retry_secs)?;
+        anyhow::ensure!(
+            d.ingest_duty > 0.0 && d.ingest_duty <= 1.0,
+            "[daemon] ingest_duty: must be in (0, 1], not {}",
+            d.ingest_duty
+        );
         anyhow::ensure!(
             d.poll_interval_secs > 0.0,
             "[daemon] poll_interval_secs: must be above 0"

@@ -94,6 +94,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     ingest_cfg.threads = Some(ingest_cfg.threads.unwrap_or((budget / 2).max(1)));
     let mut ingest_opts = ingest_cfg.ingester_options()?;
     ingest_opts.background = true;
+    ingest_opts.duty = d.ingest_duty;
     let roots: Vec<(PathBuf, byol_ingest::Layout)> = d
         .watch
         .iter()

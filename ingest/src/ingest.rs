@@ -240,6 +240,7 @@ pub fn ingest(opts: &IngestOptions, progress: &dyn Progress) -> Result<IngestRep
             limits: opts.limits,
             commit_interval: opts.commit_interval,
             background: false,
+            duty: 1.0,
         },
         progress,
     )?;

@@ -60,6 +60,10 @@ pub struct IngesterOptions {
     /// Run the worker threads in the idle scheduling class ([`lower_thread_priority`]):
     /// a long-lived ingester beside training takes only the cycles training leaves.
     pub background: bool,
+    /// Share of the time each worker may spend working, in (0, 1]: after each file it
+    /// rests in proportion (1: no rest). Beside training, what an idle-class ingester
+    /// still costs it is cache and memory bandwidth; resting trades ingest speed for it.
+    pub duty: f64,
 }
 
 impl Default for IngesterOptions {
@@ -71,6 +75,7 @@ impl Default for IngesterOptions {
             limits: DecodeLimits::default(),
             commit_interval: Duration::from_secs(10),
             background: false,
+            duty: 1.0,
         }
     }
 }
@@ -411,6 +416,7 @@ impl<'p> Ingester<'p> {
         self.progress.add_total(images.len() as u64);
         let settings = self.work.settings;
         let limits = self.opts.limits;
+        let duty = self.opts.duty.clamp(0.01, 1.0);
         let progress = self.progress;
         // A second handle on the pool keeps its borrow apart from `consume`'s `self`.
         let pool = self.pool.clone();
@@ -425,6 +431,7 @@ impl<'p> Ingester<'p> {
                     *j = (*j).min(i);
                     *j < i
                 };
+                let started = Instant::now();
                 let outcome = catch_unwind(AssertUnwindSafe(|| {
                     encode::process_image(
                         c,
@@ -443,6 +450,10 @@ impl<'p> Ingester<'p> {
                         "the decoder panicked",
                     ))
                 });
+                if duty < 1.0 {
+                    // Work at most `duty` of the time: rest in proportion to the work.
+                    std::thread::sleep(started.elapsed().mul_f64(1.0 / duty - 1.0));
+                }
                 progress.advance(1);
                 outcome
             },
