@@ -105,9 +105,12 @@ pub fn run() -> anyhow::Result<ExitCode> {
     let config_path = root.join("daemon.toml");
     std::fs::write(&config_path, config(&root, steps))?;
     let exe = std::env::current_exe()?;
+    // The daemon's progress lines on the terminal; its log events only when asked for.
+    let log = std::env::var("BYOL_LOG").unwrap_or_else(|_| "warn".into());
     let mut daemon = Command::new(&exe)
         .args(["daemon", "--config"])
         .arg(&config_path)
+        .env("BYOL_LOG", log)
         .spawn()
         .context("cannot start byol daemon")?;
     let outcome = feed_and_wait(&root, &incoming, steps, &mut daemon);
@@ -210,6 +213,10 @@ fn feed_and_wait(
         }
     }
     wait_for(daemon, || Ok(last_step(&metrics) >= steps))?;
+    // Every file of every wave in the dataset before the stop.
+    let manifest = root.join("dataset").join("manifest.json");
+    let files = (per_wave * WAVES) as usize * CLASSES.len();
+    wait_for(daemon, || Ok(sources(&manifest) >= files))?;
     println!(
         "demo: {steps} steps in {:.0} s; stopping the daemon (SIGTERM)",
         started.elapsed().as_secs_f64()
@@ -229,6 +236,15 @@ fn wait_for(
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(())
+}
+
+/// Sources recorded in the dataset's manifest (0 before it exists).
+fn sources(manifest: &Path) -> usize {
+    std::fs::read(manifest)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|m| m["sources"].as_array().map(Vec::len))
+        .unwrap_or(0)
 }
 
 /// The last step logged in `metrics.jsonl` (0 before the first line).
