@@ -5,116 +5,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{byol, distinct_png, text};
-
-fn config(dir: &Path, log_every: u64) -> String {
-    format!(
-        r#"
-[augment]
-preset = "small"
-size = 16
-[loader]
-batch_size = 8
-threads = 1
-[model]
-arch = "resnet18"
-width = 4
-small_stem = true
-projector_hidden = 32
-projection_dim = 16
-predictor_hidden = 32
-[optim]
-optimizer = "adamw"
-base_lr = 1e-3
-warmup_steps = 5
-schedule = "constant"
-[train]
-device = "cpu"
-log_every = {log_every}
-checkpoint_every_steps = 25
-[ingest]
-max_side = 0
-[daemon]
-watch = [{{ path = "{watch}", layout = "imagefolder" }}]
-data = "{data}"
-run = "{run}"
-listen = "127.0.0.1:0"
-settle_secs = 0.4
-idle_after_epochs = 0
-new_data_within_steps = 4
-stop_timeout_secs = 60
-"#,
-        watch = dir.join("in").display(),
-        data = dir.join("data").display(),
-        run = dir.join("run").display(),
-    )
-}
-
-/// A running daemon with its output going to a file.
-struct Daemon {
-    child: common::Reaped,
-    out: PathBuf,
-}
-
-impl Daemon {
-    fn start(cfg: &Path, out: PathBuf) -> Daemon {
-        let log = File::create(&out).unwrap();
-        let child = byol()
-            .args(["daemon", "--config", cfg.to_str().unwrap()])
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        Daemon {
-            child: common::Reaped(child),
-            out,
-        }
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-
-    /// Waits (up to two minutes) until `done` holds for the output.
-    fn wait_for(&mut self, what: &str, done: impl Fn(&str) -> bool) {
-        let start = Instant::now();
-        while !done(&self.output()) {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "daemon exited ({status}) waiting for {what}:\n{}",
-                    self.output()
-                );
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(120),
-                "timed out waiting for {what}:\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: a signal to our own child.
-        unsafe {
-            libc::kill(self.child.id() as i32, sig);
-        }
-    }
-
-    /// SIGTERM, then the exit status.
-    fn stop(mut self) -> (std::process::ExitStatus, String) {
-        self.signal(libc::SIGTERM);
-        let status = self.child.wait().unwrap();
-        (status, self.output())
-    }
-}
+use common::{
+    Daemon, byol, complete_images, daemon_config, dataset_sources, distinct_png, live_records, text,
+};
 
 /// The last step named in a "checkpoint step N" line.
 fn last_checkpoint(out: &str) -> u64 {
@@ -132,58 +29,6 @@ fn steps_logged(out: &str) -> Vec<u64> {
         .collect()
 }
 
-/// The dataset's sources (path → (hash, label)) and its live record count.
-fn dataset_state(data: &Path) -> (BTreeMap<String, (String, Option<String>)>, u64) {
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(data.join("manifest.json")).unwrap()).unwrap();
-    let sources = m["sources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["path"].as_str().unwrap().to_owned(),
-                (
-                    s["hash"].as_str().unwrap().to_owned(),
-                    s["label"].as_str().map(str::to_owned),
-                ),
-            )
-        })
-        .collect();
-    let live = m["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            s["records"].as_u64().unwrap() - s["retired"].as_array().map_or(0, |r| r.len() as u64)
-        })
-        .sum();
-    (sources, live)
-}
-
-/// Every complete image file under `root`: canonical path → (blake3, class folder).
-fn expected(root: &Path) -> BTreeMap<String, (String, Option<String>)> {
-    let mut out = BTreeMap::new();
-    for class in std::fs::read_dir(root).unwrap() {
-        let class = class.unwrap().path();
-        for f in std::fs::read_dir(&class).unwrap() {
-            let f = f.unwrap().path();
-            let bytes = std::fs::read(&f).unwrap();
-            if image::load_from_memory(&bytes).is_err() {
-                continue; // the bad files
-            }
-            out.insert(
-                std::fs::canonicalize(&f).unwrap().display().to_string(),
-                (
-                    blake3::hash(&bytes).to_hex().to_string(),
-                    Some(class.file_name().unwrap().to_string_lossy().into_owned()),
-                ),
-            );
-        }
-    }
-    out
-}
-
 #[test]
 fn waves_of_files_end_as_the_dataset_and_a_restart_resumes_the_step() {
     let dir = tempfile::tempdir().unwrap();
@@ -191,8 +36,8 @@ fn waves_of_files_end_as_the_dataset_and_a_restart_resumes_the_step() {
     let watch = root.join("in");
     std::fs::create_dir_all(&watch).unwrap();
     let cfg = root.join("daemon.toml");
-    std::fs::write(&cfg, config(root, 5)).unwrap();
-    let mut d = Daemon::start(&cfg, root.join("out1.txt"));
+    std::fs::write(&cfg, daemon_config(root, &[])).unwrap();
+    let mut d = Daemon::start(&cfg, root.join("out1.txt"), &[]);
     d.wait_for("the watch", |o| o.contains("watching"));
 
     // `mkdir -p` and files at once: created before the folders' watches exist.
@@ -247,7 +92,7 @@ fn waves_of_files_end_as_the_dataset_and_a_restart_resumes_the_step() {
     // SIGHUP with a bad config: refused, the daemon trains on.
     std::fs::write(
         &cfg,
-        config(root, 5).replace("settle_secs = 0.4", "settle_secs = -1"),
+        daemon_config(root, &[]).replace("settle_secs = 0.4", "settle_secs = -1"),
     )
     .unwrap();
     d.signal(libc::SIGHUP);
@@ -258,7 +103,11 @@ fn waves_of_files_end_as_the_dataset_and_a_restart_resumes_the_step() {
         steps_logged(o).len() >= steps_before + 2
     });
     // A good one applies.
-    std::fs::write(&cfg, config(root, 3)).unwrap();
+    std::fs::write(
+        &cfg,
+        daemon_config(root, &[("log_every = 5", "log_every = 3")]),
+    )
+    .unwrap();
     d.signal(libc::SIGHUP);
     d.wait_for("the reload", |o| o.contains("config reloaded"));
 
@@ -268,14 +117,17 @@ fn waves_of_files_end_as_the_dataset_and_a_restart_resumes_the_step() {
 
     // The dataset is what the folders hold: every complete file once, with its final
     // content and label; nothing deleted or replaced is live.
-    let want = expected(&watch);
-    let (sources, live) = dataset_state(&root.join("data"));
+    let want = complete_images(&watch);
+    let (sources, live) = (
+        dataset_sources(&root.join("data")),
+        live_records(&root.join("data")),
+    );
     assert_eq!(sources, want, "{out}");
     let distinct: std::collections::BTreeSet<&String> = want.values().map(|(h, _)| h).collect();
     assert_eq!(live, distinct.len() as u64, "live records");
 
     // A restart resumes the step it stopped at.
-    let mut d = Daemon::start(&cfg, root.join("out2.txt"));
+    let mut d = Daemon::start(&cfg, root.join("out2.txt"), &[]);
     d.wait_for("the resume", |o| o.contains("training from step"));
     let out = d.output();
     assert!(
@@ -295,19 +147,20 @@ fn a_bad_config_is_refused_before_anything_starts() {
     let cfg = root.join("bad.toml");
     for (bad, named) in [
         (
-            config(root, 5).replace("schedule = \"constant\"", "schedule = \"cosine\""),
+            daemon_config(root, &[]).replace("schedule = \"constant\"", "schedule = \"cosine\""),
             "constant",
         ),
         (
-            config(root, 5).replace("settle_secs", "settle_sec"),
+            daemon_config(root, &[]).replace("settle_secs", "settle_sec"),
             "settle_sec",
         ),
         (
-            config(root, 5).replace(&root.join("in").display().to_string(), "/no/such/folder"),
+            daemon_config(root, &[])
+                .replace(&root.join("in").display().to_string(), "/no/such/folder"),
             "/no/such/folder",
         ),
         (
-            config(root, 5).replace("127.0.0.1:0", "0.0.0.0:9464"),
+            daemon_config(root, &[]).replace("127.0.0.1:0", "0.0.0.0:9464"),
             "allow_remote_metrics",
         ),
     ] {
@@ -322,7 +175,7 @@ fn a_bad_config_is_refused_before_anything_starts() {
         }
     }
     assert!(!root.join("run").exists(), "nothing was started");
-    std::fs::write(&cfg, config(root, 5)).unwrap();
+    std::fs::write(&cfg, daemon_config(root, &[])).unwrap();
     let o = byol()
         .args(["validate", "--config", cfg.to_str().unwrap()])
         .output()
@@ -346,22 +199,15 @@ fn a_non_finite_loss_is_rolled_back_and_an_idle_daemon_pauses_until_new_files() 
         }
     }
     let cfg = root.join("daemon.toml");
-    let text_cfg = config(root, 5)
+    let text_cfg = daemon_config(root, &[])
         .replace("idle_after_epochs = 0", "idle_after_epochs = 20")
         .replace("checkpoint_every_steps = 25", "checkpoint_every_steps = 10");
     std::fs::write(&cfg, text_cfg).unwrap();
-    let log = File::create(root.join("out.txt")).unwrap();
-    let child = byol()
-        .args(["daemon", "--config", cfg.to_str().unwrap()])
-        .env("BYOL_TEST_NAN_AT_STEP", "13")
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap();
-    let mut d = Daemon {
-        child: common::Reaped(child),
-        out: root.join("out.txt"),
-    };
+    let mut d = Daemon::start(
+        &cfg,
+        root.join("out.txt"),
+        &[("BYOL_TEST_NAN_AT_STEP", "13".to_owned())],
+    );
     // Step 13 diverges: back to the checkpoint of step 10, and training goes on.
     d.wait_for("the rollback", |o| o.contains("non-finite loss at step 13"));
     assert!(d.output().contains("(step 10)"), "{}", d.output());

@@ -6,148 +6,26 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{byol, distinct_png, text};
+use common::{Daemon, byol, complete_images, daemon_config, dataset_sources, distinct_png, text};
 
+/// The shared daemon config with small shards, frequent checkpoints and `extra`
+/// `[daemon]` keys.
 fn config(dir: &Path, extra: &str) -> String {
-    format!(
-        r#"
-[augment]
-preset = "small"
-size = 16
-[loader]
-batch_size = 8
-threads = 1
-[model]
-arch = "resnet18"
-width = 4
-small_stem = true
-projector_hidden = 32
-projection_dim = 16
-predictor_hidden = 32
-[optim]
-optimizer = "adamw"
-base_lr = 1e-3
-schedule = "constant"
-[train]
-device = "cpu"
-log_every = 2
-checkpoint_every_steps = 4
-keep_last = 2
-[ingest]
-max_side = 0
-shard_size_mib = 1
-[daemon]
-watch = [{{ path = "{watch}", layout = "imagefolder" }}]
-data = "{data}"
-run = "{run}"
-listen = "127.0.0.1:0"
-settle_secs = 0.2
-idle_after_epochs = 0
-new_data_within_steps = 4
-{extra}
-"#,
-        watch = dir.join("in").display(),
-        data = dir.join("data").display(),
-        run = dir.join("run").display(),
+    let checkpoints = "checkpoint_every_steps = 4\nkeep_last = 2";
+    let daemon = format!("stop_timeout_secs = 60\n{extra}");
+    daemon_config(
+        dir,
+        &[
+            ("log_every = 5", "log_every = 2"),
+            ("checkpoint_every_steps = 25", checkpoints),
+            ("max_side = 0", "max_side = 0\nshard_size_mib = 1"),
+            ("settle_secs = 0.4", "settle_secs = 0.2"),
+            ("stop_timeout_secs = 60", &daemon),
+        ],
     )
-}
-
-struct Daemon {
-    child: common::Reaped,
-    out: PathBuf,
-}
-
-impl Daemon {
-    fn start(cfg: &Path, out: PathBuf, env: &[(&str, String)]) -> Daemon {
-        let log = File::create(&out).unwrap();
-        let child = byol()
-            .args(["daemon", "--config", cfg.to_str().unwrap()])
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        Daemon {
-            child: common::Reaped(child),
-            out,
-        }
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-
-    /// Waits until `done`; false when the daemon exited first.
-    fn wait_for(&mut self, what: &str, done: impl Fn(&str) -> bool) -> bool {
-        let start = Instant::now();
-        while !done(&self.output()) {
-            if self.child.try_wait().unwrap().is_some() {
-                return false;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(120),
-                "timed out waiting for {what}:\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        true
-    }
-
-    fn kill9(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Complete image files under `root`: canonical path → (blake3, class).
-fn expected(root: &Path) -> BTreeMap<String, (String, Option<String>)> {
-    let mut out = BTreeMap::new();
-    for class in std::fs::read_dir(root).unwrap() {
-        let class = class.unwrap().path();
-        for f in std::fs::read_dir(&class).unwrap() {
-            let f = f.unwrap().path();
-            let name = f.file_name().unwrap().to_string_lossy().into_owned();
-            let is_file = std::fs::symlink_metadata(&f).is_ok_and(|m| m.is_file());
-            if name.ends_with(".part") || !is_file {
-                continue;
-            }
-            let bytes = std::fs::read(&f).unwrap();
-            out.insert(
-                std::fs::canonicalize(&f).unwrap().display().to_string(),
-                (
-                    blake3::hash(&bytes).to_hex().to_string(),
-                    Some(class.file_name().unwrap().to_string_lossy().into_owned()),
-                ),
-            );
-        }
-    }
-    out
-}
-
-fn sources(data: &Path) -> BTreeMap<String, (String, Option<String>)> {
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(data.join("manifest.json")).unwrap()).unwrap();
-    m["sources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["path"].as_str().unwrap().to_owned(),
-                (
-                    s["hash"].as_str().unwrap().to_owned(),
-                    s["label"].as_str().map(str::to_owned),
-                ),
-            )
-        })
-        .collect()
 }
 
 /// Steps of the complete checkpoints in the run folder.
@@ -231,7 +109,7 @@ fn kill_9_at_seeded_moments_and_fault_points_loses_nothing() {
             _ => vec![],
         };
         let mut d = Daemon::start(&cfg, root.join(format!("out{i}.txt")), &env);
-        let alive = d.wait_for("the start", |o| {
+        let alive = d.wait_until("the start", |o| {
             training_from(o).is_some() || o.contains("aborting")
         });
         if let Some(from) = training_from(&d.output()) {
@@ -260,7 +138,7 @@ fn kill_9_at_seeded_moments_and_fault_points_loses_nothing() {
                 d.output()
             );
         }
-        d.kill9();
+        drop(d); // SIGKILL
         // What a crash leaves must verify, and resume at or past the last checkpoint.
         let o = byol()
             .args(["inspect", root.join("data").to_str().unwrap(), "--verify"])
@@ -274,7 +152,7 @@ fn kill_9_at_seeded_moments_and_fault_points_loses_nothing() {
     }
     // A clean run takes in everything that arrived, then stops.
     let mut d = Daemon::start(&cfg, root.join("final.txt"), &[]);
-    let want = expected(&watch);
+    let want = complete_images(&watch);
     d.wait_for("training", |o| training_from(o).is_some());
     assert!(
         training_from(&d.output()).unwrap() >= floor,
@@ -282,11 +160,11 @@ fn kill_9_at_seeded_moments_and_fault_points_loses_nothing() {
         d.output()
     );
     let start = Instant::now();
-    while sources(&root.join("data")) != want {
+    while dataset_sources(&root.join("data")) != want {
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "dataset never matched the folders:\n{:?}\n{:?}",
-            sources(&root.join("data")),
+            dataset_sources(&root.join("data")),
             want
         );
         std::thread::sleep(Duration::from_millis(100));
@@ -296,7 +174,7 @@ fn kill_9_at_seeded_moments_and_fault_points_loses_nothing() {
         libc::kill(d.child.id() as i32, libc::SIGTERM);
     }
     assert!(d.child.wait().unwrap().success(), "{}", d.output());
-    assert_eq!(sources(&root.join("data")), want);
+    assert_eq!(dataset_sources(&root.join("data")), want);
     let o = byol()
         .args([
             "inspect",
@@ -323,7 +201,7 @@ fn polling_a_symlink_loop_and_a_folder_emptied_as_by_an_unmount() {
     std::fs::write(&cfg, config(root, "poll = true\npoll_interval_secs = 0.2")).unwrap();
     let mut d = Daemon::start(&cfg, root.join("out.txt"), &[]);
     assert!(
-        d.wait_for("training", |o| training_from(o).is_some()),
+        d.wait_until("training", |o| training_from(o).is_some()),
         "{}",
         d.output()
     );
@@ -334,9 +212,9 @@ fn polling_a_symlink_loop_and_a_folder_emptied_as_by_an_unmount() {
     );
     // Polling sees new files.
     arrive(&watch, &mut next);
-    let want = expected(&watch);
+    let want = complete_images(&watch);
     let start = Instant::now();
-    while sources(&root.join("data")) != want {
+    while dataset_sources(&root.join("data")) != want {
         assert!(start.elapsed() < Duration::from_secs(60), "{}", d.output());
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -344,9 +222,9 @@ fn polling_a_symlink_loop_and_a_folder_emptied_as_by_an_unmount() {
     // (an empty mount point). Nothing is retired.
     std::fs::rename(&watch, root.join("away")).unwrap();
     std::fs::create_dir(&watch).unwrap();
-    assert!(d.wait_for("the warning", |o| o.contains("nothing retired")));
+    d.wait_for("the warning", |o| o.contains("nothing retired"));
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(sources(&root.join("data")), want, "{}", d.output());
+    assert_eq!(dataset_sources(&root.join("data")), want, "{}", d.output());
     // SAFETY: a signal to our own child.
     unsafe {
         libc::kill(d.child.id() as i32, libc::SIGTERM);

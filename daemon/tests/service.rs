@@ -11,45 +11,17 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{byol, distinct_png};
+use common::{byol, daemon_config, distinct_png};
 
+/// The shared daemon config, logging and checkpointing often.
 fn config(dir: &Path) -> String {
-    format!(
-        r#"
-[augment]
-preset = "small"
-size = 16
-[loader]
-batch_size = 8
-threads = 1
-[model]
-arch = "resnet18"
-width = 4
-small_stem = true
-projector_hidden = 32
-projection_dim = 16
-predictor_hidden = 32
-[optim]
-optimizer = "adamw"
-base_lr = 1e-3
-schedule = "constant"
-[train]
-device = "cpu"
-log_every = 2
-checkpoint_every_steps = 4
-[ingest]
-max_side = 0
-[daemon]
-watch = ["{watch}"]
-data = "{data}"
-run = "{run}"
-listen = "127.0.0.1:0"
-settle_secs = 0.2
-idle_after_epochs = 0
-"#,
-        watch = dir.join("in").display(),
-        data = dir.join("data").display(),
-        run = dir.join("run").display(),
+    daemon_config(
+        dir,
+        &[
+            ("log_every = 5", "log_every = 2"),
+            ("checkpoint_every_steps = 25", "checkpoint_every_steps = 4"),
+            ("settle_secs = 0.4", "settle_secs = 0.2"),
+        ],
     )
 }
 
