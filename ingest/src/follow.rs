@@ -143,14 +143,15 @@ impl Follower {
                         scan.candidates.iter().map(|c| c.path.as_path()).collect();
                     let unreadable_dirs: Vec<PathBuf> =
                         scan.rejects.iter().map(|r| r.path.clone()).collect();
-                    let holds = *holds_images
-                        .entry(root.path.clone())
-                        .or_insert_with(|| root_holds_images(&root));
                     for recorded in self.ing.sources_under(path) {
-                        if holds
-                            && !found.contains(recorded.as_path())
+                        let missing = !found.contains(recorded.as_path())
                             && !unreadable_dirs.iter().any(|d| recorded.starts_with(d))
-                            && !recorded.exists()
+                            && !recorded.exists();
+                        // The walk for images runs only when something is missing.
+                        if missing
+                            && *holds_images
+                                .entry(root.path.clone())
+                                .or_insert_with(|| root_holds_images(&root))
                         {
                             self.ing.retire(&recorded)?;
                         }

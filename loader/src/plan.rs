@@ -147,7 +147,21 @@ impl EpochPlan {
     /// compacted, which keeps every record's index).
     pub fn continued(&self, dataset: Arc<Dataset>) -> Self {
         let first_batch = self.end_batch;
-        let (starts, max_record) = domain(&dataset, self.records);
+        // The same shard files (the usual case, appends only): nothing to recompute
+        // (this runs under the plans lock, and `domain` reads every record's meta).
+        let same_files = {
+            let (old, new) = (&self.dataset.manifest().shards, &dataset.manifest().shards);
+            new.len() >= self.shards
+                && old[..self.shards]
+                    .iter()
+                    .zip(new)
+                    .all(|(a, b)| a.file == b.file)
+        };
+        let (starts, max_record) = if same_files {
+            (self.starts.clone(), self.max_record)
+        } else {
+            domain(&dataset, self.records)
+        };
         EpochPlan {
             epoch: self.epoch,
             dataset,

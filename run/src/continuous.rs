@@ -194,7 +194,7 @@ pub struct Setup {
 /// Refuses a schedule that ends: open-ended training needs `schedule = "constant"`.
 pub fn check_schedule(optim: &OptimConfig) -> Result<(), RunError> {
     if optim.schedule == Schedule::Cosine {
-        return Err(RunError::Resume(
+        return Err(RunError::Config(
             "[optim] schedule = \"cosine\" decays the learning rate to 0 at total_steps and \
              stops learning; continuous training needs schedule = \"constant\" (warm-up, then \
              a constant learning rate and a fixed tau)"

@@ -76,6 +76,16 @@ pub enum RunError {
         /// The environment variable that set it.
         key: &'static str,
     },
+    /// A setting does not suit this kind of run (a cosine schedule for the daemon).
+    #[error("{0}")]
+    Config(String),
+    /// The weights hold a non-finite step's update: nothing is checkpointed until
+    /// [`Run::rollback`].
+    #[error("not checkpointing step {step}: a non-finite loss reached the weights")]
+    Diverged {
+        /// The step whose update the weights hold.
+        step: u64,
+    },
     /// No checkpoint to resume from, or none usable.
     #[error("{0}")]
     Resume(String),

@@ -67,16 +67,26 @@ pub fn resume(trainer: &mut Trainer, dir: &Path) -> Result<Option<Resumed>, RunE
     }
     let mut skipped = Vec::new();
     for (_, path) in all.into_iter().rev() {
-        let meta = match checkpoint::verify(&path) {
+        // A meta that cannot be read, or tensor files that fail their checksums, pass
+        // the checkpoint over; one made for another model is a config error. The
+        // tensor files are read once, by the load.
+        let mut pass_over = |path: PathBuf, e: byol_trainer::TrainError| {
+            tracing::warn!(checkpoint = %path.display(), reason = %e, "checkpoint passed over");
+            skipped.push((path, e.to_string()));
+        };
+        let meta = match checkpoint::read_meta(&path) {
             Ok(meta) => meta,
             Err(e) => {
-                tracing::warn!(checkpoint = %path.display(), reason = %e, "checkpoint passed over");
-                skipped.push((path, e.to_string()));
+                pass_over(path, e);
                 continue;
             }
         };
+        trainer.check_fits(&meta, &path)?;
+        if let Err(e) = trainer.load_checkpoint(&path) {
+            pass_over(path, e);
+            continue;
+        }
         let run = RunMeta::from_checkpoint(&meta, &path)?;
-        trainer.load_checkpoint(&path)?;
         return Ok(Some(Resumed {
             path,
             meta,

@@ -312,10 +312,9 @@ impl Run {
     /// a file cannot be written; the previous checkpoints are intact either way.
     pub fn checkpoint(&mut self) -> Result<PathBuf, RunError> {
         if self.poisoned {
-            return Err(RunError::Resume(format!(
-                "not checkpointing step {}: a non-finite loss reached the weights",
-                self.trainer.steps_done()
-            )));
+            return Err(RunError::Diverged {
+                step: self.trainer.steps_done(),
+            });
         }
         let dir = self.dir.checkpoints();
         let meta = RunMeta {

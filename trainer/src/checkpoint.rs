@@ -195,17 +195,24 @@ pub fn prune(dir: &Path, keep: usize) -> Result<(), TrainError> {
 /// missing) is an error naming the file, not weights that load wrong.
 pub fn verify(path: &Path) -> Result<CheckpointMeta, TrainError> {
     let meta = read_meta(path)?;
-    for (file, expected) in &meta.checksums {
+    for file in meta.checksums.keys() {
         let p = path.join(file);
-        let bytes = fs::read(&p).map_err(io(&p))?;
-        if checksum(&bytes) != *expected {
-            return Err(TrainError::Checkpoint(format!(
-                "{}: checksum mismatch (the file is damaged)",
-                p.display()
-            )));
-        }
+        check_sum(&p, &fs::read(&p).map_err(io(&p))?, &meta)?;
     }
     Ok(meta)
+}
+
+/// Checks the bytes of the checkpoint file `path` against its checksum in `meta` (files
+/// of checkpoints without checksums pass).
+fn check_sum(path: &Path, bytes: &[u8], meta: &CheckpointMeta) -> Result<(), TrainError> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    match meta.checksums.get(name.as_ref()) {
+        Some(expected) if checksum(bytes) != *expected => Err(TrainError::Checkpoint(format!(
+            "{}: checksum mismatch (the file is damaged)",
+            path.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Reads the meta of the checkpoint at `path`.
@@ -231,15 +238,7 @@ pub(crate) fn load_tensors(
     device: &candle_core::Device,
 ) -> Result<HashMap<String, Tensor>, TrainError> {
     let bytes = fs::read(path).map_err(io(path))?;
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    if let Some(expected) = meta.checksums.get(name.as_ref())
-        && checksum(&bytes) != *expected
-    {
-        return Err(TrainError::Checkpoint(format!(
-            "{}: checksum mismatch (the file is damaged)",
-            path.display()
-        )));
-    }
+    check_sum(path, &bytes, meta)?;
     candle_core::safetensors::load_buffer(&bytes, device)
         .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))
 }
@@ -281,6 +280,22 @@ impl Trainer {
     /// difference, or one whose files fail their checksums; nothing is changed then.
     pub fn load_checkpoint(&mut self, path: &Path) -> Result<CheckpointMeta, TrainError> {
         let meta = read_meta(path)?;
+        self.check_fits(&meta, path)?;
+        let device = self.device().clone();
+        let online = load_tensors(&path.join(ONLINE), &meta, &device)?;
+        let target = load_tensors(&path.join(TARGET), &meta, &device)?;
+        let optim = load_tensors(&path.join(OPTIMIZER), &meta, &device)?;
+        let (model, optimizer, step) = self.parts_mut();
+        restore_vars(model.online_named(), &online, &path.join(ONLINE))?;
+        restore_vars(model.target_named(), &target, &path.join(TARGET))?;
+        optimizer.load_state(&optim)?;
+        *step = meta.step;
+        Ok(meta)
+    }
+
+    /// Refuses a checkpoint (its `meta`, read from `path`) made with another model,
+    /// optimizer or batch size, naming the difference.
+    pub fn check_fits(&self, meta: &CheckpointMeta, path: &Path) -> Result<(), TrainError> {
         let mismatch = |what: &str, theirs: String, ours: String| {
             TrainError::Checkpoint(format!(
                 "{} was made with {what} {theirs}, this run has {ours}",
@@ -308,15 +323,6 @@ impl Trainer {
                 self.batch_size().to_string(),
             ));
         }
-        let device = self.device().clone();
-        let online = load_tensors(&path.join(ONLINE), &meta, &device)?;
-        let target = load_tensors(&path.join(TARGET), &meta, &device)?;
-        let optim = load_tensors(&path.join(OPTIMIZER), &meta, &device)?;
-        let (model, optimizer, step) = self.parts_mut();
-        restore_vars(model.online_named(), &online, &path.join(ONLINE))?;
-        restore_vars(model.target_named(), &target, &path.join(TARGET))?;
-        optimizer.load_state(&optim)?;
-        *step = meta.step;
-        Ok(meta)
+        Ok(())
     }
 }
