@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check every issue with a GPU machine runs: our BYOL step beside PyTorch's on
-# CUDA, a numerical check against our CPU kernels, and a short real training run with
-# its evaluation. Builds nothing: it runs the binary and data that
-# scripts/gpu-prepare.sh packed into gpu-pack/ (carried to the GPU machine).
+# The GPU check every issue with a GPU machine runs: each op (convolution, BatchNorm,
+# residual add) forward and backward on CUDA against our CPU kernels, our BYOL step
+# beside PyTorch's at a user's settings, a numerical check of the whole step, and a
+# short real training run with its evaluation. Builds nothing: it runs the binary and
+# data that scripts/gpu-prepare.sh packed into gpu-pack/ (carried to the GPU machine).
+# PARTS (default ops,step,check,train) picks parts. Every case runs under a time limit (CASE_SECS, default 100; "timed out" is recorded
+# and the check moves on), so the whole stays inside about 4 minutes.
 #
 #   scripts/gpu-check.sh            on the GPU machine; writes everything under $OUT
 #   scripts/gpu-check.sh --dry-run  our side of every part on CPU at tiny sizes (the peer
@@ -16,8 +19,9 @@
 #
 # On the device machine (one call, about 4 minutes; carry gpu-pack):
 #   run(command="OUT=$OUT bash scripts/gpu-check.sh", carry=["gpu-pack"], timeout_s=420)
-# Writes: summary.txt (the figures), results.jsonl (one JSON object per measurement),
-# nvidia-smi.txt, and a log per command under logs/.
+# Writes at most 8 files, none deeper than two folders: summary.txt (the figures),
+# results.jsonl (one JSON object per measurement), nvidia-smi.txt, and logs.tar.gz (a log
+# per command).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +38,10 @@ if [ ! -x "$BYOL" ] && [ -e "$PACK/byol.xz" ]; then
   "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$PACK/byol.xz" "$BYOL"
   chmod +x "$BYOL"
 fi
+CASE_SECS=${CASE_SECS:-100}
+# Which parts run (PARTS=ops,step for a first look at the kernels): all by default.
+PARTS=${PARTS:-ops,step,check,train}
+part() { [[ ",$PARTS," == *",$1,"* ]]; }
 RESULTS=$OUT/results.jsonl
 SUMMARY=$OUT/summary.txt
 : > "$RESULTS"
@@ -70,8 +78,12 @@ have_torch=0
 record() {
   local name=$1; shift
   local log=$OUT/logs/$name.log
-  "$@" > "$log" 2> "$log.err"
+  timeout -k 5 "$CASE_SECS" "$@" > "$log" 2> "$log.err"
   local rc=$?
+  if [ $rc = 124 ] || [ $rc = 137 ]; then
+    say "TIMED OUT: $name after ${CASE_SECS} s"
+    echo "{\"case\": \"$name\", \"timed_out\": true}" >> "$RESULTS"; fail=1; return
+  fi
   # A check that fails still prints its figures: keep them.
   add_json "$name" < <(tail -n 1 "$log") || { say "FAIL: $name printed no JSON (see $log)"; fail=1; }
   if [ $rc != 0 ]; then
@@ -106,40 +118,56 @@ with_peak_memory() {
   PEAK_MIB=$(sort -n "$f" | tail -n 1); PEAK_MIB=${PEAK_MIB:-0}
 }
 
-# --- 2. our step beside PyTorch's --------------------------------------------------------
+# --- 2. each op against our CPU kernels (on CPU: candle's ops against ours) -------------
+if [ $DRY = 1 ]; then OP_KERNELS=candle; else OP_KERNELS=auto; fi
+if part ops; then
+record "ops-fp32" "$BYOL" bench ops --device $DEVICE --kernels $OP_KERNELS --precision fp32 --tolerance 1e-4 --json
+record "ops-bf16" "$BYOL" bench ops --device $DEVICE --kernels $OP_KERNELS --precision bf16 --tolerance 1e-2 --json
+fi
+
+# --- 3. our step beside PyTorch's --------------------------------------------------------
 if [ $DRY = 1 ]; then
   # name arch stem width size batch
   CASES=("r18-32 resnet18 cifar 8 16 4"
          "r50-224 resnet50 imagenet 8 32 2")
   STEPS="--warmup 1 --steps 1"; PSTEPS="--warmup 1 --steps 1"
 else
-  CASES=("r18-32 resnet18 cifar 64 32 256"
-         "r50-224 resnet50 imagenet 64 224 64")
+  # A user's settings: ResNet-18 small stem at 32 px, batch 512; ResNet-50 at 224, 256.
+  CASES=("r18-32 resnet18 cifar 64 32 512"
+         "r50-224 resnet50 imagenet 64 224 256")
   STEPS="--warmup 3 --steps 10"; PSTEPS="--warmup 3 --steps 10"
 fi
 idle_mib=0
 [ $DRY = 0 ] && idle_mib=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -n 1)
+if part step; then
 for c in "${CASES[@]}"; do
   read -r name arch stem width size batch <<< "$c"
   args=(--arch "$arch" --width "$width" --size "$size" --batch "$batch")
   [ "$stem" = cifar ] && args+=(--small-stem)
-  for prec in fp32 bf16; do
+  # bf16 is the headline (the peer channels-last, cudnn.benchmark on); fp32 with TF32
+  # off on both sides is the exactness case.
+  for prec in bf16 fp32; do
+    cl=off; [ $prec = bf16 ] && cl=on
     with_peak_memory record "ours-$name-$prec" "$BYOL" bench step "${args[@]}" --device $DEVICE --precision $prec $STEPS --json
     echo "{\"case\": \"ours-$name-$prec-memory\", \"peak_device_mib\": $PEAK_MIB, \"idle_device_mib\": $idle_mib}" >> "$RESULTS"
     if [ $have_torch = 1 ]; then
-      record "pytorch-$name-$prec" "$PY" scripts/peer_torch_byol_step.py --device $TORCH_DEVICE \
+      with_peak_memory record "pytorch-$name-$prec" "$PY" scripts/peer_torch_byol_step.py --device $TORCH_DEVICE \
         --arch $arch --stem $stem --width $width --res $size --batch $batch --precision $prec \
-        --tf32 off $PSTEPS --threads 2 --json
+        --tf32 off --channels-last $cl --cudnn-benchmark on $PSTEPS --threads 2 --json
+      echo "{\"case\": \"pytorch-$name-$prec-memory\", \"peak_device_mib\": $PEAK_MIB, \"idle_device_mib\": $idle_mib}" >> "$RESULTS"
     fi
   done
 done
+fi
 
-# --- 3. numerical check: CUDA (or candle's kernels, when dry) against our CPU kernels ----
+# --- 4. numerical check: CUDA (or candle's kernels, when dry) against our CPU kernels ----
 if [ $DRY = 1 ]; then CHECK_KERNELS=candle; CHECK="--width 8 --size 16 --batch 4"; else CHECK_KERNELS=auto; CHECK="--width 16 --size 32 --batch 16"; fi
+if part check; then
 record "check-fp32" "$BYOL" bench check --arch resnet18 --small-stem $CHECK --device $DEVICE --kernels $CHECK_KERNELS --precision fp32 --tolerance 1e-3 --json
 record "check-bf16" "$BYOL" bench check --arch resnet18 --small-stem $CHECK --device $DEVICE --kernels $CHECK_KERNELS --precision bf16 --tolerance 1e-2 --json
+fi
 
-# --- 4. real training: Fashion-MNIST for 2 minutes, then eval; data wait at 224 ----------
+# --- 5. real training: Fashion-MNIST for 2 minutes, then eval; data wait at 224 ----------
 # The carried files (scripts/gpu-prepare.sh) are ingested here, timed like the rest.
 ingest() {
   local src=$1 out=$2; shift 2
@@ -148,6 +176,7 @@ ingest() {
     || { say "FAIL: ingest $src (see logs/ingest-$(basename "$out").log)"; fail=1; }
   grep -E "^(ingested|time)" "$OUT/logs/ingest-$(basename "$out").log" | sed "s|^|ingest $(basename "$out"): |" | tee -a "$SUMMARY"
 }
+if part train; then
 if [ -z "${FMNIST_TRAIN:-}" ] && [ -e "$PACK/fmnist/train-images-idx3-ubyte.gz" ]; then
   ingest "$PACK/fmnist/train-images-idx3-ubyte.gz" "$OUT/data/fmnist-train" --config configs/small.toml
   ingest "$PACK/fmnist/t10k-images-idx3-ubyte.gz" "$OUT/data/fmnist-test" --config configs/small.toml
@@ -167,14 +196,14 @@ if [ $DRY = 1 ]; then
       -e 's/^device = "cuda:0"/device = "cpu"/' configs/gpu-fmnist.toml > "$CFG"
 fi
 if [ -e "$FMNIST_TRAIN/manifest.json" ]; then
-  with_peak_memory "$BYOL" train --config "$CFG" --data "$FMNIST_TRAIN" --run "$OUT/run-fmnist" --minutes $MINUTES \
+  with_peak_memory timeout -k 5 $((CASE_SECS + 60)) "$BYOL" train --config "$CFG" --data "$FMNIST_TRAIN" --run "$OUT/run-fmnist" --minutes $MINUTES \
     > "$OUT/logs/train-fmnist.log" 2>&1 || { say "FAIL: train (see logs/train-fmnist.log)"; fail=1; }
   tail -n 3 "$OUT/logs/train-fmnist.log" | tee -a "$SUMMARY"
   add_json train-fmnist "peak_device_mib=$PEAK_MIB" < <(tail -n 1 "$OUT/run-fmnist/metrics.jsonl" 2>/dev/null) \
     || { say "FAIL: the Fashion-MNIST run logged no metrics"; fail=1; }
   eval_args=(--checkpoint "$OUT/run-fmnist" --train "$FMNIST_TRAIN" --test "$FMNIST_TEST" --protocol knn --random-init)
   [ $DRY = 1 ] && eval_args+=(--device cpu)
-  "$BYOL" eval "${eval_args[@]}" --json "$OUT/eval-fmnist.json" > "$OUT/logs/eval-fmnist.log" 2>&1 \
+  timeout -k 5 "$CASE_SECS" "$BYOL" eval "${eval_args[@]}" --json "$OUT/eval-fmnist.json" > "$OUT/logs/eval-fmnist.log" 2>&1 \
     || { say "FAIL: eval (see logs/eval-fmnist.log)"; fail=1; }
   add_json eval-fmnist-report < "$OUT/eval-fmnist.json" 2>/dev/null \
     || { say "FAIL: no evaluation report"; fail=1; }
@@ -187,14 +216,15 @@ if [ -e "$PHOTOS/manifest.json" ]; then
   if [ $DRY = 1 ]; then
     printf '[model]\narch = "resnet50"\nwidth = 8\n[loader]\nbatch_size = 4\n[augment]\nsize = 32\n[train]\ndevice = "cpu"\nlog_every = 2\n' > "$P224"; PSTEPS_TRAIN=2
   else
-    printf '[model]\narch = "resnet50"\n[loader]\nbatch_size = 64\n[train]\ndevice = "cuda:0"\nlog_every = 20\ncheckpoint_every_steps = 0\ncheckpoint_every_minutes = 0.0\n' > "$P224"; PSTEPS_TRAIN=60
+    printf '[model]\narch = "resnet50"\n[loader]\nbatch_size = 256\n[train]\ndevice = "cuda:0"\nprecision = "bf16"\nlog_every = 10\ncheckpoint_every_steps = 0\ncheckpoint_every_minutes = 0.0\n' > "$P224"; PSTEPS_TRAIN=30
   fi
-  "$BYOL" train --config "$P224" --data "$PHOTOS" --run "$OUT/run-photos" --steps $PSTEPS_TRAIN \
+  timeout -k 5 "$CASE_SECS" "$BYOL" train --config "$P224" --data "$PHOTOS" --run "$OUT/run-photos" --steps $PSTEPS_TRAIN \
     > "$OUT/logs/train-photos.log" 2>&1 || { say "FAIL: train at 224 (see logs/train-photos.log)"; fail=1; }
   add_json loader-r50-224 < <(tail -n 1 "$OUT/run-photos/metrics.jsonl" 2>/dev/null) \
     || { say "FAIL: the run at 224 logged no metrics"; fail=1; }
 else
   say "no photos dataset at $PHOTOS: the data-wait measurement at 224 is skipped"
+fi
 fi
 
 # --- the figures --------------------------------------------------------------------------
@@ -205,17 +235,28 @@ for line in open(sys.argv[1]):
     d = json.loads(line)
     rows[d["case"]] = d
 print()
-print(f"{'step':<16}{'ours img/s':>12}{'pytorch img/s':>15}{'ours/pytorch':>14}{'ours peak MiB':>15}{'pytorch reserved MiB':>22}")
+for k in ["ops-fp32", "ops-bf16"]:
+    c = rows.get(k)
+    if c and "diffs" in c:
+        bad = [d for d in c["diffs"] if not d["pass"]]
+        worst = max(c["diffs"], key=lambda d: d["rel_l2"])
+        print(f"{k}: {len(c['diffs'])} tensors, worst {worst['rel_l2']:.2e} ({worst['case']}, {worst['tensor']}); tolerance {c['tolerance']:.0e}: {'PASS' if c['pass'] else 'FAIL'}")
+        for d in bad:
+            print(f"  FAIL {d['case']}: {d['tensor']} relative L2 {d['rel_l2']:.2e}")
+print(f"{'step':<16}{'ours img/s':>12}{'pytorch img/s':>15}{'ours/pytorch':>14}{'ours MiB':>10}{'pytorch MiB':>13}{'mem ratio':>11}")
 for name in ["r18-32", "r50-224"]:
-    for prec in ["fp32", "bf16"]:
+    for prec in ["bf16", "fp32"]:
         o = rows.get(f"ours-{name}-{prec}", {})
         p = rows.get(f"pytorch-{name}-{prec}", {})
         m = rows.get(f"ours-{name}-{prec}-memory", {})
+        pm = rows.get(f"pytorch-{name}-{prec}-memory", {})
         oi, pi = o.get("images_per_sec"), p.get("images_per_sec")
-        ratio = f"{oi / pi:.2f}" if oi and pi else "-"
+        ratio = f"{oi / pi:.3f}" if oi and pi else "-"
         peak = m.get("peak_device_mib", 0) - m.get("idle_device_mib", 0)
-        res = p.get("max_reserved_bytes")
-        print(f"{name + ' ' + prec:<16}{oi or 0:>12.1f}{pi or 0:>15.1f}{ratio:>14}{peak:>15}{(res or 0) / 2**20:>22.0f}")
+        ppeak = pm.get("peak_device_mib", 0) - pm.get("idle_device_mib", 0)
+        mratio = f"{peak / ppeak:.2f}" if peak > 0 and ppeak > 0 else "-"
+        note = " (timed out)" if o.get("timed_out") else ""
+        print(f"{name + ' ' + prec:<16}{oi or 0:>12.1f}{pi or 0:>15.1f}{ratio:>14}{peak:>10}{ppeak:>13}{mratio:>11}{note}")
 for k in ["check-fp32", "check-bf16"]:
     c = rows.get(k)
     if c:
@@ -232,4 +273,6 @@ if l:
     print(f"loader r50 224: {l['images_per_sec']:.0f} img/s, waiting for data {l['data_wait_secs']:.2f} s over the last {l.get('step')} steps' window")
 PY
 [ $fail = 0 ] && say "gpu-check: all parts ran" || say "gpu-check: some parts FAILED"
+# The logs as one file (what comes back from the GPU machine: at most 8 files, 2 folders deep).
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs 2>/dev/null && [ $DRY = 0 ] && rm -rf "$OUT/logs" "$OUT/bin" "$OUT/data" "$OUT"/run-* "$OUT"/*.toml
 exit $fail

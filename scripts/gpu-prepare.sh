@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Packs what scripts/gpu-check.sh needs on a GPU machine into gpu-pack/ (git-ignored;
 # carry it with `run`'s carry: ["gpu-pack"]; it must stay under 64 MiB with the tree):
-#   gpu-pack/byol.xz     the release binary built with CUDA (or CUDA + cuDNN), stripped
+#   gpu-pack/byol.xz     the release binary built with CUDA and cuDNN, stripped
 #                        and xz-compressed (66 MB stripped, 9 MB compressed: candle's
 #                        PTX kernels compress well); gpu-check.sh unpacks it
 #   gpu-pack/fmnist/     Fashion-MNIST IDX files: the first 20,000 training images and
 #                        the 10,000 test images (ingested on the GPU machine by the check)
 #   gpu-pack/photos/     200 of the 256-px photos (the loader at 224 px)
 #
-#   scripts/gpu-prepare.sh             CUDA build (needs ../shared/tools/cuda-env.sh)
-#   scripts/gpu-prepare.sh --cudnn     CUDA + cuDNN build
+#   scripts/gpu-prepare.sh             CUDA build (needs ../shared/tools/cuda-env.sh and
+#                                      installs cuDNN's wheel into that environment)
 #   scripts/gpu-prepare.sh --data-only only the data (no build)
 #
 # Needs: apt-get install -y dataset-fashion-mnist; ../shared/data/photos256.
@@ -19,21 +19,10 @@ mode=${1:-}
 pack=gpu-pack
 mkdir -p "$pack"
 if [ "$mode" != "--data-only" ]; then
-  features=cuda
   # shellcheck disable=SC1091
-  source ../shared/tools/cuda-env.sh
-  if [ "$mode" = "--cudnn" ]; then
-    # cuDNN from its wheel, in the same environment; the linker wants libcudnn.so next
-    # to the other CUDA libraries (candle links it; the device machine has PyTorch's).
-    features=cudnn
-    venv=${CUDA_ENV_DIR:-/opt/cuda13-build}
-    "$venv/bin/pip" install -q --disable-pip-version-check "nvidia-cudnn-cu13"
-    cudnn=$(echo "$venv"/lib/python3*/site-packages/nvidia/cudnn)
-    ln -sf "$cudnn/lib/libcudnn.so.9" "$CUDA_ROOT/lib/libcudnn.so"
-    export CPATH="$cudnn/include${CPATH:+:$CPATH}"
-  fi
+  source scripts/cudnn-env.sh
   # A target folder of its own, so the CPU build in target/release stays as it is.
-  cargo build --release -p byol-daemon --features "$features" --target-dir target/gpu
+  cargo build --release -p byol-daemon --features cuda --target-dir target/gpu
   strip -o "$pack/byol" target/gpu/release/byol
   xz -T0 -6 -f "$pack/byol"
 fi
@@ -58,5 +47,8 @@ for split, count in [("train", 20000), ("t10k", 10000)]:
 PY
 rm -rf "$pack/photos"
 mkdir -p "$pack/photos"
-ls ../shared/data/photos256/*.jpg | head -n 200 | xargs -I{} cp {} "$pack/photos/"
+# The first 200 photos by name (a glob, not `ls | head`: head closing the pipe early
+# made ls exit 141 under pipefail).
+photos=(../shared/data/photos256/*.jpg)
+cp "${photos[@]:0:200}" "$pack/photos/"
 du -sh "$pack" "$pack"/*

@@ -1,17 +1,17 @@
-//! `byol bench step` and `byol bench check`: the step on synthetic input, measured or
-//! checked (logic in `byol_trainer::bench`).
+//! `byol bench step`, `byol bench check` and `byol bench ops`: the step on synthetic
+//! input, measured or checked, and each op checked (logic in `byol_trainer::bench`).
 
 use std::process::ExitCode;
 
-use byol_trainer::bench::{grad_check, step_throughput};
+use byol_trainer::bench::{grad_check, op_check, step_throughput};
 use byol_trainer::{
     Arch, Kernels, ModelConfig, OptimConfig, OptimizerKind, Precision, Schedule, TrainConfig,
     TrainerConfig,
 };
 
 use crate::cli::{
-    ArchArg, BenchCheckArgs, BenchCommand, BenchNet, BenchStepArgs, KernelsArg, OptimizerArg,
-    PrecisionArg,
+    ArchArg, BenchCheckArgs, BenchCommand, BenchNet, BenchOpsArgs, BenchStepArgs, KernelsArg,
+    OptimizerArg, PrecisionArg,
 };
 
 /// Runs `byol bench ...`.
@@ -19,6 +19,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Step(args) => step(args),
         BenchCommand::Check(args) => check(args),
+        BenchCommand::Ops(args) => ops(args),
     }
 }
 
@@ -82,6 +83,7 @@ fn step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
             device: net.device.clone(),
             kernels: kernels(net.kernels),
             precision: precision(net.precision),
+            tf32: args.tf32,
             ..TrainConfig::default()
         },
     };
@@ -94,7 +96,7 @@ fn step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
         v["width"] = net.width.into();
         v["small_stem"] = net.small_stem.into();
         v["optimizer"] = format!("{:?}", args.optimizer).to_lowercase().into();
-        v["tf32"] = false.into();
+        v["tf32"] = args.tf32.into();
         println!("{v}");
     } else {
         println!(
@@ -159,6 +161,51 @@ fn check(args: BenchCheckArgs) -> anyhow::Result<ExitCode> {
             },
             if r.pass { "PASS" } else { "FAIL" }
         );
+    }
+    Ok(if r.pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn ops(args: BenchOpsArgs) -> anyhow::Result<ExitCode> {
+    let tolerance = args.tolerance.unwrap_or(match args.precision {
+        PrecisionArg::Fp32 => 1e-4,
+        PrecisionArg::Bf16 => 1e-2,
+    });
+    let r = op_check(
+        &args.device,
+        kernels(args.kernels),
+        precision(args.precision),
+        tolerance,
+    )?;
+    let failed: Vec<_> = r.diffs.iter().filter(|d| !d.pass).collect();
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        for d in &r.diffs {
+            println!(
+                "{:<5} {:<55} {:<14} relative L2 {:.2e}",
+                if d.pass { "ok" } else { "FAIL" },
+                d.case,
+                d.tensor,
+                d.rel_l2
+            );
+        }
+        println!(
+            "{} ({}) vs {}: {} tensors, {} over the tolerance {:.0e}: {}",
+            r.device,
+            r.checked,
+            r.reference,
+            r.diffs.len(),
+            failed.len(),
+            r.tolerance,
+            if r.pass { "PASS" } else { "FAIL" }
+        );
+    }
+    for d in &failed {
+        eprintln!("FAIL {}: {} relative L2 {:.2e}", d.case, d.tensor, d.rel_l2);
     }
     Ok(if r.pass {
         ExitCode::SUCCESS

@@ -70,6 +70,30 @@ pub enum BenchCommand {
     Step(BenchStepArgs),
     /// Loss and every gradient on a device against our CPU kernels (same precision).
     Check(BenchCheckArgs),
+    /// Each op (convolution, BatchNorm, residual add), forward and backward, over the
+    /// shapes of both networks, on a device against our CPU kernels (same precision).
+    Ops(BenchOpsArgs),
+}
+
+/// `byol bench ops`.
+#[derive(Debug, Args)]
+pub struct BenchOpsArgs {
+    /// `cpu` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Numeric precision of the ops.
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub precision: PrecisionArg,
+    /// The checked kernels: ours (auto) or candle's (on CPU: checks the check itself).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub kernels: KernelsArg,
+    /// Largest accepted relative L2 error of any tensor [default: 1e-4 in fp32, 1e-2 in
+    /// bf16].
+    #[arg(long)]
+    pub tolerance: Option<f64>,
+    /// Print one JSON object instead of lines of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The network and batch a bench runs.
@@ -96,7 +120,7 @@ pub struct BenchNet {
     /// Numeric precision of the step.
     #[arg(long, value_enum, default_value = "fp32")]
     pub precision: PrecisionArg,
-    /// Convolution/BatchNorm kernels: ours on CPU (auto) or candle's everywhere.
+    /// Convolution/BatchNorm kernels: ours (auto) or candle's.
     #[arg(long, value_enum, default_value = "auto")]
     pub kernels: KernelsArg,
     /// Print one JSON object instead of a line of text.
@@ -119,6 +143,9 @@ pub struct BenchStepArgs {
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// fp32 on CUDA: allow TF32 tensor cores (convolutions and matrix products).
+    #[arg(long)]
+    pub tf32: bool,
 }
 
 /// `byol bench check`.

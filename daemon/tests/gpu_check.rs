@@ -49,6 +49,8 @@ fn the_gpu_check_dry_run_runs_every_part() {
     assert!(o.status.success(), "{}", text(&o));
     let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap();
     for part in [
+        "ops-fp32: ",
+        "ops-bf16: ",
         "r18-32 fp32",
         "r50-224 bf16",
         "check-fp32:",
@@ -60,6 +62,10 @@ fn the_gpu_check_dry_run_runs_every_part() {
     ] {
         assert!(summary.contains(part), "{part} missing:\n{summary}");
     }
+    // Every op passed against our CPU kernels (here: candle's CPU ops, the check's own
+    // test), and the logs came back as one archive.
+    assert!(!summary.contains("FAIL"), "{summary}");
+    assert!(out.join("logs.tar.gz").is_file());
     // Our step ran in both precisions for both networks (the peer only with PyTorch).
     let results = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
     for case in [

@@ -196,9 +196,9 @@ pub fn grad_check(
 ) -> Result<GradCheck, TrainError> {
     let cpu = Device::Cpu;
     let checked_device = open_device(parse_device(device)?)?;
-    let reference_compute = Compute::new(Kernels::Auto, precision, &cpu);
+    let reference_compute = Compute::new(Kernels::Auto, precision);
     let reference = ByolModel::with_compute(model_cfg, reference_compute, 11, &cpu)?;
-    let compute = Compute::new(kernels, precision, &checked_device);
+    let compute = Compute::new(kernels, precision);
     let checked = ByolModel::with_compute(model_cfg, compute, 11, &checked_device)?;
     let (r1, r2) = random_views(batch, size, 5, &cpu)?;
     let (c1, c2) = random_views(batch, size, 5, &checked_device)?;
@@ -230,19 +230,12 @@ pub fn grad_check(
     diffs.sort_by(|a, b| b.rel_l2.total_cmp(&a.rel_l2));
     let max_rel_l2 = diffs.first().map_or(0.0, |d| d.rel_l2);
     let median_rel_l2 = diffs.get(diffs.len() / 2).map_or(0.0, |d| d.rel_l2);
-    let grad_error = if compute.bf16 { 0.0 } else { max_rel_l2 };
+    let grad_error = if compute.bf16() { 0.0 } else { max_rel_l2 };
     let loss_rel = (loss_chk - loss_ref).abs() / loss_ref.abs().max(1e-12);
-    let describe = |c: Compute| {
-        format!(
-            "{} kernels, {}",
-            if c.ours { "our CPU" } else { "candle's" },
-            if c.bf16 { "bf16" } else { "f32" }
-        )
-    };
     Ok(GradCheck {
         device: device.to_owned(),
-        checked: describe(compute),
-        reference: describe(reference_compute),
+        checked: compute.describe(),
+        reference: reference_compute.describe(),
         loss_reference: loss_ref,
         loss_checked: loss_chk,
         parameters: diffs.len(),
@@ -251,5 +244,384 @@ pub fn grad_check(
         worst: diffs.into_iter().take(5).collect(),
         tolerance,
         pass: grad_error <= tolerance && loss_rel <= tolerance,
+    })
+}
+
+/// One op's shape in [`op_check`]: which op and its sizes.
+#[derive(Debug, Clone, Copy)]
+pub enum OpShape {
+    /// `conv2d`: input `(n, c, h, w)`, `co` outputs, `k × k` kernel, stride, padding.
+    Conv {
+        /// Input `(n, c, h, w)`.
+        x: [usize; 4],
+        /// Output channels.
+        co: usize,
+        /// Kernel side.
+        k: usize,
+        /// Stride.
+        stride: usize,
+        /// Zero padding.
+        pad: usize,
+    },
+    /// BatchNorm with batch statistics (and its running-statistics input unused), on
+    /// `(n, c, …)`; ReLU after it when `relu`.
+    BatchNormTrain {
+        /// Input dimensions.
+        x: &'static [usize],
+        /// ReLU fused in.
+        relu: bool,
+    },
+    /// BatchNorm with given statistics (eval mode), then ReLU.
+    BatchNormEval {
+        /// Input dimensions.
+        x: &'static [usize],
+    },
+    /// `relu(a + b)`.
+    AddRelu {
+        /// Dimensions of both inputs.
+        x: &'static [usize],
+    },
+}
+
+impl std::fmt::Display for OpShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpShape::Conv {
+                x,
+                co,
+                k,
+                stride,
+                pad,
+            } => write!(
+                f,
+                "conv2d x{x:?} -> {co}, {k}x{k} stride {stride} pad {pad}"
+            ),
+            OpShape::BatchNormTrain { x, relu } => {
+                write!(
+                    f,
+                    "batch_norm_train{} x{x:?}",
+                    if *relu { "+relu" } else { "" }
+                )
+            }
+            OpShape::BatchNormEval { x } => write!(f, "batch_norm_eval+relu x{x:?}"),
+            OpShape::AddRelu { x } => write!(f, "add_relu x{x:?}"),
+        }
+    }
+}
+
+/// The shapes [`op_check`] covers: the convolutions of both networks (1×1, 3×3 and 7×7;
+/// strides 1 and 2; odd sizes; batch 1 and 2), BatchNorm over maps and features (with
+/// and without ReLU, training and eval), and the residual add.
+pub fn op_shapes() -> Vec<OpShape> {
+    let conv = |x: [usize; 4], co, k, stride, pad| OpShape::Conv {
+        x,
+        co,
+        k,
+        stride,
+        pad,
+    };
+    vec![
+        conv([2, 3, 32, 32], 16, 3, 1, 1),  // small stem
+        conv([2, 3, 65, 63], 8, 7, 2, 3),   // ImageNet stem, odd sizes
+        conv([2, 16, 16, 16], 16, 3, 1, 1), // basic block
+        conv([2, 16, 17, 17], 32, 3, 2, 1), // first block of a stage
+        conv([2, 32, 8, 8], 64, 1, 1, 0),   // bottleneck 1x1
+        conv([2, 16, 15, 15], 32, 1, 2, 0), // downsample
+        conv([1, 8, 7, 7], 8, 3, 1, 1),     // batch 1
+        conv([2, 128, 4, 4], 128, 3, 1, 1), // deep stage
+        conv([1, 64, 9, 9], 32, 1, 1, 0),   // batch 1, 1x1
+        OpShape::BatchNormTrain {
+            x: &[2, 16, 16, 16],
+            relu: true,
+        },
+        OpShape::BatchNormTrain {
+            x: &[2, 16, 15, 15],
+            relu: false,
+        },
+        OpShape::BatchNormTrain {
+            x: &[1, 8, 7, 7],
+            relu: true,
+        },
+        OpShape::BatchNormTrain {
+            x: &[8, 64],
+            relu: true,
+        },
+        OpShape::BatchNormEval { x: &[2, 16, 5, 5] },
+        OpShape::AddRelu { x: &[2, 16, 9, 9] },
+    ]
+}
+
+/// One tensor's comparison in [`op_check`].
+#[derive(Debug, Clone, Serialize)]
+pub struct OpDiff {
+    /// The op and its shape, in words.
+    pub case: String,
+    /// `y` (the output), `stats`, or `grad <input>`.
+    pub tensor: String,
+    /// `‖a − b‖₂ / ‖b‖₂` (b the reference; 0 when both are 0).
+    pub rel_l2: f64,
+    /// Within the tolerance.
+    pub pass: bool,
+}
+
+/// The outcome of [`op_check`].
+#[derive(Debug, Clone, Serialize)]
+pub struct OpCheck {
+    /// The checked device.
+    pub device: String,
+    /// The checked kernels and precision, in words.
+    pub checked: String,
+    /// The reference: our CPU kernels, same precision.
+    pub reference: String,
+    /// Bound on every tensor's relative L2 error.
+    pub tolerance: f64,
+    /// Every compared tensor.
+    pub diffs: Vec<OpDiff>,
+    /// Every tensor within the tolerance.
+    pub pass: bool,
+}
+
+/// The op of `shape` on `inputs`, computed by `compute`'s kernels; its output and the
+/// tensors compared besides it (BatchNorm's statistics). In bf16 the inputs are cast
+/// to bf16 on CUDA, or rounded to it on CPU (`in_bf16`'s arithmetic), and the output
+/// back to f32.
+fn run_op(
+    shape: &OpShape,
+    compute: Compute,
+    inputs: &[Tensor],
+) -> Result<(Tensor, Vec<(String, Tensor)>), TrainError> {
+    use candle_core::DType;
+    let dev = inputs[0].device().clone();
+    let bf16 = compute.bf16();
+    let cast = |t: &Tensor| -> candle_core::Result<Tensor> {
+        match (bf16, dev.is_cuda()) {
+            (false, _) => Ok(t.clone()),
+            (true, true) => t.to_dtype(DType::BF16),
+            (true, false) => t.to_dtype(DType::BF16)?.to_dtype(DType::F32),
+        }
+    };
+    let back = |t: Tensor| -> candle_core::Result<Tensor> {
+        if bf16 {
+            t.to_dtype(DType::BF16)?.to_dtype(DType::F32)
+        } else {
+            Ok(t)
+        }
+    };
+    let ours = compute.ours();
+    let eps = 1e-5;
+    let mut extra = Vec::new();
+    let y = match *shape {
+        OpShape::Conv { stride, pad, .. } => {
+            let (x, w) = (cast(&inputs[0])?, cast(&inputs[1])?);
+            if ours {
+                crate::kernels::conv2d(&x, &w, stride, pad)?
+            } else {
+                x.conv2d(&w, pad, stride, 1, 1)?
+            }
+        }
+        OpShape::BatchNormTrain { relu, .. } => {
+            let x = cast(&inputs[0])?;
+            let (w, b) = (&inputs[1], &inputs[2]);
+            if ours {
+                let out = crate::kernels::batch_norm_train(&x, w, b, eps, relu)?;
+                extra.push(("stats".to_owned(), out.stats));
+                out.y
+            } else {
+                let x = x.to_dtype(DType::F32)?;
+                let axes: Vec<usize> = (0..x.rank()).filter(|&a| a != 1).collect();
+                let mut mean = x.clone();
+                for &a in axes.iter().rev() {
+                    mean = mean.mean_keepdim(a)?;
+                }
+                let centred = x.broadcast_sub(&mean)?;
+                let mut var = centred.sqr()?;
+                for &a in axes.iter().rev() {
+                    var = var.mean_keepdim(a)?;
+                }
+                let bshape: Vec<usize> = (0..x.rank())
+                    .map(|a| if a == 1 { x.dim(1).unwrap_or(1) } else { 1 })
+                    .collect();
+                let y = centred
+                    .broadcast_div(&(var.clone() + eps)?.sqrt()?)?
+                    .broadcast_mul(&w.reshape(bshape.clone())?)?
+                    .broadcast_add(&b.reshape(bshape)?)?;
+                let stats = Tensor::stack(&[mean.flatten_all()?, var.flatten_all()?], 0)?;
+                extra.push(("stats".to_owned(), stats));
+                if relu { y.relu()? } else { y }
+            }
+        }
+        OpShape::BatchNormEval { .. } => {
+            let x = cast(&inputs[0])?;
+            let (w, b, m, v) = (&inputs[1], &inputs[2], &inputs[3], &inputs[4]);
+            if ours {
+                crate::kernels::batch_norm_eval(&x, w, b, m, v, eps, true)?
+            } else {
+                let x = x.to_dtype(DType::F32)?;
+                let s = |t: &Tensor| t.reshape((1, t.dim(0)?, 1, 1));
+                x.broadcast_sub(&s(m)?)?
+                    .broadcast_div(&(s(v)? + eps)?.sqrt()?)?
+                    .broadcast_mul(&s(w)?)?
+                    .broadcast_add(&s(b)?)?
+                    .relu()?
+            }
+        }
+        OpShape::AddRelu { .. } => {
+            let (a, b) = (cast(&inputs[0])?, cast(&inputs[1])?);
+            if ours {
+                crate::kernels::add_relu(&a, &b)?
+            } else {
+                (a + b)?.relu()?
+            }
+        }
+    };
+    Ok((back(y.to_dtype(DType::F32)?)?, extra))
+}
+
+/// The seeded inputs of `shape` (on the CPU): activations standard normal (BatchNorm's
+/// shifted to a mean of 3, to test the statistics' stability), weights scaled by
+/// `1/√fan_in`, BatchNorm's scale around 1 and variances positive.
+fn op_inputs(shape: &OpShape, seed: u64) -> Result<Vec<(String, Tensor)>, TrainError> {
+    let cpu = Device::Cpu;
+    let normal =
+        |dims: &[usize], seed: u64, scale: f64, shift: f64| -> Result<Tensor, TrainError> {
+            let n: usize = dims.iter().product();
+            Ok(((Tensor::from_vec(seeded_normal(n, seed), dims, &cpu)? * scale)? + shift)?)
+        };
+    Ok(match *shape {
+        OpShape::Conv { x, co, k, .. } => {
+            let fan_in = (x[1] * k * k) as f64;
+            vec![
+                ("x".into(), normal(&x, seed, 1.0, 0.0)?),
+                (
+                    "weight".into(),
+                    normal(&[co, x[1], k, k], seed + 1, fan_in.sqrt().recip(), 0.0)?,
+                ),
+            ]
+        }
+        OpShape::BatchNormTrain { x, .. } | OpShape::BatchNormEval { x } => {
+            let c = x[1];
+            let mut v = vec![
+                ("x".into(), normal(x, seed, 2.0, 3.0)?),
+                ("weight".into(), normal(&[c], seed + 1, 0.2, 1.0)?),
+                ("bias".into(), normal(&[c], seed + 2, 0.2, 0.0)?),
+            ];
+            if matches!(shape, OpShape::BatchNormEval { .. }) {
+                v.push(("running_mean".into(), normal(&[c], seed + 3, 0.5, 3.0)?));
+                v.push((
+                    "running_var".into(),
+                    normal(&[c], seed + 4, 0.5, 4.0)?.abs()?,
+                ));
+            }
+            v
+        }
+        // Multiples of 1/16 and odd multiples of 1/32 (exact in bf16): `a + b` is never
+        // 0, where ReLU conventions differ (candle passes the gradient at 0, PyTorch and
+        // ours do not).
+        OpShape::AddRelu { x } => vec![
+            ("a".into(), ((normal(x, seed, 16.0, 0.0)?.round()? / 16.0)?)),
+            (
+                "b".into(),
+                ((normal(x, seed + 1, 16.0, 0.0)?.round()? + 0.5)? / 16.0)?,
+            ),
+        ],
+    })
+}
+
+/// The output, the extra tensors and the gradient of `Σ y · r` (r seeded) with respect to
+/// every differentiable input, as host vectors.
+fn op_results(
+    shape: &OpShape,
+    compute: Compute,
+    device: &Device,
+    seed: u64,
+) -> Result<Vec<(String, Vec<f32>)>, TrainError> {
+    use candle_core::Var;
+    let inputs = op_inputs(shape, seed)?;
+    let differentiable = |name: &str| !name.starts_with("running_");
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|(_, t)| Var::from_tensor(&t.to_device(device)?))
+        .collect::<candle_core::Result<_>>()?;
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let (y, extra) = run_op(shape, compute, &tensors)?;
+    let r = Tensor::from_vec(seeded_normal(y.elem_count(), seed + 99), y.shape(), device)?;
+    let grads = (&y * &r)?.sum_all()?.backward()?;
+    let host = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+        t.to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_vec1()
+    };
+    let mut out = vec![("y".to_owned(), host(&y)?)];
+    for (name, t) in extra {
+        out.push((name, host(&t)?));
+    }
+    for ((name, _), var) in inputs.iter().zip(&vars) {
+        if !differentiable(name) {
+            continue;
+        }
+        let g = match grads.get(var.as_tensor()) {
+            Some(g) => host(g)?,
+            None => vec![0.0; var.elem_count()],
+        };
+        out.push((format!("grad {name}"), g));
+    }
+    Ok(out)
+}
+
+/// Checks each op of [`op_shapes`], forward and backward, computed with `kernels` and
+/// `precision` on `device`, against our CPU kernels in the same precision on the same
+/// seeded inputs: every output, BatchNorm's statistics and every input gradient, by
+/// relative L2 error against `tolerance` (e.g. 1e-4 in fp32, 1e-2 in bf16). With
+/// `device = cpu` and `kernels = candle` this checks candle's CPU ops against ours
+/// (the check's own test, without a GPU).
+///
+/// Errors: an unavailable device, or an op that fails to run (its error names the op
+/// and shape).
+pub fn op_check(
+    device: &str,
+    kernels: Kernels,
+    precision: Precision,
+    tolerance: f64,
+) -> Result<OpCheck, TrainError> {
+    let checked_device = open_device(parse_device(device)?)?;
+    let reference = Compute::new(Kernels::Auto, precision);
+    let checked = Compute::new(kernels, precision);
+    let mut diffs = Vec::new();
+    for (i, shape) in op_shapes().iter().enumerate() {
+        let seed = 1000 + i as u64 * 10;
+        let failed = |e: TrainError| TrainError::OpCheck {
+            case: shape.to_string(),
+            reason: e.to_string(),
+        };
+        let want = op_results(shape, reference, &Device::Cpu, seed).map_err(failed)?;
+        let got = op_results(shape, checked, &checked_device, seed).map_err(failed)?;
+        for ((name, b), (_, a)) in want.iter().zip(&got) {
+            let (mut num, mut den) = (0f64, 0f64);
+            for (&x, &y) in a.iter().zip(b) {
+                num += (f64::from(x) - f64::from(y)).powi(2);
+                den += f64::from(y).powi(2);
+            }
+            let rel_l2 = if den == 0.0 {
+                num.sqrt()
+            } else {
+                (num / den).sqrt()
+            };
+            let pass = a.len() == b.len() && rel_l2 <= tolerance;
+            diffs.push(OpDiff {
+                case: shape.to_string(),
+                tensor: name.clone(),
+                rel_l2,
+                pass,
+            });
+        }
+    }
+    Ok(OpCheck {
+        device: device.to_owned(),
+        checked: checked.describe(),
+        reference: reference.describe(),
+        tolerance,
+        pass: diffs.iter().all(|d| d.pass),
+        diffs,
     })
 }

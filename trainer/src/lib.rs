@@ -44,6 +44,14 @@ pub enum TrainError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// An op of the per-op check (`bench::op_check`) failed to run.
+    #[error("{case}: {reason}")]
+    OpCheck {
+        /// The op and its shape.
+        case: String,
+        /// Why.
+        reason: String,
+    },
     /// A checkpoint is unreadable or does not fit this run.
     #[error("checkpoint: {0}")]
     Checkpoint(String),

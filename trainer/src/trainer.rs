@@ -50,9 +50,10 @@ impl Trainer {
             });
         }
         let device = open_device(parse_device(&cfg.train.device)?)?;
+        crate::kernels::set_tf32(cfg.train.tf32);
         let model = ByolModel::with_compute(
             &cfg.model,
-            Compute::new(cfg.train.kernels, cfg.train.precision, &device),
+            Compute::new(cfg.train.kernels, cfg.train.precision),
             cfg.train.seed,
             &device,
         )?;

@@ -31,7 +31,7 @@ impl Encoder {
     ) -> Result<Self, EvalError> {
         let vars = VarMap::new();
         // Evaluation runs in f32 whatever precision the run trained in.
-        let compute = Compute::new(kernels, Precision::Fp32, device);
+        let compute = Compute::new(kernels, Precision::Fp32);
         let network = Network::new(
             cfg,
             true,

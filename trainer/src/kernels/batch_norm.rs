@@ -1,28 +1,40 @@
-//! BatchNorm over the channel axis of f32 `(n, c, ...)` tensors — 2-D feature maps and
+//! BatchNorm over the channel axis of `(n, c, ...)` tensors — 2-D feature maps and
 //! 1-D features alike — with batch statistics (training) or given ones (eval), and an
-//! optional fused ReLU. Forward: one pass for the statistics, one to normalise.
-//! Backward: one pass for the two per-channel sums, one for the input gradient.
+//! optional fused ReLU. Split in ops that each run on CPU (f32) and CUDA (f32 or bf16):
+//! the per-channel statistics ([`batch_norm_stats`]), then the normalisation; backward,
+//! the two per-channel sums, then the input gradient. The statistics are a `(2, c)` f32
+//! tensor on the activations' device (means, then biased variances): nothing is read
+//! back to the host.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::{contiguous_f32, cpu_f32};
 
 /// What a training-mode BatchNorm produced.
 pub struct BatchNormOutput {
-    /// The normalised (and rectified, if asked) output.
+    /// The normalised (and rectified, if asked) output, in the input's dtype.
     pub y: Tensor,
-    /// Per-channel batch mean.
-    pub mean: Vec<f32>,
-    /// Per-channel biased batch variance (what the output was normalised with).
-    pub var: Vec<f32>,
+    /// `(2, c)` f32: per-channel batch mean (row 0) and biased batch variance (row 1),
+    /// what the output was normalised with.
+    pub stats: Tensor,
     /// Values per channel the statistics were taken over (`n · h · w`).
     pub count: usize,
 }
 
+/// Per-channel mean and biased variance of `x (n, c, …)` (f32 on CPU; f32 or bf16 on
+/// CUDA) as a `(2, c)` f32 tensor on `x`'s device: row 0 the means, row 1 the variances
+/// (`Σ (x − mean)² / (n · h · w)`). Not differentiable: [`batch_norm_train`] carries the
+/// statistics' gradient itself.
+pub fn batch_norm_stats(x: &Tensor) -> Result<Tensor> {
+    split_dims(x.dims())?;
+    x.detach().contiguous()?.apply_op1_no_bwd(&BatchNormStats)
+}
+
 /// BatchNorm with the batch's statistics: `y = (x − mean) / √(var + eps) · weight + bias`,
 /// then `max(y, 0)` when `relu`. Differentiable in `x`, `weight` and `bias`, the
-/// statistics included (as PyTorch's training mode).
+/// statistics included (as PyTorch's training mode). `x` is f32 (or bf16 on CUDA);
+/// `weight` and `bias` are f32 `(c)`; `y` has `x`'s dtype.
 pub fn batch_norm_train(
     x: &Tensor,
     weight: &Tensor,
@@ -31,28 +43,24 @@ pub fn batch_norm_train(
     relu: bool,
 ) -> Result<BatchNormOutput> {
     let x = x.contiguous()?;
-    let (n, c, s) = split_dims(x.dims())?;
-    let (mean, var) = {
-        let (guard, layout) = x.storage_and_layout();
-        channel_stats(cpu_f32(&guard, layout, "batch_norm")?, n, c, s)
-    };
-    let invstd = var.iter().map(|v| inv_std(*v, eps)).collect();
+    let (n, _, s) = split_dims(x.dims())?;
+    let stats = batch_norm_stats(&x)?;
     let op = BatchNormOp {
-        mean: mean.clone(),
-        invstd,
+        stats: stats.clone(),
+        eps,
         batch_stats: true,
         relu,
     };
     let y = apply(&x, weight, bias, op)?;
     Ok(BatchNormOutput {
         y,
-        mean,
-        var,
+        stats,
         count: n * s,
     })
 }
 
-/// BatchNorm with given (running) statistics, as in eval mode; then ReLU when `relu`.
+/// BatchNorm with given (running) statistics `mean (c)` and `var (c)`, as in eval mode;
+/// then ReLU when `relu`.
 pub fn batch_norm_eval(
     x: &Tensor,
     weight: &Tensor,
@@ -62,15 +70,10 @@ pub fn batch_norm_eval(
     eps: f64,
     relu: bool,
 ) -> Result<Tensor> {
-    let mean: Vec<f32> = mean.to_vec1()?;
-    let invstd = var
-        .to_vec1::<f32>()?
-        .iter()
-        .map(|v| inv_std(*v, eps))
-        .collect();
+    let stats = Tensor::stack(&[mean.to_dtype(DType::F32)?, var.to_dtype(DType::F32)?], 0)?;
     let op = BatchNormOp {
-        mean,
-        invstd,
+        stats,
+        eps,
         batch_stats: false,
         relu,
     };
@@ -83,12 +86,12 @@ fn inv_std(var: f32, eps: f64) -> f32 {
 
 fn apply(x: &Tensor, weight: &Tensor, bias: &Tensor, op: BatchNormOp) -> Result<Tensor> {
     let (_, c, _) = split_dims(x.dims())?;
-    if weight.dims() != [c] || bias.dims() != [c] || op.mean.len() != c {
+    if weight.dims() != [c] || bias.dims() != [c] || op.stats.dims() != [2, c] {
         bail!(
-            "batch_norm: {c} channels, but weight {:?}, bias {:?}, {} statistics",
+            "batch_norm: {c} channels, but weight {:?}, bias {:?}, statistics {:?}",
             weight.dims(),
             bias.dims(),
-            op.mean.len()
+            op.stats.dims()
         )
     }
     x.apply_op3_arc(
@@ -96,6 +99,43 @@ fn apply(x: &Tensor, weight: &Tensor, bias: &Tensor, op: BatchNormOp) -> Result<
         &bias.contiguous()?,
         std::sync::Arc::new(Box::new(op)),
     )
+}
+
+/// The statistics op (see [`batch_norm_stats`]).
+struct BatchNormStats;
+
+impl CustomOp1 for BatchNormStats {
+    fn name(&self) -> &'static str {
+        "byol-batch-norm-stats"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, s) = split_dims(layout.dims())?;
+        let x = contiguous_f32(storage, layout, self.name())?;
+        let (mut mean, var) = channel_stats(x, n, c, s);
+        mean.extend(var);
+        Ok((CpuStorage::F32(mean), (2, c).into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (_, c, _) = split_dims(layout.dims())?;
+        let stats = super::cuda::batch_norm_stats(storage, layout)?;
+        Ok((stats, (2, c).into()))
+    }
+}
+
+/// Host copies of a `(2, c)` CPU statistics tensor: the means and `1 / √(var + eps)`.
+fn host_stats(stats: &Tensor, eps: f64) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (guard, layout) = stats.storage_and_layout();
+    let v = cpu_f32(&guard, layout, "batch_norm")?;
+    let c = v.len() / 2;
+    let invstd = v[c..].iter().map(|var| inv_std(*var, eps)).collect();
+    Ok((v[..c].to_vec(), invstd))
 }
 
 /// `(n, c, rest…)` → `(n, c, product of rest)`.
@@ -211,11 +251,43 @@ fn channel_stats(x: &[f32], n: usize, c: usize, s: usize) -> (Vec<f32>, Vec<f32>
 /// The op: statistics and mode are fixed when it is built, so the backward pass
 /// normalises exactly as the forward did.
 struct BatchNormOp {
-    mean: Vec<f32>,
-    invstd: Vec<f32>,
+    /// `(2, c)` f32 on the input's device: means and biased variances.
+    stats: Tensor,
+    eps: f64,
     /// The statistics came from this batch (their gradient flows back into `x`).
     batch_stats: bool,
     relu: bool,
+}
+
+impl BatchNormOp {
+    /// The CUDA backward: the two per-channel sums, then the input gradient, on the
+    /// device.
+    #[cfg(feature = "cuda")]
+    fn cuda_bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use super::cuda;
+        let sums = cuda::batch_norm_grad_sums(x, y, grad, &self.stats, self.relu)?;
+        let invstd = (self.stats.get(1)? + self.eps)?.sqrt()?.recip()?;
+        let gb = sums.get(0)?;
+        let gw = (sums.get(1)? * invstd)?;
+        let gx = cuda::batch_norm_grad_input(
+            x,
+            y,
+            grad,
+            weight,
+            &self.stats,
+            &sums,
+            self.eps,
+            self.relu,
+            self.batch_stats,
+        )?;
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
 }
 
 impl CustomOp3 for BatchNormOp {
@@ -236,9 +308,10 @@ impl CustomOp3 for BatchNormOp {
         let x = contiguous_f32(s1, l1, self.name())?;
         let w = contiguous_f32(s2, l2, self.name())?;
         let b = contiguous_f32(s3, l3, self.name())?;
+        let (mean, invstd) = host_stats(&self.stats, self.eps)?;
         // y = x · scale + shift per channel.
-        let scale: Vec<f32> = (0..c).map(|ch| w[ch] * self.invstd[ch]).collect();
-        let shift: Vec<f32> = (0..c).map(|ch| b[ch] - self.mean[ch] * scale[ch]).collect();
+        let scale: Vec<f32> = (0..c).map(|ch| w[ch] * invstd[ch]).collect();
+        let shift: Vec<f32> = (0..c).map(|ch| b[ch] - mean[ch] * scale[ch]).collect();
         let mut y = vec![0f32; x.len()];
         let image = (c * s).max(1);
         y.par_chunks_mut(image)
@@ -260,6 +333,31 @@ impl CustomOp3 for BatchNormOp {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (guard, ls) = self.stats.storage_and_layout();
+        let candle_core::Storage::Cuda(stats) = &*guard else {
+            bail!("batch_norm: the statistics are not on the CUDA device")
+        };
+        let y = super::cuda::batch_norm_apply(
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            (stats, ls),
+            self.eps,
+            self.relu,
+        )?;
+        Ok((y, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -275,6 +373,11 @@ impl CustomOp3 for BatchNormOp {
             res.contiguous()?,
             grad.contiguous()?,
         );
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return self.cuda_bwd(&x, &weight, &res, &grad);
+        }
+        let (mean, invstd) = host_stats(&self.stats, self.eps)?;
         let (xg, xl) = x.storage_and_layout();
         let (wg, wl) = weight.storage_and_layout();
         let (yg, yl) = res.storage_and_layout();
@@ -286,22 +389,20 @@ impl CustomOp3 for BatchNormOp {
         let relu = self.relu;
         let sums = reduce_channels::<2>(n, c, s, |ch, off, acc| {
             let r = off..off + s;
-            let (sg, sgx) = grad_sums(&xs[r.clone()], &ys[r.clone()], &gs[r], self.mean[ch], relu);
+            let (sg, sgx) = grad_sums(&xs[r.clone()], &ys[r.clone()], &gs[r], mean[ch], relu);
             acc[0] += sg as f64;
             acc[1] += sgx as f64;
         });
         let count = (n * s) as f32;
         let gb: Vec<f32> = sums.iter().map(|a| a[0] as f32).collect();
-        let gw: Vec<f32> = (0..c)
-            .map(|ch| sums[ch][1] as f32 * self.invstd[ch])
-            .collect();
+        let gw: Vec<f32> = (0..c).map(|ch| sums[ch][1] as f32 * invstd[ch]).collect();
         // dx = k1 · g + k2 · x + k3 per channel.
         let mut k = vec![[0f32; 3]; c];
         for (ch, kc) in k.iter_mut().enumerate() {
-            let k1 = ws[ch] * self.invstd[ch];
+            let k1 = ws[ch] * invstd[ch];
             if self.batch_stats {
-                let k2 = -k1 * self.invstd[ch] * gw[ch] / count;
-                *kc = [k1, k2, -k1 * gb[ch] / count - k2 * self.mean[ch]];
+                let k2 = -k1 * invstd[ch] * gw[ch] / count;
+                *kc = [k1, k2, -k1 * gb[ch] / count - k2 * mean[ch]];
             } else {
                 *kc = [k1, 0.0, 0.0];
             }

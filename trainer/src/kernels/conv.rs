@@ -1,7 +1,8 @@
-//! 2-D convolution without bias on f32 NCHW: im2col + GEMM forward; the backward
-//! gives the weight gradient (`G · colᵀ`) and the input gradient (`Wᵀ · G`, then
-//! col2im). Work is split into one contiguous range of images per thread; small
-//! feature maps are grouped so that every GEMM has a few hundred columns.
+//! 2-D convolution without bias, NCHW. On CPU (f32): im2col + GEMM forward; the
+//! backward gives the weight gradient (`G · colᵀ`) and the input gradient (`Wᵀ · G`,
+//! then col2im). Work is split into one contiguous range of images per thread; small
+//! feature maps are grouped so that every GEMM has a few hundred columns. On CUDA (f32
+//! or bf16): cuDNN's forward, backward-data and backward-filter (`super::cuda::conv`).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
@@ -70,6 +71,22 @@ impl Geometry {
             ho: (h + 2 * pad - kh) / stride + 1,
             wo: (wd + 2 * pad - kw) / stride + 1,
         })
+    }
+
+    /// The same sizes for the cuDNN convolutions.
+    #[cfg(feature = "cuda")]
+    fn cuda_shape(&self) -> super::cuda::conv::ConvShape {
+        super::cuda::conv::ConvShape {
+            n: self.n,
+            c: self.c,
+            h: self.h,
+            w: self.w,
+            co: self.co,
+            kh: self.kh,
+            kw: self.kw,
+            stride: self.stride,
+            pad: self.pad,
+        }
     }
 
     /// Rows of the im2col matrix (= GEMM depth).
@@ -404,6 +421,19 @@ impl CustomOp2 for Conv2dOp {
         Ok((CpuStorage::F32(out), (geo.n, geo.co, geo.ho, geo.wo).into()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let geo = Geometry::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
+        let y = super::cuda::conv::forward(&geo.cuda_shape(), (s1, l1), (s2, l2))?;
+        Ok((y, (geo.n, geo.co, geo.ho, geo.wo).into()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -413,6 +443,13 @@ impl CustomOp2 for Conv2dOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let geo = Geometry::new(x.dims(), weight.dims(), self.stride, self.padding)?;
         let want_gx = x.track_op();
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (x, weight, grad) = (x.contiguous()?, weight.contiguous()?, grad.contiguous()?);
+            let (gx, gw) =
+                super::cuda::conv2d_grads(&geo.cuda_shape(), &x, &weight, &grad, want_gx)?;
+            return Ok((gx, Some(gw)));
+        }
         let ranges = split_ranges(geo.n, rayon::current_num_threads());
         let mut gx = vec![0f32; if want_gx { geo.n * geo.image_len() } else { 0 }];
         let gw_len = geo.co * geo.k();

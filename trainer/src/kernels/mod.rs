@@ -1,22 +1,50 @@
-//! Our CPU kernels for the layers that dominate a ResNet step — convolution and
-//! BatchNorm (with the ReLU that follows it fused in), and the residual add + ReLU — as candle custom ops with
-//! their own backward passes.
+//! Our kernels for the layers that dominate a ResNet step — convolution, BatchNorm
+//! (with the ReLU that follows it fused in) and the residual add + ReLU — as candle
+//! custom ops with their own backward passes, on CPU and (with the `cuda` feature) on
+//! CUDA.
 //!
 //! candle composes BatchNorm from about ten tensor ops, each keeping a full-size
-//! activation alive for the backward pass, and its CPU convolution reaches a fraction
-//! of a GEMM's speed. These kernels read and write f32 NCHW buffers directly: the
-//! convolution is im2col + `gemm` (the GEMM crate candle itself uses), parallel over
-//! the batch; BatchNorm is one pass for its statistics and one to normalise, forward
-//! and backward. The networks pick them on CPU unless `train.kernels = "candle"`;
-//! CUDA keeps candle's kernels.
+//! activation alive for the backward pass; its CPU convolution reaches a fraction of a
+//! GEMM's speed, and its CUDA convolution backward is a naive kernel. Here:
+//! - **CPU** (f32 NCHW): the convolution is im2col + `gemm` (the GEMM crate candle itself
+//!   uses), parallel over the batch; BatchNorm is one pass for its statistics and one to
+//!   normalise, forward and backward.
+//! - **CUDA** (f32 or bf16 NCHW; [`cuda`]): convolutions forward, backward-data and
+//!   backward-filter through cuDNN; BatchNorm and the residual add as our own kernels.
+//!
+//! BatchNorm is split the same way on both: [`batch_norm_stats`] (the per-channel
+//! statistics, one op), then the normalisation + ReLU with those statistics, and in the
+//! backward pass the two per-channel reductions, then the input gradient. The statistics
+//! stay on the device. The networks pick these kernels unless `train.kernels = "candle"`.
 
 mod batch_norm;
 mod conv;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod residual;
 
-pub use batch_norm::{BatchNormOutput, batch_norm_eval, batch_norm_train};
+pub use batch_norm::{BatchNormOutput, batch_norm_eval, batch_norm_stats, batch_norm_train};
 pub use conv::conv2d;
 pub use residual::add_relu;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether fp32 convolutions and matrix products on CUDA may use TF32 tensor cores.
+static TF32: AtomicBool = AtomicBool::new(false);
+
+/// Allows (or forbids, the default) TF32 for fp32 convolutions (cuDNN's tensor-op math)
+/// and matrix products (cuBLAS) on CUDA, process-wide. Off, fp32 is true fp32
+/// (`CUDNN_FMA_MATH`). No effect on CPU or on bf16.
+pub fn set_tf32(allow: bool) {
+    TF32.store(allow, Ordering::Relaxed);
+    #[cfg(feature = "cuda")]
+    candle_core::cuda_backend::set_gemm_reduced_precision_f32(allow);
+}
+
+/// Whether TF32 is allowed (see [`set_tf32`]).
+pub fn tf32() -> bool {
+    TF32.load(Ordering::Relaxed)
+}
 
 use candle_core::{CpuStorage, Layout, Result, Storage, bail};
 
@@ -35,7 +63,7 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Res
 fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
     match storage {
         Storage::Cpu(cpu) => contiguous_f32(cpu, layout, op),
-        _ => bail!("{op}: the fused kernels run on CPU tensors only"),
+        _ => bail!("{op}: expected a CPU tensor"),
     }
 }
 

@@ -1,5 +1,6 @@
 //! The end of a residual block, `max(a + b, 0)`, as one op: one pass forward, and one
-//! masked copy of the gradient (shared by both inputs) backward.
+//! masked copy of the gradient (shared by both inputs) backward. CPU (f32) and CUDA
+//! (f32 or bf16).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
@@ -45,6 +46,20 @@ impl CustomOp2 for AddRelu {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((
+            super::cuda::add_relu((s1, l1), (s2, l2))?,
+            l1.shape().clone(),
+        ))
+    }
+
     fn bwd(
         &self,
         _a: &Tensor,
@@ -53,6 +68,11 @@ impl CustomOp2 for AddRelu {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (res, grad) = (res.contiguous()?, grad.contiguous()?);
+        #[cfg(feature = "cuda")]
+        if res.device().is_cuda() {
+            let out = super::cuda::relu_grad(&res, &grad)?;
+            return Ok((Some(out.clone()), Some(out)));
+        }
         let (yg, yl) = res.storage_and_layout();
         let (gg, gl) = grad.storage_and_layout();
         let y = cpu_f32(&yg, yl, self.name())?;

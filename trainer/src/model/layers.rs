@@ -1,7 +1,7 @@
-//! Convolution and BatchNorm layers that run our fused CPU kernels or candle's ops,
+//! Convolution and BatchNorm layers that run our kernels (CPU and CUDA) or candle's ops,
 //! with the same parameters (and names) either way.
 
-use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
+use candle_core::{DType, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Linear, VarBuilder};
 
 use crate::config::{Kernels, ModelConfig, Precision};
@@ -9,21 +9,51 @@ use crate::kernels;
 
 /// How the layers compute: whose kernels, and in which precision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Compute {
-    /// Our CPU kernels for f32 convolution, BatchNorm and the residual add.
-    pub ours: bool,
-    /// Convolutions and matrix products in bfloat16 (inputs and weights cast per call;
-    /// outputs, BatchNorm and everything else in f32).
-    pub bf16: bool,
+pub enum Compute {
+    /// candle's own ops in f32: the reference.
+    Candle,
+    /// candle's own ops, with convolutions and matrix products on bf16-cast inputs
+    /// (outputs, BatchNorm and everything else in f32).
+    CandleBf16,
+    /// Our kernels (convolution, BatchNorm + ReLU, residual add + ReLU) in f32.
+    #[default]
+    Ours,
+    /// Our kernels with convolutions and matrix products in bf16. On CUDA the encoder's
+    /// activations are bf16 from the first convolution to the pooled features (cuDNN on
+    /// tensor cores; BatchNorm statistics, parameters and gradients in f32). On CPU each
+    /// convolution runs our f32 kernel on bf16-rounded inputs and rounds its output (the
+    /// same arithmetic, see `in_bf16`), activations staying f32.
+    OursBf16,
 }
 
 impl Compute {
-    /// The compute for `kernels` and `precision` on `device` (our kernels are CPU-only).
-    pub fn new(kernels: Kernels, precision: Precision, device: &Device) -> Self {
-        Compute {
-            ours: kernels.ours_on(device),
-            bf16: precision == Precision::Bf16,
+    /// The compute for `kernels` and `precision`.
+    pub fn new(kernels: Kernels, precision: Precision) -> Self {
+        match (kernels, precision) {
+            (Kernels::Candle, Precision::Fp32) => Compute::Candle,
+            (Kernels::Candle, Precision::Bf16) => Compute::CandleBf16,
+            (Kernels::Auto, Precision::Fp32) => Compute::Ours,
+            (Kernels::Auto, Precision::Bf16) => Compute::OursBf16,
         }
+    }
+
+    /// Our kernels rather than candle's.
+    pub fn ours(self) -> bool {
+        matches!(self, Compute::Ours | Compute::OursBf16)
+    }
+
+    /// Convolutions and matrix products in bf16.
+    pub fn bf16(self) -> bool {
+        matches!(self, Compute::CandleBf16 | Compute::OursBf16)
+    }
+
+    /// In words, for reports: e.g. "our kernels, bf16".
+    pub fn describe(self) -> String {
+        format!(
+            "{} kernels, {}",
+            if self.ours() { "our" } else { "candle's" },
+            if self.bf16() { "bf16" } else { "f32" }
+        )
     }
 }
 
@@ -80,17 +110,19 @@ impl Conv {
         })
     }
 
-    /// Applies the convolution to `(n, cin, h, w)`.
+    /// Applies the convolution to `(n, cin, h, w)`. The output is f32, except with
+    /// [`Compute::OursBf16`] on CUDA, where it is bf16 (the input is cast to bf16 if it
+    /// is not already).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (s, p) = (self.stride, self.padding);
-        if self.compute.bf16 && self.compute.ours {
-            in_bf16(x, self.inner.weight(), |x, w| kernels::conv2d(x, w, s, p))
-        } else if self.compute.bf16 {
-            in_bf16(x, self.inner.weight(), |x, w| x.conv2d(w, p, s, 1, 1))
-        } else if self.compute.ours {
-            kernels::conv2d(x, self.inner.weight(), self.stride, self.padding)
-        } else {
-            self.inner.forward(x)
+        let (s, p, w) = (self.stride, self.padding, self.inner.weight());
+        match self.compute {
+            Compute::Candle => self.inner.forward(x),
+            Compute::CandleBf16 => in_bf16(x, w, |x, w| x.conv2d(w, p, s, 1, 1)),
+            Compute::Ours => kernels::conv2d(x, w, s, p),
+            Compute::OursBf16 if x.device().is_cuda() => {
+                kernels::conv2d(&x.to_dtype(DType::BF16)?, &w.to_dtype(DType::BF16)?, s, p)
+            }
+            Compute::OursBf16 => in_bf16(x, w, |x, w| kernels::conv2d(x, w, s, p)),
         }
     }
 }
@@ -106,7 +138,7 @@ impl Dense {
     pub fn new(input: usize, output: usize, compute: Compute, vb: VarBuilder) -> Result<Self> {
         Ok(Dense {
             inner: candle_nn::linear(input, output, vb)?,
-            bf16: compute.bf16,
+            bf16: compute.bf16(),
         })
     }
 
@@ -132,7 +164,7 @@ pub struct Norm {
     running_var: Var,
     momentum: f64,
     eps: f64,
-    /// Our kernels (BatchNorm is always computed in f32).
+    /// Our kernels (statistics and parameters in f32 whatever the activations' dtype).
     ours: bool,
 }
 
@@ -157,12 +189,13 @@ impl Norm {
             inner,
             momentum: cfg.bn_momentum,
             eps: cfg.bn_eps,
-            ours: compute.ours,
+            ours: compute.ours(),
         })
     }
 
     /// Normalises with batch statistics (updating the running ones) when `train`, with
-    /// the running statistics otherwise; then ReLU when `relu`.
+    /// the running statistics otherwise; then ReLU when `relu`. The output has `x`'s
+    /// dtype (bf16 on CUDA with [`Compute::OursBf16`]).
     pub fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         if !self.ours {
             let y = self.inner.forward_t(x, train)?;
@@ -184,23 +217,19 @@ impl Norm {
             );
         }
         let out = kernels::batch_norm_train(x, weight, bias, self.eps, relu)?;
-        let m = self.momentum as f32;
+        // running ← (1 − momentum)·running + momentum·batch, the variance unbiased
+        // (PyTorch's convention); on the device, nothing read back.
+        let m = self.momentum;
         let unbias = if out.count > 1 {
-            out.count as f32 / (out.count - 1) as f32
+            out.count as f64 / (out.count - 1) as f64
         } else {
             1.0
         };
-        let blend = |running: &Var, batch: &[f32], factor: f32| -> Result<()> {
-            let old: Vec<f32> = running.as_tensor().to_vec1()?;
-            let new: Vec<f32> = old
-                .iter()
-                .zip(batch)
-                .map(|(r, b)| (1.0 - m) * r + m * b * factor)
-                .collect();
-            running.set(&Tensor::from_vec(new, old.len(), x.device())?)
+        let blend = |running: &Var, batch: Tensor, factor: f64| -> Result<()> {
+            running.set(&((running.as_tensor() * (1.0 - m))? + (batch * (m * factor))?)?)
         };
-        blend(&self.running_mean, &out.mean, 1.0)?;
-        blend(&self.running_var, &out.var, unbias)?;
+        blend(&self.running_mean, out.stats.get(0)?, 1.0)?;
+        blend(&self.running_var, out.stats.get(1)?, unbias)?;
         Ok(out.y)
     }
 }
@@ -240,6 +269,7 @@ pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn stem_max_pool_matches_candle_forward_and_has_a_gradient() {

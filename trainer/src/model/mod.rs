@@ -100,19 +100,14 @@ impl ByolModel {
 
     /// Builds both networks; weights are initialised from `seed` (torchvision's schemes)
     /// and the target starts as a copy of the online network. `kernels` picks the
-    /// convolution and BatchNorm implementation (ours run on CPU only).
+    /// convolution and BatchNorm implementation (ours or candle's, on any device).
     pub fn with_kernels(
         cfg: &ModelConfig,
         kernels: Kernels,
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
-        Self::with_compute(
-            cfg,
-            Compute::new(kernels, Precision::Fp32, device),
-            seed,
-            device,
-        )
+        Self::with_compute(cfg, Compute::new(kernels, Precision::Fp32), seed, device)
     }
 
     /// [`ByolModel::with_kernels`] with the kernels and precision given as a [`Compute`].

@@ -114,7 +114,7 @@ impl Block {
             Some(d) => d.forward_t(x, train, false)?,
             None => x.clone(),
         };
-        if self.compute.ours {
+        if self.compute.ours() {
             kernels::add_relu(&y, &shortcut)
         } else {
             (y + shortcut)?.relu()
@@ -182,6 +182,7 @@ impl ResNet {
                 y = block.forward_t(&y, train)?;
             }
         }
-        y.mean((2, 3))
+        // Pooled in f32 (the activations may be bf16).
+        y.to_dtype(candle_core::DType::F32)?.mean((2, 3))
     }
 }

@@ -60,14 +60,14 @@ impl Lars {
             let g = g.detach();
             let g = if p.adapt {
                 let g = (g + (&w * self.weight_decay)?)?;
-                let w_norm = w.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
-                let g_norm = g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
-                let trust = if w_norm > 0.0 && g_norm > 0.0 {
-                    self.eta * w_norm / g_norm
-                } else {
-                    1.0
-                };
-                (g * trust)?
+                // Trust ratio η‖w‖/‖g‖ where both norms are positive, else 1, computed
+                // on the device: no host read-back per parameter.
+                let w_norm = w.sqr()?.sum_all()?.sqrt()?;
+                let g_norm = g.sqr()?.sum_all()?.sqrt()?;
+                let both = (w_norm.gt(0.0)? * g_norm.gt(0.0)?)?;
+                let ratio = ((w_norm * self.eta)? / g_norm)?;
+                let trust = both.where_cond(&ratio, &ratio.ones_like()?)?;
+                g.broadcast_mul(&trust)?
             } else {
                 g
             };
