@@ -17,8 +17,9 @@
 # FMNIST_TRAIN / FMNIST_TEST / PHOTOS (datasets; default: the files in gpu-pack/,
 # ingested into $OUT/data/ first).
 #
-# On the device machine (one call, about 4 minutes; carry gpu-pack):
-#   run(command="OUT=$OUT bash scripts/gpu-check.sh", carry=["gpu-pack"], timeout_s=420)
+# On the device machine (carry gpu-pack), two calls of at most 4 minutes each:
+#   run(command="OUT=$OUT PARTS=ops,step,check bash scripts/gpu-check.sh", carry=["gpu-pack"], timeout_s=300)
+#   run(command="OUT=$OUT PARTS=train TOTAL_SECS=230 CASE_SECS=200 bash scripts/gpu-check.sh", carry=["gpu-pack"], timeout_s=300)
 # Writes at most 8 files, none deeper than two folders: summary.txt (the figures),
 # results.jsonl (one JSON object per measurement), nvidia-smi.txt, and logs.tar.gz (a log
 # per command).
@@ -39,6 +40,16 @@ if [ ! -x "$BYOL" ] && [ -e "$PACK/byol.xz" ]; then
   chmod +x "$BYOL"
 fi
 CASE_SECS=${CASE_SECS:-100}
+# The whole check ends within TOTAL_SECS (default 240): each case gets the smaller of
+# CASE_SECS and what is left; a case with under 10 s left is recorded as skipped.
+DEADLINE=$(( $(date +%s) + ${TOTAL_SECS:-240} ))
+# The time limit for the next case, in seconds (1: none left; never 0, which `timeout`
+# reads as no limit).
+case_limit() {
+  local left=$(( DEADLINE - $(date +%s) ))
+  [ $left -lt 10 ] && { echo 1; return; }
+  [ $left -lt "$CASE_SECS" ] && echo $left || echo "$CASE_SECS"
+}
 # Which parts run (PARTS=ops,step for a first look at the kernels): all by default.
 PARTS=${PARTS:-ops,step,check,train}
 part() { [[ ",$PARTS," == *",$1,"* ]]; }
@@ -78,10 +89,15 @@ have_torch=0
 record() {
   local name=$1; shift
   local log=$OUT/logs/$name.log
-  timeout -k 5 "$CASE_SECS" "$@" > "$log" 2> "$log.err"
+  local limit; limit=$(case_limit)
+  if [ "$limit" -le 1 ]; then
+    say "SKIPPED: $name (the check's ${TOTAL_SECS:-240} s are spent)"
+    echo "{\"case\": \"$name\", \"skipped\": true}" >> "$RESULTS"; fail=1; return
+  fi
+  timeout -k 5 "$limit" "$@" > "$log" 2> "$log.err"
   local rc=$?
   if [ $rc = 124 ] || [ $rc = 137 ]; then
-    say "TIMED OUT: $name after ${CASE_SECS} s"
+    say "TIMED OUT: $name after ${limit} s"
     echo "{\"case\": \"$name\", \"timed_out\": true}" >> "$RESULTS"; fail=1; return
   fi
   # A check that fails still prints its figures: keep them.
@@ -148,7 +164,8 @@ for c in "${CASES[@]}"; do
   # off on both sides is the exactness case.
   for prec in bf16 fp32; do
     cl=off; [ $prec = bf16 ] && cl=on
-    with_peak_memory record "ours-$name-$prec" "$BYOL" bench step "${args[@]}" --device $DEVICE --precision $prec $STEPS --json
+    prof=(); [ $prec = bf16 ] && prof=(--profile)
+    with_peak_memory record "ours-$name-$prec" "$BYOL" bench step "${args[@]}" --device $DEVICE --precision $prec $STEPS "${prof[@]}" --json
     echo "{\"case\": \"ours-$name-$prec-memory\", \"peak_device_mib\": $PEAK_MIB, \"idle_device_mib\": $idle_mib}" >> "$RESULTS"
     if [ $have_torch = 1 ]; then
       with_peak_memory record "pytorch-$name-$prec" "$PY" scripts/peer_torch_byol_step.py --device $TORCH_DEVICE \
@@ -196,14 +213,14 @@ if [ $DRY = 1 ]; then
       -e 's/^device = "cuda:0"/device = "cpu"/' configs/gpu-fmnist.toml > "$CFG"
 fi
 if [ -e "$FMNIST_TRAIN/manifest.json" ]; then
-  with_peak_memory timeout -k 5 $((CASE_SECS + 60)) "$BYOL" train --config "$CFG" --data "$FMNIST_TRAIN" --run "$OUT/run-fmnist" --minutes $MINUTES \
+  with_peak_memory timeout -k 5 "$(case_limit)" "$BYOL" train --config "$CFG" --data "$FMNIST_TRAIN" --run "$OUT/run-fmnist" --minutes $MINUTES \
     > "$OUT/logs/train-fmnist.log" 2>&1 || { say "FAIL: train (see logs/train-fmnist.log)"; fail=1; }
   tail -n 3 "$OUT/logs/train-fmnist.log" | tee -a "$SUMMARY"
   add_json train-fmnist "peak_device_mib=$PEAK_MIB" < <(tail -n 1 "$OUT/run-fmnist/metrics.jsonl" 2>/dev/null) \
     || { say "FAIL: the Fashion-MNIST run logged no metrics"; fail=1; }
   eval_args=(--checkpoint "$OUT/run-fmnist" --train "$FMNIST_TRAIN" --test "$FMNIST_TEST" --protocol knn --random-init)
   [ $DRY = 1 ] && eval_args+=(--device cpu)
-  timeout -k 5 "$CASE_SECS" "$BYOL" eval "${eval_args[@]}" --json "$OUT/eval-fmnist.json" > "$OUT/logs/eval-fmnist.log" 2>&1 \
+  timeout -k 5 "$(case_limit)" "$BYOL" eval "${eval_args[@]}" --json "$OUT/eval-fmnist.json" > "$OUT/logs/eval-fmnist.log" 2>&1 \
     || { say "FAIL: eval (see logs/eval-fmnist.log)"; fail=1; }
   add_json eval-fmnist-report < "$OUT/eval-fmnist.json" 2>/dev/null \
     || { say "FAIL: no evaluation report"; fail=1; }
@@ -218,7 +235,7 @@ if [ -e "$PHOTOS/manifest.json" ]; then
   else
     printf '[model]\narch = "resnet50"\n[loader]\nbatch_size = 256\n[train]\ndevice = "cuda:0"\nprecision = "bf16"\nlog_every = 10\ncheckpoint_every_steps = 0\ncheckpoint_every_minutes = 0.0\n' > "$P224"; PSTEPS_TRAIN=30
   fi
-  timeout -k 5 "$CASE_SECS" "$BYOL" train --config "$P224" --data "$PHOTOS" --run "$OUT/run-photos" --steps $PSTEPS_TRAIN \
+  timeout -k 5 "$(case_limit)" "$BYOL" train --config "$P224" --data "$PHOTOS" --run "$OUT/run-photos" --steps $PSTEPS_TRAIN \
     > "$OUT/logs/train-photos.log" 2>&1 || { say "FAIL: train at 224 (see logs/train-photos.log)"; fail=1; }
   add_json loader-r50-224 < <(tail -n 1 "$OUT/run-photos/metrics.jsonl" 2>/dev/null) \
     || { say "FAIL: the run at 224 logged no metrics"; fail=1; }
@@ -257,6 +274,11 @@ for name in ["r18-32", "r50-224"]:
         mratio = f"{peak / ppeak:.2f}" if peak > 0 and ppeak > 0 else "-"
         note = " (timed out)" if o.get("timed_out") else ""
         print(f"{name + ' ' + prec:<16}{oi or 0:>12.1f}{pi or 0:>15.1f}{ratio:>14}{peak:>10}{ppeak:>13}{mratio:>11}{note}")
+for name in ["r18-32", "r50-224"]:
+    p = rows.get(f"ours-{name}-bf16", {}).get("profile")
+    if p:
+        top = ", ".join(f"{o['op']} {o['ms_per_step']:.1f} ms ({100 * o['share']:.0f}%)" for o in p["ops"][:5])
+        print(f"profile {name} bf16 (profiled step {1e3 * p['step_seconds_median']:.1f} ms): {top}")
 for k in ["check-fp32", "check-bf16"]:
     c = rows.get(k)
     if c:

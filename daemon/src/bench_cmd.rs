@@ -88,7 +88,14 @@ fn step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
         },
     };
     let arch = format!("{:?}", cfg.model.arch).to_lowercase();
-    let r = step_throughput(cfg, net.batch, net.size, args.warmup, args.steps)?;
+    let r = step_throughput(
+        cfg,
+        net.batch,
+        net.size,
+        args.warmup,
+        args.steps,
+        args.profile,
+    )?;
     if net.json {
         let mut v = serde_json::to_value(&r)?;
         v["peer"] = "byol".into();
@@ -113,6 +120,21 @@ fn step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
             r.loss_first,
             r.loss_last
         );
+        if let Some(p) = &r.profile {
+            println!(
+                "profiled step (every op synchronised): {:.1} ms",
+                p.step_seconds_median * 1e3
+            );
+            for o in &p.ops {
+                println!(
+                    "  {:<24} {:>9.2} ms/step {:>6.1}%  {:>5.0} calls/step",
+                    o.op,
+                    o.ms_per_step,
+                    100.0 * o.share,
+                    o.calls_per_step
+                );
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -146,6 +146,10 @@ pub struct BenchStepArgs {
     /// fp32 on CUDA: allow TF32 tensor cores (convolutions and matrix products).
     #[arg(long)]
     pub tf32: bool,
+    /// Then as many steps again with our ops timed by kind (the device synchronised
+    /// around each): where the step's time goes.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// `byol bench check`.
@@ -181,7 +185,7 @@ pub enum PrecisionArg {
 /// Kernel choices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KernelsArg {
-    /// Ours on CPU, candle's on CUDA.
+    /// Ours on every device (CPU kernels; cuDNN and our CUDA kernels).
     Auto,
     /// candle's everywhere.
     Candle,

@@ -75,9 +75,10 @@ fn bench_batch_norm(width: usize, batch: usize, reps: usize) {
             let norm = Norm::new(
                 c,
                 &ModelConfig::default(),
-                Compute {
-                    ours: fused,
-                    bf16: false,
+                if fused {
+                    Compute::Ours
+                } else {
+                    Compute::Candle
                 },
                 vb,
             )

@@ -54,10 +54,40 @@ pub struct StepBench {
     pub loss_first: f32,
     /// Loss of the last step.
     pub loss_last: f32,
+    /// With profiling: each op kind's time per step, measured over `steps` further
+    /// steps with the device synchronised around every op (see `kernels::profile`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<StepProfile>,
+}
+
+/// Where a step's time goes, per op kind (a profiled step: every op synchronised).
+#[derive(Debug, Clone, Serialize)]
+pub struct StepProfile {
+    /// Median seconds of one profiled step (above the plain one: synchronising
+    /// serialises it).
+    pub step_seconds_median: f64,
+    /// Milliseconds per step and calls per step of each op kind, largest first; the
+    /// last entry, `other`, is the rest of the step (heads' matrix products, the loss,
+    /// casts, the optimizer and the EMA).
+    pub ops: Vec<ProfiledOp>,
+}
+
+/// One op kind's share of a profiled step.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProfiledOp {
+    /// The op kind.
+    pub op: String,
+    /// Milliseconds per step.
+    pub ms_per_step: f64,
+    /// Calls per step.
+    pub calls_per_step: f64,
+    /// Share of the profiled step.
+    pub share: f64,
 }
 
 /// Runs `warmup + steps` full training steps (forward both views through both networks,
-/// backward, optimizer, EMA) of `cfg` on seeded views and times the last `steps`.
+/// backward, optimizer, EMA) of `cfg` on seeded views and times the last `steps`; with
+/// `profile`, `steps` more with every op of ours timed by kind ([`StepProfile`]).
 ///
 /// Errors: an invalid config, an unavailable device, or a failing step.
 pub fn step_throughput(
@@ -66,6 +96,7 @@ pub fn step_throughput(
     size: usize,
     warmup: usize,
     steps: usize,
+    profile: bool,
 ) -> Result<StepBench, TrainError> {
     let device_name = cfg.train.device.clone();
     let precision = cfg.train.precision;
@@ -88,6 +119,11 @@ pub fn step_throughput(
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
+    let profile = if profile {
+        Some(profile_steps(&mut trainer, &v1, &v2, steps.max(1))?)
+    } else {
+        None
+    };
     Ok(StepBench {
         device: device_name,
         precision,
@@ -98,6 +134,56 @@ pub fn step_throughput(
         images_per_sec: batch as f64 / median,
         loss_first,
         loss_last,
+        profile,
+    })
+}
+
+/// `steps` steps with our ops timed by kind (see [`StepProfile`]).
+fn profile_steps(
+    trainer: &mut Trainer,
+    v1: &Tensor,
+    v2: &Tensor,
+    steps: usize,
+) -> Result<StepProfile, TrainError> {
+    use crate::kernels::profile;
+    profile::take();
+    profile::set_enabled(true);
+    let mut times = Vec::with_capacity(steps);
+    let run = (|| -> Result<(), TrainError> {
+        for _ in 0..steps {
+            trainer.device().synchronize()?;
+            let t = Instant::now();
+            trainer.step_tensors(v1, v2)?;
+            trainer.device().synchronize()?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        Ok(())
+    })();
+    profile::set_enabled(false);
+    run?;
+    let total: f64 = times.iter().sum();
+    times.sort_by(f64::total_cmp);
+    let per = |v: f64| v / steps as f64;
+    let mut ops: Vec<ProfiledOp> = profile::take()
+        .into_iter()
+        .map(|t| ProfiledOp {
+            op: t.op,
+            ms_per_step: per(t.seconds) * 1e3,
+            calls_per_step: per(t.calls as f64),
+            share: t.seconds / total,
+        })
+        .collect();
+    ops.sort_by(|a, b| b.ms_per_step.total_cmp(&a.ms_per_step));
+    let ours: f64 = ops.iter().map(|o| o.ms_per_step).sum();
+    ops.push(ProfiledOp {
+        op: "other".into(),
+        ms_per_step: (per(total) * 1e3 - ours).max(0.0),
+        calls_per_step: 0.0,
+        share: (1.0 - ours / (per(total) * 1e3)).max(0.0),
+    });
+    Ok(StepProfile {
+        step_seconds_median: times[times.len() / 2],
+        ops,
     })
 }
 

@@ -1,5 +1,7 @@
 //! Our fused CPU kernels against candle's reference ops: values, gradients (candle's
-//! backward of its own ops) and BatchNorm running statistics, on random shapes.
+//! backward of its own ops) and BatchNorm running statistics, on random shapes; and the
+//! per-op check (`bench::op_check`) that holds a GPU's ops to ours, run here on candle's
+//! CPU ops.
 
 use byol_trainer::config::{Kernels, ModelConfig};
 use byol_trainer::kernels;
@@ -141,9 +143,10 @@ fn norm(channels: usize, fused: bool) -> (Norm, VarMap) {
     let layer = Norm::new(
         channels,
         &cfg,
-        Compute {
-            ours: fused,
-            bf16: false,
+        if fused {
+            Compute::Ours
+        } else {
+            Compute::Candle
         },
         VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu),
     )
@@ -312,4 +315,53 @@ fn whole_networks_agree_between_kernel_sets() {
     let e_ours = ours.online.encoder.forward_t(&v1, false).unwrap();
     let e_ref = reference.online.encoder.forward_t(&v1, false).unwrap();
     assert_close("eval features", &e_ours, &e_ref, 1e-4);
+}
+
+#[test]
+fn the_per_op_check_passes_candles_ops_and_reports_every_tensor() {
+    use byol_trainer::Precision;
+    use byol_trainer::bench::{op_check, op_shapes};
+    for (precision, tolerance) in [(Precision::Fp32, 1e-4), (Precision::Bf16, 1e-2)] {
+        let r = op_check("cpu", Kernels::Candle, precision, tolerance).unwrap();
+        let failed: Vec<_> = r.diffs.iter().filter(|d| !d.pass).collect();
+        assert!(r.pass, "{precision:?}: {failed:?}");
+        // Every op's output and every input's gradient was compared.
+        assert!(r.diffs.len() >= 3 * op_shapes().len(), "{}", r.diffs.len());
+        assert!(r.diffs.iter().any(|d| d.tensor == "stats"));
+    }
+    // A tolerance no float arithmetic meets fails, naming the op and shape.
+    let r = op_check("cpu", Kernels::Candle, Precision::Fp32, 0.0).unwrap();
+    assert!(!r.pass);
+    assert!(
+        r.diffs
+            .iter()
+            .any(|d| !d.pass && d.case.starts_with("conv2d x["))
+    );
+}
+
+#[test]
+fn batch_norm_statistics_are_a_device_tensor_of_means_and_variances() {
+    let x = random(&[3, 4, 5, 2], 77).affine(2.0, 5.0).unwrap();
+    let stats = kernels::batch_norm_stats(&x).unwrap();
+    assert_eq!(stats.dims(), &[2, 4]);
+    // Means over every axis but the channels'.
+    let per_channel = |t: &Tensor| -> Tensor {
+        [3, 2, 0]
+            .into_iter()
+            .fold(t.clone(), |t, axis| t.mean_keepdim(axis).unwrap())
+    };
+    let mean = per_channel(&x);
+    let var = per_channel(&x.broadcast_sub(&mean).unwrap().sqr().unwrap());
+    assert_close(
+        "mean",
+        &stats.get(0).unwrap(),
+        &mean.flatten_all().unwrap(),
+        1e-6,
+    );
+    assert_close(
+        "variance",
+        &stats.get(1).unwrap(),
+        &var.flatten_all().unwrap(),
+        1e-5,
+    );
 }

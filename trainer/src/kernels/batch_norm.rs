@@ -110,11 +110,13 @@ impl CustomOp1 for BatchNormStats {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, c, s) = split_dims(layout.dims())?;
-        let x = contiguous_f32(storage, layout, self.name())?;
-        let (mut mean, var) = channel_stats(x, n, c, s);
-        mean.extend(var);
-        Ok((CpuStorage::F32(mean), (2, c).into()))
+        super::profile::timed("batch_norm statistics", &candle_core::Device::Cpu, || {
+            let (n, c, s) = split_dims(layout.dims())?;
+            let x = contiguous_f32(storage, layout, self.name())?;
+            let (mut mean, var) = channel_stats(x, n, c, s);
+            mean.extend(var);
+            Ok((CpuStorage::F32(mean), (2, c).into()))
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -123,9 +125,15 @@ impl CustomOp1 for BatchNormStats {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (_, c, _) = split_dims(layout.dims())?;
-        let stats = super::cuda::batch_norm_stats(storage, layout)?;
-        Ok((stats, (2, c).into()))
+        super::profile::timed(
+            "batch_norm statistics",
+            &super::cuda::device(storage),
+            || {
+                let (_, c, _) = split_dims(layout.dims())?;
+                let stats = super::cuda::batch_norm_stats(storage, layout)?;
+                Ok((stats, (2, c).into()))
+            },
+        )
     }
 }
 
@@ -304,33 +312,35 @@ impl CustomOp3 for BatchNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, c, s) = split_dims(l1.dims())?;
-        let x = contiguous_f32(s1, l1, self.name())?;
-        let w = contiguous_f32(s2, l2, self.name())?;
-        let b = contiguous_f32(s3, l3, self.name())?;
-        let (mean, invstd) = host_stats(&self.stats, self.eps)?;
-        // y = x · scale + shift per channel.
-        let scale: Vec<f32> = (0..c).map(|ch| w[ch] * invstd[ch]).collect();
-        let shift: Vec<f32> = (0..c).map(|ch| b[ch] - mean[ch] * scale[ch]).collect();
-        let mut y = vec![0f32; x.len()];
-        let image = (c * s).max(1);
-        y.par_chunks_mut(image)
-            .zip(x.par_chunks(image))
-            .for_each(|(yi, xi)| {
-                for ch in 0..c {
-                    let (a, t) = (scale[ch], shift[ch]);
-                    let dst = &mut yi[ch * s..(ch + 1) * s];
-                    let src = &xi[ch * s..(ch + 1) * s];
-                    if self.relu {
-                        dst.iter_mut()
-                            .zip(src)
-                            .for_each(|(d, v)| *d = (v * a + t).max(0.0));
-                    } else {
-                        dst.iter_mut().zip(src).for_each(|(d, v)| *d = v * a + t);
+        super::profile::timed("batch_norm normalise", &candle_core::Device::Cpu, || {
+            let (_, c, s) = split_dims(l1.dims())?;
+            let x = contiguous_f32(s1, l1, self.name())?;
+            let w = contiguous_f32(s2, l2, self.name())?;
+            let b = contiguous_f32(s3, l3, self.name())?;
+            let (mean, invstd) = host_stats(&self.stats, self.eps)?;
+            // y = x · scale + shift per channel.
+            let scale: Vec<f32> = (0..c).map(|ch| w[ch] * invstd[ch]).collect();
+            let shift: Vec<f32> = (0..c).map(|ch| b[ch] - mean[ch] * scale[ch]).collect();
+            let mut y = vec![0f32; x.len()];
+            let image = (c * s).max(1);
+            y.par_chunks_mut(image)
+                .zip(x.par_chunks(image))
+                .for_each(|(yi, xi)| {
+                    for ch in 0..c {
+                        let (a, t) = (scale[ch], shift[ch]);
+                        let dst = &mut yi[ch * s..(ch + 1) * s];
+                        let src = &xi[ch * s..(ch + 1) * s];
+                        if self.relu {
+                            dst.iter_mut()
+                                .zip(src)
+                                .for_each(|(d, v)| *d = (v * a + t).max(0.0));
+                        } else {
+                            dst.iter_mut().zip(src).for_each(|(d, v)| *d = v * a + t);
+                        }
                     }
-                }
-            });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+                });
+            Ok((CpuStorage::F32(y), l1.shape().clone()))
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -343,19 +353,21 @@ impl CustomOp3 for BatchNormOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (guard, ls) = self.stats.storage_and_layout();
-        let candle_core::Storage::Cuda(stats) = &*guard else {
-            bail!("batch_norm: the statistics are not on the CUDA device")
-        };
-        let y = super::cuda::batch_norm_apply(
-            (s1, l1),
-            (s2, l2),
-            (s3, l3),
-            (stats, ls),
-            self.eps,
-            self.relu,
-        )?;
-        Ok((y, l1.shape().clone()))
+        super::profile::timed("batch_norm normalise", &super::cuda::device(s1), || {
+            let (guard, ls) = self.stats.storage_and_layout();
+            let candle_core::Storage::Cuda(stats) = &*guard else {
+                bail!("batch_norm: the statistics are not on the CUDA device")
+            };
+            let y = super::cuda::batch_norm_apply(
+                (s1, l1),
+                (s2, l2),
+                (s3, l3),
+                (stats, ls),
+                self.eps,
+                self.relu,
+            )?;
+            Ok((y, l1.shape().clone()))
+        })
     }
 
     fn bwd(
@@ -366,64 +378,66 @@ impl CustomOp3 for BatchNormOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, c, s) = split_dims(x.dims())?;
-        let (x, weight, res, grad) = (
-            x.contiguous()?,
-            weight.contiguous()?,
-            res.contiguous()?,
-            grad.contiguous()?,
-        );
-        #[cfg(feature = "cuda")]
-        if x.device().is_cuda() {
-            return self.cuda_bwd(&x, &weight, &res, &grad);
-        }
-        let (mean, invstd) = host_stats(&self.stats, self.eps)?;
-        let (xg, xl) = x.storage_and_layout();
-        let (wg, wl) = weight.storage_and_layout();
-        let (yg, yl) = res.storage_and_layout();
-        let (gg, gl) = grad.storage_and_layout();
-        let xs = cpu_f32(&xg, xl, self.name())?;
-        let ws = cpu_f32(&wg, wl, self.name())?;
-        let ys = cpu_f32(&yg, yl, self.name())?;
-        let gs = cpu_f32(&gg, gl, self.name())?;
-        let relu = self.relu;
-        let sums = reduce_channels::<2>(n, c, s, |ch, off, acc| {
-            let r = off..off + s;
-            let (sg, sgx) = grad_sums(&xs[r.clone()], &ys[r.clone()], &gs[r], mean[ch], relu);
-            acc[0] += sg as f64;
-            acc[1] += sgx as f64;
-        });
-        let count = (n * s) as f32;
-        let gb: Vec<f32> = sums.iter().map(|a| a[0] as f32).collect();
-        let gw: Vec<f32> = (0..c).map(|ch| sums[ch][1] as f32 * invstd[ch]).collect();
-        // dx = k1 · g + k2 · x + k3 per channel.
-        let mut k = vec![[0f32; 3]; c];
-        for (ch, kc) in k.iter_mut().enumerate() {
-            let k1 = ws[ch] * invstd[ch];
-            if self.batch_stats {
-                let k2 = -k1 * invstd[ch] * gw[ch] / count;
-                *kc = [k1, k2, -k1 * gb[ch] / count - k2 * mean[ch]];
-            } else {
-                *kc = [k1, 0.0, 0.0];
+        super::profile::timed("batch_norm backward", &x.device().clone(), || {
+            let (n, c, s) = split_dims(x.dims())?;
+            let (x, weight, res, grad) = (
+                x.contiguous()?,
+                weight.contiguous()?,
+                res.contiguous()?,
+                grad.contiguous()?,
+            );
+            #[cfg(feature = "cuda")]
+            if x.device().is_cuda() {
+                return self.cuda_bwd(&x, &weight, &res, &grad);
             }
-        }
-        let mut gx = vec![0f32; xs.len()];
-        let image = (c * s).max(1);
-        gx.par_chunks_mut(image).enumerate().for_each(|(i, gxi)| {
-            for (ch, &[k1, k2, k3]) in k.iter().enumerate() {
-                let r = (i * c + ch) * s..(i * c + ch + 1) * s;
-                let rows = xs[r.clone()].iter().zip(&ys[r.clone()]).zip(&gs[r]);
-                for (d, ((x, y), g)) in gxi[ch * s..(ch + 1) * s].iter_mut().zip(rows) {
-                    *d = k1 * through_relu(*g, *y, relu) + k2 * x + k3;
+            let (mean, invstd) = host_stats(&self.stats, self.eps)?;
+            let (xg, xl) = x.storage_and_layout();
+            let (wg, wl) = weight.storage_and_layout();
+            let (yg, yl) = res.storage_and_layout();
+            let (gg, gl) = grad.storage_and_layout();
+            let xs = cpu_f32(&xg, xl, self.name())?;
+            let ws = cpu_f32(&wg, wl, self.name())?;
+            let ys = cpu_f32(&yg, yl, self.name())?;
+            let gs = cpu_f32(&gg, gl, self.name())?;
+            let relu = self.relu;
+            let sums = reduce_channels::<2>(n, c, s, |ch, off, acc| {
+                let r = off..off + s;
+                let (sg, sgx) = grad_sums(&xs[r.clone()], &ys[r.clone()], &gs[r], mean[ch], relu);
+                acc[0] += sg as f64;
+                acc[1] += sgx as f64;
+            });
+            let count = (n * s) as f32;
+            let gb: Vec<f32> = sums.iter().map(|a| a[0] as f32).collect();
+            let gw: Vec<f32> = (0..c).map(|ch| sums[ch][1] as f32 * invstd[ch]).collect();
+            // dx = k1 · g + k2 · x + k3 per channel.
+            let mut k = vec![[0f32; 3]; c];
+            for (ch, kc) in k.iter_mut().enumerate() {
+                let k1 = ws[ch] * invstd[ch];
+                if self.batch_stats {
+                    let k2 = -k1 * invstd[ch] * gw[ch] / count;
+                    *kc = [k1, k2, -k1 * gb[ch] / count - k2 * mean[ch]];
+                } else {
+                    *kc = [k1, 0.0, 0.0];
                 }
             }
-        });
-        let device = x.device();
-        Ok((
-            Some(Tensor::from_vec(gx, x.shape(), device)?),
-            Some(Tensor::from_vec(gw, c, device)?),
-            Some(Tensor::from_vec(gb, bias.shape(), device)?),
-        ))
+            let mut gx = vec![0f32; xs.len()];
+            let image = (c * s).max(1);
+            gx.par_chunks_mut(image).enumerate().for_each(|(i, gxi)| {
+                for (ch, &[k1, k2, k3]) in k.iter().enumerate() {
+                    let r = (i * c + ch) * s..(i * c + ch + 1) * s;
+                    let rows = xs[r.clone()].iter().zip(&ys[r.clone()]).zip(&gs[r]);
+                    for (d, ((x, y), g)) in gxi[ch * s..(ch + 1) * s].iter_mut().zip(rows) {
+                        *d = k1 * through_relu(*g, *y, relu) + k2 * x + k3;
+                    }
+                }
+            });
+            let device = x.device();
+            Ok((
+                Some(Tensor::from_vec(gx, x.shape(), device)?),
+                Some(Tensor::from_vec(gw, c, device)?),
+                Some(Tensor::from_vec(gb, bias.shape(), device)?),
+            ))
+        })
     }
 }
 

@@ -408,17 +408,19 @@ impl CustomOp2 for Conv2dOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let geo = Geometry::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
-        let x = contiguous_f32(s1, l1, self.name())?;
-        let w = contiguous_f32(s2, l2, self.name())?;
-        let mut out = vec![0f32; geo.n * geo.out_len()];
-        let ranges = split_ranges(geo.n, rayon::current_num_threads());
-        let pieces = split_lens(&mut out, ranges.iter().map(|r| r.len() * geo.out_len()));
-        ranges
-            .into_par_iter()
-            .zip(pieces)
-            .for_each(|(range, piece)| geo.forward_range(x, w, range, piece));
-        Ok((CpuStorage::F32(out), (geo.n, geo.co, geo.ho, geo.wo).into()))
+        super::profile::timed("conv2d forward", &candle_core::Device::Cpu, || {
+            let geo = Geometry::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
+            let x = contiguous_f32(s1, l1, self.name())?;
+            let w = contiguous_f32(s2, l2, self.name())?;
+            let mut out = vec![0f32; geo.n * geo.out_len()];
+            let ranges = split_ranges(geo.n, rayon::current_num_threads());
+            let pieces = split_lens(&mut out, ranges.iter().map(|r| r.len() * geo.out_len()));
+            ranges
+                .into_par_iter()
+                .zip(pieces)
+                .for_each(|(range, piece)| geo.forward_range(x, w, range, piece));
+            Ok((CpuStorage::F32(out), (geo.n, geo.co, geo.ho, geo.wo).into()))
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -429,9 +431,11 @@ impl CustomOp2 for Conv2dOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let geo = Geometry::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
-        let y = super::cuda::conv::forward(&geo.cuda_shape(), (s1, l1), (s2, l2))?;
-        Ok((y, (geo.n, geo.co, geo.ho, geo.wo).into()))
+        super::profile::timed("conv2d forward", &super::cuda::device(s1), || {
+            let geo = Geometry::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
+            let y = super::cuda::conv::forward(&geo.cuda_shape(), (s1, l1), (s2, l2))?;
+            Ok((y, (geo.n, geo.co, geo.ho, geo.wo).into()))
+        })
     }
 
     fn bwd(
@@ -441,72 +445,75 @@ impl CustomOp2 for Conv2dOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let geo = Geometry::new(x.dims(), weight.dims(), self.stride, self.padding)?;
-        let want_gx = x.track_op();
-        #[cfg(feature = "cuda")]
-        if x.device().is_cuda() {
+        super::profile::timed("conv2d backward", &x.device().clone(), || {
+            let geo = Geometry::new(x.dims(), weight.dims(), self.stride, self.padding)?;
+            let want_gx = x.track_op();
+            #[cfg(feature = "cuda")]
+            if x.device().is_cuda() {
+                let (x, weight, grad) = (x.contiguous()?, weight.contiguous()?, grad.contiguous()?);
+                let (gx, gw) =
+                    super::cuda::conv2d_grads(&geo.cuda_shape(), &x, &weight, &grad, want_gx)?;
+                return Ok((gx, Some(gw)));
+            }
+            let ranges = split_ranges(geo.n, rayon::current_num_threads());
+            let mut gx = vec![0f32; if want_gx { geo.n * geo.image_len() } else { 0 }];
+            let gw_len = geo.co * geo.k();
             let (x, weight, grad) = (x.contiguous()?, weight.contiguous()?, grad.contiguous()?);
-            let (gx, gw) =
-                super::cuda::conv2d_grads(&geo.cuda_shape(), &x, &weight, &grad, want_gx)?;
-            return Ok((gx, Some(gw)));
-        }
-        let ranges = split_ranges(geo.n, rayon::current_num_threads());
-        let mut gx = vec![0f32; if want_gx { geo.n * geo.image_len() } else { 0 }];
-        let gw_len = geo.co * geo.k();
-        let (x, weight, grad) = (x.contiguous()?, weight.contiguous()?, grad.contiguous()?);
-        let (xg, xl) = x.storage_and_layout();
-        let (wg, wl) = weight.storage_and_layout();
-        let (gg, gl) = grad.storage_and_layout();
-        let xs = cpu_f32(&xg, xl, self.name())?;
-        let ws = cpu_f32(&wg, wl, self.name())?;
-        let gs = cpu_f32(&gg, gl, self.name())?;
-        let as_conv = geo.input_grad_as_conv();
-        let mut pieces: Vec<Option<&mut [f32]>> = if want_gx {
-            split_lens(&mut gx, ranges.iter().map(|r| r.len() * geo.image_len()))
-                .into_iter()
-                .map(Some)
-                .collect()
-        } else {
-            ranges.iter().map(|_| None).collect()
-        };
-        // The weight gradient, with the input gradient by col2im where it is not a
-        // convolution of its own.
-        let partial: Vec<Vec<f32>> = ranges
-            .par_iter()
-            .zip(pieces.par_iter_mut())
-            .map(|(range, piece)| {
-                let mut gw = vec![0f32; gw_len];
-                let gx = if as_conv.is_some() {
-                    None
-                } else {
-                    piece.as_deref_mut()
-                };
-                geo.backward_range(xs, ws, gs, range.clone(), &mut gw, gx);
-                gw
-            })
-            .collect();
-        // Summed in range order: deterministic for a given thread count.
-        let mut gw = vec![0f32; gw_len];
-        for part in partial {
-            gw.iter_mut().zip(part).for_each(|(t, v)| *t += v);
-        }
-        if let (Some(flip), true) = (as_conv, want_gx) {
-            let kernel = geo.flipped_kernel(ws);
-            ranges
-                .into_par_iter()
-                .zip(pieces)
-                .for_each(|(range, piece)| {
-                    let piece = piece.expect("a piece per range when the input wants a gradient");
-                    flip.forward_range(gs, &kernel, range, piece);
-                });
-        }
-        let gw = Tensor::from_vec(gw, weight.shape(), weight.device())?;
-        let gx = if want_gx {
-            Some(Tensor::from_vec(gx, x.shape(), x.device())?)
-        } else {
-            None
-        };
-        Ok((gx, Some(gw)))
+            let (xg, xl) = x.storage_and_layout();
+            let (wg, wl) = weight.storage_and_layout();
+            let (gg, gl) = grad.storage_and_layout();
+            let xs = cpu_f32(&xg, xl, self.name())?;
+            let ws = cpu_f32(&wg, wl, self.name())?;
+            let gs = cpu_f32(&gg, gl, self.name())?;
+            let as_conv = geo.input_grad_as_conv();
+            let mut pieces: Vec<Option<&mut [f32]>> = if want_gx {
+                split_lens(&mut gx, ranges.iter().map(|r| r.len() * geo.image_len()))
+                    .into_iter()
+                    .map(Some)
+                    .collect()
+            } else {
+                ranges.iter().map(|_| None).collect()
+            };
+            // The weight gradient, with the input gradient by col2im where it is not a
+            // convolution of its own.
+            let partial: Vec<Vec<f32>> = ranges
+                .par_iter()
+                .zip(pieces.par_iter_mut())
+                .map(|(range, piece)| {
+                    let mut gw = vec![0f32; gw_len];
+                    let gx = if as_conv.is_some() {
+                        None
+                    } else {
+                        piece.as_deref_mut()
+                    };
+                    geo.backward_range(xs, ws, gs, range.clone(), &mut gw, gx);
+                    gw
+                })
+                .collect();
+            // Summed in range order: deterministic for a given thread count.
+            let mut gw = vec![0f32; gw_len];
+            for part in partial {
+                gw.iter_mut().zip(part).for_each(|(t, v)| *t += v);
+            }
+            if let (Some(flip), true) = (as_conv, want_gx) {
+                let kernel = geo.flipped_kernel(ws);
+                ranges
+                    .into_par_iter()
+                    .zip(pieces)
+                    .for_each(|(range, piece)| {
+                        let piece =
+                            piece.expect("a piece per range when the input wants a gradient");
+                        flip.forward_range(gs, &kernel, range, piece);
+                    });
+            }
+            let gw = Tensor::from_vec(gw, weight.shape(), weight.device())?;
+            let gx = if want_gx {
+                Some(Tensor::from_vec(gx, x.shape(), x.device())?)
+            } else {
+                None
+            };
+            Ok((gx, Some(gw)))
+        })
     }
 }
 

@@ -21,6 +21,7 @@ mod batch_norm;
 mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod profile;
 mod residual;
 
 pub use batch_norm::{BatchNormOutput, batch_norm_eval, batch_norm_stats, batch_norm_train};

@@ -33,17 +33,19 @@ impl CustomOp2 for AddRelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let a = contiguous_f32(s1, l1, self.name())?;
-        let b = contiguous_f32(s2, l2, self.name())?;
-        let mut y = vec![0f32; a.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(y, (a, b))| {
-                for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
-                    *y = (a + b).max(0.0);
-                }
-            });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        super::profile::timed("add_relu forward", &candle_core::Device::Cpu, || {
+            let a = contiguous_f32(s1, l1, self.name())?;
+            let b = contiguous_f32(s2, l2, self.name())?;
+            let mut y = vec![0f32; a.len()];
+            y.par_chunks_mut(CHUNK)
+                .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+                .for_each(|(y, (a, b))| {
+                    for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
+                        *y = (a + b).max(0.0);
+                    }
+                });
+            Ok((CpuStorage::F32(y), l1.shape().clone()))
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -54,10 +56,12 @@ impl CustomOp2 for AddRelu {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((
-            super::cuda::add_relu((s1, l1), (s2, l2))?,
-            l1.shape().clone(),
-        ))
+        super::profile::timed("add_relu forward", &super::cuda::device(s1), || {
+            Ok((
+                super::cuda::add_relu((s1, l1), (s2, l2))?,
+                l1.shape().clone(),
+            ))
+        })
     }
 
     fn bwd(
@@ -67,25 +71,27 @@ impl CustomOp2 for AddRelu {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (res, grad) = (res.contiguous()?, grad.contiguous()?);
-        #[cfg(feature = "cuda")]
-        if res.device().is_cuda() {
-            let out = super::cuda::relu_grad(&res, &grad)?;
-            return Ok((Some(out.clone()), Some(out)));
-        }
-        let (yg, yl) = res.storage_and_layout();
-        let (gg, gl) = grad.storage_and_layout();
-        let y = cpu_f32(&yg, yl, self.name())?;
-        let g = cpu_f32(&gg, gl, self.name())?;
-        let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(y.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(o, (y, g))| {
-                for ((o, y), g) in o.iter_mut().zip(y).zip(g) {
-                    *o = if *y > 0.0 { *g } else { 0.0 };
-                }
-            });
-        let out = Tensor::from_vec(out, res.shape(), res.device())?;
-        Ok((Some(out.clone()), Some(out)))
+        super::profile::timed("add_relu backward", &res.device().clone(), || {
+            let (res, grad) = (res.contiguous()?, grad.contiguous()?);
+            #[cfg(feature = "cuda")]
+            if res.device().is_cuda() {
+                let out = super::cuda::relu_grad(&res, &grad)?;
+                return Ok((Some(out.clone()), Some(out)));
+            }
+            let (yg, yl) = res.storage_and_layout();
+            let (gg, gl) = grad.storage_and_layout();
+            let y = cpu_f32(&yg, yl, self.name())?;
+            let g = cpu_f32(&gg, gl, self.name())?;
+            let mut out = vec![0f32; y.len()];
+            out.par_chunks_mut(CHUNK)
+                .zip(y.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+                .for_each(|(o, (y, g))| {
+                    for ((o, y), g) in o.iter_mut().zip(y).zip(g) {
+                        *o = if *y > 0.0 { *g } else { 0.0 };
+                    }
+                });
+            let out = Tensor::from_vec(out, res.shape(), res.device())?;
+            Ok((Some(out.clone()), Some(out)))
+        })
     }
 }

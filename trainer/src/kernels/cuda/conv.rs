@@ -9,6 +9,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -183,17 +184,15 @@ fn with_plan<T: ConvType, R>(
     let plan: &mut dyn std::any::Any = match dtype {
         DType::F32 => {
             let key = (*shape, m == sys::cudnnMathType_t::CUDNN_FMA_MATH);
-            if !f32_plans.contains_key(&key) {
-                f32_plans.insert(key, Plan::<f32>::new(handle, shape, m)?);
+            match f32_plans.entry(key) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(Plan::<f32>::new(handle, shape, m)?),
             }
-            f32_plans.get_mut(&key).expect("inserted above")
         }
-        DType::BF16 => {
-            if !bf16_plans.contains_key(shape) {
-                bf16_plans.insert(*shape, Plan::<bf16>::new(handle, shape, m)?);
-            }
-            bf16_plans.get_mut(shape).expect("inserted above")
-        }
+        DType::BF16 => match bf16_plans.entry(*shape) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(Plan::<bf16>::new(handle, shape, m)?),
+        },
         other => bail!("conv2d: f32 or bf16, not {other:?}"),
     };
     let plan = plan

@@ -57,6 +57,11 @@ macro_rules! with_act {
 }
 pub(crate) use with_act;
 
+/// The candle device of a CUDA storage.
+pub(crate) fn device(s: &CudaStorage) -> candle_core::Device {
+    candle_core::Device::Cuda(s.device().clone())
+}
+
 /// The elements of a contiguous storage under `layout`.
 pub(crate) fn view<'a, T: Act>(
     s: &'a CudaStorage,
