@@ -118,27 +118,40 @@ impl<T> Dnn<T> for std::result::Result<T, CudnnError> {
     }
 }
 
-fn i(v: usize) -> i32 {
-    v as i32
+/// A size as cuDNN's `int`: its 4-D descriptors address at most 2³¹ − 1 elements a
+/// dimension (and a tensor), so a larger one is an error, not a wrapped value.
+fn i(v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| {
+        candle_core::Error::Msg(format!("conv2d: size {v} exceeds cuDNN's 32-bit sizes"))
+    })
 }
 
 impl<T: ConvType> Plan<T> {
     fn new(handle: &Arc<Cudnn>, shape: &ConvShape, math: sys::cudnnMathType_t) -> Result<Self> {
         use sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW as NCHW;
         let (ho, wo) = shape.out_hw();
+        for elems in [
+            shape.n * shape.c * shape.h * shape.w,
+            shape.n * shape.co * ho * wo,
+        ] {
+            i(elems)?;
+        }
         let x = handle
-            .create_4d_tensor::<T>(NCHW, [i(shape.n), i(shape.c), i(shape.h), i(shape.w)])
+            .create_4d_tensor::<T>(NCHW, [i(shape.n)?, i(shape.c)?, i(shape.h)?, i(shape.w)?])
             .w()?;
         let w = handle
-            .create_4d_filter::<T>(NCHW, [i(shape.co), i(shape.c), i(shape.kh), i(shape.kw)])
+            .create_4d_filter::<T>(
+                NCHW,
+                [i(shape.co)?, i(shape.c)?, i(shape.kh)?, i(shape.kw)?],
+            )
             .w()?;
         let y = handle
-            .create_4d_tensor::<T>(NCHW, [i(shape.n), i(shape.co), i(ho), i(wo)])
+            .create_4d_tensor::<T>(NCHW, [i(shape.n)?, i(shape.co)?, i(ho)?, i(wo)?])
             .w()?;
         let mut conv = handle
             .create_conv2d::<f32>(
-                [i(shape.pad); 2],
-                [i(shape.stride); 2],
+                [i(shape.pad)?; 2],
+                [i(shape.stride)?; 2],
                 [1, 1],
                 sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
             )

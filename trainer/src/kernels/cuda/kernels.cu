@@ -79,8 +79,8 @@ __device__ void stats_finalize(const T* x, const float* partial, float* stats, i
     stats[c + ch] = (float)(var > 0 ? var : 0);
 }
 
-// y = x * scale + shift per channel (scale = w / sqrt(var + eps), shift = b - mean * scale),
-// then max(y, 0) when relu; then + residual and max(·, 0) when residual is not null.
+// y = (x - mean) * scale + b per channel (scale = w / sqrt(var + eps)), then max(y, 0)
+// when relu.
 template <typename T>
 __device__ void apply(const T* x, const float* w, const float* bias, const float* stats,
                       T* y, int64_t total, int c, int64_t s, float eps, int relu) {
@@ -146,10 +146,9 @@ __device__ void grad_input(const T* x, const T* y, const T* g, const float* w,
         float k1 = w[ch] * invstd;
         float v = k1 * through_relu(y, g, i, relu);
         if (batch_stats) {
-            float m = stats[ch];
+            // k2 * x + k3 written around the mean, so that a large mean does not cancel.
             float k2 = -k1 * invstd * invstd * sums[c + ch] / count;
-            float k3 = -k1 * sums[ch] / count - k2 * m;
-            v += k2 * load(x, i) + k3;
+            v += k2 * (load(x, i) - stats[ch]) - k1 * sums[ch] / count;
         }
         store(gx, i, v);
     }
