@@ -80,9 +80,9 @@ fn step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
             ..OptimConfig::default()
         },
         train: TrainConfig {
-            device: net.device.clone(),
-            kernels: kernels(net.kernels),
-            precision: precision(net.precision),
+            device: net.on.device.clone(),
+            kernels: kernels(net.on.kernels),
+            precision: precision(net.on.precision),
             tf32: args.tf32,
             ..TrainConfig::default()
         },
@@ -96,7 +96,7 @@ fn step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
         args.steps,
         args.profile,
     )?;
-    if net.json {
+    if net.on.json {
         let mut v = serde_json::to_value(&r)?;
         v["peer"] = "byol".into();
         v["arch"] = arch.into();
@@ -142,26 +142,26 @@ fn step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
 fn check(args: BenchCheckArgs) -> anyhow::Result<ExitCode> {
     let net = &args.net;
     check_size(net)?;
-    if net.device == "cpu" && net.kernels == KernelsArg::Auto {
+    if net.on.device == "cpu" && net.on.kernels == KernelsArg::Auto {
         eprintln!(
             "note: on the CPU the checked side runs our kernels too; --kernels candle checks \
              candle's against ours"
         );
     }
-    let tolerance = args.tolerance.unwrap_or(match net.precision {
+    let tolerance = args.tolerance.unwrap_or(match net.on.precision {
         PrecisionArg::Fp32 => 1e-3,
         PrecisionArg::Bf16 => 1e-2,
     });
     let r = grad_check(
         &model(net),
-        &net.device,
-        kernels(net.kernels),
-        precision(net.precision),
+        &net.on.device,
+        kernels(net.on.kernels),
+        precision(net.on.precision),
         net.batch,
         net.size,
         tolerance,
     )?;
-    if net.json {
+    if net.on.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
@@ -176,7 +176,7 @@ fn check(args: BenchCheckArgs) -> anyhow::Result<ExitCode> {
             r.max_rel_l2,
             r.worst.first().map_or("-", |d| d.name.as_str()),
             r.tolerance,
-            if net.precision == PrecisionArg::Fp32 {
+            if net.on.precision == PrecisionArg::Fp32 {
                 " and every gradient"
             } else {
                 " (bf16: gradients reported, not judged)"
@@ -192,18 +192,18 @@ fn check(args: BenchCheckArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn ops(args: BenchOpsArgs) -> anyhow::Result<ExitCode> {
-    let tolerance = args.tolerance.unwrap_or(match args.precision {
+    let tolerance = args.tolerance.unwrap_or(match args.on.precision {
         PrecisionArg::Fp32 => 1e-4,
         PrecisionArg::Bf16 => 1e-2,
     });
     let r = op_check(
-        &args.device,
-        kernels(args.kernels),
-        precision(args.precision),
+        &args.on.device,
+        kernels(args.on.kernels),
+        precision(args.on.precision),
         tolerance,
     )?;
     let failed: Vec<_> = r.diffs.iter().filter(|d| !d.pass).collect();
-    if args.json {
+    if args.on.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         for d in &r.diffs {

@@ -78,22 +78,14 @@ pub enum BenchCommand {
 /// `byol bench ops`.
 #[derive(Debug, Args)]
 pub struct BenchOpsArgs {
-    /// `cpu` or `cuda:N`.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Numeric precision of the ops.
-    #[arg(long, value_enum, default_value = "fp32")]
-    pub precision: PrecisionArg,
-    /// The checked kernels: ours (auto) or candle's (on CPU: checks the check itself).
-    #[arg(long, value_enum, default_value = "auto")]
-    pub kernels: KernelsArg,
+    /// The device, precision and checked kernels (ours, or candle's: on CPU that checks
+    /// the check itself).
+    #[command(flatten)]
+    pub on: BenchOn,
     /// Largest accepted relative L2 error of any tensor [default: 1e-4 in fp32, 1e-2 in
     /// bf16].
     #[arg(long)]
     pub tolerance: Option<f64>,
-    /// Print one JSON object instead of lines of text.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// The network and batch a bench runs.
@@ -114,16 +106,24 @@ pub struct BenchNet {
     /// Images per batch (two views each).
     #[arg(long, default_value_t = 256)]
     pub batch: usize,
+    /// The device, precision and kernels.
+    #[command(flatten)]
+    pub on: BenchOn,
+}
+
+/// Where and how a bench computes, and how it reports.
+#[derive(Debug, Args)]
+pub struct BenchOn {
     /// `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Numeric precision of the step.
+    /// Numeric precision.
     #[arg(long, value_enum, default_value = "fp32")]
     pub precision: PrecisionArg,
     /// Convolution/BatchNorm kernels: ours (auto) or candle's.
     #[arg(long, value_enum, default_value = "auto")]
     pub kernels: KernelsArg,
-    /// Print one JSON object instead of a line of text.
+    /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
 }

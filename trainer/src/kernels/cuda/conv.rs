@@ -50,20 +50,31 @@ impl ConvShape {
     }
 }
 
+/// A plan's key: the shape and whether its math is true fp32 (FMA).
+type PlanKey = (ConvShape, bool);
+
 /// An activation type cuDNN convolves.
 trait ConvType: Act + CudnnDataType {
     const ONE: Self;
     const ZERO: Self;
+    /// The state's plans of this type.
+    fn plans(plans: &mut Plans) -> &mut HashMap<PlanKey, Plan<Self>>;
 }
 
 impl ConvType for f32 {
     const ONE: Self = 1.0;
     const ZERO: Self = 0.0;
+    fn plans(plans: &mut Plans) -> &mut HashMap<PlanKey, Plan<Self>> {
+        &mut plans.f32
+    }
 }
 
 impl ConvType for bf16 {
     const ONE: Self = bf16::ONE;
     const ZERO: Self = bf16::ZERO;
+    fn plans(plans: &mut Plans) -> &mut HashMap<PlanKey, Plan<Self>> {
+        &mut plans.bf16
+    }
 }
 
 /// Descriptors and chosen algorithms of one shape (algorithms chosen on first use).
@@ -77,11 +88,17 @@ struct Plan<T: ConvType> {
     bwd_filter: Option<(sys::cudnnConvolutionBwdFilterAlgo_t, usize)>,
 }
 
+/// Plans by activation type.
+#[derive(Default)]
+struct Plans {
+    f32: HashMap<PlanKey, Plan<f32>>,
+    bf16: HashMap<PlanKey, Plan<bf16>>,
+}
+
 /// What one thread keeps per device.
 struct State {
     handle: Arc<Cudnn>,
-    f32_plans: HashMap<(ConvShape, bool), Plan<f32>>,
-    bf16_plans: HashMap<ConvShape, Plan<bf16>>,
+    plans: Plans,
     workspace: Option<CudaSlice<u8>>,
 }
 
@@ -98,8 +115,7 @@ fn state(dev: &CudaDevice) -> Result<Rc<RefCell<State>>> {
         let handle = Cudnn::new(dev.cuda_stream()).w()?;
         let s = Rc::new(RefCell::new(State {
             handle,
-            f32_plans: HashMap::new(),
-            bf16_plans: HashMap::new(),
+            plans: Plans::default(),
             workspace: None,
         }));
         states.borrow_mut().insert(dev.id(), s.clone());
@@ -187,31 +203,27 @@ fn with_plan<T: ConvType, R>(
     let mut state = state.borrow_mut();
     let State {
         handle,
-        f32_plans,
-        bf16_plans,
+        plans,
         workspace,
     } = &mut *state;
-    let dtype = T::DTYPE;
-    let m = math(dtype);
-    // Each map holds plans of its own type; `T` picks the map.
-    let plan: &mut dyn std::any::Any = match dtype {
-        DType::F32 => {
-            let key = (*shape, m == sys::cudnnMathType_t::CUDNN_FMA_MATH);
-            match f32_plans.entry(key) {
-                Entry::Occupied(e) => e.into_mut(),
-                Entry::Vacant(e) => e.insert(Plan::<f32>::new(handle, shape, m)?),
-            }
-        }
-        DType::BF16 => match bf16_plans.entry(*shape) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(Plan::<bf16>::new(handle, shape, m)?),
-        },
-        other => bail!("conv2d: f32 or bf16, not {other:?}"),
+    let m = math(T::DTYPE);
+    let key = (*shape, m == sys::cudnnMathType_t::CUDNN_FMA_MATH);
+    let plan = match T::plans(plans).entry(key) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => e.insert(Plan::new(handle, shape, m)?),
     };
-    let plan = plan
-        .downcast_mut::<Plan<T>>()
-        .expect("the map of T's dtype holds plans of T");
     f(plan, workspace, dev)
+}
+
+/// The algorithm of `slot` and its workspace size, chosen by `pick` on first use.
+fn chosen<A: Copy>(
+    slot: &mut Option<(A, usize)>,
+    pick: impl FnOnce() -> Result<(A, usize)>,
+) -> Result<(A, usize)> {
+    if slot.is_none() {
+        *slot = Some(pick()?);
+    }
+    Ok(slot.expect("set above"))
 }
 
 /// The workspace, at least `bytes` long (`None` when no workspace is needed).
@@ -259,15 +271,10 @@ pub(crate) fn forward(
                 w: &plan.w,
                 y: &plan.y,
             };
-            let (algo, bytes) = match plan.fwd {
-                Some(chosen) => chosen,
-                None => {
-                    let algo = op.pick_algorithm().w()?;
-                    let chosen = (algo, op.get_workspace_size(algo).w()?);
-                    plan.fwd = Some(chosen);
-                    chosen
-                }
-            };
+            let (algo, bytes) = chosen(&mut plan.fwd, || {
+                let algo = op.pick_algorithm().w()?;
+                Ok((algo, op.get_workspace_size(algo).w()?))
+            })?;
             let ws = workspace(ws, bytes, dev)?;
             // SAFETY: the views and `y` have the descriptors' types and sizes.
             unsafe { op.launch(algo, ws, (T::ONE, T::ZERO), &xv, &wv, &mut y) }.w()?;
@@ -296,15 +303,10 @@ pub(crate) fn backward_data(
                 w: &plan.w,
                 dy: &plan.y,
             };
-            let (algo, bytes) = match plan.bwd_data {
-                Some(chosen) => chosen,
-                None => {
-                    let algo = op.pick_algorithm().w()?;
-                    let chosen = (algo, op.get_workspace_size(algo).w()?);
-                    plan.bwd_data = Some(chosen);
-                    chosen
-                }
-            };
+            let (algo, bytes) = chosen(&mut plan.bwd_data, || {
+                let algo = op.pick_algorithm().w()?;
+                Ok((algo, op.get_workspace_size(algo).w()?))
+            })?;
             let ws = workspace(ws, bytes, dev)?;
             // SAFETY: the views and `dx` have the descriptors' types and sizes.
             unsafe { op.launch(algo, ws, (T::ONE, T::ZERO), &mut dx, &wv, &gv) }.w()?;
@@ -333,15 +335,10 @@ pub(crate) fn backward_filter(
                 dw: &plan.w,
                 dy: &plan.y,
             };
-            let (algo, bytes) = match plan.bwd_filter {
-                Some(chosen) => chosen,
-                None => {
-                    let algo = op.pick_algorithm().w()?;
-                    let chosen = (algo, op.get_workspace_size(algo).w()?);
-                    plan.bwd_filter = Some(chosen);
-                    chosen
-                }
-            };
+            let (algo, bytes) = chosen(&mut plan.bwd_filter, || {
+                let algo = op.pick_algorithm().w()?;
+                Ok((algo, op.get_workspace_size(algo).w()?))
+            })?;
             let ws = workspace(ws, bytes, dev)?;
             // SAFETY: the views and `dw` have the descriptors' types and sizes.
             unsafe { op.launch(algo, ws, (T::ONE, T::ZERO), &xv, &mut dw, &gv) }.w()?;

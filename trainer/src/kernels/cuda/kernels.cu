@@ -40,6 +40,28 @@ __device__ __forceinline__ int64_t at(int64_t e, int ch, int c, int64_t s) {
     return (e / s * c + ch) * s + e % s;
 }
 
+// Sums (a, b) over the block and stores them as block (ch, k)'s partial sums:
+// partial[(ch * splits + k) * 2 + {0, 1}].
+__device__ __forceinline__ void store_partial(float a, float b, float* partial) {
+    block_sum2(a, b);
+    if (threadIdx.x == 0) {
+        int64_t at = ((int64_t)blockIdx.x * gridDim.y + blockIdx.y) * 2;
+        partial[at] = a;
+        partial[at + 1] = b;
+    }
+}
+
+// The partial sums of channel ch over its `splits` blocks, in f64.
+__device__ __forceinline__ void sum_partials(const float* partial, int ch, int splits,
+                                             double& a, double& b) {
+    a = 0;
+    b = 0;
+    for (int k = 0; k < splits; ++k) {
+        a += partial[(ch * splits + k) * 2];
+        b += partial[(ch * splits + k) * 2 + 1];
+    }
+}
+
 // Grid (c, splits): block (ch, k) sums, over its share of channel ch, d = x - x[ch, first]
 // and d^2 (shifted so that a large mean does not cancel the variance), into
 // partial[(ch * splits + k) * 2 + {0, 1}].
@@ -54,11 +76,7 @@ __device__ void stats_partial(const T* x, float* partial, int c, int64_t count, 
         a += d;
         b += d * d;
     }
-    block_sum2(a, b);
-    if (threadIdx.x == 0) {
-        partial[(ch * splits + k) * 2] = a;
-        partial[(ch * splits + k) * 2 + 1] = b;
-    }
+    store_partial(a, b, partial);
 }
 
 // One thread per channel: the partial sums of stats_partial into the mean and the biased
@@ -68,11 +86,8 @@ __device__ void stats_finalize(const T* x, const float* partial, float* stats, i
                                int64_t count, int64_t s, int splits) {
     int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= c) return;
-    double a = 0, b = 0;
-    for (int k = 0; k < splits; ++k) {
-        a += partial[(ch * splits + k) * 2];
-        b += partial[(ch * splits + k) * 2 + 1];
-    }
+    double a, b;
+    sum_partials(partial, ch, splits, a, b);
     double dm = a / count;
     double var = b / count - dm * dm;
     stats[ch] = (float)(load(x, at(0, ch, c, s)) + dm);
@@ -113,22 +128,15 @@ __device__ void grad_partial(const T* x, const T* y, const T* g, const float* st
         a += gi;
         b += gi * (load(x, i) - m);
     }
-    block_sum2(a, b);
-    if (threadIdx.x == 0) {
-        partial[(ch * splits + k) * 2] = a;
-        partial[(ch * splits + k) * 2 + 1] = b;
-    }
+    store_partial(a, b, partial);
 }
 
 // One thread per channel: sums (2, c) = (sum of g', sum of g' * (x - mean)).
 extern "C" __global__ void bn_grad_finalize(const float* partial, float* sums, int c, int splits) {
     int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= c) return;
-    double a = 0, b = 0;
-    for (int k = 0; k < splits; ++k) {
-        a += partial[(ch * splits + k) * 2];
-        b += partial[(ch * splits + k) * 2 + 1];
-    }
+    double a, b;
+    sum_partials(partial, ch, splits, a, b);
     sums[ch] = (float)a;
     sums[c + ch] = (float)b;
 }
