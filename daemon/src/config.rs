@@ -33,6 +33,9 @@ pub struct Config {
     /// `byol daemon`: watched folders, dataset and run folders, idle and watch knobs.
     #[serde(default)]
     pub daemon: Option<DaemonConfig>,
+    /// The file sets `[optim] schedule` (an unset one means `constant` in the daemon).
+    #[serde(skip)]
+    pub schedule_written: bool,
 }
 
 /// The `[daemon]` table (`configs/default.toml` documents every key).
@@ -157,7 +160,22 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
+        let mut cfg: Config =
+            toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
+        let table: toml::Table = toml::from_str(&text)?;
+        cfg.schedule_written = table.get("optim").and_then(|o| o.get("schedule")).is_some();
+        Ok(cfg)
+    }
+
+    /// Reads a config for `byol daemon`: an unset `[optim] schedule` means `constant`
+    /// (open-ended training); a written `cosine` stays, for [`Config::validate`] to
+    /// refuse by name.
+    pub fn load_for_daemon(path: &Path) -> anyhow::Result<Self> {
+        let mut cfg = Config::load(path)?;
+        if !cfg.schedule_written {
+            cfg.optim.schedule = byol_trainer::Schedule::Constant;
+        }
+        Ok(cfg)
     }
 
     /// The trainer's part.
@@ -247,5 +265,39 @@ mod tests {
         let err = toml::from_str::<Config>("[ingest]\nmax_sid = 3\n").unwrap_err();
         assert!(err.to_string().contains("max_sid"), "{err}");
         assert!(toml::from_str::<Config>("[ingset]\n").is_err());
+    }
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.toml");
+        let watch = dir.path().join("in");
+        std::fs::create_dir_all(&watch).unwrap();
+        let daemon = format!(
+            "[daemon]\nwatch = [\"{}\"]\ndata = \"{}\"\nrun = \"{}\"\n",
+            watch.display(),
+            dir.path().join("data").display(),
+            dir.path().join("run").display()
+        );
+        std::fs::write(&path, format!("{text}\n{daemon}")).unwrap();
+        (dir, path)
+    }
+
+    /// A daemon config that names no schedule trains with `constant`; one that writes
+    /// `cosine` is refused, naming the key.
+    #[test]
+    fn an_unset_daemon_schedule_is_constant_and_a_written_cosine_is_refused() {
+        let (_dir, path) = write("[optim]\nbase_lr = 0.1\n");
+        let cfg = Config::load_for_daemon(&path).unwrap();
+        assert_eq!(cfg.optim.schedule, byol_trainer::Schedule::Constant);
+        cfg.validate(true).unwrap();
+        let (_dir, path) = write("[optim]\nschedule = \"cosine\"\n");
+        let err = Config::load_for_daemon(&path)
+            .unwrap()
+            .validate(true)
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("[optim] schedule = \"cosine\""),
+            "{err:#}"
+        );
     }
 }

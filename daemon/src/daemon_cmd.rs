@@ -5,9 +5,11 @@
 //! Signals: SIGTERM/SIGINT finish the step, checkpoint and exit 0 (a second one exits
 //! at once, status 128 + signal); SIGUSR1 checkpoints; SIGHUP reloads the config.
 //!
-//! Output: progress lines for people on stdout; typed log events (`event` = ingest_batch,
-//! reject, checkpoint, checkpoint_failed, reload, rollback, pause, resume) through
-//! tracing on stderr; metrics on `[daemon] listen`; the systemd notify protocol.
+//! Output: typed log events through tracing on stderr (`event` = listening,
+//! ingest_batch, reject, ingest_failed, compaction, resume, waiting, training, step,
+//! checkpoint, write_failed, metrics_written, pause, rollback, reload, stop, …), each
+//! emitted once; the console lines for people are derived from them (`console`);
+//! metrics on `[daemon] listen`; the systemd notify protocol.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -21,7 +23,7 @@ use byol_augment::Augmenter;
 use byol_ingest::{Follower, IngestReport, Settler};
 use byol_loader::Output;
 use byol_run::continuous::{self, Controls, Event, Settings, Setup};
-use byol_run::{CheckpointPolicy, FaultPoints, Monitor, RunDir};
+use byol_run::{CheckpointPolicy, FaultPoints, Monitor, Operation, RunDir};
 use byol_trainer::Trainer;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
@@ -34,10 +36,21 @@ use crate::watch::{Change, watch};
 
 /// Runs `byol validate`: the config is parsed and every value checked.
 pub fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
-    let cfg = Config::load(&args.config)?;
-    cfg.validate(cfg.daemon.is_some())
+    let daemon = Config::load(&args.config)?.daemon.is_some();
+    let cfg = if daemon {
+        Config::load_for_daemon(&args.config)?
+    } else {
+        Config::load(&args.config)?
+    };
+    cfg.validate(daemon)
         .with_context(|| format!("invalid config {}", args.config.display()))?;
     println!("{}: valid", args.config.display());
+    if daemon && !cfg.schedule_written {
+        println!(
+            "note: [optim] schedule is unset: the daemon trains with schedule = \"constant\" \
+             (warm-up, then a constant learning rate and tau = tau_base)"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -73,7 +86,7 @@ fn settings(cfg: &Config, d: &DaemonConfig) -> Settings {
 
 /// Runs `byol daemon`.
 pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
-    let cfg = Config::load(&args.config)?;
+    let cfg = Config::load_for_daemon(&args.config)?;
     cfg.validate(true)
         .with_context(|| format!("invalid config {}", args.config.display()))?;
     let d = cfg.daemon.clone().expect("validated");
@@ -106,8 +119,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let metrics = Arc::new(Metrics::new());
     let healthy = Arc::new(AtomicBool::new(true));
     let (bound, _server) = serve(d.listen_addr()?, metrics.clone(), healthy.clone())?;
-    println!("metrics on http://{bound}/metrics");
-    tracing::info!(address = %bound, "metrics endpoint listening");
+    tracing::info!(event = "listening", address = %bound, "metrics on http://{bound}/metrics");
     let controls = Arc::new(Controls::new(settings(&cfg, &d)));
     let stop_ingest = Arc::new(AtomicBool::new(false));
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -123,8 +135,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let report = follower
         .scan_all()
         .context("start-up scan of the watched folders")?;
-    println!("start-up scan: {}", describe(&report));
-    log_ingest(&report);
+    log_ingest("start-up scan", &report);
     metrics.on_ingest(&report, follower.live_records());
     for w in &report.summary.warnings {
         eprintln!("warning: {w}");
@@ -165,6 +176,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let trainer = Trainer::new(cfg.trainer(), loader_cfg.batch_size)?;
+    let notifier = Notifier::from_env();
     let setup = Setup {
         dir,
         trainer,
@@ -173,11 +185,17 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         loader: loader_cfg,
         monitor,
         faults: FaultPoints::from_env(),
+        retry: Duration::from_secs_f64(d.retry_secs),
+        // Ticks at half the ping interval, so a tick that lands just short of it
+        // delays the ping by a tick at most: one arrives within half the watchdog's.
+        heartbeat: notifier
+            .ping_every()
+            .map_or(Duration::from_millis(500), |p| p / 2),
     };
     let started = Instant::now();
     let mut reporter = Reporter {
         metrics: metrics.clone(),
-        notifier: Notifier::from_env(),
+        notifier,
     };
     let outcome = continuous::train_continuously(setup, &controls, &mut |e| reporter.on_event(e));
     healthy.store(false, Ordering::SeqCst);
@@ -195,7 +213,8 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Shows, logs, counts and notifies what the training loop reports.
+/// Logs (once: the console line is derived, see `console`), counts and notifies what
+/// the training loop reports.
 struct Reporter {
     metrics: Arc<Metrics>,
     notifier: Notifier,
@@ -210,66 +229,101 @@ impl Reporter {
                 path,
                 step,
                 skipped,
+                ..
             } => {
                 for (p, why) in skipped {
-                    eprintln!("warning: passed over checkpoint {}: {why}", p.display());
+                    tracing::warn!(event = "checkpoint_passed_over", checkpoint = %p.display(), reason = %why, "passed over checkpoint {}: {why}", p.display());
                 }
-                println!("resumed from {} (step {step})", path.display());
-                tracing::info!(event = "resume", step, checkpoint = %path.display(), "resumed from a checkpoint");
+                tracing::info!(event = "resume", step, checkpoint = %path.display(), "resumed from {} (step {step})", path.display());
             }
             Event::Waiting { records, needed } => {
-                println!("waiting for images: {records} of the {needed} one batch needs");
+                tracing::info!(
+                    event = "waiting",
+                    records,
+                    needed,
+                    "waiting for images: {records} of the {needed} one batch needs"
+                );
                 let status = format!("waiting for images: {records} of {needed}");
                 self.notifier.ready(&status);
                 self.notifier.status(&status);
             }
             Event::Training { step } => {
-                println!("training from step {step}");
-                tracing::info!(event = "resume", step, "training");
+                tracing::info!(event = "training", step, "training from step {step}");
                 self.notifier.ready(&format!("training from step {step}"));
             }
             Event::Step(r) => {
                 if let Some(line) = &r.line {
-                    println!(
-                        "step {} epoch {} loss {:.4} lr {:.4} tau {:.4} {:.0} img/s",
-                        line.step, line.epoch, line.loss, line.lr, line.tau, line.images_per_sec
-                    );
                     self.notifier.status(&format!(
                         "step {} loss {:.4} {:.0} img/s",
                         line.step, line.loss, line.images_per_sec
                     ));
                 }
             }
-            Event::Checkpoint { path, step } => {
-                println!("checkpoint step {step}: {}", path.display());
-                tracing::info!(event = "checkpoint", step, path = %path.display(), "checkpoint written");
+            Event::Checkpoint(c) => {
+                tracing::info!(event = "checkpoint", step = c.step, path = %c.path.display(), "checkpoint step {}: {}", c.step, c.path.display());
             }
-            Event::CheckpointFailed { error } => {
-                eprintln!(
-                    "error: checkpoint failed (the previous ones are intact; retrying later): {error}"
+            Event::Failed {
+                operation,
+                error,
+                retry_in,
+            } => {
+                let kind = error.kind();
+                let then = match (operation, retry_in) {
+                    (Operation::Checkpoint, Some(t)) => {
+                        format!(
+                            "the previous ones are intact; retrying in {:.0} s",
+                            t.as_secs_f64()
+                        )
+                    }
+                    (Operation::Metrics, Some(t)) => format!(
+                        "the lines wait in memory; retrying in {:.0} s",
+                        t.as_secs_f64()
+                    ),
+                    (Operation::Prune, _) => {
+                        "the checkpoint is written; pruning again at the next one".into()
+                    }
+                    (Operation::Export, _) => {
+                        "the checkpoint is written; exporting again at the next one".into()
+                    }
+                    (_, None) => "not retried".into(),
+                };
+                tracing::error!(
+                    event = "write_failed",
+                    operation = operation.as_str(),
+                    kind = kind.as_str(),
+                    error = %error,
+                    retry_secs = retry_in.map(|t| t.as_secs_f64()),
+                    "{} failed ({kind}; {then}): {error}",
+                    operation.as_str()
                 );
-                tracing::error!(event = "checkpoint_failed", %error, "checkpoint failed");
             }
             Event::Paused { epochs } => {
-                println!("paused: nothing new for {epochs} epochs; waiting for images");
-                tracing::info!(event = "pause", epochs, "training paused");
+                tracing::info!(
+                    event = "pause",
+                    epochs,
+                    "paused: nothing new for {epochs} epochs; waiting for images"
+                );
                 self.notifier
                     .status(&format!("paused: nothing new for {epochs} epochs"));
             }
             Event::RolledBack { step, to, to_step } => {
                 let to = to.map_or("a fresh start".to_owned(), |p| p.display().to_string());
-                eprintln!(
-                    "warning: non-finite loss at step {step}: rolled back to {to} (step {to_step})"
+                tracing::warn!(
+                    event = "rollback",
+                    step,
+                    to_step,
+                    checkpoint = %to,
+                    "non-finite loss at step {step}: rolled back to {to} (step {to_step})"
                 );
-                tracing::warn!(event = "rollback", step, to_step, checkpoint = %to, "non-finite loss rolled back");
             }
             Event::Heartbeat => {}
         }
     }
 }
 
-/// The typed log events of one ingest batch: the batch, then each reject.
-fn log_ingest(r: &IngestReport) {
+/// The typed log events of one ingest batch (`what`: "start-up scan" or "ingest"): the
+/// batch, then each reject.
+fn log_ingest(what: &str, r: &IngestReport) {
     let s = &r.summary;
     tracing::info!(
         event = "ingest_batch",
@@ -278,10 +332,20 @@ fn log_ingest(r: &IngestReport) {
         retired = s.retired,
         relabelled = s.relabelled,
         duplicates = s.duplicates,
-        "ingest batch"
+        "{what}: {}",
+        describe(r)
     );
     for j in &r.rejects {
-        tracing::warn!(event = "reject", path = %j.path.display(), reason = j.reason.as_str(), detail = %j.detail, "file rejected");
+        tracing::warn!(
+            event = "reject",
+            path = %j.path.display(),
+            reason = j.reason.as_str(),
+            detail = %j.detail,
+            "rejected {}: {} ({})",
+            j.path.display(),
+            j.reason.as_str(),
+            j.detail
+        );
     }
 }
 
@@ -382,14 +446,24 @@ fn spawn_ingest(
                 let (data, roots, opts) = &reopen;
                 match Follower::open(data, roots, opts.clone()) {
                     Ok(f) => {
-                        println!("ingest: dataset reopened; rescanning the watched folders");
-                        tracing::info!(event = "ingest_reopened", "dataset reopened");
+                        tracing::info!(
+                            event = "ingest_reopened",
+                            "ingest: dataset reopened; rescanning the watched folders"
+                        );
                         follower = Some(f);
                         rescan = true;
                     }
                     Err(e) => {
                         retry_at = Instant::now() + retry;
-                        eprintln!("error: cannot reopen the dataset (retrying in {retry:?}): {e}");
+                        metrics.on_failure("ingest", e.kind());
+                        tracing::error!(
+                            event = "ingest_failed",
+                            kind = e.kind().as_str(),
+                            error = %e,
+                            retry_secs = retry.as_secs_f64(),
+                            "cannot reopen the dataset ({}; retrying in {retry:?}): {e}",
+                            e.kind()
+                        );
                         continue;
                     }
                 }
@@ -410,10 +484,15 @@ fn spawn_ingest(
             let report = match result {
                 Ok(report) => report,
                 Err(e) => {
-                    eprintln!(
-                        "error: ingest failed, the dataset keeps its last commit; retrying in {retry:?}: {e}"
+                    metrics.on_failure("ingest", e.kind());
+                    tracing::error!(
+                        event = "ingest_failed",
+                        kind = e.kind().as_str(),
+                        error = %e,
+                        retry_secs = retry.as_secs_f64(),
+                        "ingest failed ({}), the dataset keeps its last commit; retrying in {retry:?}: {e}",
+                        e.kind()
                     );
-                    tracing::error!(event = "ingest_failed", error = %e, retry_secs = retry.as_secs_f64(), "ingest failed");
                     follower = None;
                     retry_at = Instant::now() + retry;
                     continue;
@@ -422,16 +501,7 @@ fn spawn_ingest(
             if let Some(report) = report {
                 metrics.on_ingest(&report, f.live_records());
                 if changed(&report) || report.summary.rejected_total() > 0 {
-                    println!("ingest: {}", describe(&report));
-                    log_ingest(&report);
-                    for r in report.rejects.iter().take(10) {
-                        eprintln!(
-                            "rejected {}: {} ({})",
-                            r.path.display(),
-                            r.reason.as_str(),
-                            r.detail
-                        );
-                    }
+                    log_ingest("ingest", &report);
                 }
                 if changed(&report) {
                     controls.data_changed();
@@ -439,14 +509,6 @@ fn spawn_ingest(
                 if let Some(policy) = &compact {
                     match f.compact(policy) {
                         Ok(Some(c)) => {
-                            println!(
-                                "compacted: {} shards -> {}, {:.1} -> {:.1} MiB, {} retired records reclaimed",
-                                c.shards_before,
-                                c.shards_after,
-                                c.bytes_before as f64 / (1 << 20) as f64,
-                                c.bytes_after as f64 / (1 << 20) as f64,
-                                c.reclaimed_records
-                            );
                             tracing::info!(
                                 event = "compaction",
                                 shards_before = c.shards_before,
@@ -454,15 +516,24 @@ fn spawn_ingest(
                                 bytes_before = c.bytes_before,
                                 bytes_after = c.bytes_after,
                                 reclaimed_records = c.reclaimed_records,
-                                "compacted"
+                                "compacted: {} shards -> {}, {:.1} -> {:.1} MiB, {} retired records reclaimed",
+                                c.shards_before,
+                                c.shards_after,
+                                c.bytes_before as f64 / (1 << 20) as f64,
+                                c.bytes_after as f64 / (1 << 20) as f64,
+                                c.reclaimed_records
                             );
                         }
                         Ok(None) => {}
                         Err(e) => {
-                            eprintln!(
-                                "error: compaction failed, the dataset is unchanged; retrying in {retry:?}: {e}"
+                            metrics.on_failure("compaction", e.kind());
+                            tracing::error!(
+                                event = "compaction_failed",
+                                kind = e.kind().as_str(),
+                                error = %e,
+                                "compaction failed ({}), the dataset is unchanged; retrying in {retry:?}: {e}",
+                                e.kind()
                             );
-                            tracing::error!(event = "compaction_failed", error = %e, "compaction failed");
                             follower = None;
                             retry_at = Instant::now() + retry;
                         }
@@ -500,8 +571,11 @@ fn spawn_signals(
                             eprintln!("second signal {sig}: exiting now");
                             std::process::exit(128 + sig);
                         }
-                        println!("signal {sig}: finishing the step, checkpointing, stopping");
-                        tracing::info!(event = "stop", signal = sig, "stopping");
+                        tracing::info!(
+                            event = "stop",
+                            signal = sig,
+                            "signal {sig}: finishing the step, checkpointing, stopping"
+                        );
                         stopping(&format!("signal {sig}: checkpointing and stopping"));
                         healthy.store(false, Ordering::SeqCst);
                         controls.request_stop(sig);
@@ -516,7 +590,11 @@ fn spawn_signals(
                         });
                     }
                     SIGUSR1 => {
-                        println!("signal {sig}: checkpoint requested");
+                        tracing::info!(
+                            event = "checkpoint_requested",
+                            signal = sig,
+                            "signal {sig}: checkpoint requested"
+                        );
                         controls.request_checkpoint();
                     }
                     SIGHUP => reload(&config, &mut current, &controls),
@@ -552,15 +630,18 @@ fn toml_tables(path: &Path) -> anyhow::Result<toml::Table> {
 /// running one kept. Reloadable keys apply before the next step; changes to other keys
 /// are named as needing a restart.
 fn reload(path: &Path, current: &mut toml::Table, controls: &Controls) {
-    let checked = Config::load(path).and_then(|cfg| {
+    let checked = Config::load_for_daemon(path).and_then(|cfg| {
         cfg.validate(true)?;
         Ok((cfg, toml_tables(path)?))
     });
     let (cfg, tables) = match checked {
         Ok(ok) => ok,
         Err(e) => {
-            eprintln!("error: reload refused, the running config is kept: {e:#}");
-            tracing::error!(event = "reload", error = format!("{e:#}"), "reload refused");
+            tracing::error!(
+                event = "reload",
+                error = format!("{e:#}"),
+                "reload refused, the running config is kept: {e:#}"
+            );
             return;
         }
     };
@@ -591,15 +672,17 @@ fn reload(path: &Path, current: &mut toml::Table, controls: &Controls) {
     let d = cfg.daemon.as_ref().expect("validated");
     controls.update(settings(&cfg, d));
     *current = tables;
-    println!("config reloaded from {}", path.display());
     tracing::info!(
         event = "reload",
         needs_restart = needs_restart.join(", "),
-        "config reloaded"
+        "config reloaded from {}",
+        path.display()
     );
     if !needs_restart.is_empty() {
-        eprintln!(
-            "warning: changed keys that apply at the next restart: {}",
+        tracing::warn!(
+            event = "reload_needs_restart",
+            keys = needs_restart.join(", "),
+            "changed keys that apply at the next restart: {}",
             needs_restart.join(", ")
         );
     }

@@ -4,6 +4,7 @@ mod bench_cmd;
 mod cli;
 mod compact_cmd;
 mod config;
+mod console;
 mod daemon_cmd;
 mod demo;
 mod eval_cmd;
@@ -39,10 +40,12 @@ fn main() -> ExitCode {
                 Some("text") => Some(cli::LogFormat::Text),
                 _ => None,
             });
+    let console = matches!(&cli.command, Some(cli::Command::Daemon(_)));
     init_logging(
         cli.verbose,
         default_level,
         format.unwrap_or(cli::LogFormat::Text),
+        console,
     );
     match run(cli) {
         Ok(code) => code,
@@ -80,8 +83,13 @@ fn restore_sigpipe() {
     }
 }
 
-/// Log lines go to stderr (journald under systemd), filtered by `BYOL_LOG` when set.
-fn init_logging(verbose: u8, default_level: &str, format: cli::LogFormat) {
+/// Log lines go to stderr (journald under systemd), filtered by `BYOL_LOG` when set;
+/// with `console`, each typed event's message is also printed for people
+/// ([`console::ConsoleLines`]).
+fn init_logging(verbose: u8, default_level: &str, format: cli::LogFormat, console: bool) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{Layer, fmt};
     let level = match verbose {
         0 => default_level,
         1 => "info",
@@ -89,11 +97,20 @@ fn init_logging(verbose: u8, default_level: &str, format: cli::LogFormat) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("BYOL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        cli::LogFormat::Text => builder.init(),
-        cli::LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    let log = match format {
+        cli::LogFormat::Text => fmt::layer().with_writer(std::io::stderr).boxed(),
+        cli::LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(log.with_filter(filter))
+        .with(
+            console
+                .then_some(console::ConsoleLines)
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+        )
+        .init();
 }

@@ -1,6 +1,10 @@
-//! The daemon's metrics in the Prometheus text format (prometheus-client), served over
-//! HTTP at `/metrics` with `/healthz` beside it. The only module that knows the wire
-//! format: the libraries report events and stats, this turns them into series.
+//! The daemon's metrics (prometheus-client), served over HTTP at `/metrics` with
+//! `/healthz` beside it. The only module that knows the wire format: the libraries
+//! report events and stats, this turns them into series.
+//!
+//! `/metrics` negotiates its format by `Accept`, as Prometheus' own clients do: the
+//! OpenMetrics text when the scraper names `application/openmetrics-text` (Prometheus
+//! does, preferring it), else the Prometheus text format 0.0.4.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,6 +13,7 @@ use std::thread::JoinHandle;
 
 use anyhow::Context;
 use byol_ingest::IngestReport;
+use byol_ingest::fsutil::FailureKind;
 use byol_run::continuous::Event;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -39,6 +44,24 @@ pub struct Metrics {
     training_paused: Gauge,
     train_images: Counter,
     ingest_files: Family<Labels, Counter>,
+    failures: Family<Labels, Counter>,
+}
+
+/// The `operation` label values of `byol_failures_total`.
+const OPERATIONS: [&str; 6] = [
+    "checkpoint",
+    "prune",
+    "export",
+    "metrics",
+    "ingest",
+    "compaction",
+];
+
+fn failure_labels(operation: &str, kind: FailureKind) -> Labels {
+    vec![
+        ("operation".to_owned(), operation.to_owned()),
+        ("kind".to_owned(), kind.as_str().to_owned()),
+    ]
 }
 
 impl Metrics {
@@ -56,6 +79,7 @@ impl Metrics {
             training_paused: Gauge::default(),
             train_images: Counter::default(),
             ingest_files: Family::default(),
+            failures: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -109,11 +133,24 @@ impl Metrics {
             "Files handled by the ingester, by outcome",
             m.ingest_files.clone(),
         );
+        registry.register(
+            "byol_failures",
+            "Failed jobs by operation (checkpoint, prune, export, metrics, ingest, compaction) \
+             and kind (disk_full, permission_denied, read_only, damaged, other)",
+            m.failures.clone(),
+        );
         // Every outcome exists from the start (at 0), so rates are defined at once.
         for outcome in OUTCOMES {
             m.ingest_files
                 .get_or_create(&outcome_label(outcome))
                 .inc_by(0);
+        }
+        for operation in OPERATIONS {
+            for kind in FailureKind::ALL {
+                m.failures
+                    .get_or_create(&failure_labels(operation, kind))
+                    .inc_by(0);
+            }
         }
         Metrics { registry, ..m }
     }
@@ -130,12 +167,16 @@ impl Metrics {
                 self.train_images.inc_by(r.images as u64);
                 self.training_paused.set(0);
             }
-            Event::Checkpoint { .. } => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0.0, |d| d.as_secs_f64());
-                self.last_checkpoint.set(now);
+            // A resumed run's last checkpoint is the one it resumed from.
+            Event::Resumed { unix_secs, .. } => {
+                self.last_checkpoint.set(*unix_secs);
             }
+            Event::Checkpoint(c) => {
+                self.last_checkpoint.set(c.unix_secs);
+            }
+            Event::Failed {
+                operation, error, ..
+            } => self.on_failure(operation.as_str(), error.kind()),
             Event::Paused { .. } | Event::Waiting { .. } => {
                 self.training_paused.set(1);
             }
@@ -143,11 +184,15 @@ impl Metrics {
                 self.train_step.set(*step as i64);
                 self.training_paused.set(0);
             }
-            Event::Resumed { .. }
-            | Event::RolledBack { .. }
-            | Event::CheckpointFailed { .. }
-            | Event::Heartbeat => {}
+            Event::RolledBack { .. } | Event::Heartbeat => {}
         }
+    }
+
+    /// Counts a failed job (`operation`: an [`OPERATIONS`] value).
+    pub fn on_failure(&self, operation: &str, kind: FailureKind) {
+        self.failures
+            .get_or_create(&failure_labels(operation, kind))
+            .inc();
     }
 
     /// Follows the ingester: counts by outcome, and the dataset's live records.
@@ -162,12 +207,98 @@ impl Metrics {
         self.dataset_records.set(live_records as i64);
     }
 
-    /// The text exposition.
+    /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
+
+    /// The exposition in `format`.
+    pub fn encode_as(&self, format: Format) -> String {
+        match format {
+            Format::OpenMetrics => self.encode(),
+            Format::Text004 => openmetrics_to_text004(&self.encode()),
+        }
+    }
+}
+
+/// An exposition format of `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 text.
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4.
+    Text004,
+}
+
+impl Format {
+    /// The format an `Accept` header asks for: OpenMetrics when it names
+    /// `application/openmetrics-text` with a quality at least that of `text/plain`,
+    /// else 0.0.4 (also without the header), as Prometheus' clients negotiate.
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let (mut openmetrics, mut text) = (0.0f64, 0.0f64);
+        for range in accept.unwrap_or("").split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("").to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.strip_prefix("q="))
+                .find_map(|v| v.parse::<f64>().ok())
+                .unwrap_or(1.0);
+            match media.as_str() {
+                "application/openmetrics-text" => openmetrics = openmetrics.max(q),
+                "text/plain" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if openmetrics > 0.0 && openmetrics >= text {
+            Format::OpenMetrics
+        } else {
+            Format::Text004
+        }
+    }
+
+    /// The `Content-Type` of an answer in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Text004 => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// The 0.0.4 text of an OpenMetrics exposition: a counter family's `# HELP` and
+/// `# TYPE` name its `_total` sample, and the `# UNIT` lines and `# EOF` go (0.0.4 has
+/// neither). Samples are the same lines.
+fn openmetrics_to_text004(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                out.push_str(&format!("{prefix}{name}{suffix} {tail}"));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Serves `/metrics` and `/healthz` on `addr` from a thread; returns the address bound
@@ -189,12 +320,16 @@ pub fn serve(
         .spawn(move || {
             for request in server.incoming_requests() {
                 let path = request.url().split('?').next().unwrap_or("").to_owned();
+                let accept = request
+                    .headers()
+                    .iter()
+                    .find(|h| h.field.equiv("Accept"))
+                    .map(|h| h.value.as_str().to_owned());
                 let response = match path.as_str() {
                     "/metrics" => {
-                        tiny_http::Response::from_string(metrics.encode()).with_header(header(
-                            "Content-Type",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        ))
+                        let format = Format::negotiate(accept.as_deref());
+                        tiny_http::Response::from_string(metrics.encode_as(format))
+                            .with_header(header("Content-Type", format.content_type()))
                     }
                     "/healthz" if healthy.load(Ordering::SeqCst) => {
                         tiny_http::Response::from_string("ok\n")
@@ -246,5 +381,84 @@ mod tests {
             }
         }
         assert!(queried >= 10);
+    }
+
+    #[test]
+    fn accept_picks_the_format_as_prometheus_clients_do() {
+        let prometheus = "application/openmetrics-text;version=1.0.0;q=0.5,\
+                          application/openmetrics-text;version=0.0.1;q=0.4,\
+                          text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+        assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text; version=1.0.0")),
+            Format::OpenMetrics
+        );
+        for plain in [
+            None,
+            Some("text/plain;version=0.0.4"),
+            Some("*/*"),
+            Some("text/plain;q=0.9, application/openmetrics-text;q=0.5"),
+            Some("application/openmetrics-text;q=0"),
+        ] {
+            assert_eq!(Format::negotiate(plain), Format::Text004, "{plain:?}");
+        }
+    }
+
+    #[test]
+    fn the_004_text_names_counters_by_their_samples_and_drops_units_and_eof() {
+        let text = Metrics::new().encode_as(Format::Text004);
+        assert!(
+            text.contains("# TYPE byol_train_images_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP byol_train_images_total "), "{text}");
+        assert!(text.contains("# TYPE byol_train_step gauge\n"), "{text}");
+        assert!(
+            !text.contains("# UNIT") && !text.contains("# EOF"),
+            "{text}"
+        );
+        assert!(text.contains("\nbyol_train_images_total 0\n"), "{text}");
+    }
+
+    /// A restarted daemon's dashboard shows the checkpoint it resumed from, not 1970.
+    #[test]
+    fn a_resume_sets_the_last_checkpoint_time_to_the_checkpoints() {
+        let m = Metrics::new();
+        let path = std::path::Path::new("/run/checkpoints/step-0000000010");
+        m.on_event(&Event::Resumed {
+            path,
+            step: 10,
+            unix_secs: 1_790_000_000.0,
+            skipped: &[],
+        });
+        let text = m.encode();
+        assert!(
+            text.contains("\nbyol_last_checkpoint_timestamp_seconds 1790000000.0\n"),
+            "{text}"
+        );
+    }
+
+    /// Each failed job counts under its own operation and kind.
+    #[test]
+    fn failures_count_by_operation_and_kind() {
+        let m = Metrics::new();
+        let error = byol_run::RunError::Io {
+            path: "/run/metrics.jsonl".into(),
+            source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+        };
+        m.on_event(&Event::Failed {
+            operation: byol_run::Operation::Metrics,
+            error: &error,
+            retry_in: None,
+        });
+        let text = m.encode();
+        assert!(
+            text.contains("byol_failures_total{operation=\"metrics\",kind=\"disk_full\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("byol_failures_total{operation=\"checkpoint\",kind=\"disk_full\"} 0\n"),
+            "{text}"
+        );
     }
 }

@@ -13,7 +13,10 @@ use anyhow::{Context, bail};
 use byol_augment::Augmenter;
 use byol_ingest::Dataset;
 use byol_loader::{Loader, Output};
-use byol_run::{CheckpointPolicy, FaultPoints, Monitor, Run, RunDir, RunParts, resume};
+use byol_run::{
+    CheckpointPolicy, FaultPoints, Monitor, RETRY_AFTER, Run, RunDir, RunParts, StepReport, resume,
+    schedule_change,
+};
 use byol_trainer::{Trainer, TrainerConfig};
 
 use crate::cli::TrainArgs;
@@ -88,6 +91,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             resumed.path.display(),
             resumed.meta.step
         );
+        // A `--minutes` run refits the schedules to its budget on purpose.
+        if let Some(change) =
+            schedule_change(&resumed.meta, &trainer).filter(|_| args.minutes.is_none())
+        {
+            eprintln!("warning: {change}");
+        }
         resumed.run.loader
     } else {
         None
@@ -120,6 +129,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         export_latest: false,
         faults: FaultPoints::from_env(),
         batch_trace: std::env::var_os(byol_run::TRACE_BATCHES_ENV).map(Into::into),
+        retry: RETRY_AFTER,
     })?;
     if dropped > 0 {
         println!(
@@ -138,8 +148,24 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let outcome = train.steps(target);
     let run = &mut train.run;
-    // Whatever ended the loop, the last completed step is kept.
-    let saved = run.has_unsaved_steps().then(|| run.checkpoint());
+    // Whatever ended the loop, the last completed step is kept, with its metrics lines.
+    let finished = run.finish();
+    if let Err(e) = &finished.metrics {
+        eprintln!(
+            "error: metrics lines could not be written ({}): {e}",
+            e.kind()
+        );
+    }
+    if let Some(Ok(saved)) = &finished.checkpoint {
+        for (operation, e) in saved.failures() {
+            eprintln!(
+                "warning: {} failed after the checkpoint ({}): {e}",
+                operation.as_str(),
+                e.kind()
+            );
+        }
+    }
+    let saved = finished.checkpoint.map(|c| c.map(|c| c.path));
     let step = run.trainer().steps_done();
     match (outcome, saved) {
         (Err(e), Some(Ok(path))) => Err(anyhow::Error::from(e).context(format!(
@@ -198,6 +224,7 @@ impl TrainLoop {
             let out_of_time =
                 |b: &Option<Budget>| b.as_ref().is_some_and(|b| Instant::now() >= b.deadline);
             let report = self.run.step(next == target)?;
+            report_failures(&report, self.run.retry_interval());
             bar.inc(1);
             if let Some(fitted) = self.fit_budget(first_step, &mut calibration) {
                 target = fitted;
@@ -247,6 +274,35 @@ impl TrainLoop {
         println!("{line}");
         tracing::info!("{line}");
         Some(fitted)
+    }
+}
+
+/// Says what failed beside a step (a full disk): the metrics line (it waits), the
+/// checkpoint (tried again), a prune after a good checkpoint. Training goes on.
+fn report_failures(report: &StepReport, retry: Duration) {
+    if let Some(e) = &report.metrics_error {
+        eprintln!(
+            "error: metrics line not written ({}; it waits, retrying in {:.0} s): {e}",
+            e.kind(),
+            retry.as_secs_f64()
+        );
+    }
+    match &report.checkpoint {
+        Some(Err(e)) => eprintln!(
+            "error: checkpoint failed ({}; the previous ones are intact; retrying in {:.0} s): {e}",
+            e.kind(),
+            retry.as_secs_f64()
+        ),
+        Some(Ok(saved)) => {
+            for (operation, e) in saved.failures() {
+                eprintln!(
+                    "warning: {} failed after the checkpoint ({}): {e}",
+                    operation.as_str(),
+                    e.kind()
+                );
+            }
+        }
+        None => {}
     }
 }
 

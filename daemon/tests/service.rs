@@ -1,7 +1,8 @@
-//! The daemon as a service: the systemd notify protocol over a real `NOTIFY_SOCKET`,
-//! the metrics endpoint parsed by a real Prometheus parser (the Python client's
-//! OpenMetrics parser, Debian's python3-prometheus-client), and the shipped unit file
-//! judged by `systemd-analyze`.
+//! The daemon as a service: the systemd notify protocol over a real `NOTIFY_SOCKET`
+//! (the watchdog fed while paused too), the metrics endpoint parsed by real Prometheus
+//! parsers in both formats it negotiates (the Python client's OpenMetrics and 0.0.4
+//! text parsers, Debian's python3-prometheus-client), and the shipped unit file judged
+//! by `systemd-analyze`.
 
 mod common;
 
@@ -9,6 +10,8 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{byol, daemon_config, distinct_png};
@@ -25,34 +28,51 @@ fn config(dir: &Path) -> String {
     )
 }
 
-/// `GET path` on `addr`: the status line and the body.
-fn get(addr: &str, path: &str) -> (String, String) {
+/// `GET path` on `addr` with an `Accept` header: the status line, the head and the body.
+fn get(addr: &str, path: &str, accept: Option<&str>) -> (String, String, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_owned(), body.to_owned())
+    (
+        head.lines().next().unwrap().to_owned(),
+        head.to_owned(),
+        body.to_owned(),
+    )
 }
 
+/// What Prometheus sends when it scrapes.
+const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0;q=0.5,\
+    application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+
 /// Families of an exposition as (name, type, samples as (name, labels, value)),
-/// parsed by the Prometheus Python client's OpenMetrics parser.
-fn parse_openmetrics(text: &str) -> serde_json::Value {
-    let script = r#"
+/// parsed by the Prometheus Python client's OpenMetrics parser (`openmetrics`) or its
+/// 0.0.4 text parser.
+fn parse_exposition(text: &str, openmetrics: bool) -> serde_json::Value {
+    let module = if openmetrics {
+        "prometheus_client.openmetrics.parser"
+    } else {
+        "prometheus_client.parser"
+    };
+    let script = format!(
+        r#"
 import json, sys
-from prometheus_client.openmetrics.parser import text_string_to_metric_families
+from {module} import text_string_to_metric_families
 out = []
 for f in text_string_to_metric_families(sys.stdin.read()):
-    out.append({"name": f.name, "type": f.type,
-                "samples": [[s.name, s.labels, s.value] for s in f.samples]})
+    out.append({{"name": f.name, "type": f.type,
+                "samples": [[s.name, s.labels, s.value] for s in f.samples]}})
 print(json.dumps(out))
-"#;
+"#
+    );
     let mut child = std::process::Command::new("/usr/bin/python3")
-        .args(["-c", script])
+        .args(["-c", &script])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -74,6 +94,63 @@ print(json.dumps(out))
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
+/// A `NOTIFY_SOCKET` read on its own thread, as systemd reads it (a daemon blocks
+/// when the socket's queue is full), with each message's arrival time.
+struct NotifyListener {
+    messages: Arc<Mutex<Vec<(Instant, String)>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NotifyListener {
+    fn bind(path: &Path) -> Self {
+        let sock = UnixDatagram::bind(path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (m, s) = (messages.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !s.load(Ordering::SeqCst) {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    m.lock().unwrap().push((Instant::now(), text));
+                }
+            }
+        });
+        NotifyListener {
+            messages,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The messages so far.
+    fn texts(&self) -> Vec<String> {
+        let m = self.messages.lock().unwrap();
+        m.iter().map(|(_, t)| t.clone()).collect()
+    }
+
+    /// When each WATCHDOG=1 arrived.
+    fn pings(&self) -> Vec<Instant> {
+        let m = self.messages.lock().unwrap();
+        m.iter()
+            .filter(|(_, t)| t.contains("WATCHDOG=1"))
+            .map(|(at, _)| *at)
+            .collect()
+    }
+}
+
+impl Drop for NotifyListener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[test]
 fn notify_protocol_in_order_and_metrics_a_prometheus_parser_reads() {
     let dir = tempfile::tempdir().unwrap();
@@ -86,9 +163,7 @@ fn notify_protocol_in_order_and_metrics_a_prometheus_parser_reads() {
     let cfg = root.join("d.toml");
     std::fs::write(&cfg, config(root)).unwrap();
     let sock_path = root.join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
+    let listener = NotifyListener::bind(&sock_path);
     let out_path = root.join("out.txt");
     let log = std::fs::File::create(&out_path).unwrap();
     let mut child = common::Reaped(
@@ -102,21 +177,19 @@ fn notify_protocol_in_order_and_metrics_a_prometheus_parser_reads() {
             .spawn()
             .unwrap(),
     );
-    let mut messages: Vec<String> = Vec::new();
-    let mut buf = [0u8; 4096];
     let start = Instant::now();
     // Until a few steps were reported over STATUS and the watchdog was fed.
-    while !(messages
-        .iter()
-        .filter(|m| m.contains("STATUS=step"))
-        .count()
-        >= 2
-        && messages.iter().any(|m| m.contains("WATCHDOG=1")))
-    {
-        assert!(start.elapsed() < Duration::from_secs(120), "{messages:?}");
-        if let Ok(n) = sock.recv(&mut buf) {
-            messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    loop {
+        let messages = listener.texts();
+        let statuses = messages
+            .iter()
+            .filter(|m| m.contains("STATUS=step"))
+            .count();
+        if statuses >= 2 && messages.iter().any(|m| m.contains("WATCHDOG=1")) {
+            break;
         }
+        assert!(start.elapsed() < Duration::from_secs(120), "{messages:?}");
+        std::thread::sleep(Duration::from_millis(20));
     }
     let out = std::fs::read_to_string(&out_path).unwrap();
     let addr = out
@@ -125,11 +198,38 @@ fn notify_protocol_in_order_and_metrics_a_prometheus_parser_reads() {
         .and_then(|l| l.strip_suffix("/metrics"))
         .unwrap_or_else(|| panic!("no metrics address in:\n{out}"))
         .to_owned();
-    let (status, body) = get(&addr, "/healthz");
+    let (status, _, body) = get(&addr, "/healthz", None);
     assert!(status.contains("200"), "{status} {body}");
-    let (status, body) = get(&addr, "/metrics");
+    // Asked for plain text, as an old scraper does: the 0.0.4 format, same families.
+    let (status, head, plain) = get(&addr, "/metrics", Some("text/plain;version=0.0.4"));
     assert!(status.contains("200"), "{status}");
-    let families = parse_openmetrics(&body);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    let plain_families = parse_exposition(&plain, false);
+    let (status, head, body) = get(&addr, "/metrics", Some(PROMETHEUS_ACCEPT));
+    assert!(status.contains("200"), "{status}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    let families = parse_exposition(&body, true);
+    let types = |f: &serde_json::Value| -> std::collections::BTreeMap<String, String> {
+        f.as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                (
+                    f["name"].as_str().unwrap().to_owned(),
+                    f["type"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(types(&plain_families), types(&families), "{plain}\n{body}");
     let kind = |name: &str| {
         families
             .as_array()
@@ -199,9 +299,8 @@ fn notify_protocol_in_order_and_metrics_a_prometheus_parser_reads() {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
     let status = child.wait().unwrap();
-    while let Ok(n) = sock.recv(&mut buf) {
-        messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-    }
+    std::thread::sleep(Duration::from_millis(100));
+    let messages = listener.texts();
     let out = std::fs::read_to_string(&out_path).unwrap();
     assert!(status.success(), "{status}\n{out}");
     let first = |what: &str| {
@@ -236,6 +335,54 @@ fn notify_protocol_in_order_and_metrics_a_prometheus_parser_reads() {
     ] {
         assert!(out.contains(event), "no {event} in:\n{out}");
     }
+}
+
+/// Paused (nothing new) under systemd's watchdog: WATCHDOG=1 keeps arriving at least
+/// every half interval, so systemd does not kill an idle daemon.
+#[test]
+fn the_watchdog_is_fed_while_paused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("in/a")).unwrap();
+    for i in 0..8 {
+        std::fs::write(root.join(format!("in/a/{i}.png")), distinct_png(i)).unwrap();
+    }
+    let cfg = root.join("d.toml");
+    let text = daemon_config(root, &[("idle_after_epochs = 0", "idle_after_epochs = 1")]);
+    std::fs::write(&cfg, text).unwrap();
+    let sock_path = root.join("notify.sock");
+    let listener = NotifyListener::bind(&sock_path);
+    let watchdog = Duration::from_secs(2);
+    let mut d = common::Daemon::start(
+        &cfg,
+        root.join("out.txt"),
+        &[
+            ("NOTIFY_SOCKET", sock_path.display().to_string()),
+            ("WATCHDOG_USEC", watchdog.as_micros().to_string()),
+        ],
+    );
+    d.wait_for("the pause", |o| o.contains("paused: nothing new"));
+    let start = Instant::now();
+    let end = start + 3 * watchdog;
+    std::thread::sleep(end - start);
+    let pings: Vec<Instant> = listener
+        .pings()
+        .into_iter()
+        .filter(|t| (start..end).contains(t))
+        .collect();
+    let mut marks = vec![start];
+    marks.extend(&pings);
+    marks.push(end);
+    let longest = marks.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(
+        longest <= watchdog / 2,
+        "paused, the longest time without WATCHDOG=1 was {longest:?} (interval {watchdog:?}, \
+         {} pings):\n{}",
+        pings.len(),
+        d.output()
+    );
+    let (status, out) = d.stop();
+    assert!(status.success(), "{status}\n{out}");
 }
 
 #[test]

@@ -32,6 +32,19 @@ pub enum DatasetError {
     },
 }
 
+impl DatasetError {
+    /// What kind of failure this is (see [`crate::fsutil::FailureKind`]).
+    pub fn kind(&self) -> crate::fsutil::FailureKind {
+        use crate::fsutil::FailureKind;
+        match self {
+            DatasetError::NotADataset { .. } => FailureKind::Other,
+            DatasetError::Manifest(e) => e.kind(),
+            DatasetError::Shard(e) => e.kind(),
+            DatasetError::Mismatch { .. } => FailureKind::Damaged,
+        }
+    }
+}
+
 /// Address of one record: shard position in the manifest and record index in the shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RecordRef {

@@ -69,9 +69,94 @@ pub fn append_json_lines<T: serde::Serialize>(
     f.sync_data()
 }
 
+/// What kind of storage failure an error is. A long-lived process decides by it: a full
+/// disk is retried once there may be room, damage is passed over or reported, a
+/// permission or read-only filesystem needs an operator. Exported as the `kind` label of
+/// the daemon's failure counters and the `kind` field of its log events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FailureKind {
+    /// No space left on the device, or a quota exceeded (`ENOSPC`, `EDQUOT`).
+    DiskFull,
+    /// Permission denied (`EACCES`, `EPERM`).
+    PermissionDenied,
+    /// The filesystem is mounted read-only (`EROFS`).
+    ReadOnly,
+    /// What is stored is damaged or not what it claims: a checksum mismatch, an
+    /// unparsable file, a truncated record.
+    Damaged,
+    /// Anything else.
+    Other,
+}
+
+impl FailureKind {
+    /// Every kind, in label order.
+    pub const ALL: [FailureKind; 5] = [
+        FailureKind::DiskFull,
+        FailureKind::PermissionDenied,
+        FailureKind::ReadOnly,
+        FailureKind::Damaged,
+        FailureKind::Other,
+    ];
+
+    /// The kind of an IO error, by its `ErrorKind`.
+    pub fn of_io(e: &io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => FailureKind::DiskFull,
+            io::ErrorKind::PermissionDenied => FailureKind::PermissionDenied,
+            io::ErrorKind::ReadOnlyFilesystem => FailureKind::ReadOnly,
+            io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof => FailureKind::Damaged,
+            _ => FailureKind::Other,
+        }
+    }
+
+    /// The kind of the first IO error in `e`'s source chain (`e` included); `Other`
+    /// when there is none.
+    pub fn of_chain(e: &(dyn std::error::Error + 'static)) -> Self {
+        let mut next = Some(e);
+        while let Some(err) = next {
+            if let Some(io) = err.downcast_ref::<io::Error>() {
+                return FailureKind::of_io(io);
+            }
+            next = err.source();
+        }
+        FailureKind::Other
+    }
+
+    /// The label value: `disk_full`, `permission_denied`, `read_only`, `damaged`, `other`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::DiskFull => "disk_full",
+            FailureKind::PermissionDenied => "permission_denied",
+            FailureKind::ReadOnly => "read_only",
+            FailureKind::Damaged => "damaged",
+            FailureKind::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failure_kinds_follow_the_io_error_through_a_chain() {
+        let full = io::Error::from(io::ErrorKind::StorageFull);
+        assert_eq!(FailureKind::of_io(&full), FailureKind::DiskFull);
+        let denied = io::Error::from(io::ErrorKind::PermissionDenied);
+        assert_eq!(FailureKind::of_io(&denied), FailureKind::PermissionDenied);
+        #[derive(Debug, thiserror::Error)]
+        #[error("wrapped")]
+        struct Wrapped(#[source] io::Error);
+        let wrapped = Wrapped(io::Error::from_raw_os_error(28)); // ENOSPC
+        assert_eq!(FailureKind::of_chain(&wrapped), FailureKind::DiskFull);
+        assert_eq!(FailureKind::of_chain(&std::fmt::Error), FailureKind::Other);
+    }
 
     #[test]
     fn write_atomic_replaces_and_leaves_no_temp() {

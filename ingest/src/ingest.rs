@@ -124,6 +124,23 @@ pub enum IngestError {
     },
 }
 
+impl IngestError {
+    /// What kind of failure this is (a full disk is retried, damage is reported).
+    pub fn kind(&self) -> crate::fsutil::FailureKind {
+        use crate::fsutil::FailureKind;
+        match self {
+            IngestError::Output { source, .. } | IngestError::Source { source, .. } => {
+                FailureKind::of_io(source)
+            }
+            IngestError::Manifest(e) => e.kind(),
+            IngestError::Shard(e) => e.kind(),
+            IngestError::SettingsConflict { .. }
+            | IngestError::Locked { .. }
+            | IngestError::InvalidOption { .. } => FailureKind::Other,
+        }
+    }
+}
+
 /// Receives progress from a run (the binary draws a progress bar from it).
 pub trait Progress: Sync {
     /// `n` more work units (image files or IDX images) are known.

@@ -46,6 +46,16 @@ pub enum ManifestError {
     },
 }
 
+impl ManifestError {
+    /// What kind of failure this is: the IO error's, or damage for an invalid file.
+    pub fn kind(&self) -> crate::fsutil::FailureKind {
+        match self {
+            ManifestError::Io { source, .. } => crate::fsutil::FailureKind::of_io(source),
+            ManifestError::Invalid { .. } => crate::fsutil::FailureKind::Damaged,
+        }
+    }
+}
+
 /// Settings fixed when a dataset is created; every later ingest uses the same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -226,6 +226,19 @@ pub enum ShardError {
     },
 }
 
+impl ShardError {
+    /// What kind of failure this is: the IO error's, or damage for an invalid shard or
+    /// a corrupt record.
+    pub fn kind(&self) -> crate::fsutil::FailureKind {
+        use crate::fsutil::FailureKind;
+        match self {
+            ShardError::Io { source, .. } => FailureKind::of_io(source),
+            ShardError::Invalid { .. } | ShardError::CorruptRecord { .. } => FailureKind::Damaged,
+            ShardError::UnsupportedVersion { .. } => FailureKind::Other,
+        }
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ShardError + '_ {
     move |source| ShardError::Io {
         path: path.to_owned(),

@@ -14,6 +14,13 @@
 //!   and sleeps until the dataset changes (no step, no CPU or GPU time).
 //! - **Divergence.** A non-finite loss never reaches a checkpoint: the run rolls back
 //!   to the newest good checkpoint and goes on with the next batch.
+//! - **Failed writes.** A checkpoint or metrics write that fails (a full disk) is an
+//!   [`Event::Failed`] and is tried again after [`Setup::retry`]; training goes on, and
+//!   nothing written before is lost. A prune or export that fails after a good save is
+//!   its own failure, not a failed checkpoint.
+//! - **Liveness.** While it waits for data or is paused, the loop reports
+//!   [`Event::Heartbeat`] every [`Setup::heartbeat`] from its own thread, so a watchdog
+//!   fed from it learns that the loop itself is alive.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
@@ -26,7 +33,8 @@ use byol_loader::{Loader, LoaderConfig};
 use byol_trainer::{OptimConfig, Schedule, Trainer};
 
 use crate::{
-    CheckpointPolicy, FaultPoints, Monitor, Run, RunDir, RunError, RunParts, StepReport, resume,
+    CheckpointOutcome, CheckpointPolicy, FaultPoints, Monitor, Operation, Run, RunDir, RunError,
+    RunParts, StepReport, resume,
 };
 
 /// Consecutive rollbacks without a good step in between before the loop gives up.
@@ -125,6 +133,8 @@ pub enum Event<'a> {
         path: &'a Path,
         /// Its step.
         step: u64,
+        /// When it was written, in seconds since the Unix epoch.
+        unix_secs: f64,
         /// Newer checkpoints passed over, with the reason.
         skipped: &'a [(PathBuf, String)],
     },
@@ -142,23 +152,23 @@ pub enum Event<'a> {
     },
     /// A step was taken.
     Step(&'a StepReport),
-    /// A checkpoint was written.
-    Checkpoint {
-        /// Its folder.
-        path: &'a Path,
-        /// Its step.
-        step: u64,
-    },
+    /// A checkpoint was written (a failed prune or export after it follows as its own
+    /// [`Event::Failed`]).
+    Checkpoint(&'a CheckpointOutcome),
     /// Paused: nothing new for `epochs` epochs.
     Paused {
         /// Epochs without new data.
         epochs: u64,
     },
-    /// A checkpoint failed (a full disk, say): the previous ones are intact, training
-    /// goes on, and the checkpoint is tried again later.
-    CheckpointFailed {
-        /// Why.
-        error: String,
+    /// A job that writes failed (a full disk, say); training goes on. A checkpoint
+    /// leaves the previous ones intact; metrics lines wait in memory.
+    Failed {
+        /// The job.
+        operation: Operation,
+        /// Why ([`RunError::kind`] tells a full disk from damage or a permission).
+        error: &'a RunError,
+        /// When it is tried again (`None`: at the next checkpoint).
+        retry_in: Option<Duration>,
     },
     /// The loop is alive while it waits (for data, or paused): a watchdog's heartbeat.
     Heartbeat,
@@ -189,6 +199,11 @@ pub struct Setup {
     pub monitor: Option<Monitor>,
     /// Test fault points.
     pub faults: FaultPoints,
+    /// How long after a failed checkpoint or metrics write the next try waits.
+    pub retry: Duration,
+    /// How often [`Event::Heartbeat`] is reported while the loop waits or is paused
+    /// (at most every half second; a watchdog's interval over 4, say).
+    pub heartbeat: Duration,
 }
 
 /// Refuses a schedule that ends: open-ended training needs `schedule = "constant"`.
@@ -225,12 +240,16 @@ pub fn train_continuously(
         loader: loader_cfg,
         monitor,
         faults,
+        retry,
+        heartbeat,
     } = setup;
+    let tick = heartbeat.min(WAIT_TICK);
     let resumed = resume(&mut trainer, &dir.checkpoints())?;
     if let Some(r) = &resumed {
         on_event(Event::Resumed {
             path: &r.path,
             step: r.meta.step,
+            unix_secs: r.meta.created_unix as f64,
             skipped: &r.skipped,
         });
     }
@@ -256,7 +275,7 @@ pub fn train_continuously(
             }
         }
         on_event(Event::Heartbeat);
-        controls.wait(WAIT_TICK);
+        controls.wait(tick);
     };
     let settings = controls.settings();
     let view_size = augmenter.size();
@@ -272,6 +291,7 @@ pub fn train_continuously(
         export_latest: true,
         faults,
         batch_trace: std::env::var_os(crate::TRACE_BATCHES_ENV).map(PathBuf::from),
+        retry,
     })?;
     if dropped > 0 {
         tracing::info!(dropped, "metrics lines past the resumed step dropped");
@@ -279,25 +299,74 @@ pub fn train_continuously(
     on_event(Event::Training {
         step: run.trainer().steps_done(),
     });
-    let outcome = steps(&mut run, controls, settings, on_event);
-    // Whatever ended the loop, the last good step is kept.
-    if run.has_unsaved_steps() {
-        match run.checkpoint() {
-            Ok(path) => on_event(Event::Checkpoint {
-                path: &path,
-                step: run.trainer().steps_done(),
-            }),
-            Err(e) if outcome.is_ok() => return Err(e),
-            Err(e) => tracing::error!(error = %e, "the last checkpoint failed too"),
-        }
+    let outcome = steps(&mut run, controls, settings, tick, on_event);
+    // Whatever ended the loop, the last good step is kept, with its metrics lines.
+    let finished = run.finish();
+    if let Err(error) = &finished.metrics {
+        on_event(Event::Failed {
+            operation: Operation::Metrics,
+            error,
+            retry_in: None,
+        });
+    }
+    match finished.checkpoint {
+        Some(Ok(saved)) => report_checkpoint(&saved, on_event),
+        Some(Err(e)) if outcome.is_ok() => return Err(e),
+        Some(Err(e)) => tracing::error!(error = %e, "the last checkpoint failed too"),
+        None => {}
     }
     outcome
+}
+
+/// The events of [`Run::retry_due_writes`]: a metrics write that failed again, and the
+/// checkpoint attempt.
+fn report_retries(run: &mut Run, on_event: &mut dyn FnMut(Event)) {
+    let retried = run.retry_due_writes();
+    if let Err(error) = &retried.metrics {
+        on_event(Event::Failed {
+            operation: Operation::Metrics,
+            error,
+            retry_in: Some(run.retry_interval()),
+        });
+    }
+    if let Some(attempt) = &retried.checkpoint {
+        report_attempt(attempt, run.retry_interval(), on_event);
+    }
+}
+
+/// The events of a written checkpoint: the checkpoint, then a failed prune or export.
+fn report_checkpoint(saved: &CheckpointOutcome, on_event: &mut dyn FnMut(Event)) {
+    on_event(Event::Checkpoint(saved));
+    for (operation, error) in saved.failures() {
+        on_event(Event::Failed {
+            operation,
+            error,
+            retry_in: None,
+        });
+    }
+}
+
+/// The events of a checkpoint attempt: [`report_checkpoint`]'s, or its failure.
+fn report_attempt(
+    attempt: &Result<CheckpointOutcome, RunError>,
+    retry: Duration,
+    on_event: &mut dyn FnMut(Event),
+) {
+    match attempt {
+        Ok(saved) => report_checkpoint(saved, on_event),
+        Err(error) => on_event(Event::Failed {
+            operation: Operation::Checkpoint,
+            error,
+            retry_in: Some(retry),
+        }),
+    }
 }
 
 fn steps(
     run: &mut Run,
     controls: &Controls,
     mut settings: Settings,
+    tick: Duration,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<i32, RunError> {
     let mut seen_generation = controls.generation();
@@ -331,7 +400,9 @@ fn steps(
                 epochs: idle_epochs,
             });
             while controls.generation() == seen_generation && controls.stop_requested().is_none() {
-                controls.wait(WAIT_TICK);
+                on_event(Event::Heartbeat);
+                report_retries(run, on_event);
+                controls.wait(tick);
             }
             if let Some(sig) = controls.stop_requested() {
                 return Ok(sig);
@@ -347,16 +418,15 @@ fn steps(
             Ok(report) => {
                 rollbacks = 0;
                 on_event(Event::Step(&report));
-                if let Some(path) = &report.checkpoint {
-                    on_event(Event::Checkpoint {
-                        path,
-                        step: report.stats.step,
+                if let Some(error) = &report.metrics_error {
+                    on_event(Event::Failed {
+                        operation: Operation::Metrics,
+                        error,
+                        retry_in: Some(run.retry_interval()),
                     });
                 }
-                if let Some(error) = &report.checkpoint_error {
-                    on_event(Event::CheckpointFailed {
-                        error: error.clone(),
-                    });
+                if let Some(attempt) = &report.checkpoint {
+                    report_attempt(attempt, run.retry_interval(), on_event);
                 }
             }
             Err(RunError::NonFiniteLoss { step, loss }) => {
@@ -380,16 +450,6 @@ fn steps(
 /// A checkpoint asked for outside the policy (SIGUSR1, pausing); a failure is reported
 /// and training goes on (the previous checkpoints are intact).
 fn checkpoint_now(run: &mut Run, on_event: &mut dyn FnMut(Event)) {
-    match run.checkpoint() {
-        Ok(path) => on_event(Event::Checkpoint {
-            path: &path,
-            step: run.trainer().steps_done(),
-        }),
-        Err(e) => {
-            tracing::error!(error = %e, "checkpoint failed");
-            on_event(Event::CheckpointFailed {
-                error: e.to_string(),
-            });
-        }
-    }
+    let attempt = run.checkpoint();
+    report_attempt(&attempt, run.retry_interval(), on_event);
 }

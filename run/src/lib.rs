@@ -29,10 +29,40 @@ pub use layout::{RunDir, RunLock};
 pub use metrics::{MetricsLine, MetricsSink};
 pub use monitor::{Measurement, Monitor, MonitorConfig};
 pub use policy::CheckpointPolicy;
-pub use resume::{Resumed, RunMeta, resume};
-pub use run::{CHECKPOINT_RETRY, FaultPoints, Run, RunParts, StepReport, TRACE_BATCHES_ENV};
+pub use resume::{Resumed, RunMeta, ScheduleChange, resume, schedule_change};
+pub use run::{
+    CheckpointOutcome, FaultPoints, Finished, RETRY_AFTER, Run, RunParts, StepReport,
+    TRACE_BATCHES_ENV,
+};
 
 use std::path::PathBuf;
+
+use byol_ingest::fsutil::FailureKind;
+
+/// The jobs of a run that write to disk, each with its own outcome and policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// Writing a checkpoint (retried after the retry interval when it fails).
+    Checkpoint,
+    /// Removing checkpoints past `keep_last` (tried again at the next checkpoint).
+    Prune,
+    /// Writing `encoder-latest.safetensors` (written again at the next checkpoint).
+    Export,
+    /// Appending to `metrics.jsonl` (the lines wait; retried after the retry interval).
+    Metrics,
+}
+
+impl Operation {
+    /// The label value: `checkpoint`, `prune`, `export`, `metrics`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Checkpoint => "checkpoint",
+            Operation::Prune => "prune",
+            Operation::Export => "export",
+            Operation::Metrics => "metrics",
+        }
+    }
+}
 
 /// Errors of a run.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +125,21 @@ pub enum RunError {
         /// The run folder.
         path: PathBuf,
     },
+}
+
+impl RunError {
+    /// What kind of failure this is: a full disk, a permission, damage, or other (see
+    /// [`FailureKind`]); the daemon's policy and its failure counters go by it.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            RunError::Train(e) => e.kind(),
+            RunError::Dataset(e) => e.kind(),
+            RunError::Loader(e) => FailureKind::of_chain(e),
+            RunError::Eval(e) => FailureKind::of_chain(e),
+            RunError::Io { source, .. } => FailureKind::of_io(source),
+            _ => FailureKind::Other,
+        }
+    }
 }
 
 /// The `Io` error for `path`.

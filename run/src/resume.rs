@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use byol_loader::LoaderState;
-use byol_trainer::{CheckpointMeta, Trainer, checkpoint};
+use byol_trainer::{CheckpointMeta, Schedule, Trainer, checkpoint, schedule};
 use serde::{Deserialize, Serialize};
 
 use crate::RunError;
@@ -100,4 +100,61 @@ pub fn resume(trainer: &mut Trainer, dir: &Path) -> Result<Option<Resumed>, RunE
         dir.display(),
         reasons.join("; ")
     )))
+}
+
+/// A resume whose `train.total_steps` differs from the checkpoint's: under the cosine
+/// schedules the learning rate and τ at the resumed step change with it (the learning
+/// rate jumps back up, τ drops), so the run says so. See [`schedule_change`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScheduleChange {
+    /// The resumed step.
+    pub step: u64,
+    /// `total_steps` of the checkpoint.
+    pub old_total_steps: u64,
+    /// `total_steps` of this run.
+    pub new_total_steps: u64,
+    /// Learning rate at `step` under the checkpoint's schedule, then this run's.
+    pub lr: (f64, f64),
+    /// τ at `step` under the checkpoint's schedule, then this run's.
+    pub tau: (f64, f64),
+}
+
+impl std::fmt::Display for ScheduleChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "resuming at step {} with train.total_steps = {} (the checkpoint had {}): the \
+             cosine schedules move, learning rate {:.6} -> {:.6} and tau {:.6} -> {:.6} at \
+             this step",
+            self.step,
+            self.new_total_steps,
+            self.old_total_steps,
+            self.lr.0,
+            self.lr.1,
+            self.tau.0,
+            self.tau.1
+        )
+    }
+}
+
+/// The change of schedule a resume from `meta` makes, when `trainer` (already resumed)
+/// runs cosine schedules with another `train.total_steps`; `None` for the same length or
+/// a constant schedule. A caller that refits the length on purpose (`--minutes`) does
+/// not ask.
+pub fn schedule_change(meta: &CheckpointMeta, trainer: &Trainer) -> Option<ScheduleChange> {
+    let cfg = trainer.config();
+    let (old, new) = (meta.config.train.total_steps, cfg.train.total_steps);
+    if cfg.optim.schedule == Schedule::Constant || old == new {
+        return None;
+    }
+    let (step, batch) = (meta.step, trainer.batch_size());
+    let lr = |total| schedule::learning_rate(&cfg.optim, batch, total, step);
+    let tau = |total| schedule::tau(&cfg.optim, total, step);
+    Some(ScheduleChange {
+        step,
+        old_total_steps: old,
+        new_total_steps: new,
+        lr: (lr(old), lr(new)),
+        tau: (tau(old), tau(new)),
+    })
 }

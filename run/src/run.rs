@@ -9,7 +9,8 @@ use byol_trainer::eval::{Encoder, export_encoder};
 use byol_trainer::{StepStats, Trainer, checkpoint};
 
 use crate::{
-    CheckpointPolicy, MetricsLine, MetricsSink, Monitor, RunDir, RunError, RunMeta, resume,
+    CheckpointPolicy, MetricsLine, MetricsSink, Monitor, Operation, RunDir, RunError, RunMeta,
+    resume,
 };
 
 /// Test hook: abort the process (as `kill -9` would) right after this step's metrics
@@ -67,13 +68,53 @@ pub struct RunParts {
     /// Append each batch's records to this JSON Lines file (`BYOL_TRACE_BATCHES`, a
     /// measurement hook: when does a new record first reach a batch).
     pub batch_trace: Option<PathBuf>,
+    /// How long after a failed checkpoint or metrics write the next try waits
+    /// ([`RETRY_AFTER`] for `byol train`, `[daemon] retry_secs` for the daemon).
+    pub retry: Duration,
 }
 
 /// Environment variable naming the batch trace file ([`RunParts::batch_trace`]).
 pub const TRACE_BATCHES_ENV: &str = "BYOL_TRACE_BATCHES";
 
+/// What a checkpoint's jobs did: the save succeeded; then pruning and the export (when
+/// asked for) each have their own outcome, so a failed export is not a failed checkpoint.
+#[derive(Debug)]
+pub struct CheckpointOutcome {
+    /// The checkpoint folder.
+    pub path: PathBuf,
+    /// Its step.
+    pub step: u64,
+    /// When it was written, in seconds since the Unix epoch.
+    pub unix_secs: f64,
+    /// Removing checkpoints past `keep_last` (and leftover `.tmp` folders).
+    pub pruned: Result<(), RunError>,
+    /// Writing `encoder-latest.safetensors` (`None`: not asked for).
+    pub exported: Option<Result<PathBuf, RunError>>,
+}
+
+impl CheckpointOutcome {
+    /// The jobs after the save that failed, with their errors.
+    pub fn failures(&self) -> impl Iterator<Item = (Operation, &RunError)> {
+        let prune = self.pruned.as_ref().err().map(|e| (Operation::Prune, e));
+        let export = match &self.exported {
+            Some(Err(e)) => Some((Operation::Export, e)),
+            _ => None,
+        };
+        prune.into_iter().chain(export)
+    }
+}
+
+/// What [`Run::finish`] (or [`Run::retry_due_writes`]) did.
+#[derive(Debug)]
+pub struct Finished {
+    /// Writing the waiting metrics lines.
+    pub metrics: Result<(), RunError>,
+    /// The checkpoint of the last completed step, when one was due.
+    pub checkpoint: Option<Result<CheckpointOutcome, RunError>>,
+}
+
 /// One step's outcome.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct StepReport {
     /// Loss, learning rate, τ, collapse indicator and the step number.
     pub stats: StepStats,
@@ -83,17 +124,19 @@ pub struct StepReport {
     pub images: usize,
     /// The metrics line, when this step was logged.
     pub line: Option<MetricsLine>,
-    /// The checkpoint written after this step, if the policy made one.
-    pub checkpoint: Option<PathBuf>,
-    /// Why the checkpoint the policy asked for failed (a full disk, say); it is tried
-    /// again after [`CHECKPOINT_RETRY`], and the previous checkpoints are intact.
-    pub checkpoint_error: Option<String>,
+    /// The checkpoint the policy asked for after this step, if it did: written (with
+    /// its prune and export outcomes), or why it failed (a full disk, say; it is tried
+    /// again after the retry interval, and the previous checkpoints are intact).
+    pub checkpoint: Option<Result<CheckpointOutcome, RunError>>,
+    /// Why this step's metrics line could not be written (a full disk, say): it waits
+    /// in memory with the next ones and is written after the retry interval.
+    pub metrics_error: Option<RunError>,
     /// Finished batches waiting in the loader after this step.
     pub queue_depth: usize,
 }
 
-/// How long after a failed checkpoint the policy tries again.
-pub const CHECKPOINT_RETRY: Duration = Duration::from_secs(60);
+/// How long after a failed checkpoint or metrics write `byol train` tries again.
+pub const RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// A training run between steps (see the crate docs).
 pub struct Run {
@@ -112,15 +155,36 @@ pub struct Run {
     last_epoch: u64,
     /// When, and at which step, the last checkpoint was written (or the run started).
     last_ckpt: (Instant, u64),
-    /// Images and data wait since the last logged step, and when that was.
-    window: (Instant, u64, Duration),
+    /// Images and data wait since the last logged step.
+    window: Window,
     started: Instant,
     /// A step produced a non-finite loss and the weights hold its update: nothing may
     /// be checkpointed until [`Run::rollback`].
     poisoned: bool,
     /// After a failed checkpoint, the policy waits until then.
     retry_at: Option<Instant>,
+    retry: Duration,
     batch_trace: Option<std::fs::File>,
+}
+
+/// What the next metrics line averages over: since the last logged step.
+struct Window {
+    /// When the window opened.
+    since: Instant,
+    /// Images trained in it.
+    images: u64,
+    /// Time spent waiting for batches in it.
+    data_wait: Duration,
+}
+
+impl Window {
+    fn open() -> Self {
+        Window {
+            since: Instant::now(),
+            images: 0,
+            data_wait: Duration::ZERO,
+        }
+    }
 }
 
 impl Run {
@@ -138,7 +202,7 @@ impl Run {
             ),
             None => None,
         };
-        let (metrics, dropped) = MetricsSink::open(&parts.dir.metrics(), step)?;
+        let (metrics, dropped) = MetricsSink::open(&parts.dir.metrics(), step, parts.retry)?;
         let state = parts.loader.state();
         let now = Instant::now();
         Ok((
@@ -156,10 +220,11 @@ impl Run {
                 faults: parts.faults,
                 view_size: parts.view_size,
                 last_ckpt: (now, step),
-                window: (now, 0, Duration::ZERO),
+                window: Window::open(),
                 started: now,
                 poisoned: false,
                 retry_at: None,
+                retry: parts.retry,
                 batch_trace,
             },
             dropped,
@@ -170,14 +235,15 @@ impl Run {
     /// steps (or when `force_log`, or when the monitor measures); a checkpoint when the
     /// policy says so.
     ///
-    /// Errors: the step failed, the metrics could not be written;
-    /// [`RunError::NonFiniteLoss`] when the loss is NaN or infinite (nothing is
-    /// checkpointed from then until [`Run::rollback`]).
+    /// Errors: the step failed; [`RunError::NonFiniteLoss`] when the loss is NaN or
+    /// infinite (nothing is checkpointed from then until [`Run::rollback`]). A failed
+    /// metrics write or checkpoint is not an error of the step: the report carries it,
+    /// and training goes on.
     pub fn step(&mut self, force_log: bool) -> Result<StepReport, RunError> {
         let size = self.view_size as usize;
         let wait_start = Instant::now();
         let batch = self.loader.next_batch();
-        self.window.2 += wait_start.elapsed();
+        self.window.data_wait += wait_start.elapsed();
         let mut stats = self.trainer.step(batch.view1(), batch.view2(), size)?;
         let images = batch.len();
         let epoch = batch.epoch;
@@ -193,7 +259,7 @@ impl Run {
             let _ = writeln!(f, "{line}");
         }
         drop(batch);
-        self.window.1 += images as u64;
+        self.window.images += images as u64;
         self.last_state = self.loader.state();
         self.last_epoch = epoch;
         if self.faults.nan_at == Some(stats.step) {
@@ -211,11 +277,13 @@ impl Run {
             Some(m) if m.due(stats.step) => Some(m.measure(&self.trainer)?),
             _ => None,
         };
-        let line = if force_log || stats.step.is_multiple_of(self.log_every) || knn.is_some() {
-            Some(self.log(&stats, epoch, knn)?)
-        } else {
-            None
-        };
+        let (line, metrics_error) =
+            if force_log || stats.step.is_multiple_of(self.log_every) || knn.is_some() {
+                let (line, written) = self.log(&stats, epoch, knn);
+                (Some(line), written.err())
+            } else {
+                (None, None)
+            };
         if self.faults.abort_at == Some(stats.step) {
             std::process::abort();
         }
@@ -225,41 +293,62 @@ impl Run {
                 key: FAIL_AT_STEP_ENV,
             });
         }
-        let (mut checkpoint, mut checkpoint_error) = (None, None);
-        if self.checkpoint_due() {
-            match self.checkpoint() {
-                Ok(path) => checkpoint = Some(path),
-                Err(e) => {
-                    tracing::error!(error = %e, retry_secs = CHECKPOINT_RETRY.as_secs(), "checkpoint failed");
-                    self.retry_at = Some(Instant::now() + CHECKPOINT_RETRY);
-                    checkpoint_error = Some(e.to_string());
-                }
-            }
-        }
+        let checkpoint = self.checkpoint_due().then(|| self.checkpoint());
         Ok(StepReport {
             stats,
             epoch,
             images,
             line,
             checkpoint,
-            checkpoint_error,
+            metrics_error,
             queue_depth: self.loader.stats().queue_depth,
         })
     }
 
     /// Writes the metrics line of a step that [`Run::step`] did not log (the last step
-    /// of a run that ends on a deadline).
+    /// of a run that ends on a deadline). Errors: the line could not be written (it
+    /// waits, see [`Run::flush_metrics`]).
     pub fn log_last(&mut self, report: &StepReport) -> Result<MetricsLine, RunError> {
-        self.log(&report.stats, report.epoch, None)
+        let (line, written) = self.log(&report.stats, report.epoch, None);
+        written.map(|()| line)
     }
 
+    /// Ends the run keeping its last good step, the one way `byol train` and the daemon
+    /// both stop: the metrics lines a failed write left waiting are written, then the
+    /// last completed step is checkpointed when steps were taken since the last
+    /// checkpoint (`None` when there were none).
+    pub fn finish(&mut self) -> Finished {
+        Finished {
+            metrics: self.metrics.flush(),
+            checkpoint: self.has_unsaved_steps().then(|| self.checkpoint()),
+        }
+    }
+
+    /// Tries again, while the loop does not step (paused), the checkpoint or metrics
+    /// write that failed, once its retry interval has passed. Returns what was tried.
+    pub fn retry_due_writes(&mut self) -> Finished {
+        let now = Instant::now();
+        let metrics = if self.metrics.retry_due(now) {
+            self.metrics.flush()
+        } else {
+            Ok(())
+        };
+        let due = self.retry_at.is_some_and(|t| now >= t) && self.has_unsaved_steps();
+        Finished {
+            metrics,
+            checkpoint: due.then(|| self.checkpoint()),
+        }
+    }
+
+    /// The metrics line of a step, and whether it reached `metrics.jsonl` (a failed
+    /// write keeps it waiting for the next try).
     fn log(
         &mut self,
         stats: &StepStats,
         epoch: u64,
         knn: Option<crate::Measurement>,
-    ) -> Result<MetricsLine, RunError> {
-        let secs = self.window.0.elapsed().as_secs_f64().max(1e-9);
+    ) -> (MetricsLine, Result<(), RunError>) {
+        let secs = self.window.since.elapsed().as_secs_f64().max(1e-9);
         let line = MetricsLine {
             step: stats.step,
             epoch,
@@ -267,15 +356,16 @@ impl Run {
             lr: stats.lr,
             tau: stats.tau,
             collapse: stats.collapse,
-            images_per_sec: self.window.1 as f64 / secs,
-            data_wait_secs: self.window.2.as_secs_f64(),
+            images_per_sec: self.window.images as f64 / secs,
+            data_wait_secs: self.window.data_wait.as_secs_f64(),
             elapsed_secs: self.started.elapsed().as_secs_f64(),
             skipped_records: self.loader.stats().skipped,
             knn_accuracy: knn.map(|k| k.accuracy),
             knn_skipped_records: knn.map(|k| k.skipped as u64),
         };
-        self.metrics.append(&line)?;
+        let written = self.metrics.append(&line);
         tracing::info!(
+            event = "step",
             step = stats.step,
             epoch,
             loss = stats.loss,
@@ -284,10 +374,15 @@ impl Run {
             tau = stats.tau,
             images_per_sec = line.images_per_sec,
             knn_accuracy = line.knn_accuracy,
-            "step"
+            "step {} epoch {epoch} loss {:.4} lr {:.4} tau {:.4} {:.0} img/s",
+            stats.step,
+            stats.loss,
+            stats.lr,
+            stats.tau,
+            line.images_per_sec
         );
-        self.window = (Instant::now(), 0, Duration::ZERO);
-        Ok(line)
+        self.window = Window::open();
+        (line, written)
     }
 
     /// True when the policy wants a checkpoint now (and no failed one waits to be
@@ -305,38 +400,59 @@ impl Run {
         self.trainer.steps_done() != self.last_ckpt.1
     }
 
-    /// Checkpoints the last completed step, keeps the newest `keep_last`, and (when
-    /// asked for) writes `encoder-latest.safetensors`. Returns the checkpoint folder.
+    /// Checkpoints the last completed step; after a good save, keeps the newest
+    /// `keep_last` and (when asked for) writes `encoder-latest.safetensors`, each with
+    /// its own outcome in the [`CheckpointOutcome`].
     ///
     /// Errors: the weights hold a non-finite step's update (see [`Run::rollback`]), or
-    /// a file cannot be written; the previous checkpoints are intact either way.
-    pub fn checkpoint(&mut self) -> Result<PathBuf, RunError> {
+    /// the checkpoint cannot be written (the policy tries again after the retry
+    /// interval); the previous checkpoints are intact either way.
+    pub fn checkpoint(&mut self) -> Result<CheckpointOutcome, RunError> {
+        let step = self.trainer.steps_done();
         if self.poisoned {
-            return Err(RunError::Diverged {
-                step: self.trainer.steps_done(),
-            });
+            return Err(RunError::Diverged { step });
         }
         let dir = self.dir.checkpoints();
         let meta = RunMeta {
             epoch: self.last_epoch,
             loader: Some(self.last_state),
         };
-        let path = checkpoint::save(&dir, &self.trainer, Some(self.view_size), meta.to_json())?;
-        checkpoint::prune(&dir, self.policy.keep_last)?;
-        self.last_ckpt = (Instant::now(), self.trainer.steps_done());
+        let saved = checkpoint::save(&dir, &self.trainer, Some(self.view_size), meta.to_json());
+        let path = match saved {
+            Ok(path) => path,
+            Err(e) => {
+                self.retry_at = Some(Instant::now() + self.retry);
+                return Err(e.into());
+            }
+        };
+        self.last_ckpt = (Instant::now(), step);
         self.retry_at = None;
-        tracing::info!(step = self.trainer.steps_done(), path = %path.display(), "checkpoint written");
-        if self.export_latest {
-            let cfg = self.trainer.config();
-            let enc = Encoder::from_model(
-                self.trainer.model(),
-                &cfg.model,
-                self.trainer.steps_done(),
-                cfg.train.kernels,
-                self.trainer.device(),
-            )?;
-            export_encoder(&enc, &self.dir.encoder_latest())?;
-        }
+        let unix_secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let pruned = checkpoint::prune(&dir, self.policy.keep_last).map_err(RunError::from);
+        let exported = self.export_latest.then(|| self.export());
+        Ok(CheckpointOutcome {
+            path,
+            step,
+            unix_secs,
+            pruned,
+            exported,
+        })
+    }
+
+    /// Writes the online encoder to `RUN/encoder-latest.safetensors`.
+    fn export(&self) -> Result<PathBuf, RunError> {
+        let cfg = self.trainer.config();
+        let enc = Encoder::from_model(
+            self.trainer.model(),
+            &cfg.model,
+            self.trainer.steps_done(),
+            cfg.train.kernels,
+            self.trainer.device(),
+        )?;
+        let path = self.dir.encoder_latest();
+        export_encoder(&enc, &path)?;
         Ok(path)
     }
 
@@ -353,6 +469,11 @@ impl Run {
         self.metrics.truncate_to(self.trainer.steps_done())?;
         self.last_ckpt = (Instant::now(), self.trainer.steps_done());
         Ok(resumed.map(|r| r.path))
+    }
+
+    /// How long after a failed checkpoint or metrics write the next try waits.
+    pub fn retry_interval(&self) -> Duration {
+        self.retry
     }
 
     /// The trainer.

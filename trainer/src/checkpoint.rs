@@ -57,6 +57,78 @@ pub struct CheckpointMeta {
     pub run: serde_json::Map<String, serde_json::Value>,
 }
 
+/// What is wrong with a checkpoint ([`TrainError::Checkpoint`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointProblem {
+    /// A file's bytes do not match the checksum in `meta.json`.
+    #[error("checksum mismatch (the file is damaged)")]
+    ChecksumMismatch,
+    /// A file does not parse (JSON or safetensors), or cannot be serialised.
+    #[error("unreadable: {0}")]
+    Unreadable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Written by a checkpoint format this build does not read.
+    #[error("checkpoint format {found} is not supported (this build reads {CHECKPOINT_VERSION})")]
+    UnsupportedVersion {
+        /// The version in `meta.json`.
+        found: u32,
+    },
+    /// The file holds another number of tensors than the model.
+    #[error("{found} tensors, the model has {expected}")]
+    TensorCount {
+        /// Tensors in the file.
+        found: usize,
+        /// Tensors of the model.
+        expected: usize,
+    },
+    /// A tensor of the model is not in the file.
+    #[error("{0} is missing")]
+    MissingTensor(String),
+    /// A tensor has another shape than the model's.
+    #[error("{name} has shape {found:?}, the model has {expected:?}")]
+    Shape {
+        /// The tensor.
+        name: String,
+        /// Its shape in the file.
+        found: Vec<usize>,
+        /// The model's.
+        expected: Vec<usize>,
+    },
+    /// Made with another model, optimizer or batch size than this run.
+    #[error("was made with {what} {theirs}, this run has {ours}")]
+    Mismatch {
+        /// `model`, `optimizer` or `batch size`.
+        what: &'static str,
+        /// The checkpoint's value.
+        theirs: String,
+        /// This run's.
+        ours: String,
+    },
+}
+
+impl CheckpointProblem {
+    /// True for damage (a checksum, an unparsable file, missing or misshapen tensors),
+    /// false for a checkpoint that is whole but does not suit this build or run.
+    pub fn is_damage(&self) -> bool {
+        !matches!(
+            self,
+            CheckpointProblem::UnsupportedVersion { .. } | CheckpointProblem::Mismatch { .. }
+        )
+    }
+}
+
+fn problem(path: &Path, problem: CheckpointProblem) -> TrainError {
+    TrainError::Checkpoint {
+        path: path.to_owned(),
+        problem,
+    }
+}
+
+fn unreadable(
+    path: &Path,
+) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> TrainError + '_ {
+    move |e| problem(path, CheckpointProblem::Unreadable(e))
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io {
         path: path.to_owned(),
@@ -68,14 +140,13 @@ fn checksum(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex().to_string()
 }
 
-fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>, TrainError> {
+fn safetensors_bytes(tensors: &[(String, Tensor)], file: &Path) -> Result<Vec<u8>, TrainError> {
     let cpu: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), t.to_device(&candle_core::Device::Cpu)?)))
         .collect::<Result<_, TrainError>>()?;
     let views = cpu.iter().map(|(n, t)| (n.as_str(), t));
-    safetensors::serialize(views, None)
-        .map_err(|e| TrainError::Checkpoint(format!("serialising: {e}")))
+    safetensors::serialize(views, None).map_err(|e| unreadable(file)(e.into()))
 }
 
 fn named(vars: Vec<(String, Var)>) -> Vec<(String, Tensor)> {
@@ -146,9 +217,18 @@ fn write_files(
 ) -> Result<(), TrainError> {
     let model = trainer.model();
     let files = [
-        (ONLINE, safetensors_bytes(&named(model.online_named()))?),
-        (TARGET, safetensors_bytes(&named(model.target_named()))?),
-        (OPTIMIZER, safetensors_bytes(&trainer.optimizer().state())?),
+        (
+            ONLINE,
+            safetensors_bytes(&named(model.online_named()), &tmp.join(ONLINE))?,
+        ),
+        (
+            TARGET,
+            safetensors_bytes(&named(model.target_named()), &tmp.join(TARGET))?,
+        ),
+        (
+            OPTIMIZER,
+            safetensors_bytes(&trainer.optimizer().state(), &tmp.join(OPTIMIZER))?,
+        ),
     ];
     let mut checksums = BTreeMap::new();
     for (file, bytes) in &files {
@@ -207,10 +287,9 @@ pub fn verify(path: &Path) -> Result<CheckpointMeta, TrainError> {
 fn check_sum(path: &Path, bytes: &[u8], meta: &CheckpointMeta) -> Result<(), TrainError> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     match meta.checksums.get(name.as_ref()) {
-        Some(expected) if checksum(bytes) != *expected => Err(TrainError::Checkpoint(format!(
-            "{}: checksum mismatch (the file is damaged)",
-            path.display()
-        ))),
+        Some(expected) if checksum(bytes) != *expected => {
+            Err(problem(path, CheckpointProblem::ChecksumMismatch))
+        }
         _ => Ok(()),
     }
 }
@@ -219,14 +298,15 @@ fn check_sum(path: &Path, bytes: &[u8], meta: &CheckpointMeta) -> Result<(), Tra
 pub fn read_meta(path: &Path) -> Result<CheckpointMeta, TrainError> {
     let file = path.join(META);
     let bytes = fs::read(&file).map_err(io(&file))?;
-    let meta: CheckpointMeta = serde_json::from_slice(&bytes)
-        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", file.display())))?;
+    let meta: CheckpointMeta =
+        serde_json::from_slice(&bytes).map_err(|e| unreadable(&file)(e.into()))?;
     if meta.format_version != CHECKPOINT_VERSION {
-        return Err(TrainError::Checkpoint(format!(
-            "{}: checkpoint format {} is not supported (this build reads {CHECKPOINT_VERSION})",
-            file.display(),
-            meta.format_version
-        )));
+        return Err(problem(
+            &file,
+            CheckpointProblem::UnsupportedVersion {
+                found: meta.format_version,
+            },
+        ));
     }
     Ok(meta)
 }
@@ -239,8 +319,7 @@ pub(crate) fn load_tensors(
 ) -> Result<HashMap<String, Tensor>, TrainError> {
     let bytes = fs::read(path).map_err(io(path))?;
     check_sum(path, &bytes, meta)?;
-    candle_core::safetensors::load_buffer(&bytes, device)
-        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))
+    candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| unreadable(path)(e.into()))
 }
 
 pub(crate) fn restore_vars(
@@ -249,24 +328,27 @@ pub(crate) fn restore_vars(
     file: &Path,
 ) -> Result<(), TrainError> {
     if vars.len() != tensors.len() {
-        return Err(TrainError::Checkpoint(format!(
-            "{}: {} tensors, the model has {}",
-            file.display(),
-            tensors.len(),
-            vars.len()
-        )));
+        return Err(problem(
+            file,
+            CheckpointProblem::TensorCount {
+                found: tensors.len(),
+                expected: vars.len(),
+            },
+        ));
     }
     for (name, var) in vars {
-        let t = tensors.get(&name).ok_or_else(|| {
-            TrainError::Checkpoint(format!("{}: {name} is missing", file.display()))
-        })?;
+        let Some(t) = tensors.get(&name) else {
+            return Err(problem(file, CheckpointProblem::MissingTensor(name)));
+        };
         if t.dims() != var.dims() {
-            return Err(TrainError::Checkpoint(format!(
-                "{}: {name} has shape {:?}, the model has {:?}",
-                file.display(),
-                t.dims(),
-                var.dims()
-            )));
+            return Err(problem(
+                file,
+                CheckpointProblem::Shape {
+                    name,
+                    found: t.dims().to_vec(),
+                    expected: var.dims().to_vec(),
+                },
+            ));
         }
         var.set(t)?;
     }
@@ -296,11 +378,8 @@ impl Trainer {
     /// Refuses a checkpoint (its `meta`, read from `path`) made with another model,
     /// optimizer or batch size, naming the difference.
     pub fn check_fits(&self, meta: &CheckpointMeta, path: &Path) -> Result<(), TrainError> {
-        let mismatch = |what: &str, theirs: String, ours: String| {
-            TrainError::Checkpoint(format!(
-                "{} was made with {what} {theirs}, this run has {ours}",
-                path.display()
-            ))
+        let mismatch = |what: &'static str, theirs: String, ours: String| {
+            problem(path, CheckpointProblem::Mismatch { what, theirs, ours })
         };
         if meta.config.model != self.config().model {
             return Err(mismatch(

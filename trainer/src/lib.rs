@@ -15,7 +15,9 @@ pub mod optim;
 pub mod schedule;
 mod trainer;
 
-pub use checkpoint::{CheckpointMeta, latest as latest_checkpoint, save as save_checkpoint};
+pub use checkpoint::{
+    CheckpointMeta, CheckpointProblem, latest as latest_checkpoint, save as save_checkpoint,
+};
 pub use config::{
     Arch, Kernels, ModelConfig, OptimConfig, OptimizerKind, Precision, Schedule, TrainConfig,
     TrainerConfig,
@@ -52,7 +54,25 @@ pub enum TrainError {
         /// Why.
         reason: String,
     },
-    /// A checkpoint is unreadable or does not fit this run.
-    #[error("checkpoint: {0}")]
-    Checkpoint(String),
+    /// A checkpoint file is damaged, unreadable, or does not fit this run.
+    #[error("checkpoint {path}: {problem}")]
+    Checkpoint {
+        /// The checkpoint file (or folder, for a mismatch with this run).
+        path: std::path::PathBuf,
+        /// What is wrong.
+        problem: checkpoint::CheckpointProblem,
+    },
+}
+
+impl TrainError {
+    /// What kind of failure this is: the IO error's kind, damage for a checkpoint that
+    /// fails its checks (see [`byol_ingest::fsutil::FailureKind`]).
+    pub fn kind(&self) -> byol_ingest::fsutil::FailureKind {
+        use byol_ingest::fsutil::FailureKind;
+        match self {
+            TrainError::Io { source, .. } => FailureKind::of_io(source),
+            TrainError::Checkpoint { problem, .. } if problem.is_damage() => FailureKind::Damaged,
+            _ => FailureKind::Other,
+        }
+    }
 }

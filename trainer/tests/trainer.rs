@@ -8,7 +8,9 @@ use byol_trainer::config::{ModelConfig, OptimizerKind, Schedule};
 use byol_trainer::loss::byol_loss;
 use byol_trainer::model::{ByolModel, is_running_stat};
 use byol_trainer::optim::Lars;
-use byol_trainer::{OptimConfig, TrainConfig, TrainError, Trainer, TrainerConfig, checkpoint};
+use byol_trainer::{
+    CheckpointProblem, OptimConfig, TrainConfig, TrainError, Trainer, TrainerConfig, checkpoint,
+};
 use candle_core::{Device, Tensor, Var};
 use rand_core::{RngCore, SeedableRng};
 
@@ -270,7 +272,9 @@ fn an_incompatible_checkpoint_is_refused_with_a_clear_message() {
     let mut wider = Trainer::new(other, 4).unwrap();
     let before = snapshot(wider.model().online_named());
     match wider.load_checkpoint(&path) {
-        Err(TrainError::Checkpoint(m)) => assert!(m.contains("model"), "{m}"),
+        Err(e @ TrainError::Checkpoint { .. }) => {
+            assert!(e.to_string().contains("model"), "{e}")
+        }
         other => panic!("expected a refusal, got {:?}", other.map(|m| m.step)),
     }
     assert_eq!(
@@ -280,12 +284,15 @@ fn an_incompatible_checkpoint_is_refused_with_a_clear_message() {
     );
     let mut other_batch = Trainer::new(tiny(), 8).unwrap();
     assert!(
-        matches!(other_batch.load_checkpoint(&path), Err(TrainError::Checkpoint(m)) if m.contains("batch size"))
+        matches!(other_batch.load_checkpoint(&path), Err(TrainError::Checkpoint { problem: CheckpointProblem::Mismatch { what, .. }, .. }) if what == "batch size")
     );
     std::fs::write(path.join("meta.json"), b"{ not json").unwrap();
     assert!(matches!(
         Trainer::new(tiny(), 4).unwrap().load_checkpoint(&path),
-        Err(TrainError::Checkpoint(_))
+        Err(TrainError::Checkpoint {
+            problem: CheckpointProblem::Unreadable(_),
+            ..
+        })
     ));
 }
 
@@ -416,11 +423,13 @@ fn a_damaged_checkpoint_fails_its_checksum_and_changes_nothing() {
     bytes[mid] ^= 0x10;
     std::fs::write(&file, &bytes).unwrap();
     match checkpoint::verify(&path) {
-        Err(TrainError::Checkpoint(m)) => {
+        Err(e @ TrainError::Checkpoint { .. }) => {
+            let m = e.to_string();
             assert!(
                 m.contains("target.safetensors") && m.contains("checksum"),
                 "{m}"
-            )
+            );
+            assert_eq!(e.kind(), byol_ingest::fsutil::FailureKind::Damaged);
         }
         other => panic!("expected a checksum error, got {:?}", other.map(|m| m.step)),
     }

@@ -77,9 +77,9 @@ impl Encoder {
         let online: std::collections::HashMap<String, candle_core::Var> =
             model.online_named().into_iter().collect();
         for (name, var) in sorted(&enc.vars) {
-            let source = online
-                .get(&name)
-                .ok_or_else(|| crate::TrainError::Checkpoint(format!("the model has no {name}")))?;
+            let source = online.get(&name).ok_or_else(|| {
+                candle_core::Error::Msg(format!("the online network has no {name}"))
+            })?;
             var.set(source.as_tensor())?;
         }
         enc.bn_updates = 2 * steps;
