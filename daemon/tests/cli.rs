@@ -958,6 +958,45 @@ fn steps_past_the_schedule_are_warned_about() {
     );
 }
 
+/// A resume with another `train.total_steps` moves the cosine schedules: warned, with
+/// the old and new values and the learning rate and τ at the resumed step; not when
+/// `--minutes` refits them on purpose, nor under a constant schedule.
+#[test]
+fn a_resume_with_another_total_steps_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, ds) = packed(dir.path(), 24, 24);
+    let run = dir.path().join("run");
+    let cfg = tiny_config(dir.path(), &[]);
+    let o = train_run(&cfg, &ds, &run, &["--steps", "3"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let cfg = tiny_config(dir.path(), &[("total_steps = 20", "total_steps = 40")]);
+    let o = train_run(&cfg, &ds, &run, &["--resume", "--steps", "4"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(
+            "warning: resuming at step 3 with train.total_steps = 40 (the checkpoint had 20)"
+        ) && err.contains("learning rate")
+            && err.contains("tau"),
+        "{err}"
+    );
+    let changed = "the checkpoint had";
+    let cfg = tiny_config(dir.path(), &[("total_steps = 20", "total_steps = 60")]);
+    let o = train_run(&cfg, &ds, &run, &["--resume", "--minutes", "0.01"]);
+    assert!(!text(&o).contains(changed), "{}", text(&o));
+    let constant = "base_lr = 1e-3\nschedule = \"constant\"";
+    let cfg = tiny_config(
+        dir.path(),
+        &[
+            ("total_steps = 20", "total_steps = 80"),
+            ("base_lr = 1e-3", constant),
+        ],
+    );
+    let o = train_run(&cfg, &ds, &run, &["--resume", "--steps", "100"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!text(&o).contains(changed), "{}", text(&o));
+}
+
 #[test]
 fn sigterm_checkpoints_the_last_step_and_exits() {
     let dir = tempfile::tempdir().unwrap();

@@ -246,3 +246,106 @@ fn a_non_finite_loss_is_rolled_back_and_an_idle_daemon_pauses_until_new_files() 
         .collect();
     assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
 }
+
+/// `GET /metrics` on the address a daemon printed: the exposition (0.0.4 text).
+fn scrape(out: &str) -> String {
+    use std::io::Read;
+    let addr = out
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics on http://"))
+        .and_then(|l| l.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("no metrics address in:\n{out}"));
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.split_once("\r\n\r\n").unwrap().1.to_owned()
+}
+
+/// The value of the sample named `name` (with its labels) in an exposition.
+fn sample(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{exposition}"))
+}
+
+/// An export that fails after a good save (a folder squats on
+/// `encoder-latest.safetensors`) is an export failure: the checkpoint event fires, the
+/// last-checkpoint gauge moves, no "checkpoint failed". After a restart the gauge holds
+/// the resumed checkpoint's time, before any new checkpoint.
+#[test]
+fn a_failed_export_is_not_a_failed_checkpoint_and_a_restart_keeps_the_checkpoint_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("in/a")).unwrap();
+    for i in 0..8 {
+        std::fs::write(root.join(format!("in/a/{i}.png")), distinct_png(i)).unwrap();
+    }
+    let squatter = root.join("run/encoder-latest.safetensors");
+    std::fs::create_dir_all(&squatter).unwrap();
+    std::fs::write(squatter.join("keep"), b"x").unwrap();
+    let cfg = root.join("d.toml");
+    let edits = [("checkpoint_every_steps = 25", "checkpoint_every_steps = 4")];
+    std::fs::write(&cfg, daemon_config(root, &edits)).unwrap();
+    let mut d = Daemon::start(&cfg, root.join("out1.txt"), &[]);
+    d.wait_for("the failed export", |o| o.contains("export failed ("));
+    let out = d.output();
+    assert!(out.contains("checkpoint step 4:"), "{out}");
+    assert!(!out.contains("checkpoint failed"), "{out}");
+    let metrics = scrape(&out);
+    assert!(
+        sample(
+            &metrics,
+            "byol_failures_total{operation=\"export\",kind=\"other\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "byol_failures_total{operation=\"checkpoint\",kind=\"other\"}"
+        ),
+        0.0
+    );
+    assert!(sample(&metrics, "byol_last_checkpoint_timestamp_seconds") > 1.7e9);
+    let (status, out) = d.stop();
+    assert!(status.success(), "{status}\n{out}");
+
+    // Restarted, with checkpoints far apart: the gauge is the resumed checkpoint's time.
+    let edits = [(
+        "checkpoint_every_steps = 25",
+        "checkpoint_every_steps = 100000",
+    )];
+    std::fs::write(&cfg, daemon_config(root, &edits)).unwrap();
+    let newest = byol_trainer_meta(&root.join("run/checkpoints"));
+    let mut d = Daemon::start(&cfg, root.join("out2.txt"), &[]);
+    d.wait_for("training", |o| o.contains("training from step"));
+    let metrics = scrape(&d.output());
+    assert_eq!(
+        sample(&metrics, "byol_last_checkpoint_timestamp_seconds"),
+        newest,
+        "{metrics}"
+    );
+    let (status, out) = d.stop();
+    assert!(status.success(), "{status}\n{out}");
+}
+
+/// `created_unix` of the newest checkpoint in `dir`.
+fn byol_trainer_meta(dir: &std::path::Path) -> f64 {
+    let newest = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("meta.json").is_file())
+        .max()
+        .unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(newest.join("meta.json")).unwrap()).unwrap();
+    meta["created_unix"].as_f64().unwrap()
+}
