@@ -5,8 +5,9 @@
 #      falls below the last checkpoint's; at the end every complete file is in the
 #      dataset exactly once with its final content and label.
 #   2. 10,000 files landing at once.
-#   3. A full disk while writing shards and checkpoints (tmpfs; needs root): a clear
-#      error, the previous state intact, and the daemon carries on once there is room.
+#   3. A full disk while writing shards, checkpoints and metrics.jsonl (tmpfs; needs
+#      root): a clear error, the previous state intact, training goes on, and the
+#      daemon carries on once there is room (every metrics line written, none torn).
 #   4. The watched folder deleted: the daemon keeps running, nothing is retired.
 #
 # Usage: scripts/drill.sh [--kills N] [--files N] [--photos DIR]
@@ -186,9 +187,26 @@ else
   # Checkpoints on a full disk: the run folder's tmpfs holds one checkpoint, not two.
   t=0; until grep -q "checkpoint failed" "$D/out.txt"; do sleep 1; t=$((t+1)); [ $t -lt 180 ] || fail "no checkpoint failure on a full disk"; done
   grep -m1 "checkpoint failed" "$D/out.txt" | sed 's/^/  /'
-  ls "$D/run/checkpoints" | sed 's/^/  still there: /' 
+  ls "$D/run/checkpoints" | sed 's/^/  still there: /'
   kill -0 $pid || fail "the daemon died when a checkpoint failed"
+  # metrics.jsonl on a full disk: the lines wait, training goes on.
+  dd if=/dev/zero of="$D/run/filler" bs=64k 2>/dev/null || true
+  t=0; until grep -q "metrics failed" "$D/out.txt"; do sleep 1; t=$((t+1)); [ $t -lt 120 ] || fail "no metrics failure on a full disk"; done
+  grep -m1 "metrics failed" "$D/out.txt" | sed 's/^/  /'
+  before=$(grep -c '^step ' "$D/out.txt"); sleep 5; after=$(grep -c '^step ' "$D/out.txt")
+  [ "$after" -gt "$before" ] || fail "training stopped on a full disk"
+  echo "  training went on on a full disk: $((after - before)) step lines in 5 s"
+  kill -0 $pid || fail "the daemon died when a metrics write failed"
+  rm -f "$D/run/filler"
   mount -o remount,size=256m "$D/data"; mount -o remount,size=256m "$D/run"
+  t=0; until grep -q "metrics written again" "$D/out.txt"; do sleep 1; t=$((t+1)); [ $t -lt 120 ] || fail "the metrics lines were not written after the retry"; done
+  /usr/bin/python3 - "$D/run/metrics.jsonl" <<'PY' || fail "metrics.jsonl lost or tore a line"
+import json, sys
+steps = [json.loads(l)["step"] for l in open(sys.argv[1])]
+gaps = [b for a, b in zip(steps, steps[1:]) if b != a + 10]
+print(f"  metrics.jsonl after the outage: {len(steps)} whole lines, steps {steps[0]}..{steps[-1]}, gaps {len(gaps)}")
+sys.exit(1 if gaps else 0)
+PY
   wait_all_ingested "$D" 300
   echo "  room again: every file ingested after the retry"
   kill -TERM $pid; wait $pid || fail "stop after the full disk"

@@ -55,7 +55,8 @@ pub struct DaemonConfig {
     /// Let `listen` be a non-loopback address (anyone who reaches it reads the metrics).
     #[serde(default)]
     pub allow_remote_metrics: bool,
-    /// Seconds before the ingester is reopened after an error (a full disk).
+    /// Seconds before a failed ingest (the dataset reopened), checkpoint or metrics
+    /// write is tried again (a full disk).
     #[serde(default = "default_retry")]
     pub retry_secs: f64,
     /// Seconds a file's size and mtime must stay unchanged before it is ingested.

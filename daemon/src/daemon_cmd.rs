@@ -22,16 +22,16 @@ use anyhow::Context;
 use byol_augment::Augmenter;
 use byol_ingest::{Follower, IngestReport, Settler};
 use byol_loader::Output;
-use byol_run::continuous::{self, Controls, Event, Settings, Setup};
-use byol_run::{CheckpointPolicy, FaultPoints, Monitor, Operation, RunDir};
+use byol_run::continuous::{self, Controls, DaemonSettings, Event, Settings, Setup, TrainSettings};
+use byol_run::{FaultPoints, Monitor, Operation, RunDir};
 use byol_trainer::Trainer;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 
 use crate::cli::{DaemonArgs, ValidateArgs};
 use crate::config::{Config, DaemonConfig};
 use crate::metrics::{Metrics, serve};
 use crate::service::{Notifier, stopping};
+use crate::signals;
 use crate::watch::{Change, watch};
 
 /// Runs `byol validate`: the config is parsed and every value checked.
@@ -78,9 +78,10 @@ fn compact_policy(
 /// The reloadable settings of a config.
 fn settings(cfg: &Config, d: &DaemonConfig) -> Settings {
     Settings {
-        policy: CheckpointPolicy::from_train(&cfg.train),
-        log_every: cfg.train.log_every,
-        idle_after_epochs: d.idle_after_epochs,
+        train: TrainSettings::from_train(&cfg.train),
+        daemon: DaemonSettings {
+            idle_after_epochs: d.idle_after_epochs,
+        },
     }
 }
 
@@ -549,76 +550,46 @@ fn spawn_ingest(
         .context("cannot start the ingest thread")
 }
 
-/// Handles the daemon's signals on their own thread (see the module docs).
+/// The daemon's signals (see the module docs and `signals`): the shared stop, plus
+/// marking the daemon unhealthy, STOPPING=1 and the stop's time limit; SIGUSR1; SIGHUP.
 fn spawn_signals(
     config: &Path,
     controls: Arc<Controls>,
     healthy: Arc<AtomicBool>,
     stop_timeout: f64,
 ) -> anyhow::Result<signal_hook::iterator::Handle> {
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])
-        .context("cannot install the signal handlers")?;
-    let handle = signals.handle();
     let config = config.to_owned();
     let mut current = toml_tables(&config).unwrap_or_default();
-    std::thread::Builder::new()
-        .name("byol-signals".into())
-        .spawn(move || {
-            for sig in signals.forever() {
-                match sig {
-                    SIGTERM | SIGINT => {
-                        if controls.stop_requested().is_some() {
-                            eprintln!("second signal {sig}: exiting now");
-                            std::process::exit(128 + sig);
-                        }
-                        tracing::info!(
-                            event = "stop",
-                            signal = sig,
-                            "signal {sig}: finishing the step, checkpointing, stopping"
-                        );
-                        stopping(&format!("signal {sig}: checkpointing and stopping"));
-                        healthy.store(false, Ordering::SeqCst);
-                        controls.request_stop(sig);
-                        let limit = Duration::from_secs_f64(stop_timeout);
-                        std::thread::spawn(move || {
-                            std::thread::sleep(limit);
-                            eprintln!(
-                                "error: the stop took longer than stop_timeout_secs = {}; exiting",
-                                limit.as_secs_f64()
-                            );
-                            std::process::exit(1);
-                        });
-                    }
-                    SIGUSR1 => {
-                        tracing::info!(
-                            event = "checkpoint_requested",
-                            signal = sig,
-                            "signal {sig}: checkpoint requested"
-                        );
-                        controls.request_checkpoint();
-                    }
-                    SIGHUP => reload(&config, &mut current, &controls),
-                    _ => {}
-                }
-            }
-        })
-        .context("cannot start the signal thread")?;
-    Ok(handle)
+    let reload_controls = controls.clone();
+    let on_stop = move |sig: i32| {
+        tracing::info!(
+            event = "stop",
+            signal = sig,
+            "signal {sig}: finishing the step, checkpointing, stopping"
+        );
+        stopping(&format!("signal {sig}: checkpointing and stopping"));
+        healthy.store(false, Ordering::SeqCst);
+        let limit = Duration::from_secs_f64(stop_timeout);
+        std::thread::spawn(move || {
+            std::thread::sleep(limit);
+            eprintln!(
+                "error: the stop took longer than stop_timeout_secs = {}; exiting",
+                limit.as_secs_f64()
+            );
+            std::process::exit(1);
+        });
+    };
+    signals::spawn(
+        controls,
+        signals::Handlers {
+            on_stop: Some(Box::new(on_stop)),
+            checkpoint_on_usr1: true,
+            on_reload: Some(Box::new(move || {
+                reload(&config, &mut current, &reload_controls)
+            })),
+        },
+    )
 }
-
-/// Keys a reload applies while the daemon runs; any other change needs a restart.
-const RELOADABLE: [(&str, &[&str]); 2] = [
-    (
-        "train",
-        &[
-            "log_every",
-            "checkpoint_every_steps",
-            "checkpoint_every_minutes",
-            "keep_last",
-        ],
-    ),
-    ("daemon", &["idle_after_epochs"]),
-];
 
 /// The config file as TOML tables (for comparing a reload with what runs).
 fn toml_tables(path: &Path) -> anyhow::Result<toml::Table> {
@@ -645,6 +616,9 @@ fn reload(path: &Path, current: &mut toml::Table, controls: &Controls) {
             return;
         }
     };
+    let d = cfg.daemon.as_ref().expect("validated");
+    let new_settings = settings(&cfg, d);
+    let reloadable = new_settings.reloadable_keys();
     let mut needs_restart = Vec::new();
     let empty = toml::Table::new();
     let names: std::collections::BTreeSet<&String> = current.keys().chain(tables.keys()).collect();
@@ -657,20 +631,19 @@ fn reload(path: &Path, current: &mut toml::Table, controls: &Controls) {
             .get(name)
             .and_then(|v| v.as_table())
             .unwrap_or(&empty);
-        let reloadable = RELOADABLE
+        let reloadable = reloadable
             .iter()
             .find(|(t, _)| t == name)
-            .map_or(&[][..], |(_, keys)| *keys);
+            .map_or(&[][..], |(_, keys)| keys.as_slice());
         for key in old.keys().chain(new.keys()) {
-            if old.get(key) != new.get(key) && !reloadable.contains(&key.as_str()) {
+            if old.get(key) != new.get(key) && !reloadable.contains(key) {
                 needs_restart.push(format!("[{name}] {key}"));
             }
         }
     }
     needs_restart.sort();
     needs_restart.dedup();
-    let d = cfg.daemon.as_ref().expect("validated");
-    controls.update(settings(&cfg, d));
+    controls.update(new_settings);
     *current = tables;
     tracing::info!(
         event = "reload",

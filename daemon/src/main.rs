@@ -16,6 +16,7 @@ mod plot_cmd;
 mod preview_cmd;
 mod progress;
 mod service;
+mod signals;
 mod textures;
 mod train_cmd;
 mod watch;

@@ -6,13 +6,13 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use byol_augment::Augmenter;
 use byol_ingest::Dataset;
 use byol_loader::{Loader, Output};
+use byol_run::continuous::{Controls, DaemonSettings, Settings, TrainSettings};
 use byol_run::{
     CheckpointPolicy, FaultPoints, Monitor, RETRY_AFTER, Run, RunDir, RunParts, StepReport, resume,
     schedule_change,
@@ -22,6 +22,7 @@ use byol_trainer::{Trainer, TrainerConfig};
 use crate::cli::TrainArgs;
 use crate::config::Config;
 use crate::progress::Bar;
+use crate::signals;
 
 /// Steps of a `--minutes` run timed before the schedules are fitted to the budget.
 const CALIBRATION_STEPS: u64 = 10;
@@ -35,20 +36,19 @@ struct Budget {
 
 /// Runs `byol train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
-    // The first SIGINT/SIGTERM stops after the current step (with a checkpoint); a
-    // second one ends the process at once.
-    let signal = Arc::new(AtomicUsize::new(0));
-    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, stopping.clone())
-            .and_then(|_| signal_hook::flag::register(sig, stopping.clone()))
-            .and_then(|_| signal_hook::flag::register_usize(sig, signal.clone(), sig as usize))
-            .context("cannot install the signal handlers")?;
-    }
     let cfg = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
+    // The first SIGINT/SIGTERM stops after the current step (with a checkpoint); a
+    // second one ends the process at once (the daemon's mechanism, `signals`).
+    let controls = Arc::new(Controls::new(Settings {
+        train: TrainSettings::from_train(&cfg.train),
+        daemon: DaemonSettings {
+            idle_after_epochs: 0,
+        },
+    }));
+    let _signals = signals::spawn(controls.clone(), signals::Handlers::default())?;
     let trainer_cfg = TrainerConfig {
         model: cfg.model.clone(),
         optim: cfg.optim.clone(),
@@ -139,7 +139,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     }
     let mut train = TrainLoop {
         run,
-        signal,
+        controls,
         budget: args.minutes.map(|m| Budget {
             deadline: Instant::now() + Duration::from_secs_f64(m * 60.0),
             calibrated: false,
@@ -148,7 +148,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let outcome = train.steps(target);
     let run = &mut train.run;
-    // Whatever ended the loop, the last completed step is kept, with its metrics lines.
+    // Whatever ended the loop, the last completed step is kept, with its metrics lines
+    // (the daemon's path too).
     let finished = run.finish();
     if let Err(e) = &finished.metrics {
         eprintln!(
@@ -199,8 +200,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
 /// `byol train`'s loop around the run: a target step, signals, a time budget.
 struct TrainLoop {
     run: Run,
-    /// Signal number received (0: none).
-    signal: Arc<AtomicUsize>,
+    /// The stop a signal asks for.
+    controls: Arc<Controls>,
     budget: Option<Budget>,
 }
 
@@ -213,10 +214,9 @@ impl TrainLoop {
         // (after its first step, which pays one-off costs).
         let mut calibration = (Instant::now(), first_step);
         while self.run.trainer().steps_done() < target {
-            let sig = self.signal.load(Ordering::Relaxed);
-            if sig != 0 {
+            if let Some(sig) = self.controls.stop_requested() {
                 bar.finish();
-                return Ok(Some(sig as i32));
+                return Ok(Some(sig));
             }
             // The last step of a `--minutes` run is the one that reaches the deadline,
             // and the last step of the target is logged.

@@ -30,7 +30,8 @@ use std::time::Duration;
 use byol_augment::Augmenter;
 use byol_ingest::Dataset;
 use byol_loader::{Loader, LoaderConfig};
-use byol_trainer::{OptimConfig, Schedule, Trainer};
+use byol_trainer::{OptimConfig, Schedule, TrainConfig, Trainer};
+use serde::Serialize;
 
 use crate::{
     CheckpointOutcome, CheckpointPolicy, FaultPoints, Monitor, Operation, Run, RunDir, RunError,
@@ -42,15 +43,77 @@ const MAX_ROLLBACKS_IN_A_ROW: u32 = 3;
 /// How often a waiting loop looks at its controls when nothing wakes it.
 const WAIT_TICK: Duration = Duration::from_millis(500);
 
-/// The loop's settings that a reload may change while it runs.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The loop's settings that a reload may change while it runs, by config table. The
+/// field names are the config keys: what a reload applies is derived from this type
+/// ([`Settings::reloadable_keys`]); every other changed key needs a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Settings {
-    /// Checkpoint cadence and retention.
-    pub policy: CheckpointPolicy,
+    /// The `[train]` keys.
+    pub train: TrainSettings,
+    /// The `[daemon]` keys.
+    pub daemon: DaemonSettings,
+}
+
+/// The reloadable `[train]` keys: logging, checkpoint cadence and retention.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct TrainSettings {
     /// Metrics line every this many steps.
     pub log_every: u64,
+    /// Checkpoint after this many steps since the last one (0: never by steps).
+    pub checkpoint_every_steps: u64,
+    /// Checkpoint when this many minutes passed since the last one (0: never by time).
+    pub checkpoint_every_minutes: f64,
+    /// Checkpoints kept (the newest).
+    pub keep_last: usize,
+}
+
+/// The reloadable `[daemon]` keys: pausing.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct DaemonSettings {
     /// Pause after this many epochs without new data (0: never pause).
     pub idle_after_epochs: u64,
+}
+
+impl TrainSettings {
+    /// The reloadable keys of a `[train]` table.
+    pub fn from_train(t: &TrainConfig) -> Self {
+        TrainSettings {
+            log_every: t.log_every,
+            checkpoint_every_steps: t.checkpoint_every_steps,
+            checkpoint_every_minutes: t.checkpoint_every_minutes,
+            keep_last: t.keep_last,
+        }
+    }
+}
+
+impl Settings {
+    /// The checkpoint policy these settings make.
+    pub fn policy(&self) -> CheckpointPolicy {
+        CheckpointPolicy {
+            every_steps: self.train.checkpoint_every_steps,
+            every_minutes: self.train.checkpoint_every_minutes,
+            keep_last: self.train.keep_last.max(1),
+        }
+    }
+
+    /// The config keys a reload applies, by table (`train`, `daemon`): the field names
+    /// of these types.
+    pub fn reloadable_keys(&self) -> Vec<(String, Vec<String>)> {
+        let serde_json::Value::Object(tables) =
+            serde_json::to_value(self).expect("settings serialise")
+        else {
+            unreachable!("a struct serialises to an object")
+        };
+        tables
+            .into_iter()
+            .map(|(table, keys)| {
+                let keys = keys
+                    .as_object()
+                    .map_or(Vec::new(), |k| k.keys().cloned().collect());
+                (table, keys)
+            })
+            .collect()
+    }
 }
 
 /// What the daemon's other threads tell the training loop (thread-safe, shared).
@@ -285,8 +348,8 @@ pub fn train_continuously(
         trainer,
         loader,
         view_size,
-        policy: settings.policy,
-        log_every: settings.log_every,
+        policy: settings.policy(),
+        log_every: settings.train.log_every,
         monitor,
         export_latest: true,
         faults,
@@ -379,8 +442,8 @@ fn steps(
         let now = controls.settings();
         if now != settings {
             settings = now;
-            run.set_policy(settings.policy);
-            run.set_log_every(settings.log_every);
+            run.set_policy(settings.policy());
+            run.set_log_every(settings.train.log_every);
             tracing::info!(?settings, "settings reloaded");
         }
         if controls.checkpoint.swap(false, Ordering::SeqCst) && run.has_unsaved_steps() {
@@ -392,7 +455,8 @@ fn steps(
             last_new_epoch = run.epoch();
         }
         let idle_epochs = run.epoch().saturating_sub(last_new_epoch);
-        if settings.idle_after_epochs > 0 && idle_epochs >= settings.idle_after_epochs {
+        let idle_after = settings.daemon.idle_after_epochs;
+        if idle_after > 0 && idle_epochs >= idle_after {
             if run.has_unsaved_steps() {
                 checkpoint_now(run, on_event);
             }
@@ -452,4 +516,31 @@ fn steps(
 fn checkpoint_now(run: &mut Run, on_event: &mut dyn FnMut(Event)) {
     let attempt = run.checkpoint();
     report_attempt(&attempt, run.retry_interval(), on_event);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reloadable `[train]` keys are keys of `[train]` (a renamed setting cannot
+    /// leave a reload applying a key the config no longer has).
+    #[test]
+    fn reloadable_train_keys_are_train_config_keys() {
+        let train = TrainConfig::default();
+        let settings = Settings {
+            train: TrainSettings::from_train(&train),
+            daemon: DaemonSettings {
+                idle_after_epochs: 3,
+            },
+        };
+        let config = serde_json::to_value(&train).unwrap();
+        let keys = settings.reloadable_keys();
+        let (_, train_keys) = keys.iter().find(|(t, _)| t == "train").unwrap();
+        assert_eq!(train_keys.len(), 4);
+        for key in train_keys {
+            assert!(config.get(key).is_some(), "[train] has no {key}");
+        }
+        let (_, daemon_keys) = keys.iter().find(|(t, _)| t == "daemon").unwrap();
+        assert_eq!(daemon_keys, &["idle_after_epochs".to_owned()]);
+    }
 }
