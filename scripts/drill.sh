@@ -180,19 +180,19 @@ else
   sleep 4
   for _ in $(seq 1 400); do new_file "$D/in"; done
   t=0; until grep -q "ingest failed" "$D/out.txt"; do sleep 1; t=$((t+1)); [ $t -lt 120 ] || fail "no ingest error on a full disk"; done
-  grep -m1 "ingest failed" "$D/out.txt" | sed 's/^/  /'
+  grep -m1 "^error: ingest failed" "$D/out.txt" | sed 's/^/  /'
   kill -0 $pid || fail "the daemon died on a full disk"
   "$BYOL" inspect "$D/data" --verify > "$D/verify.txt" 2>&1 || fail "dataset damaged by the full disk"
   echo "  dataset intact after ENOSPC: $(grep -m1 -i 'records' "$D/verify.txt")"
   # Checkpoints on a full disk: the run folder's tmpfs holds one checkpoint, not two.
   t=0; until grep -q "checkpoint failed" "$D/out.txt"; do sleep 1; t=$((t+1)); [ $t -lt 180 ] || fail "no checkpoint failure on a full disk"; done
-  grep -m1 "checkpoint failed" "$D/out.txt" | sed 's/^/  /'
+  grep -m1 "^error: checkpoint failed" "$D/out.txt" | sed 's/^/  /'
   ls "$D/run/checkpoints" | sed 's/^/  still there: /'
   kill -0 $pid || fail "the daemon died when a checkpoint failed"
   # metrics.jsonl on a full disk: the lines wait, training goes on.
   dd if=/dev/zero of="$D/run/filler" bs=64k 2>/dev/null || true
   t=0; until grep -q "metrics failed" "$D/out.txt"; do sleep 1; t=$((t+1)); [ $t -lt 120 ] || fail "no metrics failure on a full disk"; done
-  grep -m1 "metrics failed" "$D/out.txt" | sed 's/^/  /'
+  grep -m1 "^error: metrics failed" "$D/out.txt" | sed 's/^/  /'
   before=$(grep -c '^step ' "$D/out.txt"); sleep 5; after=$(grep -c '^step ' "$D/out.txt")
   [ "$after" -gt "$before" ] || fail "training stopped on a full disk"
   echo "  training went on on a full disk: $((after - before)) step lines in 5 s"

@@ -98,8 +98,13 @@ fn init_logging(verbose: u8, default_level: &str, format: cli::LogFormat, consol
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("BYOL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Colours only on a terminal: journald and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let log = match format {
-        cli::LogFormat::Text => fmt::layer().with_writer(std::io::stderr).boxed(),
+        cli::LogFormat::Text => fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+            .boxed(),
         cli::LogFormat::Json => fmt::layer()
             .json()
             .flatten_event(true)
