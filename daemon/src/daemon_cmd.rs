@@ -1,6 +1,6 @@
 //! `byol daemon` and `byol validate`: the shell around continuous training. Signals,
 //! the folder watcher and the ingest thread live here; the logic is in the libraries
-//! (`byol_ingest::Follower`, `byol_run::continuous`).
+//! (`byol_ingest::IngestLoop`, `byol_run::continuous`).
 //!
 //! Signals: SIGTERM/SIGINT finish the step, checkpoint and exit 0 (a second one exits
 //! at once, status 128 + signal); SIGUSR1 checkpoints; SIGHUP reloads the config.
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use byol_augment::Augmenter;
-use byol_ingest::{Follower, IngestReport, Settler};
+use byol_ingest::{Follower, IngestEvent, IngestLoop, IngestReport, Reopen};
 use byol_loader::Output;
 use byol_run::continuous::{self, Controls, DaemonSettings, Event, Settings, Setup, TrainSettings};
 use byol_run::{FaultPoints, Monitor, Operation, RunDir};
@@ -143,18 +143,27 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     }
 
     // A new folder's files may predate its watch: the ingest thread scans new folders.
+    let settle = Duration::from_secs_f64(d.settle_secs);
+    let ingest_loop = IngestLoop::new(
+        follower,
+        Reopen {
+            data: d.data.clone(),
+            roots,
+            options: ingest_opts,
+        },
+        settle,
+        Duration::from_secs_f64(d.retry_secs),
+        compact_policy(&cfg, &d, shard_bytes),
+    );
     let ingest = spawn_ingest(
         IngestThread {
-            follower,
-            reopen: (d.data.clone(), roots.clone(), ingest_opts),
-            settle: Duration::from_secs_f64(d.settle_secs),
-            retry: Duration::from_secs_f64(d.retry_secs),
-            compact: compact_policy(&cfg, &d, shard_bytes),
+            ingest: ingest_loop,
             controls: controls.clone(),
             metrics: metrics.clone(),
             stop: stop_ingest.clone(),
         },
         rx,
+        settle,
     )?;
     let signals = spawn_signals(
         &args.config,
@@ -374,172 +383,45 @@ fn describe(r: &IngestReport) -> String {
     parts.join(", ")
 }
 
-/// True when an ingest batch changed what training samples or how it is labelled.
-fn changed(r: &IngestReport) -> bool {
-    let s = &r.summary;
-    s.ingested > 0 || s.retired > 0 || s.relabelled > 0 || !r.changes.is_empty()
-}
-
 /// What the ingest thread owns.
 struct IngestThread {
-    follower: Follower,
-    /// How to open the dataset again after an error.
-    reopen: (
-        PathBuf,
-        Vec<(PathBuf, byol_ingest::Layout)>,
-        byol_ingest::IngesterOptions,
-    ),
-    settle: Duration,
-    retry: Duration,
-    /// Background compaction after ingest batches, when enabled.
-    compact: Option<byol_ingest::CompactPolicy>,
+    ingest: IngestLoop,
     controls: Arc<Controls>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
 }
 
-/// The ingest thread: settles changed paths and hands them to the follower; a lost
-/// event stream triggers a full scan. An error (a full disk) closes the dataset: what
-/// was committed before is intact, and after `retry` it is opened again and every
-/// folder rescanned, so nothing that arrived meanwhile is missed.
+/// The ingest thread: feeds the watcher's changes to the [`IngestLoop`] and logs,
+/// counts and signals what it reports (the loop's policies live in `byol_ingest`).
 fn spawn_ingest(
     t: IngestThread,
     rx: Receiver<Change>,
+    settle: Duration,
 ) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
-    let tick = (t.settle / 4).clamp(Duration::from_millis(50), Duration::from_millis(250));
+    let tick = (settle / 4).clamp(Duration::from_millis(50), Duration::from_millis(250));
     let body = move || -> anyhow::Result<()> {
         let IngestThread {
-            follower,
-            reopen,
-            settle,
-            retry,
-            compact,
+            mut ingest,
             controls,
             metrics,
             stop,
         } = t;
         // This thread appends and commits; like the ingest workers, it yields to training.
         byol_ingest::lower_thread_priority();
-        let mut follower = Some(follower);
-        let mut retry_at = Instant::now();
-        let mut settler = Settler::new(settle);
-        let mut rescan = false;
         while !stop.load(Ordering::SeqCst) {
             match rx.recv_timeout(tick) {
                 Ok(Change::Paths(paths)) => {
                     let now = Instant::now();
                     for (p, complete) in paths {
-                        if complete {
-                            settler.note_complete(p, now);
-                        } else {
-                            settler.note(p, now);
-                        }
+                        ingest.note(p, complete, now);
                     }
                 }
-                Ok(Change::Rescan) => rescan = true,
+                Ok(Change::Rescan) => ingest.request_rescan(),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            if follower.is_none() {
-                if Instant::now() < retry_at {
-                    continue;
-                }
-                let (data, roots, opts) = &reopen;
-                match Follower::open(data, roots, opts.clone()) {
-                    Ok(f) => {
-                        tracing::info!(
-                            event = "ingest_reopened",
-                            "ingest: dataset reopened; rescanning the watched folders"
-                        );
-                        follower = Some(f);
-                        rescan = true;
-                    }
-                    Err(e) => {
-                        retry_at = Instant::now() + retry;
-                        metrics.on_failure("ingest", e.kind());
-                        tracing::error!(
-                            event = "ingest_failed",
-                            kind = e.kind().as_str(),
-                            error = %e,
-                            retry_secs = retry.as_secs_f64(),
-                            "cannot reopen the dataset ({}; retrying in {retry:?}): {e}",
-                            e.kind()
-                        );
-                        continue;
-                    }
-                }
-            }
-            let f = follower.as_mut().expect("opened above");
-            let result = if rescan {
-                rescan = false;
-                f.scan_all().map(Some)
-            } else {
-                let ready = settler.take_ready(Instant::now());
-                if ready.is_empty() {
-                    Ok(None)
-                } else {
-                    // Paths lost to an error are taken again by the rescan after it.
-                    f.apply(&ready).map(Some)
-                }
-            };
-            let report = match result {
-                Ok(report) => report,
-                Err(e) => {
-                    metrics.on_failure("ingest", e.kind());
-                    tracing::error!(
-                        event = "ingest_failed",
-                        kind = e.kind().as_str(),
-                        error = %e,
-                        retry_secs = retry.as_secs_f64(),
-                        "ingest failed ({}), the dataset keeps its last commit; retrying in {retry:?}: {e}",
-                        e.kind()
-                    );
-                    follower = None;
-                    retry_at = Instant::now() + retry;
-                    continue;
-                }
-            };
-            if let Some(report) = report {
-                metrics.on_ingest(&report, f.live_records());
-                if changed(&report) || report.summary.rejected_total() > 0 {
-                    log_ingest("ingest", &report);
-                }
-                if changed(&report) {
-                    controls.data_changed();
-                }
-                if let Some(policy) = &compact {
-                    match f.compact(policy) {
-                        Ok(Some(c)) => {
-                            tracing::info!(
-                                event = "compaction",
-                                shards_before = c.shards_before,
-                                shards_after = c.shards_after,
-                                bytes_before = c.bytes_before,
-                                bytes_after = c.bytes_after,
-                                reclaimed_records = c.reclaimed_records,
-                                "compacted: {} shards -> {}, {:.1} -> {:.1} MiB, {} retired records reclaimed",
-                                c.shards_before,
-                                c.shards_after,
-                                c.bytes_before as f64 / (1 << 20) as f64,
-                                c.bytes_after as f64 / (1 << 20) as f64,
-                                c.reclaimed_records
-                            );
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            metrics.on_failure("compaction", e.kind());
-                            tracing::error!(
-                                event = "compaction_failed",
-                                kind = e.kind().as_str(),
-                                error = %e,
-                                "compaction failed ({}), the dataset is unchanged; retrying in {retry:?}: {e}",
-                                e.kind()
-                            );
-                            follower = None;
-                            retry_at = Instant::now() + retry;
-                        }
-                    }
-                }
+            for event in ingest.tick(Instant::now()) {
+                report_ingest(event, &controls, &metrics);
             }
         }
         Ok(())
@@ -548,6 +430,75 @@ fn spawn_ingest(
         .name("byol-ingest".into())
         .spawn(body)
         .context("cannot start the ingest thread")
+}
+
+/// Logs (once), counts and signals one event of the ingest loop.
+fn report_ingest(event: IngestEvent, controls: &Controls, metrics: &Metrics) {
+    match event {
+        IngestEvent::Reopened => tracing::info!(
+            event = "ingest_reopened",
+            "ingest: dataset reopened; rescanning the watched folders"
+        ),
+        IngestEvent::ReopenFailed { error, retry_in } => {
+            metrics.on_failure("ingest", error.kind());
+            tracing::error!(
+                event = "ingest_failed",
+                kind = error.kind().as_str(),
+                error = %error,
+                retry_secs = retry_in.as_secs_f64(),
+                "cannot reopen the dataset ({}; retrying in {retry_in:?}): {error}",
+                error.kind()
+            );
+        }
+        IngestEvent::Batch {
+            report,
+            live_records,
+            changed,
+        } => {
+            metrics.on_ingest(&report, live_records);
+            if changed || report.summary.rejected_total() > 0 {
+                log_ingest("ingest", &report);
+            }
+            if changed {
+                controls.data_changed();
+            }
+        }
+        IngestEvent::Failed { error, retry_in } => {
+            metrics.on_failure("ingest", error.kind());
+            tracing::error!(
+                event = "ingest_failed",
+                kind = error.kind().as_str(),
+                error = %error,
+                retry_secs = retry_in.as_secs_f64(),
+                "ingest failed ({}), the dataset keeps its last commit; retrying in {retry_in:?}: {error}",
+                error.kind()
+            );
+        }
+        IngestEvent::Compacted(c) => tracing::info!(
+            event = "compaction",
+            shards_before = c.shards_before,
+            shards_after = c.shards_after,
+            bytes_before = c.bytes_before,
+            bytes_after = c.bytes_after,
+            reclaimed_records = c.reclaimed_records,
+            "compacted: {} shards -> {}, {:.1} -> {:.1} MiB, {} retired records reclaimed",
+            c.shards_before,
+            c.shards_after,
+            c.bytes_before as f64 / (1 << 20) as f64,
+            c.bytes_after as f64 / (1 << 20) as f64,
+            c.reclaimed_records
+        ),
+        IngestEvent::CompactionFailed { error, retry_in } => {
+            metrics.on_failure("compaction", error.kind());
+            tracing::error!(
+                event = "compaction_failed",
+                kind = error.kind().as_str(),
+                error = %error,
+                "compaction failed ({}), the dataset is unchanged; retrying in {retry_in:?}: {error}",
+                error.kind()
+            );
+        }
+    }
 }
 
 /// The daemon's signals (see the module docs and `signals`): the shared stop, plus

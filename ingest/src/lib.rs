@@ -9,6 +9,8 @@
 //!   retire, relabel, commit), for long-lived ingesters;
 //! - [`Follower`]: an [`Ingester`] kept in step with watched folders, path by path
 //!   (the daemon's), and [`Settler`], which decides when a changed file is complete;
+//! - [`IngestLoop`]: the daemon's ingest loop (settle, apply, rescan, reopen after an
+//!   error, compact) as a state machine that reports [`IngestEvent`]s;
 //! - [`Dataset`]: a packed dataset opened for reading;
 //! - [`inspect`]: statistics and verification of a dataset.
 //!
@@ -32,6 +34,7 @@ pub mod follow;
 pub mod fsutil;
 pub mod idx;
 mod ingest;
+pub mod ingest_loop;
 mod ingester;
 pub mod inspect;
 pub mod manifest;
@@ -50,6 +53,7 @@ pub use ingest::{
     IngestError, IngestOptions, IngestReport, IngestSummary, NoProgress, Progress, RootReport,
     SettingsOverride, ingest,
 };
+pub use ingest_loop::{IngestEvent, IngestLoop, Reopen};
 pub use ingester::{
     CompactPolicy, CompactReport, Ingester, IngesterOptions, LOCK_FILE, lower_thread_priority,
 };
