@@ -17,8 +17,8 @@ use crate::config::{LoaderConfig, Output};
 use crate::plan::{EpochPlan, Global};
 use crate::slots::{RawBuf, Slot};
 
-/// Substitutes tried before a slot is left blank (all-zero) because every probed record
-/// is unusable.
+/// Scattered substitutes tried for an unusable record before the epoch order is walked
+/// from the slot's position.
 const MAX_PROBES: u64 = 64;
 /// How long a waiting worker sleeps before re-checking for shutdown.
 const WAIT_TICK: Duration = Duration::from_millis(5);
@@ -630,10 +630,13 @@ fn fill_sample(
             &mut slot.records.slice_mut(slot_in_batch, 1)[0],
         )
     };
-    for probe in 0..MAX_PROBES {
-        let (g, aug_index) = plan.sample(batch, slot_in_batch, probe);
+    // The planned record, then deterministic substitutes: probes, and at last the
+    // whole epoch order (a slot stays blank only when no record is usable).
+    let probes = (0..MAX_PROBES).map(|p| plan.sample(batch, slot_in_batch, p));
+    let rest = (0..plan.total()).map(|k| plan.fallback(batch, slot_in_batch, k));
+    for (g, aug_index) in probes.chain(rest) {
         let r = plan.locate(g);
-        if !ds.is_live(r) {
+        if !ds.is_live(r) || shared.bad.lock().unwrap().contains(&(r.shard, r.index)) {
             continue;
         }
         let result = ds

@@ -1,7 +1,13 @@
 //! The plan of one epoch: which record fills which slot of which batch.
 //!
 //! Everything here is a pure function of (seed, epoch, the first `records` records of the
-//! dataset, the config), which is what makes a resumed run yield the same batches.
+//! dataset and which of them are live, the config), which is what makes a resumed run
+//! yield the same batches.
+//!
+//! An epoch runs over the records live when it is planned: retired records take no
+//! slot, whatever share of the dataset they are (a folder emptied but for a few files
+//! still fills every batch). Only when the live records do not fill one batch does the
+//! epoch run over all of them, substituting as it goes.
 
 use std::sync::Arc;
 
@@ -31,7 +37,8 @@ pub(crate) struct EpochPlan {
     pub shards: usize,
     /// Global index of each touched shard's first record; one more entry holds the total.
     starts: Vec<u64>,
-    /// The epoch order (a permutation of `0..total`), shared by the epoch's segments.
+    /// The epoch order (a permutation of the live records among `0..records`, or of all
+    /// of them when the live ones do not fill a batch), shared by the epoch's segments.
     order: Arc<Vec<Global>>,
     /// Batches in this epoch.
     pub batches: u64,
@@ -67,6 +74,7 @@ impl EpochPlan {
         let (starts, max_record) = domain(&dataset, records);
         let shards = starts.len() - 1;
         let total = records;
+        let seq = cfg.sequential_per_batch() as u64;
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(mix64(
             mix64(cfg.seed ^ 0x243F_6A88_85A3_08D3) ^ epoch,
         ));
@@ -90,7 +98,18 @@ impl EpochPlan {
                 order
             }
         };
-        let seq = cfg.sequential_per_batch() as u64;
+        // Retired records take no slot (the filter keeps the shuffled order).
+        let live: Vec<Global> = order
+            .iter()
+            .copied()
+            .filter(|&g| dataset.is_live(locate_in(&starts, g)))
+            .collect();
+        let order = if live.len() as u64 >= seq.max(1) && live.len() < order.len() {
+            live
+        } else {
+            order
+        };
+        let total = order.len() as u64;
         let batches = if cfg.drop_last {
             total / seq
         } else {
@@ -199,7 +218,9 @@ impl EpochPlan {
             let g = self.order[((pos + probe * PROBE_STEP) % n) as usize];
             (g, u64::from(g))
         } else {
-            // A draw from the newest records, keyed by its place in the epoch.
+            // A draw from the newest records of the domain, keyed by its place in the
+            // epoch.
+            let n = self.records;
             let pool = self.newest_pool.min(n).max(1);
             let key = mix64(
                 mix64(self.seed ^ 0x1319_8A2E_0370_7344) ^ mix64(self.epoch) ^ position_in_epoch,
@@ -209,14 +230,28 @@ impl EpochPlan {
         }
     }
 
+    /// The `k`-th record of the epoch order after slot `slot`'s own position (the
+    /// last resort when the probes of [`EpochPlan::sample`] found nothing usable: `k`
+    /// runs over the whole order), and its augmentation index.
+    pub fn fallback(&self, batch: u64, slot: usize, k: u64) -> (Global, u64) {
+        let pos = batch * self.seq_per_batch as u64 + slot as u64;
+        let g = self.order[((pos + k) % self.total()) as usize];
+        (g, u64::from(g))
+    }
+
     /// Shard and index of a global record index.
     pub fn locate(&self, g: Global) -> RecordRef {
-        let g = u64::from(g);
-        let shard = self.starts.partition_point(|&s| s <= g) - 1;
-        RecordRef {
-            shard,
-            index: (g - self.starts[shard]) as u32,
-        }
+        locate_in(&self.starts, g)
+    }
+}
+
+/// Shard and index of global record `g`, given each shard's first global index.
+fn locate_in(starts: &[u64], g: Global) -> RecordRef {
+    let g = u64::from(g);
+    let shard = starts.partition_point(|&s| s <= g) - 1;
+    RecordRef {
+        shard,
+        index: (g - starts[shard]) as u32,
     }
 }
 

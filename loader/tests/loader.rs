@@ -331,3 +331,76 @@ fn a_compaction_changes_no_batch() {
     );
     assert_eq!(running.stats().skipped, 0, "no tombstone is ever read");
 }
+
+/// True when global record `g` (shard after shard) is live in the dataset at `path`.
+fn is_live(path: &std::path::Path, g: u64) -> bool {
+    let ds = open(path);
+    let mut first = 0u64;
+    for (shard, s) in ds.shards().iter().enumerate() {
+        let len = s.len() as u64;
+        if g < first + len {
+            let index = (g - first) as u32;
+            return ds.is_live(byol_ingest::RecordRef { shard, index });
+        }
+        first += len;
+    }
+    false
+}
+
+/// Deletes all but `keep` of the `n` source images under `dir/src` and reconciles the
+/// dataset (their records are retired).
+fn retire_all_but(dir: &std::path::Path, n: u32, keep: u32) {
+    for i in keep..n {
+        let class = if i % 2 == 0 { "a" } else { "b" };
+        std::fs::remove_file(dir.join(format!("src/{class}/{i:05}.png"))).unwrap();
+    }
+    ingest_into(&dir.join("src"), dir);
+}
+
+/// Every slot of every batch holds a live record with real pixels, however much of the
+/// dataset is retired: before the loader starts (the epoch runs over the live records)
+/// and while it runs (substitutes are found through the whole epoch order).
+#[test]
+fn batches_hold_only_live_records_whatever_share_is_retired() {
+    let check = |path: &std::path::Path, batches: &[Seen], what: &str| {
+        for b in batches {
+            for (slot, r) in b.records.iter().enumerate() {
+                assert!(
+                    *r != u64::MAX && is_live(path, r & 0xFFFF_FFFF),
+                    "{what}: slot {slot} of batch {} holds record {r}",
+                    b.index
+                );
+            }
+            let per_image = b.view1_u8.len() / b.records.len();
+            for (slot, img) in b.view1_u8.chunks(per_image).enumerate() {
+                assert!(img.iter().any(|&p| p != 0), "{what}: slot {slot} is blank");
+            }
+        }
+    };
+    // Retired before the start: 4 of 120 records live, a batch of 4.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dataset(dir.path(), 120);
+    retire_all_but(dir.path(), 120, 4);
+    let mut loader = Loader::new(open(&path), augmenter(), config(4, 2), None).unwrap();
+    assert_eq!(
+        loader.batches_per_epoch(),
+        1,
+        "the epoch runs over the live records"
+    );
+    check(&path, &take(&mut loader, 6), "retired before");
+
+    // Retired while the loader runs (seen at its next refresh boundary).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dataset(dir.path(), 120);
+    let cfg = LoaderConfig {
+        refresh_every_batches: 1,
+        batches_ahead: 1,
+        ..config(4, 2)
+    };
+    let mut loader = Loader::new(open(&path), augmenter(), cfg, None).unwrap();
+    take(&mut loader, 2);
+    retire_all_but(dir.path(), 120, 4);
+    // Batches planned before the retirement may still hold the records it retired.
+    take(&mut loader, 4);
+    check(&path, &take(&mut loader, 20), "retired while running");
+}
