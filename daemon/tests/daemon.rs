@@ -349,3 +349,66 @@ fn byol_trainer_meta(dir: &std::path::Path) -> f64 {
         serde_json::from_slice(&std::fs::read(newest.join("meta.json")).unwrap()).unwrap();
     meta["created_unix"].as_f64().unwrap()
 }
+
+/// A 16 x 16 BMP: always the same size in bytes, whatever the pixels.
+fn bmp(seed: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(16, 16, |x, y| {
+        image::Rgb([(x * 13) as u8 ^ seed, (y * 7) as u8, seed.wrapping_mul(31)])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Bmp).unwrap();
+    out.into_inner()
+}
+
+/// Rewrites `path` with `bytes` (the same size) and puts its old mtime back, as
+/// `exiftool -P` or `touch -r` leave a file.
+fn edit_keeping_mtime(path: &std::path::Path, bytes: &[u8]) {
+    let before = std::fs::metadata(path).unwrap();
+    assert_eq!(bytes.len() as u64, before.len());
+    std::fs::write(path, bytes).unwrap();
+    File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(before.modified().unwrap())
+        .unwrap();
+}
+
+/// An image edited in place with its size and mtime kept is seen, while the daemon runs
+/// and across a restart: the dataset holds the new pixels.
+#[test]
+fn an_edit_that_keeps_size_and_mtime_reaches_the_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("in/a")).unwrap();
+    for i in 0..8 {
+        std::fs::write(root.join(format!("in/a/{i}.bmp")), bmp(i)).unwrap();
+    }
+    let cfg = root.join("d.toml");
+    std::fs::write(&cfg, daemon_config(root, &[])).unwrap();
+    let file = root.join("in/a/0.bmp");
+    let key = std::fs::canonicalize(&file).unwrap().display().to_string();
+    let hash_of = |bytes: &[u8]| blake3::hash(bytes).to_hex().to_string();
+    let stored = || {
+        dataset_sources(&root.join("data"))
+            .get(&key)
+            .map(|(h, _)| h.clone())
+    };
+    let mut d = Daemon::start(&cfg, root.join("out1.txt"), &[]);
+    d.wait_for("training", |o| o.contains("training from step"));
+    let live_edit = bmp(100);
+    edit_keeping_mtime(&file, &live_edit);
+    d.wait_for("the live edit", |_| stored() == Some(hash_of(&live_edit)));
+    let (status, out) = d.stop();
+    assert!(status.success(), "{status}\n{out}");
+
+    let stopped_edit = bmp(200);
+    edit_keeping_mtime(&file, &stopped_edit);
+    let mut d = Daemon::start(&cfg, root.join("out2.txt"), &[]);
+    d.wait_for("the edit made while stopped", |_| {
+        stored() == Some(hash_of(&stopped_edit))
+    });
+    assert_eq!(live_records(&root.join("data")), 8);
+    let (status, out) = d.stop();
+    assert!(status.success(), "{status}\n{out}");
+}

@@ -388,7 +388,7 @@ impl<'p> Ingester<'p> {
         images.retain(|c| {
             let present = self
                 .existing(&c.path.to_string_lossy())
-                .is_some_and(|e| e.stamp == c.stamp);
+                .is_some_and(|e| e.stamp.unchanged(&c.stamp));
             if present {
                 unchanged.push((c.path.clone(), c.label.clone()));
             }
@@ -560,9 +560,13 @@ impl<'p> Ingester<'p> {
                 path: p.to_string_lossy().into_owned(),
                 stamp,
             });
+        let labels_unchanged = |recorded: &Option<LabelsFile>| match (recorded, &labels_file) {
+            (Some(a), Some(b)) => a.path == b.path && a.stamp.unchanged(&b.stamp),
+            (a, b) => a.is_none() && b.is_none(),
+        };
         if let Some(e) = self.existing(&path)
-            && e.stamp == c.stamp
-            && e.labels_file == labels_file
+            && e.stamp.unchanged(&c.stamp)
+            && labels_unchanged(&e.labels_file)
         {
             self.summary.already_present += 1;
             return Ok(());

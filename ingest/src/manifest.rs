@@ -18,12 +18,14 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 pub const SHARDS_DIR: &str = "shards";
 /// The `format` field of every manifest.
 pub const FORMAT_NAME: &str = "byol-dataset";
-/// The manifest version this build writes. Version 2 made a record's label the label of
-/// the source(s) that refer to it (see `FORMAT.md`); this build also reads version 1,
-/// whose manifests mean the same under that rule.
-pub const MANIFEST_VERSION: u32 = 2;
+/// The manifest version this build writes. Version 3 added a source's `ctime_ns` and
+/// `inode` to its stamp (an edit that keeps size and mtime is seen); version 2 made a
+/// record's label the label of the source(s) that refer to it (see `FORMAT.md`). This
+/// build also reads versions 1 and 2, whose manifests mean the same under these rules
+/// (a stamp without ctime or inode is compared on size and mtime).
+pub const MANIFEST_VERSION: u32 = 3;
 /// Manifest versions this build reads.
-pub const READABLE_VERSIONS: [u32; 2] = [1, 2];
+pub const READABLE_VERSIONS: [u32; 3] = [1, 2, 3];
 
 /// Errors loading or saving a manifest.
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +118,10 @@ pub struct Span {
     pub count: u32,
 }
 
-/// Size and modification time of a file, used to skip unchanged files without reading them.
+/// What says a file is unchanged without reading it: size, modification time, and (on
+/// Unix) status-change time and inode. An edit that keeps size and mtime (`exiftool
+/// -P`, `touch -r`) still moves the ctime, and a file replaced by another keeps neither
+/// its inode nor its ctime. See [`FileStamp::unchanged`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileStamp {
@@ -124,6 +129,13 @@ pub struct FileStamp {
     pub size: u64,
     /// Modification time, nanoseconds since the Unix epoch.
     pub mtime_ns: i64,
+    /// Status-change time (ctime), nanoseconds since the Unix epoch; absent in
+    /// manifests before version 3 and off Unix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctime_ns: Option<i64>,
+    /// Inode number; absent in manifests before version 3 and off Unix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inode: Option<u64>,
 }
 
 impl FileStamp {
@@ -137,11 +149,39 @@ impl FileStamp {
                 Err(e) => i64::try_from(e.duration().as_nanos()).ok().map(|n| -n),
             })
             .unwrap_or(0);
+        #[cfg(unix)]
+        let (ctime_ns, inode) = {
+            use std::os::unix::fs::MetadataExt;
+            let ctime = meta
+                .ctime()
+                .checked_mul(1_000_000_000)
+                .and_then(|s| s.checked_add(meta.ctime_nsec()));
+            (ctime, Some(meta.ino()))
+        };
+        #[cfg(not(unix))]
+        let (ctime_ns, inode) = (None, None);
         FileStamp {
             size: meta.len(),
             mtime_ns,
+            ctime_ns,
+            inode,
         }
     }
+
+    /// True when a file recorded with this stamp still has it (`now`): size and mtime
+    /// equal, and ctime and inode too where this stamp recorded them (older manifests
+    /// did not: their files are compared on size and mtime until their next change).
+    pub fn unchanged(&self, now: &FileStamp) -> bool {
+        self.size == now.size
+            && self.mtime_ns == now.mtime_ns
+            && same_where_recorded(self.ctime_ns, now.ctime_ns)
+            && same_where_recorded(self.inode, now.inode)
+    }
+}
+
+/// True when `recorded` is absent (an older manifest) or equals `current`.
+fn same_where_recorded<T: PartialEq>(recorded: Option<T>, current: Option<T>) -> bool {
+    recorded.is_none() || recorded == current
 }
 
 /// One ingested source file (an image file, or an IDX image file with its labels file).

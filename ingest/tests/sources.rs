@@ -320,7 +320,7 @@ fn a_version_1_dataset_is_read_and_upgraded() {
     let s = run(&opts(&src, &out)).summary;
     assert_eq!((s.relabelled, s.ingested), (0, 1));
     let m = Manifest::load(&out).unwrap().unwrap();
-    assert_eq!(m.version, 2);
+    assert_eq!(m.version, byol_ingest::manifest::MANIFEST_VERSION);
     assert_eq!(m.roots[0].layout, Layout::ImageFolder);
 }
 
@@ -418,4 +418,57 @@ fn an_empty_folder_does_not_fix_a_layout_and_a_root_readme_is_not_data() {
             .any(|w| w.contains("1 image(s) at the root"))
     );
     assert_eq!(per_class(&out), counts(&[("cat", 1), ("", 1)]));
+}
+
+/// A 16 x 16 BMP: always the same size in bytes, whatever the pixels.
+fn bmp(seed: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(16, 16, |x, y| {
+        image::Rgb([(x * 13) as u8 ^ seed, (y * 7) as u8, seed.wrapping_mul(31)])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Bmp).unwrap();
+    out.into_inner()
+}
+
+/// An image edited in place with its size and mtime kept (`exiftool -P`, `touch -r`)
+/// is seen by its ctime: the next run stores the new pixels and retires the old ones.
+/// A file whose stamp did not move is not read again.
+#[test]
+fn an_edit_that_keeps_size_and_mtime_is_seen_by_its_ctime() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, out) = (dir.path().join("src"), dir.path().join("out"));
+    let file = src.join("cat/a.bmp");
+    write(&file, &bmp(1));
+    write(&src.join("cat/b.bmp"), &bmp(2));
+    let first = run(&opts(&src, &out)).summary;
+    assert_eq!(first.ingested, 2);
+    let before = fs::metadata(&file).unwrap();
+    // Same size, new pixels, the old mtime put back.
+    let edited = bmp(3);
+    assert_eq!(edited.len() as u64, before.len());
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    fs::write(&file, &edited).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(before.modified().unwrap())
+        .unwrap();
+    let after = fs::metadata(&file).unwrap();
+    assert_eq!(
+        (after.len(), after.modified().unwrap()),
+        (before.len(), before.modified().unwrap())
+    );
+    let second = run(&opts(&src, &out)).summary;
+    assert_eq!((second.ingested, second.retired), (1, 1), "{second:?}");
+    let m = Manifest::load(&out).unwrap().unwrap();
+    let entry = m
+        .sources
+        .iter()
+        .find(|s| s.path == canonical(&file))
+        .unwrap();
+    assert_eq!(entry.hash, blake3::hash(&edited).to_hex().to_string());
+    // Nothing moved: nothing is read again.
+    let third = run(&opts(&src, &out)).summary;
+    assert_eq!((third.ingested, third.already_present), (0, 2), "{third:?}");
 }
