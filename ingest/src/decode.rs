@@ -72,6 +72,8 @@ pub struct Decoded {
 /// Grayscale, RGBA, 16-bit, palette and CMYK inputs are converted to RGB8 (alpha is
 /// dropped). Dimensions are checked against `limits` before any pixel is decoded.
 pub fn decode_rgb8(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, DecodeError> {
+    let repaired = gray_jpeg_without_adobe(bytes);
+    let bytes = repaired.as_deref().unwrap_or(bytes);
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
@@ -119,6 +121,8 @@ pub fn decode_for_ingest(
     limits: &DecodeLimits,
     max_side: Option<u32>,
 ) -> Result<Decoded, DecodeError> {
+    let repaired = gray_jpeg_without_adobe(bytes);
+    let bytes = repaired.as_deref().unwrap_or(bytes);
     if let Some(side) = max_side
         && side > 0
         && bytes.starts_with(&[0xFF, 0xD8, 0xFF])
@@ -235,6 +239,8 @@ pub fn decode_rgb8_into(
     limits: &DecodeLimits,
     out: &mut Vec<u8>,
 ) -> Result<(u32, u32), DecodeError> {
+    let repaired = gray_jpeg_without_adobe(bytes);
+    let bytes = repaired.as_deref().unwrap_or(bytes);
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF])
         && let Some(dims) = decode_jpeg_into(bytes, limits, out)?
     {
@@ -285,6 +291,40 @@ fn decode_jpeg_into(
     out.resize(w as usize * h as usize * 3, 0);
     decoder.decode_into(out).map_err(corrupt)?;
     Ok(Some((w, h)))
+}
+
+/// For a one-component (gray) JPEG that carries an Adobe APP14 segment, the same file
+/// without that segment; `None` for anything else (the usual case: nothing is copied).
+///
+/// The segment's colour transform applies to three- and four-component frames only;
+/// libjpeg decides the colour space after reading every marker up to SOS and takes one
+/// component as gray whatever APP14 says. Our decoders read APP14 as it comes and refuse
+/// a gray frame after it (the standard lets APP14 follow the SOF), so the segment goes.
+fn gray_jpeg_without_adobe(bytes: &[u8]) -> Option<Vec<u8>> {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return None;
+    }
+    let (mut at, mut adobe, mut components) = (2, None, None);
+    // Marker segments up to the first scan.
+    while let [0xFF, marker, hi, lo, ..] = *bytes.get(at..)? {
+        if marker == 0xFF {
+            at += 1; // a fill byte
+            continue;
+        }
+        let end = at + 2 + usize::from(u16::from_be_bytes([hi, lo]));
+        let segment = bytes.get(at..end)?;
+        match marker {
+            0xDA | 0xD9 => break,
+            0xEE if segment.get(4..9) == Some(b"Adobe") => adobe = Some(at..end),
+            0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) => {
+                components = segment.get(9).copied();
+            }
+            _ => {}
+        }
+        at = end;
+    }
+    let adobe = adobe.filter(|_| components == Some(1))?;
+    Some([&bytes[..adobe.start], &bytes[adobe.end..]].concat())
 }
 
 /// For a progressive JPEG, the same file without its AC scans (spectral selection
@@ -754,5 +794,46 @@ mod scaled_tests {
             decode_for_ingest(&big, &tight, Some(128)),
             Err(DecodeError::TooLarge(_))
         ));
+    }
+
+    /// `jpeg` with an Adobe APP14 segment (`transform` 0: no colour transform) inserted
+    /// right after its SOF0 segment, where the standard allows it and libjpeg reads it.
+    fn with_adobe_after_sof0(jpeg: &[u8]) -> Vec<u8> {
+        let mut at = 2;
+        loop {
+            assert_eq!(jpeg[at], 0xFF);
+            let marker = jpeg[at + 1];
+            let len = usize::from(u16::from_be_bytes([jpeg[at + 2], jpeg[at + 3]]));
+            at += 2 + len;
+            if marker == 0xC0 {
+                break;
+            }
+        }
+        let mut app14 = vec![0xFF, 0xEE, 0x00, 0x0E];
+        app14.extend_from_slice(b"Adobe");
+        app14.extend_from_slice(&[0x00, 0x64, 0x00, 0x00, 0x00, 0x00, 0x00]);
+        [&jpeg[..at], &app14, &jpeg[at..]].concat()
+    }
+
+    /// A valid gray JPEG whose Adobe APP14 marker follows SOF0 is stored (gray to RGB)
+    /// on every decode path, with the pixels of the same file without the marker.
+    #[test]
+    fn a_gray_jpeg_with_adobe_after_sof0_decodes() {
+        let limits = DecodeLimits::default();
+        let gray = image::GrayImage::from_fn(64, 48, |x, y| image::Luma([(x * 3 + y) as u8]));
+        let mut plain = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut plain, 90)
+            .encode_image(&gray)
+            .unwrap();
+        let marked = with_adobe_after_sof0(&plain);
+        let want = decode_rgb8(&plain, &limits).unwrap().image;
+        let got = decode_rgb8(&marked, &limits).unwrap().image;
+        assert_eq!(got, want);
+        let mut out = Vec::new();
+        decode_rgb8_into(&marked, &limits, &mut out).unwrap();
+        assert_eq!(out, want.as_raw().as_slice());
+        let scaled = decode_for_ingest(&marked, &limits, Some(16)).unwrap();
+        let scaled_plain = decode_for_ingest(&plain, &limits, Some(16)).unwrap();
+        assert_eq!(scaled.image, scaled_plain.image);
     }
 }
