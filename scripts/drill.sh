@@ -9,6 +9,10 @@
 #      root): a clear error, the previous state intact, training goes on, and the
 #      daemon carries on once there is room (every metrics line written, none torn).
 #   4. The watched folder deleted: the daemon keeps running, nothing is retired.
+#   5. The watched folder replaced (mv in in.old; mkdir in): watched again, the new
+#      folder's files ingested.
+#   6. inotify's watch limit reached by new sub-folders while the daemon runs (in a user
+#      namespace with its own limit): they are polled, and their later files ingested.
 #
 # Usage: scripts/drill.sh [--kills N] [--files N] [--photos DIR]
 # Needs a release build (cargo build --release). Prints one line per finding and a
@@ -226,4 +230,42 @@ after=$(/usr/bin/python3 -c "import json; print(len(json.load(open('$D/data/mani
 kill -TERM $pid; wait $pid || fail "stop after the deletion"
 echo "  sources before $before, after $after"
 [ "$after" = "$before" ] || echo "  note: files deleted one by one before the folder itself went were retired"
+echo "== 5. the watched folder replaced (mv in in.old; mkdir in)"
+D=$W/replaced; mkdir -p "$D/in"; config "$D" ""
+for _ in $(seq 1 40); do new_file "$D/in"; done
+"$BYOL" daemon --config "$D/d.toml" > "$D/out.txt" 2>&1 &
+pid=$!
+wait_all_ingested "$D" 120
+mv "$D/in" "$D/in.old"; mkdir "$D/in"
+t=0; until grep -q "was replaced; watching the new folder" "$D/out.txt"; do sleep 1; t=$((t+1)); [ $t -lt 30 ] || fail "the replaced folder was not watched again"; done
+start=$(date +%s.%N)
+for _ in $(seq 1 40); do new_file "$D/in"; done
+wait_all_ingested "$D" 120
+secs=$(/usr/bin/python3 -c "import time; print(round(time.time() - $start, 1))")
+kill -TERM $pid; wait $pid || fail "stop after the replacement"
+echo "  the new folder's 40 files in ${secs} s; the dataset matches the new folder"
+
+echo "== 6. inotify's watch limit reached by new sub-folders (a user namespace's own limit)"
+if ! unshare -U -r true 2>/dev/null; then
+  echo "  skipped: no user namespaces here"
+else
+  D=$W/limit; mkdir -p "$D/in/c0"; config "$D" "poll_interval_secs = 1.0"
+  for _ in $(seq 1 20); do new_file "$D/in"; done
+  # The limit admits the folders that exist now (in, c0..c2) and no new one.
+  unshare -U -r sh -c 'echo 4 > /proc/sys/user/max_inotify_watches && exec "$0" daemon --config "$1"' \
+    "$BYOL" "$D/d.toml" > "$D/out.txt" 2>&1 &
+  pid=$!
+  wait_all_ingested "$D" 120
+  start=$(date +%s.%N)
+  for k in 1 2 3; do mkdir -p "$D/in/new$k"; done
+  sleep 2
+  for k in 1 2 3; do for j in 1 2 3 4 5; do
+    cp "${SEEDS[$(( (k * 5 + j) % ${#SEEDS[@]} ))]}" "$D/in/new$k/late$j.jpg"
+  done; done
+  wait_all_ingested "$D" 120
+  secs=$(/usr/bin/python3 -c "import time; print(round(time.time() - $start, 1))")
+  grep -m1 "watch limit" "$D/out.txt" | sed 's/^/  /'
+  kill -TERM $pid; wait $pid || fail "stop after the watch limit"
+  echo "  15 files written into 3 sub-folders past the limit, all ingested in ${secs} s"
+fi
 echo "all drills passed; logs in $W"

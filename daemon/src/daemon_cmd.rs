@@ -32,7 +32,7 @@ use crate::config::{Config, DaemonConfig};
 use crate::metrics::{Metrics, serve};
 use crate::service::{Notifier, stopping};
 use crate::signals;
-use crate::watch::{Change, watch};
+use crate::watch::{CHECK_EVERY, Change, Watchers, watch};
 
 /// Runs `byol validate`: the config is parsed and every value checked.
 pub fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
@@ -158,6 +158,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let ingest = spawn_ingest(
         IngestThread {
             ingest: ingest_loop,
+            watchers,
             controls: controls.clone(),
             metrics: metrics.clone(),
             stop: stop_ingest.clone(),
@@ -210,7 +211,6 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let outcome = continuous::train_continuously(setup, &controls, &mut |e| reporter.on_event(e));
     healthy.store(false, Ordering::SeqCst);
     stop_ingest.store(true, Ordering::SeqCst);
-    drop(watchers);
     drop(tx);
     let ingest_result = ingest.join().expect("the ingest thread does not panic");
     drop(signals);
@@ -386,6 +386,8 @@ fn describe(r: &IngestReport) -> String {
 /// What the ingest thread owns.
 struct IngestThread {
     ingest: IngestLoop,
+    /// The folder watchers, checked every `watch::CHECK_EVERY`.
+    watchers: Watchers,
     controls: Arc<Controls>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
@@ -402,13 +404,19 @@ fn spawn_ingest(
     let body = move || -> anyhow::Result<()> {
         let IngestThread {
             mut ingest,
+            mut watchers,
             controls,
             metrics,
             stop,
         } = t;
         // This thread appends and commits; like the ingest workers, it yields to training.
         byol_ingest::lower_thread_priority();
+        let mut checked = Instant::now();
         while !stop.load(Ordering::SeqCst) {
+            if checked.elapsed() >= CHECK_EVERY {
+                checked = Instant::now();
+                watchers.check();
+            }
             match rx.recv_timeout(tick) {
                 Ok(Change::Paths(paths)) => {
                     let now = Instant::now();

@@ -1,8 +1,12 @@
 //! Watching folders for the daemon: notify's debounced events (inotify), or polling
 //! for network filesystems, when asked, or when a watch cannot be registered (inotify's
-//! watch limit reached, say). Events become [`Change`]s on a channel.
+//! watch limit reached, at start-up or later under a new sub-folder). Each configured
+//! folder stays watched: replaced under its path or back after it went missing, it is
+//! watched again ([`Watchers::check`]). Events become [`Change`]s on a channel.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
@@ -22,10 +26,48 @@ pub enum Change {
 /// Debounce window of the event stream (the settle time comes after it).
 const DEBOUNCE: Duration = Duration::from_millis(300);
 
-/// The watchers of every folder; dropping it stops them.
+/// How often [`Watchers::check`] looks at the folders themselves.
+pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// A folder's identity: device and inode (a folder replaced under the same path has
+/// another).
+type Identity = (u64, u64);
+
+fn identity(path: &Path) -> Option<Identity> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok().filter(|m| m.is_dir())?;
+    Some((m.dev(), m.ino()))
+}
+
+/// One folder's watcher (held for its events: dropping it stops the watch).
+enum Watcher {
+    Native {
+        _debouncer: Debouncer<RecommendedWatcher, RecommendedCache>,
+    },
+    Polling {
+        _debouncer: Debouncer<PollWatcher, RecommendedCache>,
+    },
+}
+
+/// One watched folder: the folder its watcher follows, and the watcher.
+struct RootWatch {
+    path: PathBuf,
+    /// The folder being watched (`None` while the path is missing).
+    watched: Option<Identity>,
+    watcher: Option<Watcher>,
+    /// Set by the event handler when inotify's watch limit stopped the native watch
+    /// from following a new sub-folder.
+    watch_limit: Arc<AtomicBool>,
+}
+
+/// The watchers of every folder; dropping it stops them. [`Watchers::check`] keeps
+/// each configured folder watched: re-watched when it is replaced or reappears, and
+/// polled when inotify runs out of watches under it.
 pub struct Watchers {
-    _native: Vec<Debouncer<RecommendedWatcher, RecommendedCache>>,
-    _polling: Vec<Debouncer<PollWatcher, RecommendedCache>>,
+    roots: Vec<RootWatch>,
+    poll: bool,
+    poll_interval: Duration,
+    tx: Sender<Change>,
 }
 
 /// Watches every folder of `roots` recursively, sending changes to `tx`: natively,
@@ -39,57 +81,183 @@ pub fn watch(
     tx: &Sender<Change>,
 ) -> anyhow::Result<Watchers> {
     let mut w = Watchers {
-        _native: Vec::new(),
-        _polling: Vec::new(),
+        roots: Vec::new(),
+        poll,
+        poll_interval,
+        tx: tx.clone(),
     };
     for root in roots {
-        let why_poll = if poll {
-            Some("[daemon] poll = true".to_owned())
-        } else {
-            network_filesystem(root).map(|fs| format!("{fs} filesystem"))
+        let watch_limit = Arc::new(AtomicBool::new(false));
+        let watcher = w.start(root, &watch_limit, None)?;
+        w.roots.push(RootWatch {
+            path: root.clone(),
+            watched: identity(root),
+            watcher: Some(watcher),
+            watch_limit,
+        });
+    }
+    Ok(w)
+}
+
+impl Watchers {
+    /// Looks at every folder (call it every [`CHECK_EVERY`]): a folder replaced under
+    /// its path (`mv in in.old; mkdir in`) or back after it went missing is watched
+    /// again, and a folder whose native watch hit inotify's watch limit is polled
+    /// instead; each is logged, and a rescan asked for, so nothing that arrived
+    /// meanwhile is missed. A missing folder is reported once (and retires nothing).
+    pub fn check(&mut self) {
+        for i in 0..self.roots.len() {
+            if let Err(e) = self.check_root(i) {
+                let path = &self.roots[i].path;
+                tracing::error!(
+                    event = "watch_failed",
+                    folder = %path.display(),
+                    error = format!("{e:#}"),
+                    "cannot watch {} again (retrying): {e:#}",
+                    path.display()
+                );
+            }
+        }
+    }
+
+    fn check_root(&mut self, i: usize) -> anyhow::Result<()> {
+        let now = identity(&self.roots[i].path);
+        let root = &self.roots[i];
+        let path = root.path.clone();
+        if root.watch_limit.swap(false, Ordering::SeqCst)
+            && matches!(root.watcher, Some(Watcher::Native { .. }))
+        {
+            let why = "inotify's watch limit (fs.inotify.max_user_watches) was reached under \
+                       it";
+            tracing::warn!(
+                event = "watch_fallback",
+                folder = %path.display(),
+                "{}: {why}; polling it every {:?} instead",
+                path.display(),
+                self.poll_interval
+            );
+            let watcher = self.start_polling(&path, Some(why))?;
+            self.roots[i].watcher = Some(watcher);
+            let _ = self.tx.send(Change::Rescan);
+            return Ok(());
+        }
+        match (root.watched, now) {
+            (Some(before), Some(after)) if before != after => {
+                tracing::warn!(
+                    event = "watch_replaced",
+                    folder = %path.display(),
+                    "watched folder {} was replaced; watching the new folder and rescanning",
+                    path.display()
+                );
+            }
+            (Some(_), None) => {
+                tracing::warn!(
+                    event = "watch_missing",
+                    folder = %path.display(),
+                    "watched folder {} is missing; nothing is retired, and it is watched again \
+                     when it reappears",
+                    path.display()
+                );
+                self.roots[i].watcher = None;
+                self.roots[i].watched = None;
+                return Ok(());
+            }
+            (None, Some(_)) => {
+                tracing::warn!(
+                    event = "watch_back",
+                    folder = %path.display(),
+                    "watched folder {} is back; watching it and rescanning",
+                    path.display()
+                );
+            }
+            _ => return Ok(()),
+        }
+        // Replaced or back: a fresh watcher on the folder now at the path.
+        self.roots[i].watcher = None;
+        let limit = self.roots[i].watch_limit.clone();
+        let watcher = self.start(&path, &limit, None)?;
+        self.roots[i].watcher = Some(watcher);
+        self.roots[i].watched = now;
+        let _ = self.tx.send(Change::Rescan);
+        Ok(())
+    }
+
+    /// A watcher for `root`: native unless polling is asked for, the folder is on a
+    /// network filesystem, or the native watch cannot be registered.
+    fn start(
+        &self,
+        root: &Path,
+        watch_limit: &Arc<AtomicBool>,
+        why_poll: Option<&str>,
+    ) -> anyhow::Result<Watcher> {
+        let why_poll = match why_poll {
+            Some(why) => Some(why.to_owned()),
+            None if self.poll => Some("[daemon] poll = true".to_owned()),
+            None => network_filesystem(root).map(|fs| format!("{fs} filesystem")),
         };
         if why_poll.is_none() {
             let native = new_debouncer_opt::<_, RecommendedWatcher, _>(
                 DEBOUNCE,
                 None,
-                handler(tx.clone()),
+                handler(self.tx.clone(), Some(watch_limit.clone())),
                 RecommendedCache::new(),
                 notify::Config::default(),
             )
             .and_then(|mut d| d.watch(root, RecursiveMode::Recursive).map(|()| d));
             match native {
                 Ok(d) => {
-                    tracing::info!(folder = %root.display(), "watching (inotify)");
-                    println!("watching {} (inotify)", root.display());
-                    w._native.push(d);
-                    continue;
+                    tracing::info!(
+                        event = "watching",
+                        folder = %root.display(),
+                        "watching {} (inotify)",
+                        root.display()
+                    );
+                    return Ok(Watcher::Native { _debouncer: d });
                 }
                 Err(e) => {
                     let why = format!("cannot watch natively: {e}");
-                    tracing::warn!(folder = %root.display(), "{why}; polling instead");
-                    eprintln!("warning: {}: {why}; polling instead", root.display());
+                    tracing::warn!(
+                        event = "watch_fallback",
+                        folder = %root.display(),
+                        "{}: {why}; polling instead",
+                        root.display()
+                    );
+                    return self.start_polling(root, None);
                 }
             }
-        } else if let Some(why) = &why_poll {
-            println!("watching {} by polling ({why})", root.display());
         }
-        let config = notify::Config::default().with_poll_interval(poll_interval);
+        self.start_polling(root, why_poll.as_deref())
+    }
+
+    /// A polling watcher for `root`, said with `why` when given.
+    fn start_polling(&self, root: &Path, why: Option<&str>) -> anyhow::Result<Watcher> {
+        let config = notify::Config::default().with_poll_interval(self.poll_interval);
         let mut d = new_debouncer_opt::<_, PollWatcher, _>(
             DEBOUNCE,
             None,
-            handler(tx.clone()),
+            handler(self.tx.clone(), None),
             RecommendedCache::new(),
             config,
         )?;
         d.watch(root, RecursiveMode::Recursive)?;
-        tracing::info!(folder = %root.display(), interval = ?poll_interval, "watching (polling)");
-        w._polling.push(d);
+        let why = why.map_or(String::new(), |w| format!(" ({w})"));
+        tracing::info!(
+            event = "watching",
+            folder = %root.display(),
+            interval = ?self.poll_interval,
+            "watching {} by polling{why}",
+            root.display()
+        );
+        Ok(Watcher::Polling { _debouncer: d })
     }
-    Ok(w)
 }
 
-/// Turns debounced events into [`Change`]s.
-fn handler(tx: Sender<Change>) -> impl FnMut(DebounceEventResult) + Send + 'static {
+/// Turns debounced events into [`Change`]s; an error that says inotify's watch limit
+/// was reached sets `watch_limit` (the folder is then polled, see [`Watchers::check`]).
+fn handler(
+    tx: Sender<Change>,
+    watch_limit: Option<Arc<AtomicBool>>,
+) -> impl FnMut(DebounceEventResult) + Send + 'static {
     move |result| match result {
         Ok(events) => {
             let mut paths = Vec::new();
@@ -117,6 +285,11 @@ fn handler(tx: Sender<Change>) -> impl FnMut(DebounceEventResult) + Send + 'stat
         }
         Err(errors) => {
             for e in errors {
+                if matches!(e.kind, notify::ErrorKind::MaxFilesWatch)
+                    && let Some(flag) = &watch_limit
+                {
+                    flag.store(true, Ordering::SeqCst);
+                }
                 tracing::warn!(error = %e, "watch error");
             }
             let _ = tx.send(Change::Rescan);

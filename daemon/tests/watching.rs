@@ -1,0 +1,148 @@
+//! Watched folders that change under the daemon: the folder itself replaced
+//! (`mv in in.old; mkdir in`), and inotify's watch limit reached by a new sub-folder
+//! while the daemon runs (inside a user namespace whose limit the test lowers, so the
+//! machine's own limit is untouched). In both, files written afterwards reach the
+//! dataset.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::{Daemon, Reaped, daemon_config, distinct_png, live_records};
+
+/// Waits (up to two minutes) until `done(output)` holds, failing if `child` exits.
+fn wait_for(child: &mut Reaped, out: &Path, what: &str, done: impl Fn(&str) -> bool) {
+    let start = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(out).unwrap_or_default();
+        if done(&text) {
+            return;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the daemon exited waiting for {what}:\n{text}"
+        );
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(120),
+            "timed out waiting for {what}:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_replaced_watched_folder_is_watched_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let watch = root.join("in");
+    std::fs::create_dir_all(watch.join("a")).unwrap();
+    for i in 0..8 {
+        std::fs::write(watch.join(format!("a/{i}.png")), distinct_png(i)).unwrap();
+    }
+    let cfg = root.join("d.toml");
+    std::fs::write(&cfg, daemon_config(root, &[])).unwrap();
+    let mut d = Daemon::start(&cfg, root.join("out.txt"), &[]);
+    d.wait_for("training", |o| o.contains("training from step"));
+    std::fs::rename(&watch, root.join("in.old")).unwrap();
+    std::fs::create_dir_all(watch.join("b")).unwrap();
+    d.wait_for("the re-watch", |o| {
+        o.contains("was replaced; watching the new folder")
+    });
+    for i in 100..108 {
+        std::fs::write(watch.join(format!("b/{i}.png")), distinct_png(i)).unwrap();
+    }
+    // The new folder's files are in; the old folder's files are gone from it.
+    d.wait_for("the new folder's files", |_| {
+        common::dataset_sources(&root.join("data"))
+            .values()
+            .filter(|(_, label)| label.as_deref() == Some("b"))
+            .count()
+            == 8
+    });
+    let (status, out) = d.stop();
+    assert!(status.success(), "{status}\n{out}");
+}
+
+/// True when this machine lets the test make a user namespace with its own inotify
+/// limit; otherwise says why it skips (a failure under `BYOL_REQUIRE_REAL_DATA=1`).
+fn can_limit_watches() -> bool {
+    let o = Command::new("unshare")
+        .args(["-U", "-r", "sh", "-c"])
+        .arg("echo 64 > /proc/sys/user/max_inotify_watches")
+        .output();
+    let why = match o {
+        Ok(o) if o.status.success() => return true,
+        Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+        Err(e) => e.to_string(),
+    };
+    let msg = format!("cannot lower the inotify watch limit in a user namespace: {why}");
+    if std::env::var("BYOL_REQUIRE_REAL_DATA").as_deref() == Ok("1") {
+        panic!("{msg}");
+    }
+    eprintln!("skipped: {msg}");
+    false
+}
+
+#[test]
+fn a_sub_folder_past_the_watch_limit_is_polled() {
+    if !can_limit_watches() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let watch = root.join("in");
+    std::fs::create_dir_all(watch.join("a")).unwrap();
+    for i in 0..8 {
+        std::fs::write(watch.join(format!("a/{i}.png")), distinct_png(i)).unwrap();
+    }
+    let cfg = root.join("d.toml");
+    let text = daemon_config(
+        root,
+        &[(
+            "settle_secs = 0.4",
+            "settle_secs = 0.2\npoll_interval_secs = 0.3",
+        )],
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let out = root.join("out.txt");
+    let log = std::fs::File::create(&out).unwrap();
+    // The watched folder and `a` take two watches; the limit leaves room for no more.
+    let script =
+        "echo 2 > /proc/sys/user/max_inotify_watches && exec \"$0\" daemon --config \"$1\"";
+    let mut child = Reaped(
+        Command::new("unshare")
+            .args(["-U", "-r", "sh", "-c", script, env!("CARGO_BIN_EXE_byol")])
+            .arg(&cfg)
+            .env_remove("BYOL_LOG")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&mut child, &out, "training", |o| {
+        o.contains("training from step")
+    });
+    assert!(
+        std::fs::read_to_string(&out).unwrap().contains("(inotify)"),
+        "the start-up watch is native"
+    );
+    // A new class folder past the limit; its files come after its creation.
+    std::fs::create_dir_all(watch.join("b")).unwrap();
+    wait_for(&mut child, &out, "the fallback", |o| {
+        o.contains("watch limit") && o.contains("polling it every")
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for i in 100..108 {
+        std::fs::write(watch.join(format!("b/{i}.png")), distinct_png(i)).unwrap();
+    }
+    wait_for(&mut child, &out, "the polled files", |_| {
+        live_records(&root.join("data")) == 16
+    });
+    // SAFETY: a signal to our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
