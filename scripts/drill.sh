@@ -264,7 +264,7 @@ else
   done; done
   wait_all_ingested "$D" 120
   secs=$(/usr/bin/python3 -c "import time; print(round(time.time() - $start, 1))")
-  grep -m1 "watch limit" "$D/out.txt" | sed 's/^/  /'
+  grep -m1 "^warning: .*watch limit" "$D/out.txt" | sed 's/^/  /'
   kill -TERM $pid; wait $pid || fail "stop after the watch limit"
   echo "  15 files written into 3 sub-folders past the limit, all ingested in ${secs} s"
 fi
