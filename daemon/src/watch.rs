@@ -55,9 +55,18 @@ struct RootWatch {
     /// The folder being watched (`None` while the path is missing).
     watched: Option<Identity>,
     watcher: Option<Watcher>,
-    /// Set by the event handler when inotify's watch limit stopped the native watch
-    /// from following a new sub-folder.
-    watch_limit: Arc<AtomicBool>,
+    /// What the event handler asks of [`Watchers::check`].
+    flags: Arc<Flags>,
+}
+
+/// Set by a folder's event handler for [`Watchers::check`].
+#[derive(Default)]
+struct Flags {
+    /// inotify's watch limit stopped the native watch from following a new sub-folder.
+    watch_limit: AtomicBool,
+    /// A symlink to a folder appeared: inotify follows it only from a fresh recursive
+    /// watch (a new real folder is followed at once).
+    new_symlinked_folder: AtomicBool,
 }
 
 /// The watchers of every folder; dropping it stops them. [`Watchers::check`] keeps
@@ -87,13 +96,13 @@ pub fn watch(
         tx: tx.clone(),
     };
     for root in roots {
-        let watch_limit = Arc::new(AtomicBool::new(false));
-        let watcher = w.start(root, &watch_limit, None)?;
+        let flags = Arc::new(Flags::default());
+        let watcher = w.start(root, &flags, None)?;
         w.roots.push(RootWatch {
             path: root.clone(),
             watched: identity(root),
             watcher: Some(watcher),
-            watch_limit,
+            flags,
         });
     }
     Ok(w)
@@ -124,9 +133,28 @@ impl Watchers {
         let now = identity(&self.roots[i].path);
         let root = &self.roots[i];
         let path = root.path.clone();
-        if root.watch_limit.swap(false, Ordering::SeqCst)
-            && matches!(root.watcher, Some(Watcher::Native { .. }))
+        let native = matches!(root.watcher, Some(Watcher::Native { .. }));
+        if root
+            .flags
+            .new_symlinked_folder
+            .swap(false, Ordering::SeqCst)
+            && native
         {
+            tracing::info!(
+                event = "watching",
+                folder = %path.display(),
+                "a symlinked folder appeared under {}: watching the folder afresh to follow it",
+                path.display()
+            );
+            self.roots[i].watcher = None;
+            let flags = self.roots[i].flags.clone();
+            let watcher = self.start(&path, &flags, None)?;
+            self.roots[i].watcher = Some(watcher);
+            let _ = self.tx.send(Change::Rescan);
+            return Ok(());
+        }
+        let root = &self.roots[i];
+        if root.flags.watch_limit.swap(false, Ordering::SeqCst) && native {
             let why = "inotify's watch limit (fs.inotify.max_user_watches) was reached under \
                        it";
             tracing::warn!(
@@ -174,8 +202,8 @@ impl Watchers {
         }
         // Replaced or back: a fresh watcher on the folder now at the path.
         self.roots[i].watcher = None;
-        let limit = self.roots[i].watch_limit.clone();
-        let watcher = self.start(&path, &limit, None)?;
+        let flags = self.roots[i].flags.clone();
+        let watcher = self.start(&path, &flags, None)?;
         self.roots[i].watcher = Some(watcher);
         self.roots[i].watched = now;
         let _ = self.tx.send(Change::Rescan);
@@ -187,7 +215,7 @@ impl Watchers {
     fn start(
         &self,
         root: &Path,
-        watch_limit: &Arc<AtomicBool>,
+        flags: &Arc<Flags>,
         why_poll: Option<&str>,
     ) -> anyhow::Result<Watcher> {
         let why_poll = match why_poll {
@@ -199,7 +227,7 @@ impl Watchers {
             let native = new_debouncer_opt::<_, RecommendedWatcher, _>(
                 DEBOUNCE,
                 None,
-                handler(self.tx.clone(), Some(watch_limit.clone())),
+                handler(self.tx.clone(), Some(flags.clone())),
                 RecommendedCache::new(),
                 notify::Config::default(),
             )
@@ -252,11 +280,12 @@ impl Watchers {
     }
 }
 
-/// Turns debounced events into [`Change`]s; an error that says inotify's watch limit
-/// was reached sets `watch_limit` (the folder is then polled, see [`Watchers::check`]).
+/// Turns debounced events into [`Change`]s. For a native watcher (`flags`), an error
+/// that says inotify's watch limit was reached, and a symlink to a folder created, are
+/// flagged for [`Watchers::check`].
 fn handler(
     tx: Sender<Change>,
-    watch_limit: Option<Arc<AtomicBool>>,
+    flags: Option<Arc<Flags>>,
 ) -> impl FnMut(DebounceEventResult) + Send + 'static {
     move |result| match result {
         Ok(events) => {
@@ -264,6 +293,12 @@ fn handler(
             let mut rescan = false;
             for e in events {
                 rescan |= e.need_rescan();
+                if let (Some(flags), EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_))) =
+                    (&flags, &e.kind)
+                    && e.paths.iter().any(|p| is_symlinked_folder(p))
+                {
+                    flags.new_symlinked_folder.store(true, Ordering::SeqCst);
+                }
                 match (&e.kind, e.paths.as_slice()) {
                     (EventKind::Modify(ModifyKind::Name(RenameMode::Both)), [from, to]) => {
                         paths.push((from.clone(), false));
@@ -286,15 +321,21 @@ fn handler(
         Err(errors) => {
             for e in errors {
                 if matches!(e.kind, notify::ErrorKind::MaxFilesWatch)
-                    && let Some(flag) = &watch_limit
+                    && let Some(flags) = &flags
                 {
-                    flag.store(true, Ordering::SeqCst);
+                    flags.watch_limit.store(true, Ordering::SeqCst);
                 }
                 tracing::warn!(error = %e, "watch error");
             }
             let _ = tx.send(Change::Rescan);
         }
     }
+}
+
+/// True when `path` is a symbolic link to a folder.
+fn is_symlinked_folder(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+        && std::fs::metadata(path).is_ok_and(|m| m.is_dir())
 }
 
 /// The network filesystem `path` is on, if it is on one (inotify sees only local changes).

@@ -146,3 +146,61 @@ fn a_sub_folder_past_the_watch_limit_is_polled() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// A class folder added as a symlink while the daemon runs follows the start-up rule:
+/// its images are stored under the watched folder's path, labelled by the link's name,
+/// later files in it are seen, and a restart finds nothing stale.
+#[test]
+fn a_symlinked_class_folder_added_at_run_time_is_a_class() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let watch = root.join("in");
+    std::fs::create_dir_all(watch.join("a")).unwrap();
+    for i in 0..8 {
+        std::fs::write(watch.join(format!("a/{i}.png")), distinct_png(i)).unwrap();
+    }
+    let elsewhere = root.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    for i in 100..104 {
+        std::fs::write(elsewhere.join(format!("{i}.png")), distinct_png(i)).unwrap();
+    }
+    let cfg = root.join("d.toml");
+    std::fs::write(&cfg, daemon_config(root, &[])).unwrap();
+    let canonical_watch = std::fs::canonicalize(&watch).unwrap();
+    let linked_sources = || {
+        common::dataset_sources(&root.join("data"))
+            .into_iter()
+            .filter(|(_, (_, label))| label.as_deref() == Some("linked"))
+            .map(|(path, _)| path)
+            .collect::<Vec<String>>()
+    };
+    let mut d = Daemon::start(&cfg, root.join("out1.txt"), &[]);
+    d.wait_for("training", |o| o.contains("training from step"));
+    std::os::unix::fs::symlink(&elsewhere, watch.join("linked")).unwrap();
+    d.wait_for("the linked class", |_| linked_sources().len() == 4);
+    // A later file in the linked folder is seen too.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::fs::write(elsewhere.join("104.png"), distinct_png(104)).unwrap();
+    d.wait_for("the later file", |_| linked_sources().len() == 5);
+    for path in linked_sources() {
+        assert!(
+            path.starts_with(&canonical_watch.join("linked").display().to_string()),
+            "{path} is not under the watched folder"
+        );
+    }
+    let (status, out) = d.stop();
+    assert!(status.success(), "{status}\n{out}");
+    // A restart: every source is under the watched folder, nothing stale.
+    let mut d = Daemon::start(&cfg, root.join("out2.txt"), &[]);
+    d.wait_for("training", |o| o.contains("training from step"));
+    let sources = common::dataset_sources(&root.join("data"));
+    assert_eq!(sources.len(), 13, "{sources:?}");
+    assert!(
+        sources
+            .keys()
+            .all(|p| p.starts_with(&canonical_watch.display().to_string())),
+        "{sources:?}"
+    );
+    let (status, out) = d.stop();
+    assert!(status.success(), "{status}\n{out}");
+}

@@ -127,8 +127,19 @@ impl Follower {
             }
             match std::fs::metadata(path) {
                 Ok(m) if m.is_dir() => {
+                    // A symlink to the watched folder or above it: the start-up walk
+                    // refuses it as a loop, and so does this.
+                    if std::fs::canonicalize(path).is_ok_and(|t| root.path.starts_with(&t)) {
+                        rejects.push(Reject::new(
+                            path,
+                            RejectReason::SymlinkLoop,
+                            "symlink loop".to_owned(),
+                        ));
+                        continue;
+                    }
                     let layout = self.layout_of(&root);
-                    let mut scan = match source::scan(path, Layout::Flat, Some(&self.data)) {
+                    // By the path found (a symlinked folder keeps its class).
+                    let mut scan = match source::scan_found(path, Layout::Flat, Some(&self.data)) {
                         Ok(scan) => scan,
                         Err(e) => {
                             rejects.push(unreadable(path, &e));

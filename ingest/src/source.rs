@@ -235,7 +235,18 @@ fn choose_layout(class_folders: usize, root_images: usize, root_other: usize) ->
 /// stay unlabelled; non-image files at the root never change the choice). Fails only
 /// when `src` itself cannot be read.
 pub fn scan(src: &Path, layout: Layout, exclude: Option<&Path>) -> io::Result<Scan> {
-    let root = fs::canonicalize(src)?;
+    scan_at(fs::canonicalize(src)?, layout, exclude)
+}
+
+/// [`scan`] of a folder or file found under a watched folder (itself canonical), by the
+/// path it was found at, symlinks in it not resolved: a symlinked class folder keeps its
+/// place under the watched folder, and so its class, as the walk from the watched folder
+/// at start-up gives it.
+pub fn scan_found(path: &Path, layout: Layout, exclude: Option<&Path>) -> io::Result<Scan> {
+    scan_at(path.to_owned(), layout, exclude)
+}
+
+fn scan_at(root: PathBuf, layout: Layout, exclude: Option<&Path>) -> io::Result<Scan> {
     let meta = fs::metadata(&root)?;
     let mut scan = Scan {
         root: root.clone(),
