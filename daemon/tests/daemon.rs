@@ -412,3 +412,47 @@ fn an_edit_that_keeps_size_and_mtime_reaches_the_dataset() {
     let (status, out) = d.stop();
     assert!(status.success(), "{status}\n{out}");
 }
+
+/// Files named in Latin-1 (not UTF-8), present at start-up and added while the daemon
+/// runs, are kept: one source each, none retired, through a restart.
+#[test]
+fn names_that_are_not_utf8_are_kept() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let class = root.join("in/a");
+    std::fs::create_dir_all(&class).unwrap();
+    let name = |i: u32, byte: u8| {
+        let mut n = format!("f{i}-").into_bytes();
+        n.push(byte);
+        n.extend_from_slice(b".png");
+        class.join(std::ffi::OsStr::from_bytes(&n))
+    };
+    for i in 0..8 {
+        std::fs::write(name(i, 0xE9), distinct_png(i)).unwrap();
+    }
+    let cfg = root.join("d.toml");
+    std::fs::write(&cfg, daemon_config(root, &[])).unwrap();
+    let data = root.join("data");
+    let mut d = Daemon::start(&cfg, root.join("out1.txt"), &[]);
+    d.wait_for("training", |o| o.contains("training from step"));
+    // Two names that differ only in their undecodable byte.
+    std::fs::write(name(100, 0xFE), distinct_png(100)).unwrap();
+    std::fs::write(name(100, 0xFF), distinct_png(101)).unwrap();
+    d.wait_for("the new files", |_| live_records(&data) == 10);
+    let (status, out) = d.stop();
+    assert!(status.success(), "{status}\n{out}");
+    let retiring = |o: &str| {
+        o.lines()
+            .filter(|l| l.starts_with("ingest:") || l.starts_with("start-up scan:"))
+            .any(|l| l.contains("retired"))
+    };
+    assert!(!retiring(&out), "{out}");
+    let mut d = Daemon::start(&cfg, root.join("out2.txt"), &[]);
+    d.wait_for("training", |o| o.contains("training from step"));
+    let (status, out) = d.stop();
+    assert!(status.success(), "{status}\n{out}");
+    assert!(!retiring(&out), "{out}");
+    assert_eq!(live_records(&data), 10, "{out}");
+    assert_eq!(common::dataset_sources(&data).len(), 10);
+}

@@ -28,6 +28,7 @@ use crate::ingest::{
 };
 use crate::manifest::{
     FileStamp, IngestSettings, LabelsFile, Manifest, SHARDS_DIR, ShardEntry, SourceEntry, Span,
+    path_key, stored_path,
 };
 use crate::pipeline::ordered_map;
 use crate::reject::{self, Reject, RejectReason};
@@ -239,12 +240,12 @@ impl<'p> Ingester<'p> {
         self.work
             .sources_under(root)
             .filter(|s| self.by_path.contains_key(&s.path))
-            .map(|s| PathBuf::from(&s.path))
+            .map(|s| stored_path(&s.path))
             .chain(
                 self.pending
                     .iter()
-                    .filter(|s| Path::new(&s.path).starts_with(root))
-                    .map(|s| PathBuf::from(&s.path)),
+                    .map(|s| stored_path(&s.path))
+                    .filter(|p| p.starts_with(root)),
             )
             .collect()
     }
@@ -276,11 +277,11 @@ impl<'p> Ingester<'p> {
     /// between class folders becomes a relabel). Returns false when no source has
     /// this path.
     pub fn retire(&mut self, path: &Path) -> Result<bool, IngestError> {
-        let key = path.to_string_lossy();
+        let key = path_key(path);
         if self.pending.iter().any(|e| e.path == key) {
             self.finish_shard()?;
         }
-        let Some(i) = self.by_path.remove(key.as_ref()) else {
+        let Some(i) = self.by_path.remove(&key) else {
             return Ok(false);
         };
         let hash = &self.work.sources[i].hash;
@@ -297,11 +298,11 @@ impl<'p> Ingester<'p> {
     /// rewritten (labels live in the manifest). Returns false when no source has this
     /// path, or it is an IDX file (labelled by its labels file).
     pub fn relabel(&mut self, path: &Path, label: Option<&str>) -> Result<bool, IngestError> {
-        let key = path.to_string_lossy();
+        let key = path_key(path);
         if self.pending.iter().any(|e| e.path == key) {
             self.finish_shard()?;
         }
-        let Some(&i) = self.by_path.get(key.as_ref()) else {
+        let Some(&i) = self.by_path.get(&key) else {
             return Ok(false);
         };
         if self.work.sources[i].labels_file.is_some() {
@@ -387,7 +388,7 @@ impl<'p> Ingester<'p> {
         let mut unchanged = Vec::new();
         images.retain(|c| {
             let present = self
-                .existing(&c.path.to_string_lossy())
+                .existing(&path_key(&c.path))
                 .is_some_and(|e| e.stamp.unchanged(&c.stamp));
             if present {
                 unchanged.push((c.path.clone(), c.label.clone()));
@@ -404,10 +405,7 @@ impl<'p> Ingester<'p> {
             .collect();
         let previous: Vec<Option<String>> = images
             .iter()
-            .map(|c| {
-                self.existing(&c.path.to_string_lossy())
-                    .map(|e| e.hash.clone())
-            })
+            .map(|c| self.existing(&path_key(&c.path)).map(|e| e.hash.clone()))
             .collect();
         let known: HashSet<String> = self.by_hash.keys().cloned().collect();
         // Content hash → the first file of this batch seen with it: later copies are
@@ -475,7 +473,7 @@ impl<'p> Ingester<'p> {
             Outcome::Stored { hash, record } => (hash, Some(record)),
             Outcome::Unchanged { hash } | Outcome::Duplicate { hash } => (hash, None),
         };
-        let path = c.path.to_string_lossy().into_owned();
+        let path = path_key(&c.path);
         let same = self.existing(&path).filter(|e| e.hash == hash).cloned();
         let (id, duplicate_of, records) = match (same, self.by_hash.get(&hash).cloned(), record) {
             // Same content as before at this path: only the stamp (and the label) change.
@@ -552,12 +550,12 @@ impl<'p> Ingester<'p> {
                 return Ok(());
             }
         };
-        let path = c.path.to_string_lossy().into_owned();
+        let path = path_key(&c.path);
         let labels_file = labels
             .as_ref()
             .zip(labels_stamp)
             .map(|(p, stamp)| LabelsFile {
-                path: p.to_string_lossy().into_owned(),
+                path: path_key(p),
                 stamp,
             });
         let labels_unchanged = |recorded: &Option<LabelsFile>| match (recorded, &labels_file) {
@@ -819,7 +817,8 @@ impl<'p> Ingester<'p> {
             let old = &self.work.sources[i];
             let mut held = holders.get(old.hash.as_str()).cloned().unwrap_or_default();
             held.sort_unstable();
-            let same_name = |p: &str| Path::new(p).file_name() == Path::new(&old.path).file_name();
+            let same_name =
+                |p: &str| stored_path(p).file_name() == stored_path(&old.path).file_name();
             let same_label = held.iter().find(|(_, l, _)| *l == old.label.as_deref());
             let moved_to = held
                 .iter()

@@ -18,13 +18,77 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 pub const SHARDS_DIR: &str = "shards";
 /// The `format` field of every manifest.
 pub const FORMAT_NAME: &str = "byol-dataset";
-/// The manifest version this build writes. Version 3 added a source's `ctime_ns` and
-/// `inode` to its stamp (an edit that keeps size and mtime is seen); version 2 made a
+/// A path as the manifest stores it: losslessly. A name that is valid UTF-8 is stored
+/// as is; each byte that is not (a Latin-1 `grün.png`, say) is stored as NUL followed by
+/// its two hex digits (`gr\u0000fcn.png` in JSON). NUL never occurs in a path, so every
+/// name on disk has one stored form and [`stored_path`] gives the name back.
+pub fn path_key(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push('\0');
+            out.push_str(&format!("{b:02x}"));
+        }
+    }
+    out
+}
+
+/// The path a stored form of [`path_key`] names (older manifests' paths, which hold no
+/// NUL, are themselves).
+pub fn stored_path(key: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = key.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == 0)
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match escaped {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// Serde for a path field in its stored form ([`path_key`] / [`stored_path`]): the
+/// JSON Lines reports keep names that are not UTF-8 as the manifest does.
+pub mod path_serde {
+    use std::path::{Path, PathBuf};
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes `path` as [`super::path_key`] gives it.
+    pub fn serialize<S: Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::path_key(path))
+    }
+
+    /// Reads a stored path back.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        Ok(super::stored_path(&String::deserialize(d)?))
+    }
+}
+
+/// The manifest version this build writes. Version 3 stores paths losslessly
+/// ([`path_key`]) and added a source's `ctime_ns` and `inode` to its stamp (an edit that
+/// keeps size and mtime is seen); version 2 made a
 /// record's label the label of the source(s) that refer to it (see `FORMAT.md`). This
 /// build also reads versions 1 and 2, whose manifests mean the same under these rules
 /// (a stamp without ctime or inode is compared on size and mtime).
 pub const MANIFEST_VERSION: u32 = 3;
-/// Manifest versions this build reads.
+/// Manifest versions this build reads (version 2's paths were made UTF-8, see
+/// `FORMAT.md`).
 pub const READABLE_VERSIONS: [u32; 3] = [1, 2, 3];
 
 /// Errors loading or saving a manifest.
@@ -404,7 +468,7 @@ impl Manifest {
     ) -> impl Iterator<Item = &'a SourceEntry> + 'a {
         self.sources
             .iter()
-            .filter(move |s| Path::new(&s.path).starts_with(root))
+            .filter(move |s| stored_path(&s.path).starts_with(root))
     }
 
     /// The layout `root`'s labels were read with: as recorded, or (for a version-1
@@ -434,9 +498,9 @@ impl Manifest {
             .filter(|r| root.starts_with(&r.path) && Path::new(&r.path) != root)
             .max_by_key(|r| r.path.len())
         {
-            return Some((PathBuf::from(&r.path), r.layout));
+            return Some((stored_path(&r.path), r.layout));
         }
-        if self.roots.iter().any(|r| Path::new(&r.path) == root) {
+        if self.roots.iter().any(|r| stored_path(&r.path) == root) {
             return None;
         }
         let name = root.file_name()?.to_string_lossy();
@@ -451,7 +515,7 @@ impl Manifest {
     /// Records (or updates) the layout of folder `root`; false when it was recorded
     /// already.
     pub fn set_root_layout(&mut self, root: &Path, layout: Layout) -> bool {
-        let path = root.to_string_lossy().into_owned();
+        let path = path_key(root);
         match self.roots.iter_mut().find(|r| r.path == path) {
             Some(r) if r.layout == layout => return false,
             Some(r) => r.layout = layout,

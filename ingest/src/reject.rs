@@ -65,7 +65,8 @@ impl std::fmt::Display for RejectReason {
 /// One rejected input.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reject {
-    /// The file.
+    /// The file (stored as the manifest stores paths: names that are not UTF-8 kept).
+    #[serde(with = "crate::manifest::path_serde")]
     pub path: PathBuf,
     /// The category.
     pub reason: RejectReason,

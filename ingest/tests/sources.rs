@@ -472,3 +472,47 @@ fn an_edit_that_keeps_size_and_mtime_is_seen_by_its_ctime() {
     let third = run(&opts(&src, &out)).summary;
     assert_eq!((third.ingested, third.already_present), (0, 2), "{third:?}");
 }
+
+/// Names that are not UTF-8 (Latin-1 `grün.png`, `café.png`) are stored losslessly:
+/// each is one source, kept by the next run, and two names that differ only in their
+/// undecodable bytes are two sources.
+#[test]
+fn names_that_are_not_utf8_are_kept_one_source_each() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (src, out) = (dir.path().join("src"), dir.path().join("out"));
+    let names: [&[u8]; 4] = [b"gr\xfcn.png", b"caf\xe9.png", b"x\xff.png", b"x\xfe.png"];
+    for (i, name) in names.iter().enumerate() {
+        let path = src.join("cat").join(std::ffi::OsStr::from_bytes(name));
+        write(&path, &png(8, 8, i as u32));
+    }
+    // A bad file with such a name is rejected (and reported) like any other.
+    let bad = src
+        .join("cat")
+        .join(std::ffi::OsStr::from_bytes(b"bad\xe9.png"));
+    write(&bad, b"not a png");
+    let first = run(&opts(&src, &out)).summary;
+    assert_eq!((first.ingested, first.retired), (4, 0), "{first:?}");
+    assert_eq!(first.rejected_total(), 1, "{first:?}");
+    let report = fs::read_to_string(out.join("rejects.jsonl")).unwrap();
+    let line: byol_ingest::Reject = serde_json::from_str(report.lines().last().unwrap()).unwrap();
+    assert_eq!(line.path, bad.canonicalize().unwrap());
+    let m = Manifest::load(&out).unwrap().unwrap();
+    assert_eq!(m.sources.len(), 4);
+    for s in &m.sources {
+        let path = byol_ingest::manifest::stored_path(&s.path);
+        assert!(path.exists(), "{:?} names no file", s.path);
+    }
+    let second = run(&opts(&src, &out)).summary;
+    assert_eq!(
+        (second.ingested, second.retired, second.already_present),
+        (0, 0, 4),
+        "{second:?}"
+    );
+    // The escaping is only for bytes that are not UTF-8.
+    let plain = std::path::Path::new("/a/grün.png");
+    assert_eq!(byol_ingest::manifest::path_key(plain), "/a/grün.png");
+    let latin1 = std::path::Path::new(std::ffi::OsStr::from_bytes(b"/a/gr\xfcn.png"));
+    assert_eq!(byol_ingest::manifest::path_key(latin1), "/a/gr\0fcn.png");
+    assert_eq!(byol_ingest::manifest::stored_path("/a/gr\0fcn.png"), latin1);
+}
