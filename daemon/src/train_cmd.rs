@@ -230,7 +230,10 @@ impl TrainLoop {
                 target = fitted;
                 bar.set_length(fitted - first_step);
             }
-            let last = out_of_time(&self.budget);
+            // The last step: the deadline's, or the target's (also one that a
+            // `--minutes` fit has just moved to the step done, after its step was
+            // taken without a forced log).
+            let last = out_of_time(&self.budget) || self.run.trainer().steps_done() >= target;
             let logged = match (&report.line, last) {
                 (Some(line), _) => Some(line.clone()),
                 (None, true) => Some(self.run.log_last(&report)?),

@@ -6,6 +6,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::gone;
 use crate::ingest::{IngestError, IngestReport, scan_roots};
 use crate::ingester::{Ingester, IngesterOptions};
 use crate::reject::{Reject, RejectReason};
@@ -154,17 +155,14 @@ impl Follower {
                         scan.candidates.iter().map(|c| c.path.as_path()).collect();
                     let unreadable_dirs: Vec<PathBuf> =
                         scan.rejects.iter().map(|r| r.path.clone()).collect();
-                    for recorded in self.ing.sources_under(path) {
-                        let missing = !found.contains(recorded.as_path())
-                            && !unreadable_dirs.iter().any(|d| recorded.starts_with(d))
-                            && !recorded.exists();
-                        // The walk for images runs only when something is missing.
-                        if missing
-                            && *holds_images
-                                .entry(root.path.clone())
-                                .or_insert_with(|| root_holds_images(&root))
+                    let recorded = self.ing.sources_under(path);
+                    for gone in gone::gone(recorded, |p| found.contains(p), &unreadable_dirs) {
+                        // The walk for images runs only when something is gone.
+                        if *holds_images
+                            .entry(root.path.clone())
+                            .or_insert_with(|| gone::holds_images(&root.path))
                         {
-                            self.ing.retire(&recorded)?;
+                            self.ing.retire(&gone)?;
                         }
                     }
                     rejects.extend(scan.rejects);
@@ -188,7 +186,7 @@ impl Follower {
                     if e.kind() == io::ErrorKind::NotFound
                         && !*holds_images
                             .entry(root.path.clone())
-                            .or_insert_with(|| root_holds_images(&root)) =>
+                            .or_insert_with(|| gone::holds_images(&root.path)) =>
                 {
                     // The watched folder itself is gone, or holds no image any more: an
                     // unmounted disk (or its empty mount point), a removed folder.
@@ -200,10 +198,11 @@ impl Follower {
                     );
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    // Gone: a file deleted or moved away, or a whole folder.
-                    self.ing.retire(path)?;
-                    for recorded in self.ing.sources_under(path) {
-                        self.ing.retire(&recorded)?;
+                    // Gone: a file deleted or moved away, or a whole folder (the sources
+                    // at or under the path).
+                    let recorded = self.ing.sources_under(path);
+                    for gone in gone::gone(recorded, |_| false, &[]) {
+                        self.ing.retire(&gone)?;
                     }
                 }
                 Err(e) => rejects.push(unreadable(path, &e)),
@@ -242,16 +241,6 @@ impl Follower {
             Err(_) => Layout::Flat,
         }
     }
-}
-
-/// True when the watched folder exists and some file under it is an image (the walk
-/// stops at the first one).
-fn root_holds_images(root: &WatchRoot) -> bool {
-    walkdir::WalkDir::new(&root.path)
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file())
-        .any(|e| source::sniffs_as_image(e.path()))
 }
 
 /// A path the scans skip: a hidden, temporary or partial name anywhere below `root`.

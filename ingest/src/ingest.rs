@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::change::SourceChange;
 use crate::decode::DecodeLimits;
+use crate::gone;
 use crate::ingester::{Ingester, IngesterOptions};
 use crate::manifest::ManifestError;
 use crate::reject::{Reject, RejectReason};
@@ -293,7 +294,7 @@ pub(crate) fn scan_roots(
     exclude: Option<&std::path::Path>,
 ) -> Result<Scanned, IngestError> {
     // Each folder scanned, and whether any of its files is an image.
-    let mut reconciled: Vec<(PathBuf, bool)> = Vec::new();
+    let mut reconciled: Vec<PathBuf> = Vec::new();
     let mut unreadable = Vec::new();
     let mut candidates = Vec::new();
     let mut seen = HashSet::new();
@@ -356,13 +357,7 @@ pub(crate) fn scan_roots(
         // Whatever a scan could not read (a file, or a whole subfolder) is not gone.
         unreadable.extend(scan.rejects.iter().map(|r| r.path.clone()));
         ing.note_rejects(scan.rejects);
-        // An unmounted disk leaves an empty mount point, or one with a stub file: a
-        // folder where no file is an image retires nothing.
-        let has_image = scan
-            .candidates
-            .iter()
-            .any(|c| source::sniffs_as_image(&c.path));
-        reconciled.push((scan.root, has_image));
+        reconciled.push(scan.root);
         candidates.extend(
             scan.candidates
                 .into_iter()
@@ -371,10 +366,10 @@ pub(crate) fn scan_roots(
     }
     ing.add(candidates)?;
 
-    // Reconcile each folder with what its scan found.
-    for (root, has_image) in &reconciled {
+    // Reconcile each folder with what its scan found (the rules of `gone`).
+    for root in &reconciled {
         let recorded = ing.sources_under(root);
-        if !recorded.is_empty() && root.is_dir() && !has_image {
+        if !recorded.is_empty() && !gone::holds_images(root) {
             out.warnings.push(format!(
                 "{} holds no image file but the dataset has {} source(s) there: nothing \
                  retired (an unmounted disk?)",
@@ -383,10 +378,7 @@ pub(crate) fn scan_roots(
             ));
             continue;
         }
-        for path in recorded {
-            if seen.contains(&path) || unreadable.iter().any(|d| path.starts_with(d)) {
-                continue;
-            }
+        for path in gone::gone(recorded, |p| seen.contains(p), &unreadable) {
             ing.retire(&path)?;
         }
     }

@@ -32,6 +32,7 @@ mod encode;
 pub mod fault;
 pub mod follow;
 pub mod fsutil;
+mod gone;
 pub mod idx;
 mod ingest;
 pub mod ingest_loop;
