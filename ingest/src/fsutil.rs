@@ -47,6 +47,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result
 }
 
+/// Takes the exclusive advisory lock of the file `path` (created if missing), held for
+/// as long as the returned file lives; `Ok(None)` when another process holds it.
+pub fn try_lock_exclusive(path: &Path) -> io::Result<Option<File>> {
+    let f = File::create(path)?;
+    match f.try_lock() {
+        Ok(()) => Ok(Some(f)),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 /// Appends `lines` to the JSON Lines file at `path` (created if missing), one object
 /// per line, in one write, then syncs the data. Nothing is written for no lines.
 pub fn append_json_lines<T: serde::Serialize>(
