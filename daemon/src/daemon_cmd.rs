@@ -440,6 +440,31 @@ fn spawn_ingest(
         .context("cannot start the ingest thread")
 }
 
+/// Counts a failed ingest-side job (`operation`: `ingest` or `compaction`) and logs it
+/// once as `{operation}_failed`, with its kind and when it is tried again.
+fn log_failure(
+    metrics: &Metrics,
+    operation: &'static str,
+    error: &byol_ingest::IngestError,
+    retry_in: Duration,
+    what: &str,
+) {
+    let kind = error.kind();
+    metrics.on_failure(operation, kind);
+    let event = if operation == "compaction" {
+        "compaction_failed"
+    } else {
+        "ingest_failed"
+    };
+    tracing::error!(
+        event,
+        kind = kind.as_str(),
+        error = %error,
+        retry_secs = retry_in.as_secs_f64(),
+        "{what} ({kind}; retrying in {retry_in:?}): {error}"
+    );
+}
+
 /// Logs (once), counts and signals one event of the ingest loop.
 fn report_ingest(event: IngestEvent, controls: &Controls, metrics: &Metrics) {
     match event {
@@ -447,17 +472,13 @@ fn report_ingest(event: IngestEvent, controls: &Controls, metrics: &Metrics) {
             event = "ingest_reopened",
             "ingest: dataset reopened; rescanning the watched folders"
         ),
-        IngestEvent::ReopenFailed { error, retry_in } => {
-            metrics.on_failure("ingest", error.kind());
-            tracing::error!(
-                event = "ingest_failed",
-                kind = error.kind().as_str(),
-                error = %error,
-                retry_secs = retry_in.as_secs_f64(),
-                "cannot reopen the dataset ({}; retrying in {retry_in:?}): {error}",
-                error.kind()
-            );
-        }
+        IngestEvent::ReopenFailed { error, retry_in } => log_failure(
+            metrics,
+            "ingest",
+            &error,
+            retry_in,
+            "cannot reopen the dataset",
+        ),
         IngestEvent::Batch {
             report,
             live_records,
@@ -471,17 +492,13 @@ fn report_ingest(event: IngestEvent, controls: &Controls, metrics: &Metrics) {
                 controls.data_changed();
             }
         }
-        IngestEvent::Failed { error, retry_in } => {
-            metrics.on_failure("ingest", error.kind());
-            tracing::error!(
-                event = "ingest_failed",
-                kind = error.kind().as_str(),
-                error = %error,
-                retry_secs = retry_in.as_secs_f64(),
-                "ingest failed ({}), the dataset keeps its last commit; retrying in {retry_in:?}: {error}",
-                error.kind()
-            );
-        }
+        IngestEvent::Failed { error, retry_in } => log_failure(
+            metrics,
+            "ingest",
+            &error,
+            retry_in,
+            "ingest failed, the dataset keeps its last commit",
+        ),
         IngestEvent::Compacted(c) => tracing::info!(
             event = "compaction",
             shards_before = c.shards_before,
@@ -496,16 +513,13 @@ fn report_ingest(event: IngestEvent, controls: &Controls, metrics: &Metrics) {
             c.bytes_after as f64 / (1 << 20) as f64,
             c.reclaimed_records
         ),
-        IngestEvent::CompactionFailed { error, retry_in } => {
-            metrics.on_failure("compaction", error.kind());
-            tracing::error!(
-                event = "compaction_failed",
-                kind = error.kind().as_str(),
-                error = %error,
-                "compaction failed ({}), the dataset is unchanged; retrying in {retry_in:?}: {error}",
-                error.kind()
-            );
-        }
+        IngestEvent::CompactionFailed { error, retry_in } => log_failure(
+            metrics,
+            "compaction",
+            &error,
+            retry_in,
+            "compaction failed, the dataset is unchanged",
+        ),
     }
 }
 

@@ -8,29 +8,9 @@ mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use common::{Reaped, daemon_config, distinct_png};
-
-/// True when this machine lets the test mount a tmpfs in a private mount namespace;
-/// otherwise says why it skips (a failure under `BYOL_REQUIRE_REAL_DATA=1`, as in CI).
-fn can_mount() -> bool {
-    let o = Command::new("unshare")
-        .args(["-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"])
-        .output();
-    let why = match o {
-        Ok(o) if o.status.success() => return true,
-        Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
-        Err(e) => e.to_string(),
-    };
-    let msg = format!("cannot mount a tmpfs inside `unshare -m` (needs root): {why}");
-    if std::env::var("BYOL_REQUIRE_REAL_DATA").as_deref() == Ok("1") {
-        panic!("{msg}");
-    }
-    eprintln!("skipped: {msg}");
-    false
-}
+use common::{Daemon, daemon_config, distinct_png, machine_allows};
 
 /// Steps of the whole lines of a metrics file (every line must parse).
 fn metrics_steps(path: &Path) -> Vec<u64> {
@@ -56,7 +36,11 @@ fn last_step(out: &str) -> u64 {
 
 #[test]
 fn a_full_disk_fails_writes_but_not_training_and_loses_no_metrics_line() {
-    if !can_mount() {
+    let probe = ["-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"];
+    if !machine_allows(
+        Command::new("unshare").args(probe),
+        "mount a tmpfs inside `unshare -m` (needs root)",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -77,8 +61,6 @@ fn a_full_disk_fails_writes_but_not_training_and_loses_no_metrics_line() {
     );
     std::fs::write(&cfg, text).unwrap();
     let run = root.join("run");
-    let out_path = root.join("out.txt");
-    let log = std::fs::File::create(&out_path).unwrap();
     // `sh` execs the daemon, so the child's pid is the daemon's, and
     // /proc/PID/root shows its mount namespace (the tmpfs) to this test.
     let script = format!(
@@ -86,76 +68,43 @@ fn a_full_disk_fails_writes_but_not_training_and_loses_no_metrics_line() {
         run.display(),
         cfg.display()
     );
-    let mut child = Reaped(
-        Command::new("unshare")
-            .args(["-m", "sh", "-c", &script, env!("CARGO_BIN_EXE_byol")])
-            .env_remove("BYOL_LOG")
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap(),
-    );
-    let output = || std::fs::read_to_string(&out_path).unwrap_or_default();
-    let wait_for = |child: &mut Reaped, what: &str, done: &dyn Fn(&str) -> bool| {
-        let start = Instant::now();
-        while !done(&output()) {
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "the daemon exited waiting for {what}:\n{}",
-                output()
-            );
-            assert!(
-                start.elapsed() < Duration::from_secs(120),
-                "timed out waiting for {what}:\n{}",
-                output()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    wait_for(&mut child, "a checkpoint", &|o| {
-        o.contains("checkpoint step ")
-    });
-    let inside: PathBuf = format!("/proc/{}/root{}", child.id(), run.display()).into();
+    let mut unshare = Command::new("unshare");
+    unshare.args(["-m", "sh", "-c", &script, env!("CARGO_BIN_EXE_byol")]);
+    let mut d = Daemon::spawn(unshare, root.join("out.txt"));
+    d.wait_for("a checkpoint", |o| o.contains("checkpoint step "));
+    let inside: PathBuf = format!("/proc/{}/root{}", d.child.id(), run.display()).into();
     // Fill the run folder's disk.
     let filler = inside.join("filler");
     let mut f = std::fs::File::create(&filler).unwrap();
     let chunk = vec![0u8; 64 << 10];
     while f.write_all(&chunk).is_ok() {}
     drop(f);
-    let full_at = last_step(&output());
-    wait_for(&mut child, "the failed metrics write", &|o| {
+    let full_at = last_step(&d.output());
+    d.wait_for("the failed metrics write", |o| {
         o.contains("metrics failed (disk_full")
     });
-    wait_for(&mut child, "the failed checkpoint", &|o| {
+    d.wait_for("the failed checkpoint", |o| {
         o.contains("checkpoint failed (disk_full")
     });
     // Training goes on on a full disk.
-    wait_for(&mut child, "steps on a full disk", &|o| {
-        last_step(o) >= full_at + 10
-    });
+    d.wait_for("steps on a full disk", |o| last_step(o) >= full_at + 10);
     std::fs::remove_file(&filler).unwrap();
-    wait_for(&mut child, "the retried metrics write", &|o| {
+    d.wait_for("the retried metrics write", |o| {
         o.contains("metrics written again")
     });
-    let resumed_at = last_step(&output());
-    wait_for(&mut child, "a checkpoint after the outage", &|o| {
+    let resumed_at = last_step(&d.output());
+    d.wait_for("a checkpoint after the outage", |o| {
         o.lines()
             .filter_map(|l| l.strip_prefix("checkpoint step "))
             .filter_map(|l| l.split(':').next()?.parse::<u64>().ok())
             .any(|s| s > resumed_at)
     });
-    wait_for(&mut child, "more steps", &|o| {
-        last_step(o) >= resumed_at + 3
-    });
+    d.wait_for("more steps", |o| last_step(o) >= resumed_at + 3);
     // Every line is whole, and every step up to now is there once, in order.
     let steps = metrics_steps(&inside.join("metrics.jsonl"));
     let n = steps.len() as u64;
     assert!(n > full_at + 10, "{steps:?}");
-    assert_eq!(steps, (1..=n).collect::<Vec<u64>>(), "{}", output());
-    // SAFETY: a signal to our own child.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{status}\n{}", output());
+    assert_eq!(steps, (1..=n).collect::<Vec<u64>>(), "{}", d.output());
+    let (status, out) = d.stop();
+    assert!(status.success(), "{status}\n{out}");
 }

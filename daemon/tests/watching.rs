@@ -6,30 +6,9 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use common::{Daemon, Reaped, daemon_config, distinct_png, live_records};
-
-/// Waits (up to two minutes) until `done(output)` holds, failing if `child` exits.
-fn wait_for(child: &mut Reaped, out: &Path, what: &str, done: impl Fn(&str) -> bool) {
-    let start = std::time::Instant::now();
-    loop {
-        let text = std::fs::read_to_string(out).unwrap_or_default();
-        if done(&text) {
-            return;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the daemon exited waiting for {what}:\n{text}"
-        );
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(120),
-            "timed out waiting for {what}:\n{text}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
+use common::{Daemon, daemon_config, distinct_png, live_records, machine_allows};
 
 #[test]
 fn a_replaced_watched_folder_is_watched_again() {
@@ -64,29 +43,13 @@ fn a_replaced_watched_folder_is_watched_again() {
     assert!(status.success(), "{status}\n{out}");
 }
 
-/// True when this machine lets the test make a user namespace with its own inotify
-/// limit; otherwise says why it skips (a failure under `BYOL_REQUIRE_REAL_DATA=1`).
-fn can_limit_watches() -> bool {
-    let o = Command::new("unshare")
-        .args(["-U", "-r", "sh", "-c"])
-        .arg("echo 64 > /proc/sys/user/max_inotify_watches")
-        .output();
-    let why = match o {
-        Ok(o) if o.status.success() => return true,
-        Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
-        Err(e) => e.to_string(),
-    };
-    let msg = format!("cannot lower the inotify watch limit in a user namespace: {why}");
-    if std::env::var("BYOL_REQUIRE_REAL_DATA").as_deref() == Ok("1") {
-        panic!("{msg}");
-    }
-    eprintln!("skipped: {msg}");
-    false
-}
-
 #[test]
 fn a_sub_folder_past_the_watch_limit_is_polled() {
-    if !can_limit_watches() {
+    let probe = "echo 64 > /proc/sys/user/max_inotify_watches";
+    if !machine_allows(
+        Command::new("unshare").args(["-U", "-r", "sh", "-c", probe]),
+        "lower the inotify watch limit in a user namespace",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -105,46 +68,33 @@ fn a_sub_folder_past_the_watch_limit_is_polled() {
         )],
     );
     std::fs::write(&cfg, text).unwrap();
-    let out = root.join("out.txt");
-    let log = std::fs::File::create(&out).unwrap();
     // The watched folder and `a` take two watches; the limit leaves room for no more.
     let script =
         "echo 2 > /proc/sys/user/max_inotify_watches && exec \"$0\" daemon --config \"$1\"";
-    let mut child = Reaped(
-        Command::new("unshare")
-            .args(["-U", "-r", "sh", "-c", script, env!("CARGO_BIN_EXE_byol")])
-            .arg(&cfg)
-            .env_remove("BYOL_LOG")
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(&mut child, &out, "training", |o| {
-        o.contains("training from step")
-    });
+    let mut unshare = Command::new("unshare");
+    unshare
+        .args(["-U", "-r", "sh", "-c", script, env!("CARGO_BIN_EXE_byol")])
+        .arg(&cfg);
+    let mut d = Daemon::spawn(unshare, root.join("out.txt"));
+    d.wait_for("training", |o| o.contains("training from step"));
     assert!(
-        std::fs::read_to_string(&out).unwrap().contains("(inotify)"),
+        d.output().contains("(inotify)"),
         "the start-up watch is native"
     );
     // A new class folder past the limit; its files come after its creation.
     std::fs::create_dir_all(watch.join("b")).unwrap();
-    wait_for(&mut child, &out, "the fallback", |o| {
+    d.wait_for("the fallback", |o| {
         o.contains("watch limit") && o.contains("polling it every")
     });
     std::thread::sleep(std::time::Duration::from_millis(500));
     for i in 100..108 {
         std::fs::write(watch.join(format!("b/{i}.png")), distinct_png(i)).unwrap();
     }
-    wait_for(&mut child, &out, "the polled files", |_| {
+    d.wait_for("the polled files", |_| {
         live_records(&root.join("data")) == 16
     });
-    // SAFETY: a signal to our own child.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{status}");
+    let (status, out) = d.stop();
+    assert!(status.success(), "{status}\n{out}");
 }
 
 /// A class folder added as a symlink while the daemon runs follows the start-up rule:

@@ -634,9 +634,12 @@ fn fill_sample(
     // whole epoch order (a slot stays blank only when no record is usable).
     let probes = (0..MAX_PROBES).map(|p| plan.sample(batch, slot_in_batch, p));
     let rest = (0..plan.total()).map(|k| plan.fallback(batch, slot_in_batch, k));
-    for (g, aug_index) in probes.chain(rest) {
+    for (k, (g, aug_index)) in probes.chain(rest).enumerate() {
         let r = plan.locate(g);
-        if !ds.is_live(r) || shared.bad.lock().unwrap().contains(&(r.shard, r.index)) {
+        // Known-corrupt records are passed over without a decode; the planned record
+        // (the hot path) takes no lock.
+        let known_bad = || shared.bad.lock().unwrap().contains(&(r.shard, r.index));
+        if !ds.is_live(r) || (k > 0 && known_bad()) {
             continue;
         }
         let result = ds

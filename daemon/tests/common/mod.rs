@@ -135,10 +135,19 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `byol daemon --config CFG` with `env` set, output to `out`.
     pub fn start(cfg: &Path, out: std::path::PathBuf, env: &[(&str, String)]) -> Daemon {
-        let log = std::fs::File::create(&out).unwrap();
-        let child = byol()
+        let mut command = byol();
+        command
             .args(["daemon", "--config", cfg.to_str().unwrap()])
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+        Daemon::spawn(command, out)
+    }
+
+    /// Starts `command` (`byol daemon`, or a wrapper such as `unshare` that execs it),
+    /// output to `out`.
+    pub fn spawn(mut command: Command, out: std::path::PathBuf) -> Daemon {
+        let log = std::fs::File::create(&out).unwrap();
+        let child = command
+            .env_remove("BYOL_LOG")
             .stdout(std::process::Stdio::from(log.try_clone().unwrap()))
             .stderr(std::process::Stdio::from(log))
             .spawn()
@@ -259,4 +268,21 @@ pub fn live_records(data: &Path) -> u64 {
             s["records"].as_u64().unwrap() - s["retired"].as_array().map_or(0, |r| r.len() as u64)
         })
         .sum()
+}
+
+/// True when `probe` succeeds on this machine (a mount namespace, a user namespace);
+/// otherwise says why the test is skipped, or fails under `BYOL_REQUIRE_REAL_DATA=1`
+/// (CI), where the machine must allow it.
+pub fn machine_allows(probe: &mut Command, what: &str) -> bool {
+    let why = match probe.output() {
+        Ok(o) if o.status.success() => return true,
+        Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+        Err(e) => e.to_string(),
+    };
+    let msg = format!("cannot {what}: {why}");
+    if std::env::var("BYOL_REQUIRE_REAL_DATA").as_deref() == Ok("1") {
+        panic!("{msg}");
+    }
+    eprintln!("skipped: {msg}");
+    false
 }
