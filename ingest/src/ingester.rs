@@ -230,12 +230,13 @@ impl<'p> Ingester<'p> {
         self.work
             .sources_under(root)
             .filter(|s| self.by_path.contains_key(&s.path))
-            .map(|s| stored_path(&s.path))
+            .map(|s| stored_path(&s.path).into_owned())
             .chain(
                 self.pending
                     .iter()
                     .map(|s| stored_path(&s.path))
-                    .filter(|p| p.starts_with(root)),
+                    .filter(|p| p.starts_with(root))
+                    .map(|p| p.into_owned()),
             )
             .collect()
     }

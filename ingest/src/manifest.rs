@@ -37,9 +37,12 @@ pub fn path_key(path: &Path) -> String {
 }
 
 /// The path a stored form of [`path_key`] names (older manifests' paths, which hold no
-/// NUL, are themselves).
-pub fn stored_path(key: &str) -> PathBuf {
+/// NUL, are themselves). Borrows unless the name has escaped bytes.
+pub fn stored_path(key: &str) -> std::borrow::Cow<'_, Path> {
     use std::os::unix::ffi::OsStringExt;
+    if !key.contains('\0') {
+        return std::borrow::Cow::Borrowed(Path::new(key));
+    }
     let bytes = key.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -59,7 +62,7 @@ pub fn stored_path(key: &str) -> PathBuf {
             }
         }
     }
-    PathBuf::from(std::ffi::OsString::from_vec(out))
+    std::borrow::Cow::Owned(PathBuf::from(std::ffi::OsString::from_vec(out)))
 }
 
 /// Serde for a path field in its stored form ([`path_key`] / [`stored_path`]): the
@@ -76,7 +79,7 @@ pub mod path_serde {
 
     /// Reads a stored path back.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
-        Ok(super::stored_path(&String::deserialize(d)?))
+        Ok(super::stored_path(&String::deserialize(d)?).into_owned())
     }
 }
 
@@ -498,7 +501,7 @@ impl Manifest {
             .filter(|r| root.starts_with(&r.path) && Path::new(&r.path) != root)
             .max_by_key(|r| r.path.len())
         {
-            return Some((stored_path(&r.path), r.layout));
+            return Some((stored_path(&r.path).into_owned(), r.layout));
         }
         if self.roots.iter().any(|r| stored_path(&r.path) == root) {
             return None;
