@@ -75,6 +75,7 @@ fn step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
             optimizer: match args.optimizer {
                 OptimizerArg::Lars => OptimizerKind::Lars,
                 OptimizerArg::Adamw => OptimizerKind::Adamw,
+                OptimizerArg::Sgd => OptimizerKind::Sgd,
             },
             schedule: Schedule::Constant,
             ..OptimConfig::default()
@@ -86,6 +87,7 @@ fn step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
             tf32: args.tf32,
             ..TrainConfig::default()
         },
+        ..TrainerConfig::default()
     };
     let arch = format!("{:?}", cfg.model.arch).to_lowercase();
     let r = step_throughput(

@@ -198,6 +198,8 @@ pub enum OptimizerArg {
     Lars,
     /// AdamW.
     Adamw,
+    /// SGD with momentum.
+    Sgd,
 }
 
 /// Evaluation protocols.
@@ -283,7 +285,8 @@ pub struct PlotArgs {
 /// `byol train`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// TOML config ([model], [optim], [train], [augment], [loader]); defaults otherwise.
+    /// TOML config ([model], [optim], [train], [byol], [augment], [loader]); defaults
+    /// otherwise.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Dataset folder (from `byol ingest`).
@@ -306,6 +309,9 @@ pub struct TrainArgs {
     /// Continue from the newest checkpoint of the run folder.
     #[arg(long)]
     pub resume: bool,
+    /// The objective (overrides `[train] method`; a resumed run keeps its method).
+    #[arg(long)]
+    pub method: Option<byol_trainer::Method>,
 }
 
 /// Augmentation preset choices.

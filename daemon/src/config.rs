@@ -24,9 +24,12 @@ pub struct Config {
     /// Optimizer and schedules.
     #[serde(default)]
     pub optim: byol_trainer::OptimConfig,
-    /// Device, seed, length, logging and checkpoints.
+    /// Method, device, seed, length, logging and checkpoints.
     #[serde(default)]
     pub train: byol_trainer::TrainConfig,
+    /// BYOL's settings (`tau_base`).
+    #[serde(default)]
+    pub byol: byol_trainer::ByolConfig,
     /// Optional kNN accuracy on small labelled datasets while training.
     #[serde(default)]
     pub monitor: Option<byol_run::MonitorConfig>,
@@ -165,6 +168,14 @@ impl Config {
             toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
         let table: toml::Table = toml::from_str(&text)?;
         cfg.schedule_written = table.get("optim").and_then(|o| o.get("schedule")).is_some();
+        let mut trainer = cfg.trainer();
+        if let Some(warning) = trainer
+            .resolve_deprecated()
+            .with_context(|| format!("invalid config {}", path.display()))?
+        {
+            tracing::warn!("{}: {warning}", path.display());
+            (cfg.optim, cfg.byol) = (trainer.optim, trainer.byol);
+        }
         Ok(cfg)
     }
 
@@ -185,6 +196,7 @@ impl Config {
             model: self.model.clone(),
             optim: self.optim.clone(),
             train: self.train.clone(),
+            byol: self.byol.clone(),
         }
     }
 

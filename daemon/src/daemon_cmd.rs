@@ -48,7 +48,7 @@ pub fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
     if daemon && !cfg.schedule_written {
         println!(
             "note: [optim] schedule is unset: the daemon trains with schedule = \"constant\" \
-             (warm-up, then a constant learning rate and tau = tau_base)"
+             (warm-up, then a constant learning rate and tau = [byol] tau_base)"
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -51,8 +51,9 @@ predictor_hidden = 128
 optimizer = "adamw"
 base_lr = 3e-3
 warmup_steps = 10
-tau_base = 0.99
 schedule = "constant"
+[byol]
+tau_base = 0.99
 [train]
 device = "cpu"
 seed = 1

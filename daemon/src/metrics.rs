@@ -162,7 +162,9 @@ impl Metrics {
                 self.train_step.set(r.stats.step as i64);
                 self.train_loss.set(f64::from(r.stats.loss));
                 self.learning_rate.set(r.stats.lr);
-                self.ema_tau.set(r.stats.tau);
+                if let Some(tau) = r.stats.objective.tau {
+                    self.ema_tau.set(tau);
+                }
                 self.loader_queue_depth.set(r.queue_depth as i64);
                 self.train_images.inc_by(r.images as u64);
                 self.training_paused.set(0);

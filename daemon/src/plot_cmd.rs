@@ -24,6 +24,7 @@ const PANEL_HEIGHT: u32 = 300;
 struct Curves {
     loss: Vec<(f64, f64)>,
     collapse: Vec<(f64, f64)>,
+    effective_rank: Vec<(f64, f64)>,
     knn: Vec<(f64, f64)>,
 }
 
@@ -72,6 +73,7 @@ fn read_curves(path: &Path) -> anyhow::Result<Curves> {
         };
         push(&mut curves.loss, "loss");
         push(&mut curves.collapse, "collapse");
+        push(&mut curves.effective_rank, "effective_rank");
         push(&mut curves.knn, "knn_accuracy");
     }
     if curves.loss.is_empty() && curves.collapse.is_empty() {
@@ -128,50 +130,44 @@ fn panel(
     Ok(())
 }
 
-/// Renders `curves` into an RGB8 buffer of `width` x (panels x 300) pixels.
+/// Renders `curves` into an RGB8 buffer of `width` x (panels x 300) pixels: loss and
+/// collapse indicator always, effective rank and kNN accuracy when the run logged them.
 fn render(curves: &Curves, width: u32) -> anyhow::Result<(Vec<u8>, u32)> {
     // Registering twice replaces the same font: harmless.
     plotters::style::register_font(FAMILY, FontStyle::Normal, FONT)
         .map_err(|_| anyhow!("the embedded font is unreadable"))?;
-    let panels = if curves.knn.is_empty() { 2 } else { 3 };
-    let height = PANEL_HEIGHT * panels;
+    type Panel<'a> = (&'a str, &'a [(f64, f64)], RGBColor, &'a [f64]);
+    let mut panels: Vec<Panel> = vec![
+        ("loss", &curves.loss, BLUE, &[]),
+        (
+            "collapse indicator (about 1 healthy, 0 collapsed)",
+            &curves.collapse,
+            RED,
+            &[0.0],
+        ),
+    ];
+    if !curves.effective_rank.is_empty() {
+        panels.push((
+            "effective rank of the embeddings (1 collapsed)",
+            &curves.effective_rank,
+            MAGENTA,
+            &[1.0],
+        ));
+    }
+    if !curves.knn.is_empty() {
+        panels.push(("monitor kNN top-1", &curves.knn, GREEN, &[0.0, 1.0]));
+    }
+    let height = PANEL_HEIGHT * panels.len() as u32;
     let mut buf = vec![0u8; width as usize * height as usize * 3];
-    let all = curves
-        .loss
-        .iter()
-        .chain(&curves.collapse)
-        .chain(&curves.knn);
+    let all = panels.iter().flat_map(|p| p.1.iter());
     let mut steps = range(all.map(|p| p.0), &[]);
     steps.start = steps.start.max(0.0);
     {
         let root = BitMapBackend::with_buffer(&mut buf, (width, height)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow!("drawing: {e}"))?;
-        let areas = root.split_evenly((panels as usize, 1));
-        panel(
-            &areas[0],
-            "BYOL loss",
-            &curves.loss,
-            BLUE,
-            &[],
-            steps.clone(),
-        )?;
-        panel(
-            &areas[1],
-            "collapse indicator (about 1 healthy, 0 collapsed)",
-            &curves.collapse,
-            RED,
-            &[0.0],
-            steps.clone(),
-        )?;
-        if panels == 3 {
-            panel(
-                &areas[2],
-                "monitor kNN top-1",
-                &curves.knn,
-                GREEN,
-                &[0.0, 1.0],
-                steps,
-            )?;
+        let areas = root.split_evenly((panels.len(), 1));
+        for (area, (title, points, colour, include)) in areas.iter().zip(&panels) {
+            panel(area, title, points, *colour, include, steps.clone())?;
         }
         root.present().map_err(|e| anyhow!("drawing: {e}"))?;
     }
@@ -212,13 +208,14 @@ mod tests {
         let p = RunDir::new(dir.path()).metrics();
         std::fs::write(
             &p,
-            "{\"step\":10,\"loss\":3.5,\"collapse\":0.9}\n{\"step\":20,\"loss\":null,\"collapse\":0.8,\"knn_accuracy\":0.4}\n{\"step\":30,\"lo",
+            "{\"step\":10,\"loss\":3.5,\"collapse\":0.9,\"effective_rank\":12.5}\n{\"step\":20,\"loss\":null,\"collapse\":0.8,\"knn_accuracy\":0.4}\n{\"step\":30,\"lo",
         )
         .unwrap();
         let c = read_curves(&p).unwrap();
         assert_eq!(c.loss, [(10.0, 3.5)]);
         assert_eq!(c.collapse, [(10.0, 0.9), (20.0, 0.8)]);
         assert_eq!(c.knn, [(20.0, 0.4)]);
+        assert_eq!(c.effective_rank, [(10.0, 12.5)]);
         std::fs::write(&p, "{\"step\":10,\"loss\":3.5}\nnot json\n").unwrap();
         let err = format!("{:#}", read_curves(&p).unwrap_err());
         assert!(err.contains("line 2"), "{err}");
@@ -242,11 +239,11 @@ mod tests {
     }
 
     #[test]
-    fn renders_two_or_three_panels() {
+    fn renders_a_panel_per_logged_metric() {
         let mut c = Curves {
             loss: vec![(1.0, 2.0), (2.0, 1.5)],
             collapse: vec![(1.0, 1.0), (2.0, 0.9)],
-            knn: vec![],
+            ..Curves::default()
         };
         let (buf, h) = render(&c, 400).unwrap();
         assert_eq!(h, 600);
@@ -254,5 +251,7 @@ mod tests {
         assert!(buf.iter().any(|&b| b != 255));
         c.knn.push((2.0, 0.5));
         assert_eq!(render(&c, 400).unwrap().1, 900);
+        c.effective_rank = vec![(1.0, 30.0), (2.0, 25.0)];
+        assert_eq!(render(&c, 400).unwrap().1, 1200);
     }
 }

@@ -17,7 +17,7 @@ use byol_run::{
     CheckpointPolicy, FaultPoints, Monitor, RETRY_AFTER, Run, RunDir, RunParts, StepReport, resume,
     schedule_change,
 };
-use byol_trainer::{Trainer, TrainerConfig};
+use byol_trainer::Trainer;
 
 use crate::cli::TrainArgs;
 use crate::config::Config;
@@ -36,7 +36,7 @@ struct Budget {
 
 /// Runs `byol train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
-    let cfg = match &args.config {
+    let mut cfg = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
@@ -49,11 +49,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         },
     }));
     let _signals = signals::spawn(controls.clone(), signals::Handlers::default())?;
-    let trainer_cfg = TrainerConfig {
-        model: cfg.model.clone(),
-        optim: cfg.optim.clone(),
-        train: cfg.train.clone(),
-    };
+    if let Some(method) = args.method {
+        cfg.train.method = method;
+    }
+    let trainer_cfg = cfg.trainer();
     trainer_cfg.validate()?;
     let mut loader_cfg = cfg.loader.clone();
     loader_cfg.output = Output::F32;

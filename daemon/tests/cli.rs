@@ -420,6 +420,7 @@ fn train_logs_metrics_checkpoints_and_resumes() {
         "lr",
         "tau",
         "collapse",
+        "effective_rank",
         "images_per_sec",
         "data_wait_secs",
         "epoch",
@@ -446,6 +447,51 @@ fn train_logs_metrics_checkpoints_and_resumes() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("bogus"), "{}", text(&o));
     assert!(!run_dir.join("checkpoints/step-0000000008").exists());
+}
+
+#[test]
+fn the_method_is_chosen_by_flag_and_a_resume_of_another_method_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, ds) = packed(dir.path(), 24, 24);
+    let cfg = dir.path().join("tiny.toml");
+    std::fs::write(&cfg, TINY_TRAIN).unwrap();
+    let run_dir = dir.path().join("run");
+    let train = |extra: &[&str]| train_run(&cfg, &ds, &run_dir, extra);
+    // An unknown method: a clear error naming the choices, nothing written.
+    let o = train(&["--steps", "2", "--method", "moco"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("moco") && text(&o).contains("byol"),
+        "{}",
+        text(&o)
+    );
+    assert!(!run_dir.join("checkpoints").exists());
+    let o = train(&["--steps", "2", "--method", "byol"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let ck = run_dir.join("checkpoints/step-0000000002");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ck.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["method"], "byol");
+    assert_eq!(meta["format_version"], 2);
+    // A checkpoint another method wrote (here: its meta says so) is refused on resume,
+    // naming the method, and nothing in the run folder changes.
+    let edited = std::fs::read_to_string(ck.join("meta.json"))
+        .unwrap()
+        .replace("\"method\": \"byol\"", "\"method\": \"simclr\"");
+    std::fs::write(ck.join("meta.json"), &edited).unwrap();
+    let before = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let o = train(&["--steps", "4", "--resume"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("method simclr"), "{}", text(&o));
+    assert_eq!(
+        std::fs::read_to_string(ck.join("meta.json")).unwrap(),
+        edited
+    );
+    assert_eq!(
+        std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap(),
+        before
+    );
+    assert!(!run_dir.join("checkpoints/step-0000000004").exists());
 }
 
 /// Two classes any classifier tells apart: dark and bright noisy images (PNG, 20x16).
@@ -739,11 +785,14 @@ fn plot_draws_a_png_of_the_curves_and_refuses_a_run_without_metrics() {
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let img = image::open(&png).unwrap();
-    assert_eq!((img.width(), img.height()), (500, 600));
-    // With a kNN column the plot gets a third chart.
+    // Loss, collapse indicator and effective rank.
+    assert_eq!((img.width(), img.height()), (500, 900));
+    // With a kNN column the plot gets a fourth chart.
     let metrics = run_dir.join("metrics.jsonl");
     let mut lines = std::fs::read_to_string(&metrics).unwrap();
-    lines.push_str("{\"step\":2,\"loss\":1.0,\"collapse\":0.5,\"knn_accuracy\":0.5}\n");
+    lines.push_str(
+        "{\"step\":2,\"loss\":1.0,\"collapse\":0.5,\"effective_rank\":3.0,\"knn_accuracy\":0.5}\n",
+    );
     std::fs::write(&metrics, lines).unwrap();
     let o = run(&[
         "plot",
@@ -752,7 +801,7 @@ fn plot_draws_a_png_of_the_curves_and_refuses_a_run_without_metrics() {
         png.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(image::open(&png).unwrap().height(), 900);
+    assert_eq!(image::open(&png).unwrap().height(), 1200);
 
     let empty = dir.path().join("empty-run");
     std::fs::create_dir_all(&empty).unwrap();

@@ -63,6 +63,7 @@ predictor_hidden = 128
 optimizer = "adamw"
 base_lr = 3e-3
 warmup_steps = 10
+[byol]
 tau_base = 0.99
 [train]
 device = "cpu"

@@ -5,7 +5,7 @@
 //! changed" (the ingester, after each commit), and reloaded [`Settings`] (SIGHUP).
 //!
 //! - **Schedule.** Open-ended: `[optim] schedule = "constant"` (linear warm-up, then a
-//!   constant learning rate and a fixed τ = `tau_base`); a cosine schedule would reach
+//!   constant learning rate and a fixed τ = `[byol] tau_base`); a cosine schedule would reach
 //!   learning rate 0 and stop learning, so [`check_schedule`] refuses it.
 //! - **New data.** The ingester commits new shards; the loader samples them from its
 //!   next refresh boundary (`[loader] refresh_every_batches`), and `newest_share` of

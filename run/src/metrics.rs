@@ -21,14 +21,19 @@ pub struct MetricsLine {
     pub step: u64,
     /// Loader epoch of the step's batch.
     pub epoch: u64,
-    /// The symmetric BYOL loss (Grill et al. 2020, eq. 2, both directions), in [0, 8].
+    /// The objective's loss (BYOL: the symmetric loss of Grill et al. 2020, eq. 2, both
+    /// directions, in [0, 8]).
     pub loss: f32,
     /// Learning rate of the step.
     pub lr: f64,
-    /// EMA coefficient τ of the step.
-    pub tau: f64,
+    /// EMA coefficient τ of the step (objectives with an EMA target).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tau: Option<f64>,
     /// Std of the l2-normalised online projections × √d (≈ 1 healthy, → 0 collapsed).
     pub collapse: f32,
+    /// Effective rank of the online projections of the step's first view (RankMe,
+    /// Garrido et al. 2023): 1 collapsed, up to `min(batch, projection_dim)`.
+    pub effective_rank: f32,
     /// Images per second since the last logged step.
     pub images_per_sec: f64,
     /// Seconds spent waiting for batches since the last logged step.
@@ -233,8 +238,9 @@ mod tests {
             epoch: 0,
             loss: 1.0,
             lr: 0.1,
-            tau: 0.99,
+            tau: Some(0.99),
             collapse: 1.0,
+            effective_rank: 20.0,
             images_per_sec: 10.0,
             data_wait_secs: 0.0,
             elapsed_secs: 1.0,

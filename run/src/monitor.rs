@@ -99,14 +99,7 @@ impl Monitor {
     /// kNN top-1 of the trainer's current online encoder (BatchNorm in eval mode).
     /// Corrupt records are skipped and counted.
     pub fn measure(&self, trainer: &Trainer) -> Result<Measurement, RunError> {
-        let cfg = trainer.config();
-        let encoder = Encoder::from_model(
-            trainer.model(),
-            &cfg.model,
-            trainer.steps_done(),
-            cfg.train.kernels,
-            trainer.device(),
-        )?;
+        let encoder = Encoder::from_trainer(trainer)?;
         let features = |ds: &Dataset| -> Result<Features, RunError> {
             let f = extract(&encoder, ds, &self.pre, 256, &NoProgress)?;
             if f.is_empty() {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use byol_loader::LoaderState;
-use byol_trainer::{CheckpointMeta, Schedule, Trainer, checkpoint, schedule};
+use byol_trainer::{CheckpointMeta, Method, Schedule, Trainer, checkpoint, schedule};
 use serde::{Deserialize, Serialize};
 
 use crate::RunError;
@@ -115,8 +115,9 @@ pub struct ScheduleChange {
     pub new_total_steps: u64,
     /// Learning rate at `step` under the checkpoint's schedule, then this run's.
     pub lr: (f64, f64),
-    /// τ at `step` under the checkpoint's schedule, then this run's.
-    pub tau: (f64, f64),
+    /// τ at `step` under the checkpoint's schedule, then this run's (objectives with an
+    /// EMA target).
+    pub tau: Option<(f64, f64)>,
 }
 
 impl std::fmt::Display for ScheduleChange {
@@ -124,16 +125,13 @@ impl std::fmt::Display for ScheduleChange {
         write!(
             f,
             "resuming at step {} with train.total_steps = {} (the checkpoint had {}): the \
-             cosine schedules move, learning rate {:.6} -> {:.6} and tau {:.6} -> {:.6} at \
-             this step",
-            self.step,
-            self.new_total_steps,
-            self.old_total_steps,
-            self.lr.0,
-            self.lr.1,
-            self.tau.0,
-            self.tau.1
-        )
+             cosine schedules move, learning rate {:.6} -> {:.6}",
+            self.step, self.new_total_steps, self.old_total_steps, self.lr.0, self.lr.1,
+        )?;
+        if let Some((old, new)) = self.tau {
+            write!(f, " and tau {old:.6} -> {new:.6}")?;
+        }
+        write!(f, " at this step")
     }
 }
 
@@ -149,12 +147,15 @@ pub fn schedule_change(meta: &CheckpointMeta, trainer: &Trainer) -> Option<Sched
     }
     let (step, batch) = (meta.step, trainer.batch_size());
     let lr = |total| schedule::learning_rate(&cfg.optim, batch, total, step);
-    let tau = |total| schedule::tau(&cfg.optim, total, step);
+    let tau = |total| schedule::tau(&cfg.optim, cfg.byol.tau_base, total, step);
+    let has_tau = match cfg.train.method {
+        Method::Byol => true,
+    };
     Some(ScheduleChange {
         step,
         old_total_steps: old,
         new_total_steps: new,
         lr: (lr(old), lr(new)),
-        tau: (tau(old), tau(new)),
+        tau: has_tau.then(|| (tau(old), tau(new))),
     })
 }

@@ -349,13 +349,25 @@ impl Run {
         knn: Option<crate::Measurement>,
     ) -> (MetricsLine, Result<(), RunError>) {
         let secs = self.window.since.elapsed().as_secs_f64().max(1e-9);
+        // Read from the device at log steps only.
+        let health = match self.trainer.embedding_stats() {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!("embedding statistics of step {}: {e}", stats.step);
+                None
+            }
+        };
+        let (collapse, effective_rank) =
+            health.map_or((f32::NAN, f32::NAN), |h| (h.collapse, h.effective_rank));
+        let tau = stats.objective.tau;
         let line = MetricsLine {
             step: stats.step,
             epoch,
             loss: stats.loss,
             lr: stats.lr,
-            tau: stats.tau,
-            collapse: stats.collapse,
+            tau,
+            collapse,
+            effective_rank,
             images_per_sec: self.window.images as f64 / secs,
             data_wait_secs: self.window.data_wait.as_secs_f64(),
             elapsed_secs: self.started.elapsed().as_secs_f64(),
@@ -364,21 +376,22 @@ impl Run {
             knn_skipped_records: knn.map(|k| k.skipped as u64),
         };
         let written = self.metrics.append(&line);
+        let tau_text = tau.map(|t| format!(" tau {t:.4}")).unwrap_or_default();
         tracing::info!(
             event = "step",
             step = stats.step,
             epoch,
             loss = stats.loss,
-            collapse = stats.collapse,
+            collapse,
+            effective_rank,
             lr = stats.lr,
-            tau = stats.tau,
+            tau,
             images_per_sec = line.images_per_sec,
             knn_accuracy = line.knn_accuracy,
-            "step {} epoch {epoch} loss {:.4} lr {:.4} tau {:.4} {:.0} img/s",
+            "step {} epoch {epoch} loss {:.4} lr {:.4}{tau_text} {:.0} img/s",
             stats.step,
             stats.loss,
             stats.lr,
-            stats.tau,
             line.images_per_sec
         );
         self.window = Window::open();
@@ -443,14 +456,7 @@ impl Run {
 
     /// Writes the online encoder to `RUN/encoder-latest.safetensors`.
     fn export(&self) -> Result<PathBuf, RunError> {
-        let cfg = self.trainer.config();
-        let enc = Encoder::from_model(
-            self.trainer.model(),
-            &cfg.model,
-            self.trainer.steps_done(),
-            cfg.train.kernels,
-            self.trainer.device(),
-        )?;
+        let enc = Encoder::from_trainer(&self.trainer)?;
         let path = self.dir.encoder_latest();
         export_encoder(&enc, &path)?;
         Ok(path)

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use byol_trainer::config::{Kernels, ModelConfig, OptimizerKind, Schedule};
 use byol_trainer::loss::byol_loss;
-use byol_trainer::{OptimConfig, TrainConfig, Trainer, TrainerConfig};
+use byol_trainer::{Objective, OptimConfig, TrainConfig, Trainer, TrainerConfig};
 use candle_core::{Device, Tensor};
 
 fn config(width: usize, kernels: Kernels) -> TrainerConfig {
@@ -36,26 +36,31 @@ fn config(width: usize, kernels: Kernels) -> TrainerConfig {
             kernels,
             ..TrainConfig::default()
         },
+        ..TrainerConfig::default()
     }
 }
 
 /// Seconds of each phase of one step, measured with the step's own calls.
 fn profile(trainer: &Trainer, v1: &Tensor, v2: &Tensor) -> [f64; 4] {
-    let m = trainer.model();
+    let (network, Objective::Byol(byol)) = (trainer.network(), trainer.objective());
     let t = Instant::now();
-    let (_, p1) = m.online.forward_t(v1, true).unwrap();
-    let (_, p2) = m.online.forward_t(v2, true).unwrap();
+    let p1 = byol
+        .predictor()
+        .forward_t(&network.forward_t(v1, true).unwrap(), true);
+    let p2 = byol
+        .predictor()
+        .forward_t(&network.forward_t(v2, true).unwrap(), true);
     let online = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let z1 = m.target.forward_t(v1, true).unwrap().0.detach();
-    let z2 = m.target.forward_t(v2, true).unwrap().0.detach();
+    let z1 = byol.target().forward_t(v1, true).unwrap().detach();
+    let z2 = byol.target().forward_t(v2, true).unwrap().detach();
     let target = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let loss = byol_loss(&p1.unwrap(), &p2.unwrap(), &z1, &z2).unwrap();
     let _grads = loss.backward().unwrap();
     let backward = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    m.update_target(0.99).unwrap();
+    byol.update_target(trainer.online_vars(), 0.99).unwrap();
     let ema = t.elapsed().as_secs_f64();
     [online, target, backward, ema]
 }

@@ -11,8 +11,7 @@ use serde::Serialize;
 use crate::TrainError;
 use crate::config::{Kernels, ModelConfig, Precision, TrainerConfig};
 use crate::device::{open_device, parse_device};
-use crate::loss::byol_loss;
-use crate::model::{ByolModel, Compute, seeded_normal};
+use crate::model::{Compute, seeded_normal};
 use crate::trainer::Trainer;
 
 /// Two seeded views `(batch, 3, size, size)` on `device`.
@@ -234,25 +233,16 @@ pub struct GradCheck {
 /// Each trainable parameter's name and gradient (flattened, on the CPU).
 type NamedGrads = Vec<(String, Vec<f32>)>;
 
-/// Loss and every trainable parameter's gradient of one BYOL forward/backward (no
-/// optimizer step) of `model` on `(v1, v2)`.
+/// Loss and every trainable parameter's gradient of one forward/backward (no optimizer
+/// step) of `trainer` on `(v1, v2)`.
 fn loss_and_grads(
-    model: &ByolModel,
+    trainer: &Trainer,
     v1: &Tensor,
     v2: &Tensor,
 ) -> Result<(f64, NamedGrads), TrainError> {
-    let (_, p1) = model.online.forward_t(v1, true)?;
-    let (_, p2) = model.online.forward_t(v2, true)?;
-    let t1 = model.target.forward_t(v1, true)?.0.detach();
-    let t2 = model.target.forward_t(v2, true)?.0.detach();
-    let (p1, p2) = (
-        p1.expect("online has a predictor"),
-        p2.expect("online has a predictor"),
-    );
-    let loss = byol_loss(&p1, &p2, &t1, &t2)?;
-    let grads = loss.backward()?;
+    let (loss, grads) = trainer.loss_and_grads(v1, v2)?;
     let mut out = Vec::new();
-    for (name, var) in model.trainable() {
+    for (name, var) in trainer.trainable_named() {
         let g = match grads.get(var.as_tensor()) {
             Some(g) => g.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?,
             None => vec![0.0; var.elem_count()],
@@ -283,9 +273,20 @@ pub fn grad_check(
     let cpu = Device::Cpu;
     let checked_device = open_device(parse_device(device)?)?;
     let reference_compute = Compute::new(Kernels::Auto, precision);
-    let reference = ByolModel::with_compute(model_cfg, reference_compute, 11, &cpu)?;
     let compute = Compute::new(kernels, precision);
-    let checked = ByolModel::with_compute(model_cfg, compute, 11, &checked_device)?;
+    let trainer_on = |device: &str, kernels: Kernels| {
+        let mut cfg = TrainerConfig {
+            model: model_cfg.clone(),
+            ..TrainerConfig::default()
+        };
+        cfg.train.device = device.to_owned();
+        cfg.train.kernels = kernels;
+        cfg.train.precision = precision;
+        cfg.train.seed = 11;
+        Trainer::new(cfg, batch.max(2))
+    };
+    let reference = trainer_on("cpu", Kernels::Auto)?;
+    let checked = trainer_on(device, kernels)?;
     let (r1, r2) = random_views(batch, size, 5, &cpu)?;
     let (c1, c2) = random_views(batch, size, 5, &checked_device)?;
     let (loss_ref, grads_ref) = loss_and_grads(&reference, &r1, &r2)?;

@@ -1,4 +1,15 @@
-//! Checkpoints: online, target and optimizer state as safetensors, plus `meta.json`.
+//! Checkpoints: the online variables, the objective's state and the optimizer's state as
+//! safetensors, plus `meta.json`.
+//!
+//! Format versions this build reads ([`READABLE_VERSIONS`]):
+//! - **2** (written now): `online.safetensors` (the shared network `encoder.*`,
+//!   `projector.*` and the objective's trained heads, e.g. BYOL's `predictor.*`, with
+//!   BatchNorm's running statistics including `num_batches_tracked`),
+//!   `objective.safetensors` (the method's state: BYOL's target as `target.*`),
+//!   `optimizer.safetensors`, and `meta.json` naming the `method`.
+//! - **1**: BYOL only: `online.safetensors` without `num_batches_tracked` (taken as 2 per
+//!   step, the training-mode forwards a step made), `target.safetensors` (the target
+//!   under its own names), `optimizer.safetensors`; no `method` (BYOL).
 //!
 //! A checkpoint is a folder `step-NNNNNNNNNN/` written as `step-NNNNNNNNNN.tmp/`, every
 //! file fsynced, then renamed (and the parent fsynced): a killed write leaves only a
@@ -17,13 +28,17 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
-use crate::config::TrainerConfig;
+use crate::config::{Method, TrainerConfig};
 use crate::trainer::Trainer;
 
-/// Version of the checkpoint layout; loading another version is refused.
-pub const CHECKPOINT_VERSION: u32 = 1;
+/// Version of the checkpoint layout written (see the module docs for what each holds).
+pub const CHECKPOINT_VERSION: u32 = 2;
+/// Versions this build loads; others are refused.
+pub const READABLE_VERSIONS: [u32; 2] = [1, 2];
 pub(crate) const ONLINE: &str = "online.safetensors";
-const TARGET: &str = "target.safetensors";
+const OBJECTIVE: &str = "objective.safetensors";
+/// Format 1's target network (format 2 keeps it in `objective.safetensors`).
+const V1_TARGET: &str = "target.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 pub(crate) const META: &str = "meta.json";
 
@@ -33,8 +48,11 @@ pub const RUN_CHECKPOINTS_DIR: &str = "checkpoints";
 /// The JSON part of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointMeta {
-    /// [`CHECKPOINT_VERSION`].
+    /// [`CHECKPOINT_VERSION`] when written by this build; one of [`READABLE_VERSIONS`].
     pub format_version: u32,
+    /// The objective (`byol`, …); format 1 checkpoints are BYOL's.
+    #[serde(default = "byol_method")]
+    pub method: String,
     /// Optimizer steps done.
     pub step: u64,
     /// Batch size the schedules were scaled for.
@@ -57,6 +75,10 @@ pub struct CheckpointMeta {
     pub run: serde_json::Map<String, serde_json::Value>,
 }
 
+fn byol_method() -> String {
+    Method::Byol.as_str().to_owned()
+}
+
 /// What is wrong with a checkpoint ([`TrainError::Checkpoint`]).
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointProblem {
@@ -67,11 +89,14 @@ pub enum CheckpointProblem {
     #[error("unreadable: {0}")]
     Unreadable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Written by a checkpoint format this build does not read.
-    #[error("checkpoint format {found} is not supported (this build reads {CHECKPOINT_VERSION})")]
+    #[error("checkpoint format {found} is not supported (this build reads {READABLE_VERSIONS:?})")]
     UnsupportedVersion {
         /// The version in `meta.json`.
         found: u32,
     },
+    /// Made with an objective this build does not know.
+    #[error("was made with method {0}, which this build does not know")]
+    UnknownMethod(String),
     /// The file holds another number of tensors than the model.
     #[error("{found} tensors, the model has {expected}")]
     TensorCount {
@@ -93,10 +118,10 @@ pub enum CheckpointProblem {
         /// The model's.
         expected: Vec<usize>,
     },
-    /// Made with another model, optimizer or batch size than this run.
+    /// Made with another method, model, optimizer or batch size than this run.
     #[error("was made with {what} {theirs}, this run has {ours}")]
     Mismatch {
-        /// `model`, `optimizer` or `batch size`.
+        /// `method`, `model`, `optimizer` or `batch size`.
         what: &'static str,
         /// The checkpoint's value.
         theirs: String,
@@ -111,7 +136,9 @@ impl CheckpointProblem {
     pub fn is_damage(&self) -> bool {
         !matches!(
             self,
-            CheckpointProblem::UnsupportedVersion { .. } | CheckpointProblem::Mismatch { .. }
+            CheckpointProblem::UnsupportedVersion { .. }
+                | CheckpointProblem::UnknownMethod(_)
+                | CheckpointProblem::Mismatch { .. }
         )
     }
 }
@@ -215,15 +242,14 @@ fn write_files(
     view_size: Option<u32>,
     run: serde_json::Map<String, serde_json::Value>,
 ) -> Result<(), TrainError> {
-    let model = trainer.model();
     let files = [
         (
             ONLINE,
-            safetensors_bytes(&named(model.online_named()), &tmp.join(ONLINE))?,
+            safetensors_bytes(&named(trainer.online_named()), &tmp.join(ONLINE))?,
         ),
         (
-            TARGET,
-            safetensors_bytes(&named(model.target_named()), &tmp.join(TARGET))?,
+            OBJECTIVE,
+            safetensors_bytes(&trainer.objective().state(), &tmp.join(OBJECTIVE))?,
         ),
         (
             OPTIMIZER,
@@ -239,6 +265,7 @@ fn write_files(
     }
     let meta = CheckpointMeta {
         format_version: CHECKPOINT_VERSION,
+        method: trainer.objective().method().as_str().to_owned(),
         step: trainer.steps_done(),
         batch_size: trainer.batch_size(),
         config: trainer.config().clone(),
@@ -295,20 +322,70 @@ fn check_sum(path: &Path, bytes: &[u8], meta: &CheckpointMeta) -> Result<(), Tra
 }
 
 /// Reads the meta of the checkpoint at `path`.
+///
+/// Errors: unreadable; a format version this build does not read, or a method it does
+/// not know (each named, before the rest of the meta is parsed).
 pub fn read_meta(path: &Path) -> Result<CheckpointMeta, TrainError> {
+    /// The keys that say whether the rest can be read at all.
+    #[derive(Deserialize)]
+    struct Head {
+        format_version: u32,
+        #[serde(default = "byol_method")]
+        method: String,
+    }
     let file = path.join(META);
     let bytes = fs::read(&file).map_err(io(&file))?;
-    let meta: CheckpointMeta =
-        serde_json::from_slice(&bytes).map_err(|e| unreadable(&file)(e.into()))?;
-    if meta.format_version != CHECKPOINT_VERSION {
+    let head: Head = serde_json::from_slice(&bytes).map_err(|e| unreadable(&file)(e.into()))?;
+    if !READABLE_VERSIONS.contains(&head.format_version) {
         return Err(problem(
             &file,
             CheckpointProblem::UnsupportedVersion {
-                found: meta.format_version,
+                found: head.format_version,
             },
         ));
     }
-    Ok(meta)
+    if head.method.parse::<Method>().is_err() {
+        return Err(problem(
+            &file,
+            CheckpointProblem::UnknownMethod(head.method),
+        ));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| unreadable(&file)(e.into()))
+}
+
+/// The online variables of the checkpoint at `path` (`meta` read from it), format 1's
+/// missing `num_batches_tracked` filled in.
+pub(crate) fn load_online(
+    path: &Path,
+    meta: &CheckpointMeta,
+    device: &candle_core::Device,
+) -> Result<HashMap<String, Tensor>, TrainError> {
+    let mut tensors = load_tensors(&path.join(ONLINE), meta, device)?;
+    if meta.format_version == 1 {
+        add_batch_counts(&mut tensors, meta.step, device)?;
+    }
+    Ok(tensors)
+}
+
+/// Format 1 kept no `num_batches_tracked`: each BatchNorm (one per `running_mean`) gets
+/// the training-mode forwards of `step` BYOL steps, two (one per view).
+fn add_batch_counts(
+    tensors: &mut HashMap<String, Tensor>,
+    step: u64,
+    device: &candle_core::Device,
+) -> Result<(), TrainError> {
+    let count = i64::try_from(step.saturating_mul(2)).unwrap_or(i64::MAX);
+    let layers: Vec<String> = tensors
+        .keys()
+        .filter_map(|n| n.strip_suffix(".running_mean").map(str::to_owned))
+        .collect();
+    for layer in layers {
+        let name = format!("{layer}.num_batches_tracked");
+        if !tensors.contains_key(&name) {
+            tensors.insert(name, Tensor::new(count, device)?);
+        }
+    }
+    Ok(())
 }
 
 /// The tensors of one file of a checkpoint, checked against `meta`'s checksum.
@@ -356,31 +433,50 @@ pub(crate) fn restore_vars(
 }
 
 impl Trainer {
-    /// Restores weights, optimizer state and step from the checkpoint at `path`.
+    /// Restores weights, the objective's state, the optimizer's state and the step from
+    /// the checkpoint at `path` (any of [`READABLE_VERSIONS`]).
     ///
-    /// Refuses a checkpoint made with another model, optimizer or batch size, naming the
-    /// difference, or one whose files fail their checksums; nothing is changed then.
+    /// Refuses a checkpoint made with another method, model, optimizer or batch size,
+    /// naming the difference, or one whose files fail their checksums; nothing is
+    /// changed then.
     pub fn load_checkpoint(&mut self, path: &Path) -> Result<CheckpointMeta, TrainError> {
         let meta = read_meta(path)?;
         self.check_fits(&meta, path)?;
         let device = self.device().clone();
-        let online = load_tensors(&path.join(ONLINE), &meta, &device)?;
-        let target = load_tensors(&path.join(TARGET), &meta, &device)?;
+        let online = load_online(path, &meta, &device)?;
+        let (objective_file, objective_state) = if meta.format_version == 1 {
+            let file = path.join(V1_TARGET);
+            let mut target = load_tensors(&file, &meta, &device)?;
+            add_batch_counts(&mut target, meta.step, &device)?;
+            let prefixed = target
+                .into_iter()
+                .map(|(n, t)| (format!("{}{n}", crate::objective::byol::TARGET_PREFIX), t))
+                .collect();
+            (file, prefixed)
+        } else {
+            let file = path.join(OBJECTIVE);
+            let state = load_tensors(&file, &meta, &device)?;
+            (file, state)
+        };
         let optim = load_tensors(&path.join(OPTIMIZER), &meta, &device)?;
-        let (model, optimizer, step) = self.parts_mut();
-        restore_vars(model.online_named(), &online, &path.join(ONLINE))?;
-        restore_vars(model.target_named(), &target, &path.join(TARGET))?;
+        restore_vars(self.online_named(), &online, &path.join(ONLINE))?;
+        let (objective, optimizer, step) = self.parts_mut();
+        objective.load_state(&objective_state, &objective_file)?;
         optimizer.load_state(&optim)?;
         *step = meta.step;
         Ok(meta)
     }
 
-    /// Refuses a checkpoint (its `meta`, read from `path`) made with another model,
-    /// optimizer or batch size, naming the difference.
+    /// Refuses a checkpoint (its `meta`, read from `path`) made with another method,
+    /// model, optimizer or batch size, naming the difference.
     pub fn check_fits(&self, meta: &CheckpointMeta, path: &Path) -> Result<(), TrainError> {
         let mismatch = |what: &'static str, theirs: String, ours: String| {
             problem(path, CheckpointProblem::Mismatch { what, theirs, ours })
         };
+        let method = self.objective().method();
+        if meta.method != method.as_str() {
+            return Err(mismatch("method", meta.method.clone(), method.to_string()));
+        }
         if meta.config.model != self.config().model {
             return Err(mismatch(
                 "model",

@@ -1,4 +1,5 @@
-//! Training settings: the `[model]`, `[optim]` and `[train]` tables of the config file.
+//! Training settings: the `[model]`, `[optim]`, `[train]` and objective (`[byol]`) tables
+//! of the config file.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +14,25 @@ pub enum Arch {
     /// Bottlenecks 3-4-6-3, output `32 * width`.
     Resnet50,
 }
+
+/// Normalisation inside the projector and predictor MLPs (between their two linear
+/// layers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadNorm {
+    /// BatchNorm (BYOL, Grill et al. 2020).
+    #[default]
+    Batch,
+    /// GroupNorm of [`HEAD_GROUPS`] groups after a weight-standardised linear layer (Wu &
+    /// He 2018; Qiao et al. 2019), with no batch statistics ("BYOL works even without
+    /// batch statistics", Richemond et al. 2020).
+    GroupWs,
+    /// No normalisation: Linear → ReLU → Linear.
+    None,
+}
+
+/// Groups of the heads' GroupNorm ([`HeadNorm::GroupWs`]; Wu & He 2018's default).
+pub const HEAD_GROUPS: usize = 32;
 
 /// The networks: encoder, projector and predictor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,6 +54,8 @@ pub struct ModelConfig {
     pub bn_momentum: f64,
     /// BatchNorm epsilon.
     pub bn_eps: f64,
+    /// Normalisation inside the projector and predictor.
+    pub head_norm: HeadNorm,
 }
 
 impl Default for ModelConfig {
@@ -47,6 +69,7 @@ impl Default for ModelConfig {
             predictor_hidden: 4096,
             bn_momentum: 0.1,
             bn_eps: 1e-5,
+            head_norm: HeadNorm::Batch,
         }
     }
 }
@@ -80,17 +103,19 @@ impl ModelConfig {
 pub enum OptimizerKind {
     /// LARS, as in the BYOL paper.
     Lars,
-    /// AdamW, for small experiments.
+    /// AdamW (Loshchilov & Hutter 2019), for small experiments.
     Adamw,
+    /// SGD with momentum (PyTorch's `torch.optim.SGD`, Nesterov optional).
+    Sgd,
 }
 
 /// Learning-rate schedule after warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
-    /// Cosine decay to 0 at `total_steps` (τ follows its cosine to 1).
+    /// Cosine decay to 0 at `total_steps` (BYOL's τ follows its cosine to 1).
     Cosine,
-    /// Constant after warm-up; τ stays at `tau_base` (open-ended runs).
+    /// Constant after warm-up; τ stays at `[byol] tau_base` (open-ended runs).
     Constant,
 }
 
@@ -98,14 +123,16 @@ pub enum Schedule {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {
-    /// LARS or AdamW.
+    /// LARS, AdamW or SGD.
     pub optimizer: OptimizerKind,
     /// Learning rate at batch 256; the run uses `base_lr * batch / 256`.
     pub base_lr: f64,
     /// Weight decay (not applied to biases and BatchNorm parameters).
     pub weight_decay: f64,
-    /// LARS momentum.
+    /// Momentum of LARS and SGD.
     pub momentum: f64,
+    /// Nesterov momentum for SGD (PyTorch's `nesterov=True`).
+    pub nesterov: bool,
     /// LARS trust coefficient η.
     pub trust_coefficient: f64,
     /// AdamW β1, β2, ε.
@@ -116,8 +143,10 @@ pub struct OptimConfig {
     pub warmup_steps: u64,
     /// Schedule after warm-up.
     pub schedule: Schedule,
-    /// EMA coefficient at step 0.
-    pub tau_base: f64,
+    /// Deprecated: BYOL's EMA coefficient, now `[byol] tau_base`. Still read (see
+    /// [`TrainerConfig::resolve_deprecated`]), so older config files and checkpoints load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tau_base: Option<f64>,
 }
 
 impl Default for OptimConfig {
@@ -127,12 +156,68 @@ impl Default for OptimConfig {
             base_lr: 0.2,
             weight_decay: 1.5e-6,
             momentum: 0.9,
+            nesterov: false,
             trust_coefficient: 1e-3,
             adam_betas: [0.9, 0.999],
             adam_eps: 1e-8,
             warmup_steps: 0,
             schedule: Schedule::Cosine,
-            tau_base: 0.996,
+            tau_base: None,
+        }
+    }
+}
+
+/// The self-supervised objective (`[train] method`); each has its own table and file
+/// under `objective/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// BYOL (Grill et al. 2020): predictor, EMA target, `[byol]`.
+    #[default]
+    Byol,
+}
+
+impl Method {
+    /// The config value, e.g. `byol`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Byol => "byol",
+        }
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "byol" => Ok(Method::Byol),
+            other => Err(format!("unknown method {other:?} (known: byol)")),
+        }
+    }
+}
+
+/// BYOL's own settings (`[byol]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ByolConfig {
+    /// EMA coefficient τ of the target at step 0 (the paper's τ_base); it follows the
+    /// learning-rate schedule's cosine to 1, or stays constant.
+    pub tau_base: f64,
+}
+
+/// τ_base of the BYOL paper (Grill et al. 2020, section 3.2).
+pub const BYOL_TAU_BASE: f64 = 0.996;
+
+impl Default for ByolConfig {
+    fn default() -> Self {
+        ByolConfig {
+            tau_base: BYOL_TAU_BASE,
         }
     }
 }
@@ -141,6 +226,8 @@ impl Default for OptimConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
+    /// The objective: `byol` (the only one for now).
+    pub method: Method,
     /// `auto` (CUDA if built in and present, else CPU), `cpu`, or `cuda:N`.
     pub device: String,
     /// Seed of weight initialisation (the loader has its own seed).
@@ -193,6 +280,7 @@ pub enum Kernels {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
+            method: Method::Byol,
             device: "auto".into(),
             seed: 0,
             total_steps: 1000,
@@ -217,9 +305,33 @@ pub struct TrainerConfig {
     pub optim: OptimConfig,
     /// Run.
     pub train: TrainConfig,
+    /// BYOL's settings.
+    pub byol: ByolConfig,
 }
 
 impl TrainerConfig {
+    /// Moves the deprecated `[optim] tau_base` into `[byol] tau_base`, returning a warning
+    /// to show when it was set. Both set to different values is an error naming both.
+    pub fn resolve_deprecated(&mut self) -> Result<Option<String>, TrainError> {
+        let Some(tau) = self.optim.tau_base.take() else {
+            return Ok(None);
+        };
+        if self.byol.tau_base != BYOL_TAU_BASE && self.byol.tau_base != tau {
+            return Err(TrainError::Config {
+                key: "optim.tau_base",
+                reason: format!(
+                    "{tau} contradicts byol.tau_base {} (optim.tau_base is deprecated: keep \
+                     only byol.tau_base)",
+                    self.byol.tau_base
+                ),
+            });
+        }
+        self.byol.tau_base = tau;
+        Ok(Some(
+            "[optim] tau_base is deprecated: write it as [byol] tau_base".to_owned(),
+        ))
+    }
+
     /// Checks every value; the error names the key.
     pub fn validate(&self) -> Result<(), TrainError> {
         let bad = |key: &'static str, reason: String| Err(TrainError::Config { key, reason });
@@ -256,10 +368,31 @@ impl TrainerConfig {
         if o.trust_coefficient.is_nan() || o.trust_coefficient <= 0.0 {
             return bad("optim.trust_coefficient", "must be positive".into());
         }
-        if !(0.0..=1.0).contains(&o.tau_base) {
+        if let Some(tau) = o.tau_base.filter(|t| !(0.0..=1.0).contains(t)) {
+            return bad("optim.tau_base", format!("{tau} is outside [0, 1]"));
+        }
+        if !(0.0..=1.0).contains(&self.byol.tau_base) {
             return bad(
-                "optim.tau_base",
-                format!("{} is outside [0, 1]", o.tau_base),
+                "byol.tau_base",
+                format!("{} is outside [0, 1]", self.byol.tau_base),
+            );
+        }
+        if m.head_norm == HeadNorm::GroupWs
+            && (m.projector_hidden % HEAD_GROUPS != 0 || m.predictor_hidden % HEAD_GROUPS != 0)
+        {
+            return bad(
+                "model.head_norm",
+                format!(
+                    "group_ws needs projector_hidden and predictor_hidden divisible by \
+                     {HEAD_GROUPS} (they are {} and {})",
+                    m.projector_hidden, m.predictor_hidden
+                ),
+            );
+        }
+        if o.nesterov && o.optimizer == OptimizerKind::Sgd && o.momentum == 0.0 {
+            return bad(
+                "optim.nesterov",
+                "Nesterov momentum needs optim.momentum above 0".into(),
             );
         }
         if o.adam_betas.iter().any(|b| !(0.0..1.0).contains(b)) {

@@ -1,16 +1,19 @@
-//! BYOL training in candle: ResNet encoders in torchvision's layout, projector and
-//! predictor MLPs, an EMA target, LARS and AdamW, schedules, and checkpoints.
+//! Self-supervised training in candle: ResNet encoders in torchvision's layout with a
+//! projector MLP, objectives (BYOL with its predictor and EMA target, one file per
+//! method under [`objective`]), LARS, AdamW and SGD, schedules, and checkpoints.
 //! The only crate that uses candle. CPU by default; CUDA with `--features cuda`.
 
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod embedding;
 pub mod eval;
 pub mod kernels;
 pub mod loss;
 pub mod memory;
 pub mod model;
+pub mod objective;
 pub mod optim;
 pub mod schedule;
 mod trainer;
@@ -19,9 +22,11 @@ pub use checkpoint::{
     CheckpointMeta, CheckpointProblem, latest as latest_checkpoint, save as save_checkpoint,
 };
 pub use config::{
-    Arch, Kernels, ModelConfig, OptimConfig, OptimizerKind, Precision, Schedule, TrainConfig,
-    TrainerConfig,
+    Arch, ByolConfig, HeadNorm, Kernels, Method, ModelConfig, OptimConfig, OptimizerKind,
+    Precision, Schedule, TrainConfig, TrainerConfig,
 };
+pub use embedding::EmbeddingStats;
+pub use objective::{Objective, ObjectiveStats};
 pub use trainer::{StepStats, Trainer};
 
 /// Errors of the trainer.

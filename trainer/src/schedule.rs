@@ -19,14 +19,14 @@ pub fn learning_rate(cfg: &OptimConfig, batch_size: usize, total_steps: u64, ste
     }
 }
 
-/// EMA coefficient at `step`: `1 − (1 − τ_base)·(cos(π·k/K) + 1)/2` for the cosine
-/// schedule, `τ_base` for the constant one.
-pub fn tau(cfg: &OptimConfig, total_steps: u64, step: u64) -> f64 {
+/// EMA coefficient at `step` for `tau_base`: `1 − (1 − τ_base)·(cos(π·k/K) + 1)/2` for
+/// the cosine schedule (Grill et al. 2020, section 3.2), `τ_base` for the constant one.
+pub fn tau(cfg: &OptimConfig, tau_base: f64, total_steps: u64, step: u64) -> f64 {
     match cfg.schedule {
-        Schedule::Constant => cfg.tau_base,
+        Schedule::Constant => tau_base,
         Schedule::Cosine => {
             let progress = (step as f64 / total_steps.max(1) as f64).min(1.0);
-            1.0 - (1.0 - cfg.tau_base) * ((std::f64::consts::PI * progress).cos() + 1.0) / 2.0
+            1.0 - (1.0 - tau_base) * ((std::f64::consts::PI * progress).cos() + 1.0) / 2.0
         }
     }
 }
@@ -40,7 +40,6 @@ mod tests {
             base_lr: 0.4,
             warmup_steps: 10,
             schedule,
-            tau_base: 0.99,
             ..OptimConfig::default()
         }
     }
@@ -65,9 +64,9 @@ mod tests {
     #[test]
     fn tau_at_key_steps() {
         let c = cfg(Schedule::Cosine);
-        assert!((tau(&c, 100, 0) - 0.99).abs() < 1e-12);
-        assert!((tau(&c, 100, 50) - 0.995).abs() < 1e-12);
-        assert!((tau(&c, 100, 100) - 1.0).abs() < 1e-12);
-        assert_eq!(tau(&cfg(Schedule::Constant), 100, 77), 0.99);
+        assert!((tau(&c, 0.99, 100, 0) - 0.99).abs() < 1e-12);
+        assert!((tau(&c, 0.99, 100, 50) - 0.995).abs() < 1e-12);
+        assert!((tau(&c, 0.99, 100, 100) - 1.0).abs() < 1e-12);
+        assert_eq!(tau(&cfg(Schedule::Constant), 0.99, 100, 77), 0.99);
     }
 }

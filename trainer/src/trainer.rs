@@ -1,13 +1,15 @@
-//! The BYOL training step.
+//! The training step: the shared network, the objective, the optimizer.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
 use serde::Serialize;
 
 use crate::TrainError;
 use crate::config::TrainerConfig;
 use crate::device::{open_device, parse_device};
-use crate::loss::{byol_loss, collapse_indicator};
-use crate::model::{ByolModel, Compute};
+use crate::embedding::EmbeddingStats;
+use crate::model::{Compute, Network, reinit, sorted, trainable};
+use crate::objective::{Objective, ObjectiveStats};
 use crate::optim::Optimizer;
 use crate::schedule;
 
@@ -16,32 +18,43 @@ use crate::schedule;
 pub struct StepStats {
     /// Steps done after this one.
     pub step: u64,
-    /// The symmetric BYOL loss (in [0, 8]).
+    /// The objective's loss (BYOL: the symmetric loss, in [0, 8]).
     pub loss: f32,
     /// Learning rate used.
     pub lr: f64,
-    /// EMA coefficient used.
-    pub tau: f64,
-    /// Std of l2-normalised online projections × √d (≈1 healthy, → 0 collapsed).
-    pub collapse: f32,
+    /// The objective's own figures (BYOL: τ).
+    #[serde(flatten)]
+    pub objective: ObjectiveStats,
 }
 
-/// Online and target networks, optimizer, and the step counter.
+/// The online variables (shared network and the objective's trained heads), the
+/// objective, the optimizer and the step counter.
 ///
 /// The step is shaped for data parallelism: forward and backward on the local batch,
-/// then (where a gradient all-reduce would go) the optimizer and the EMA update.
+/// then (where a gradient all-reduce would go) the optimizer and the objective's
+/// after-step work.
 pub struct Trainer {
     cfg: TrainerConfig,
     device: Device,
-    model: ByolModel,
+    online: VarMap,
+    network: Network,
+    objective: Objective,
     optimizer: Optimizer,
     step: u64,
     batch_size: usize,
+    /// The last step's embeddings, for [`Trainer::embedding_stats`].
+    embeddings: Option<Tensor>,
 }
 
 impl Trainer {
     /// A fresh trainer (weights from `cfg.train.seed`) for batches of `batch_size`.
-    pub fn new(cfg: TrainerConfig, batch_size: usize) -> Result<Self, TrainError> {
+    ///
+    /// Errors: a setting out of range ([`TrainError::Config`], naming the key); the
+    /// device cannot be opened.
+    pub fn new(mut cfg: TrainerConfig, batch_size: usize) -> Result<Self, TrainError> {
+        if let Some(warning) = cfg.resolve_deprecated()? {
+            tracing::warn!("{warning}");
+        }
         cfg.validate()?;
         if batch_size < 2 {
             return Err(TrainError::Config {
@@ -51,20 +64,25 @@ impl Trainer {
         }
         let device = open_device(parse_device(&cfg.train.device)?)?;
         crate::kernels::set_tf32(cfg.train.tf32);
-        let model = ByolModel::with_compute(
-            &cfg.model,
-            Compute::new(cfg.train.kernels, cfg.train.precision),
-            cfg.train.seed,
-            &device,
-        )?;
-        let optimizer = Optimizer::new(&cfg.optim, model.trainable())?;
+        let compute = Compute::new(cfg.train.kernels, cfg.train.precision);
+        let online = VarMap::new();
+        let vb = VarBuilder::from_varmap(&online, DType::F32, &device);
+        let network = Network::new(&cfg.model, compute, vb.clone())?;
+        let mut objective = Objective::new(&cfg, compute, vb)?;
+        // Each variable's initial values depend on the seed and its name only.
+        reinit(&online, cfg.train.seed)?;
+        objective.start(&online)?;
+        let optimizer = Optimizer::new(&cfg.optim, trainable(&online))?;
         Ok(Trainer {
             cfg,
             device,
-            model,
+            online,
+            network,
+            objective,
             optimizer,
             step: 0,
             batch_size,
+            embeddings: None,
         })
     }
 
@@ -74,7 +92,7 @@ impl Trainer {
         self.cfg.train.total_steps = steps.max(1);
     }
 
-    /// The config the trainer was built with.
+    /// The config the trainer was built with (deprecated keys resolved).
     pub fn config(&self) -> &TrainerConfig {
         &self.cfg
     }
@@ -84,13 +102,56 @@ impl Trainer {
         &self.device
     }
 
-    /// The networks.
-    pub fn model(&self) -> &ByolModel {
-        &self.model
+    /// The shared network (encoder + projector).
+    pub fn network(&self) -> &Network {
+        &self.network
     }
 
-    pub(crate) fn parts_mut(&mut self) -> (&ByolModel, &mut Optimizer, &mut u64) {
-        (&self.model, &mut self.optimizer, &mut self.step)
+    /// The objective.
+    pub fn objective(&self) -> &Objective {
+        &self.objective
+    }
+
+    /// Online variables sorted by name: the network's (`encoder.*`, `projector.*`) and
+    /// the objective's trained heads (BYOL: `predictor.*`).
+    pub fn online_named(&self) -> Vec<(String, Var)> {
+        sorted(&self.online)
+    }
+
+    /// The online variables themselves (for an objective's after-step work in checks).
+    pub fn online_vars(&self) -> &VarMap {
+        &self.online
+    }
+
+    /// Number of trainable online parameters.
+    pub fn parameter_count(&self) -> usize {
+        self.trainable_named()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum()
+    }
+
+    /// Trainable online variables (running statistics left out), sorted by name: what
+    /// the optimizer updates.
+    pub fn trainable_named(&self) -> Vec<(String, Var)> {
+        trainable(&self.online)
+    }
+
+    /// The loss and gradients of one forward/backward on `(v1, v2)` with no update
+    /// (BatchNorm's running statistics move, as in any training-mode forward): for
+    /// checks and profiles.
+    pub fn loss_and_grads(
+        &self,
+        v1: &Tensor,
+        v2: &Tensor,
+    ) -> Result<(Tensor, candle_core::backprop::GradStore), TrainError> {
+        let outcome = self.objective.loss(&self.network, v1, v2)?;
+        let grads = outcome.loss.backward()?;
+        Ok((outcome.loss, grads))
+    }
+
+    pub(crate) fn parts_mut(&mut self) -> (&mut Objective, &mut Optimizer, &mut u64) {
+        (&mut self.objective, &mut self.optimizer, &mut self.step)
     }
 
     pub(crate) fn optimizer(&self) -> &Optimizer {
@@ -123,32 +184,36 @@ impl Trainer {
 
     /// One step on two batches of views `(n, 3, h, w)`.
     pub fn step_tensors(&mut self, v1: &Tensor, v2: &Tensor) -> Result<StepStats, TrainError> {
-        let total = self.cfg.train.total_steps;
-        let lr = schedule::learning_rate(&self.cfg.optim, self.batch_size, total, self.step);
-        let tau = schedule::tau(&self.cfg.optim, total, self.step);
-        // Each view goes through each network on its own (its own BatchNorm statistics).
-        let (z1, p1) = self.model.online.forward_t(v1, true)?;
-        let (_, p2) = self.model.online.forward_t(v2, true)?;
-        // Detached at once, so the target's activations are freed layer by layer
-        // instead of living (as part of its graph) until the end of the step.
-        let t1 = self.model.target.forward_t(v1, true)?.0.detach();
-        let t2 = self.model.target.forward_t(v2, true)?.0.detach();
-        let (p1, p2) = (
-            p1.expect("online has a predictor"),
-            p2.expect("online has a predictor"),
+        let lr = schedule::learning_rate(
+            &self.cfg.optim,
+            self.batch_size,
+            self.cfg.train.total_steps,
+            self.step,
         );
-        let loss = byol_loss(&p1, &p2, &t1, &t2)?;
-        let grads = loss.backward()?;
+        let outcome = self.objective.loss(&self.network, v1, v2)?;
+        let grads = outcome.loss.backward()?;
         // Data-parallel training all-reduces `grads` (and syncs BatchNorm statistics) here.
         self.optimizer.step(&grads, lr)?;
-        self.model.update_target(tau)?;
+        let objective = self
+            .objective
+            .after_step(&self.online, &self.cfg, self.step)?;
         self.step += 1;
+        self.embeddings = Some(outcome.embeddings);
         Ok(StepStats {
             step: self.step,
-            loss: loss.to_scalar::<f32>()?,
+            loss: outcome.loss.to_scalar::<f32>()?,
             lr,
-            tau,
-            collapse: collapse_indicator(&z1)?,
+            objective,
         })
+    }
+
+    /// Collapse indicator and effective rank of the last step's embeddings (the online
+    /// projections of its first view); `None` before the first step. Reads the device:
+    /// call it at log steps only.
+    pub fn embedding_stats(&self) -> Result<Option<EmbeddingStats>, TrainError> {
+        self.embeddings
+            .as_ref()
+            .map(|z| EmbeddingStats::of(z).map_err(TrainError::from))
+            .transpose()
     }
 }

@@ -5,8 +5,7 @@
 
 use byol_trainer::config::{Kernels, ModelConfig};
 use byol_trainer::kernels;
-use byol_trainer::loss::byol_loss;
-use byol_trainer::model::{ByolModel, Compute, Norm};
+use byol_trainer::model::{Compute, Norm};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use rand_core::{RngCore, SeedableRng};
@@ -158,6 +157,7 @@ fn norm(channels: usize, fused: bool) -> (Norm, VarMap) {
             "bias" => random(&[channels], seed),
             "running_mean" => random(&[channels], seed),
             "running_var" => (random(&[channels], seed) + 2.0).unwrap(),
+            "num_batches_tracked" => continue,
             other => panic!("unexpected BatchNorm variable {other}"),
         };
         var.set(&value).unwrap();
@@ -287,23 +287,27 @@ fn tiny_model() -> ModelConfig {
 
 #[test]
 fn whole_networks_agree_between_kernel_sets() {
-    let cfg = tiny_model();
-    let ours = ByolModel::with_kernels(&cfg, Kernels::Auto, 3, &Device::Cpu).unwrap();
-    let reference = ByolModel::with_kernels(&cfg, Kernels::Candle, 3, &Device::Cpu).unwrap();
+    let trainer = |kernels| {
+        let cfg = byol_trainer::TrainerConfig {
+            model: tiny_model(),
+            train: byol_trainer::TrainConfig {
+                device: "cpu".into(),
+                kernels,
+                seed: 3,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        byol_trainer::Trainer::new(cfg, 6).unwrap()
+    };
+    let (ours, reference) = (trainer(Kernels::Auto), trainer(Kernels::Candle));
     let v1 = random(&[6, 3, 12, 12], 1);
     let v2 = random(&[6, 3, 12, 12], 2);
-    let loss = |m: &ByolModel| {
-        let (_, p1) = m.online.forward_t(&v1, true).unwrap();
-        let (_, p2) = m.online.forward_t(&v2, true).unwrap();
-        let (t1, _) = m.target.forward_t(&v1, true).unwrap();
-        let (t2, _) = m.target.forward_t(&v2, true).unwrap();
-        byol_loss(&p1.unwrap(), &p2.unwrap(), &t1, &t2).unwrap()
-    };
-    let (l_ours, l_ref) = (loss(&ours), loss(&reference));
+    let (l_ours, g_ours) = ours.loss_and_grads(&v1, &v2).unwrap();
+    let (l_ref, g_ref) = reference.loss_and_grads(&v1, &v2).unwrap();
     assert_close("loss", &l_ours, &l_ref, 1e-5);
-    let (g_ours, g_ref) = (l_ours.backward().unwrap(), l_ref.backward().unwrap());
-    let refs = reference.trainable();
-    for ((name, a), (_, b)) in ours.trainable().iter().zip(&refs) {
+    let refs = reference.trainable_named();
+    for ((name, a), (_, b)) in ours.trainable_named().iter().zip(&refs) {
         assert_close(
             &format!("gradient of {name}"),
             g_ours.get(a).unwrap(),
@@ -312,8 +316,8 @@ fn whole_networks_agree_between_kernel_sets() {
         );
     }
     // Eval mode (running statistics) agrees too.
-    let e_ours = ours.online.encoder.forward_t(&v1, false).unwrap();
-    let e_ref = reference.online.encoder.forward_t(&v1, false).unwrap();
+    let e_ours = ours.network().encoder.forward_t(&v1, false).unwrap();
+    let e_ref = reference.network().encoder.forward_t(&v1, false).unwrap();
     assert_close("eval features", &e_ours, &e_ref, 1e-4);
 }
 

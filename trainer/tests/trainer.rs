@@ -5,13 +5,14 @@ mod common;
 use std::collections::HashMap;
 
 use byol_trainer::config::{ModelConfig, OptimizerKind, Schedule};
-use byol_trainer::loss::byol_loss;
-use byol_trainer::model::{ByolModel, is_running_stat};
+use byol_trainer::model::is_running_stat;
+use byol_trainer::objective::Byol;
 use byol_trainer::optim::Lars;
 use byol_trainer::{
-    CheckpointProblem, OptimConfig, TrainConfig, TrainError, Trainer, TrainerConfig, checkpoint,
+    CheckpointProblem, Objective, OptimConfig, TrainConfig, TrainError, Trainer, TrainerConfig,
+    checkpoint,
 };
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use rand_core::{RngCore, SeedableRng};
 
 fn tiny() -> TrainerConfig {
@@ -29,7 +30,6 @@ fn tiny() -> TrainerConfig {
             weight_decay: 1e-4,
             warmup_steps: 2,
             schedule: Schedule::Cosine,
-            tau_base: 0.9,
             ..OptimConfig::default()
         },
         train: TrainConfig {
@@ -38,7 +38,14 @@ fn tiny() -> TrainerConfig {
             seed: 7,
             ..TrainConfig::default()
         },
+        byol: byol_trainer::ByolConfig { tau_base: 0.9 },
     }
+}
+
+/// BYOL's heads of a trainer.
+fn byol(t: &Trainer) -> &Byol {
+    let Objective::Byol(b) = t.objective();
+    b
 }
 
 /// Seeded pseudo-images `(n, 3, s, s)`.
@@ -60,6 +67,8 @@ fn snapshot(vars: Vec<(String, Var)>) -> HashMap<String, Vec<f32>> {
             (
                 n,
                 v.as_tensor()
+                    .to_dtype(DType::F32)
+                    .unwrap()
                     .flatten_all()
                     .unwrap()
                     .to_vec1::<f32>()
@@ -71,15 +80,12 @@ fn snapshot(vars: Vec<(String, Var)>) -> HashMap<String, Vec<f32>> {
 
 #[test]
 fn gradients_reach_the_online_network_and_never_the_target() {
-    let model = ByolModel::new(&tiny().model, 1, &Device::Cpu).unwrap();
+    let t = Trainer::new(tiny(), 6).unwrap();
     let (v1, v2) = views(6, 8, 1);
-    let (_, p1) = model.online.forward_t(&v1, true).unwrap();
-    let (_, p2) = model.online.forward_t(&v2, true).unwrap();
-    let (z1, _) = model.target.forward_t(&v1, true).unwrap();
-    let (z2, _) = model.target.forward_t(&v2, true).unwrap();
-    let loss = byol_loss(&p1.unwrap(), &p2.unwrap(), &z1, &z2).unwrap();
-    let grads = loss.backward().unwrap();
-    for (name, var) in model.trainable() {
+    let (_, grads) = t.loss_and_grads(&v1, &v2).unwrap();
+    let trainable = t.trainable_named();
+    assert!(trainable.iter().any(|(n, _)| n.starts_with("predictor.")));
+    for (name, var) in trainable {
         let g = grads
             .get(&var)
             .unwrap_or_else(|| panic!("no gradient for online {name}"));
@@ -94,23 +100,25 @@ fn gradients_reach_the_online_network_and_never_the_target() {
             "{name}"
         );
     }
-    for (name, var) in model.target_named() {
+    for (name, var) in byol(&t).target_named() {
         assert!(grads.get(&var).is_none(), "target {name} got a gradient");
     }
 }
 
 #[test]
 fn ema_update_matches_the_formula_and_skips_running_stats() {
-    let model = ByolModel::new(&tiny().model, 1, &Device::Cpu).unwrap();
-    // Make online and target differ: one forward pass moves running stats; perturb weights.
-    for (_, v) in model.trainable() {
+    let trainer = Trainer::new(tiny(), 6).unwrap();
+    // Make online and target differ: perturb the weights.
+    for (_, v) in trainer.trainable_named() {
         let t = (v.as_tensor() * 1.5).unwrap();
         v.set(&t.affine(1.0, 0.25).unwrap()).unwrap();
     }
-    let online = snapshot(model.online_named());
-    let target = snapshot(model.target_named());
-    model.update_target(0.9).unwrap();
-    let after = snapshot(model.target_named());
+    let online = snapshot(trainer.online_named());
+    let target = snapshot(byol(&trainer).target_named());
+    byol(&trainer)
+        .update_target(trainer.online_vars(), 0.9)
+        .unwrap();
+    let after = snapshot(byol(&trainer).target_named());
     for (name, t) in &target {
         let o = &online[name];
         for i in 0..t.len() {
@@ -221,13 +229,13 @@ fn resume_from_a_checkpoint_is_exact() {
             resumed.step_tensors(a, b).unwrap();
         }
         assert_eq!(
-            snapshot(straight.model().online_named()),
-            snapshot(resumed.model().online_named()),
+            snapshot(straight.online_named()),
+            snapshot(resumed.online_named()),
             "{kind:?} online"
         );
         assert_eq!(
-            snapshot(straight.model().target_named()),
-            snapshot(resumed.model().target_named()),
+            snapshot(byol(&straight).target_named()),
+            snapshot(byol(&resumed).target_named()),
             "{kind:?} target"
         );
     }
@@ -270,18 +278,14 @@ fn an_incompatible_checkpoint_is_refused_with_a_clear_message() {
     let mut other = tiny();
     other.model.width = 8;
     let mut wider = Trainer::new(other, 4).unwrap();
-    let before = snapshot(wider.model().online_named());
+    let before = snapshot(wider.online_named());
     match wider.load_checkpoint(&path) {
         Err(e @ TrainError::Checkpoint { .. }) => {
             assert!(e.to_string().contains("model"), "{e}")
         }
         other => panic!("expected a refusal, got {:?}", other.map(|m| m.step)),
     }
-    assert_eq!(
-        before,
-        snapshot(wider.model().online_named()),
-        "nothing changed"
-    );
+    assert_eq!(before, snapshot(wider.online_named()), "nothing changed");
     let mut other_batch = Trainer::new(tiny(), 8).unwrap();
     assert!(
         matches!(other_batch.load_checkpoint(&path), Err(TrainError::Checkpoint { problem: CheckpointProblem::Mismatch { what, .. }, .. }) if what == "batch size")
@@ -328,14 +332,18 @@ fn encoder_names_and_shapes_are_torchvision_s() {
         return;
     };
     for list in lists {
-        // BatchNorm's num_batches_tracked is a counter, not a variable of the model.
-        let mut expected: Vec<(String, Vec<usize>)> = list
-            .params
-            .into_iter()
-            .filter(|(name, _)| !name.ends_with("num_batches_tracked"))
-            .collect();
-        let model = ByolModel::new(&list.model, 0, &Device::Cpu).unwrap();
-        let mut got: Vec<(String, Vec<usize>)> = model
+        // BatchNorm's num_batches_tracked included: a running statistic of each layer.
+        let mut expected: Vec<(String, Vec<usize>)> = list.params;
+        let cfg = TrainerConfig {
+            model: list.model.clone(),
+            train: TrainConfig {
+                device: "cpu".into(),
+                ..TrainConfig::default()
+            },
+            ..TrainerConfig::default()
+        };
+        let trainer = Trainer::new(cfg, 2).unwrap();
+        let mut got: Vec<(String, Vec<usize>)> = trainer
             .online_named()
             .into_iter()
             .filter_map(|(n, v)| Some((n.strip_prefix("encoder.")?.to_string(), v.dims().to_vec())))
@@ -354,7 +362,7 @@ fn a_tiny_model_lowers_its_loss_without_collapsing() {
     cfg.optim.weight_decay = 0.0;
     cfg.optim.warmup_steps = 0;
     cfg.optim.schedule = Schedule::Constant;
-    cfg.optim.tau_base = 0.99;
+    cfg.byol.tau_base = 0.99;
     let mut t = Trainer::new(cfg, 16).unwrap();
     // Two fixed batches of views: the online network learns to predict the target.
     let data: Vec<(Tensor, Tensor)> = (0..2).map(|i| views(16, 8, 50 + i)).collect();
@@ -369,8 +377,18 @@ fn a_tiny_model_lowers_its_loss_without_collapsing() {
     let first: f32 = losses[..5].iter().sum::<f32>() / 5.0;
     let end: f32 = losses[35..].iter().sum::<f32>() / 5.0;
     assert!(end < first * 0.8, "loss {first} -> {end}");
-    let last = last.unwrap();
-    assert!(last.collapse > 0.1, "collapse indicator {}", last.collapse);
+    assert!(last.unwrap().objective.tau == Some(0.99));
+    let health = t.embedding_stats().unwrap().unwrap();
+    assert!(
+        health.collapse > 0.1,
+        "collapse indicator {}",
+        health.collapse
+    );
+    assert!(
+        health.effective_rank > 2.0,
+        "effective rank {}",
+        health.effective_rank
+    );
     assert!(losses.iter().all(|l| l.is_finite()));
 }
 
@@ -397,12 +415,7 @@ fn bf16_steps_track_fp32_and_keep_master_weights_in_f32() {
     assert!(l16.iter().all(|l| l.is_finite()), "{l16:?}");
     assert!(l16[5] < l16[0] && l32[5] < l32[0], "{l16:?} / {l32:?}");
     // Master weights (and so checkpoints) stay f32, and differ from the f32 run's.
-    for ((name, a), (_, b)) in fp32
-        .model()
-        .online_named()
-        .iter()
-        .zip(bf16.model().online_named())
-    {
+    for ((name, a), (_, b)) in fp32.trainable_named().iter().zip(bf16.trainable_named()) {
         assert_eq!(b.dtype(), candle_core::DType::F32, "{name}");
         assert_eq!(a.dims(), b.dims(), "{name}");
     }
@@ -416,8 +429,8 @@ fn a_damaged_checkpoint_fails_its_checksum_and_changes_nothing() {
     t.step_tensors(&a, &b).unwrap();
     let path = checkpoint::save(dir.path(), &t, Some(8), Default::default()).unwrap();
     assert_eq!(checkpoint::verify(&path).unwrap().step, 1);
-    // One flipped byte in the middle of the target's tensors.
-    let file = path.join("target.safetensors");
+    // One flipped byte in the middle of the objective state (the target network).
+    let file = path.join("objective.safetensors");
     let mut bytes = std::fs::read(&file).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x10;
@@ -426,7 +439,7 @@ fn a_damaged_checkpoint_fails_its_checksum_and_changes_nothing() {
         Err(e @ TrainError::Checkpoint { .. }) => {
             let m = e.to_string();
             assert!(
-                m.contains("target.safetensors") && m.contains("checksum"),
+                m.contains("objective.safetensors") && m.contains("checksum"),
                 "{m}"
             );
             assert_eq!(e.kind(), byol_ingest::fsutil::FailureKind::Damaged);
@@ -434,8 +447,101 @@ fn a_damaged_checkpoint_fails_its_checksum_and_changes_nothing() {
         other => panic!("expected a checksum error, got {:?}", other.map(|m| m.step)),
     }
     let mut fresh = Trainer::new(tiny(), 4).unwrap();
-    let before = snapshot(fresh.model().online_named());
+    let before = snapshot(fresh.online_named());
     assert!(fresh.load_checkpoint(&path).is_err());
     assert_eq!(fresh.steps_done(), 0);
-    assert_eq!(before, snapshot(fresh.model().online_named()));
+    assert_eq!(before, snapshot(fresh.online_named()));
+}
+
+#[test]
+fn each_heads_normalisation_has_its_layers_its_batch_coupling_and_trains() {
+    use byol_trainer::HeadNorm;
+    let (v1, v2) = views(8, 8, 21);
+    for (norm, middle) in [
+        (
+            HeadNorm::Batch,
+            &[
+                "bias",
+                "num_batches_tracked",
+                "running_mean",
+                "running_var",
+                "weight",
+            ][..],
+        ),
+        (HeadNorm::GroupWs, &["bias", "weight"][..]),
+        (HeadNorm::None, &[][..]),
+    ] {
+        let mut cfg = tiny();
+        cfg.model.head_norm = norm;
+        let mut t = Trainer::new(cfg, 8).unwrap();
+        for head in ["projector", "predictor"] {
+            let prefix = format!("{head}.1.");
+            let names: Vec<String> = t
+                .online_named()
+                .into_iter()
+                .filter_map(|(n, _)| n.strip_prefix(&prefix).map(str::to_owned))
+                .collect();
+            assert_eq!(names, middle, "{norm:?} {head}");
+        }
+        // Batch statistics couple the samples of a batch; GroupNorm and no
+        // normalisation leave each sample's projection its own.
+        let h = Tensor::randn(0f32, 1.0, (6, 32), &Device::Cpu).unwrap();
+        let projector = &t.network().projector;
+        let whole = projector.forward_t(&h, true).unwrap().get(0).unwrap();
+        let alone = projector
+            .forward_t(&h.narrow(0, 0, 2).unwrap(), true)
+            .unwrap()
+            .get(0)
+            .unwrap();
+        let gap = (whole - alone)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        if norm == HeadNorm::Batch {
+            assert!(gap > 1e-3, "{norm:?}: {gap}");
+        } else {
+            assert!(gap < 1e-5, "{norm:?}: {gap}");
+        }
+        let losses: Vec<f32> = (0..8)
+            .map(|_| t.step_tensors(&v1, &v2).unwrap().loss)
+            .collect();
+        assert!(losses.iter().all(|l| l.is_finite()), "{norm:?} {losses:?}");
+        assert!(losses[7] < losses[0], "{norm:?} {losses:?}");
+    }
+}
+
+#[test]
+fn group_ws_needs_hidden_sizes_divisible_by_its_groups() {
+    let mut cfg = tiny();
+    cfg.model.head_norm = byol_trainer::HeadNorm::GroupWs;
+    cfg.model.predictor_hidden = 40;
+    match Trainer::new(cfg, 4) {
+        Err(TrainError::Config { key, reason }) => {
+            assert_eq!(key, "model.head_norm");
+            assert!(reason.contains("40"), "{reason}");
+        }
+        other => panic!("expected a config error, got {:?}", other.err()),
+    }
+}
+
+#[test]
+fn the_deprecated_tau_key_is_read_and_a_contradiction_named() {
+    let mut cfg = tiny();
+    cfg.byol = byol_trainer::ByolConfig::default();
+    cfg.optim.tau_base = Some(0.97);
+    let t = Trainer::new(cfg.clone(), 4).unwrap();
+    assert_eq!(t.config().byol.tau_base, 0.97);
+    assert_eq!(t.config().optim.tau_base, None);
+    cfg.byol.tau_base = 0.95;
+    match Trainer::new(cfg, 4) {
+        Err(TrainError::Config { key, reason }) => {
+            assert_eq!(key, "optim.tau_base");
+            assert!(reason.contains("byol.tau_base"), "{reason}");
+        }
+        other => panic!("expected a config error, got {:?}", other.err()),
+    }
 }

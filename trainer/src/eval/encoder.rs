@@ -1,28 +1,31 @@
-//! The frozen online encoder of a checkpoint (never the target), or a seeded random one
-//! of the same config: pooled features with BatchNorm in eval mode.
+//! The frozen online encoder of a checkpoint (never the target, never the heads), or a
+//! seeded random one of the same config: pooled features with BatchNorm in eval mode.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
 use super::EvalError;
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::config::{Kernels, ModelConfig, Precision};
-use crate::model::{ByolModel, Compute, Network, reinit, sorted};
+use crate::model::{Compute, ResNet, reinit, sorted};
 
-/// The online network of a BYOL model, used only for its encoder.
+/// Prefix of the encoder's variables in the online network and in checkpoints.
+const ENCODER_PREFIX: &str = "encoder.";
+
+/// An encoder alone (no projector or predictor), in f32, for evaluation and export.
 pub struct Encoder {
     vars: VarMap,
-    network: Network,
+    resnet: ResNet,
     config: ModelConfig,
     device: Device,
-    bn_updates: u64,
 }
 
 impl Encoder {
     /// An untrained encoder of `cfg`, weights from `seed` (the same initialisation a
-    /// training run with that seed starts from).
+    /// training run with that seed starts from: each variable's values depend on the
+    /// seed and its name only). Builds the encoder alone.
     pub fn random(
         cfg: &ModelConfig,
         seed: u64,
@@ -32,58 +35,65 @@ impl Encoder {
         let vars = VarMap::new();
         // Evaluation runs in f32 whatever precision the run trained in.
         let compute = Compute::new(kernels, Precision::Fp32);
-        let network = Network::new(
+        let resnet = ResNet::new(
             cfg,
-            true,
             compute,
-            VarBuilder::from_varmap(&vars, DType::F32, device),
+            VarBuilder::from_varmap(&vars, DType::F32, device).pp("encoder"),
         )?;
         reinit(&vars, seed)?;
         Ok(Encoder {
             vars,
-            network,
+            resnet,
             config: cfg.clone(),
             device: device.clone(),
-            bn_updates: 0,
         })
     }
 
-    /// The online encoder of the checkpoint folder `path`, with the checkpoint's meta.
+    /// The online encoder of the checkpoint folder `path` (its `encoder.*` tensors only,
+    /// whatever the method), with the checkpoint's meta.
     pub fn from_checkpoint(
         path: &Path,
         kernels: Kernels,
         device: &Device,
     ) -> Result<(Self, CheckpointMeta), EvalError> {
         let meta = checkpoint::read_meta(path)?;
-        let mut enc = Self::random(&meta.config.model, meta.config.train.seed, kernels, device)?;
-        let file = path.join(checkpoint::ONLINE);
-        let tensors = checkpoint::load_tensors(&file, &meta, device)?;
-        checkpoint::restore_vars(sorted(&enc.vars), &tensors, &file)?;
-        // Each step runs the online network in training mode on both views.
-        enc.bn_updates = 2 * meta.step;
+        let enc = Self::random(&meta.config.model, meta.config.train.seed, kernels, device)?;
+        let mut tensors = checkpoint::load_online(path, &meta, device)?;
+        tensors.retain(|name, _| name.starts_with(ENCODER_PREFIX));
+        checkpoint::restore_vars(sorted(&enc.vars), &tensors, &path.join(checkpoint::ONLINE))?;
         Ok((enc, meta))
     }
 
-    /// The online encoder of a live model as it is now (weights copied), e.g. to
-    /// monitor a run while it trains; `steps` is the number of steps taken.
-    pub fn from_model(
-        model: &ByolModel,
+    /// The encoder of a live online network as it is now (weights copied), e.g. to
+    /// monitor a run while it trains; `online` holds its variables by name
+    /// ([`crate::Trainer::online_named`]).
+    pub fn from_online(
+        online: &[(String, Var)],
         cfg: &ModelConfig,
-        steps: u64,
         kernels: Kernels,
         device: &Device,
     ) -> Result<Self, EvalError> {
-        let mut enc = Self::random(cfg, 0, kernels, device)?;
-        let online: std::collections::HashMap<String, candle_core::Var> =
-            model.online_named().into_iter().collect();
+        let enc = Self::random(cfg, 0, kernels, device)?;
+        let online: std::collections::HashMap<&str, &Var> =
+            online.iter().map(|(n, v)| (n.as_str(), v)).collect();
         for (name, var) in sorted(&enc.vars) {
-            let source = online.get(&name).ok_or_else(|| {
+            let source = online.get(name.as_str()).ok_or_else(|| {
                 candle_core::Error::Msg(format!("the online network has no {name}"))
             })?;
             var.set(source.as_tensor())?;
         }
-        enc.bn_updates = 2 * steps;
         Ok(enc)
+    }
+
+    /// The online encoder of `trainer` as it is now (weights copied, in f32).
+    pub fn from_trainer(trainer: &crate::Trainer) -> Result<Self, EvalError> {
+        let cfg = trainer.config();
+        Self::from_online(
+            &trainer.online_named(),
+            &cfg.model,
+            cfg.train.kernels,
+            trainer.device(),
+        )
     }
 
     /// The model config.
@@ -101,15 +111,10 @@ impl Encoder {
         self.config.feature_dim()
     }
 
-    /// Training-mode BatchNorm updates the weights have seen (2 per BYOL step).
-    pub fn bn_updates(&self) -> u64 {
-        self.bn_updates
-    }
-
     /// Pooled features `(n, feature_dim)` of images `(n, 3, h, w)`, BatchNorm in eval
     /// mode (running statistics; nothing is updated).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, EvalError> {
-        Ok(self.network.encoder.forward_t(x, false)?.detach())
+        Ok(self.resnet.forward_t(x, false)?.detach())
     }
 
     /// The encoder's tensors under their torchvision names (`encoder.` stripped),
@@ -118,7 +123,7 @@ impl Encoder {
         let mut out: Vec<(String, Tensor)> = sorted(&self.vars)
             .into_iter()
             .filter_map(|(n, v)| {
-                let name = n.strip_prefix("encoder.")?.to_owned();
+                let name = n.strip_prefix(ENCODER_PREFIX)?.to_owned();
                 Some((name, v.as_tensor().clone()))
             })
             .collect();

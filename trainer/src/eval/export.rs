@@ -7,27 +7,16 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 
 use super::{Encoder, EvalError};
-use crate::model::is_running_stat;
 
 /// The tensors of the export, sorted by name: every encoder tensor under its
-/// torchvision name, plus `<bn>.num_batches_tracked` for each BatchNorm (the number of
-/// training-mode updates its running statistics had).
+/// torchvision name, `<bn>.num_batches_tracked` included (each BatchNorm's own count
+/// of training-mode forwards).
 pub fn torchvision_state(encoder: &Encoder) -> Result<Vec<(String, Tensor)>, EvalError> {
-    let mut out = Vec::new();
-    for (name, t) in encoder.named_tensors() {
-        if is_running_stat(&name)
-            && let Some(bn) = name.strip_suffix(".running_mean")
-        {
-            let count = i64::try_from(encoder.bn_updates()).unwrap_or(i64::MAX);
-            out.push((
-                format!("{bn}.num_batches_tracked"),
-                Tensor::new(count, &Device::Cpu)?,
-            ));
-        }
-        out.push((name, t.to_device(&Device::Cpu)?));
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
+    encoder
+        .named_tensors()
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_device(&Device::Cpu)?)))
+        .collect()
 }
 
 /// Writes [`torchvision_state`] to `out` (temp file, fsync, rename); returns the

@@ -36,13 +36,18 @@ pub fn seeded_normal(n: usize, seed: u64) -> Vec<f32> {
 /// Re-initialises every variable of `vars` from `seed`:
 /// convolutions: Kaiming normal, fan-out, ReLU gain (torchvision ResNet);
 /// linear weights and biases: U(−1/√fan_in, 1/√fan_in) (PyTorch `nn.Linear`);
-/// BatchNorm: weight 1, bias 0, running mean 0, running variance 1.
+/// BatchNorm: weight 1, bias 0, running mean 0, running variance 1, batches tracked 0.
 pub fn reinit(vars: &VarMap, seed: u64) -> Result<()> {
     let data = vars.data().lock().unwrap();
     for (name, var) in data.iter() {
         let dims = var.dims().to_vec();
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(name_seed(seed, name));
         let n = var.elem_count();
+        if var.dtype() != candle_core::DType::F32 {
+            // Counters (BatchNorm's `num_batches_tracked`) start at 0.
+            var.set(&var.zeros_like()?)?;
+            continue;
+        }
         let values: Vec<f32> = if is_running_stat(name) {
             vec![
                 if name.ends_with("running_var") {

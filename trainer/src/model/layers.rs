@@ -147,7 +147,22 @@ impl Dense {
         if !self.bf16 {
             return self.inner.forward(x);
         }
-        let y = in_bf16(x, self.inner.weight(), |x, w| x.matmul(&w.t()?))?;
+        self.forward_with(x, self.inner.weight())
+    }
+
+    /// The weight `(output, input)`.
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    /// Applies the layer with `weight` in place of its own (e.g. its standardised form),
+    /// in the layer's precision.
+    pub fn forward_with(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let y = if self.bf16 {
+            in_bf16(x, weight, |x, w| x.matmul(&w.t()?))?
+        } else {
+            x.matmul(&weight.t()?)?
+        };
         match self.inner.bias() {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -156,12 +171,15 @@ impl Dense {
 }
 
 /// An affine BatchNorm in PyTorch's layout (`weight`, `bias`, `running_mean`,
-/// `running_var`) and conventions (momentum, unbiased running variance), with an
-/// optional ReLU after it.
+/// `running_var`, `num_batches_tracked`) and conventions (momentum, unbiased running
+/// variance), with an optional ReLU after it.
 pub struct Norm {
     inner: BatchNorm,
     running_mean: Var,
     running_var: Var,
+    /// Training-mode forwards this layer has normalised (an int64 scalar, torchvision's
+    /// `num_batches_tracked`): a running statistic, saved with the others.
+    num_batches_tracked: Var,
     momentum: f64,
     eps: f64,
     /// Our kernels (statistics and parameters in f32 whatever the activations' dtype).
@@ -182,8 +200,15 @@ impl Norm {
             affine: true,
             momentum: cfg.bn_momentum,
         };
+        let num_batches_tracked = vb.get_with_hints_dtype(
+            (),
+            "num_batches_tracked",
+            candle_nn::Init::Const(0.0),
+            DType::I64,
+        )?;
         let inner = candle_nn::batch_norm(channels, bn_cfg, vb)?;
         Ok(Norm {
+            num_batches_tracked: Var::from_tensor(&num_batches_tracked)?,
             running_mean: Var::from_tensor(inner.running_mean())?,
             running_var: Var::from_tensor(inner.running_var())?,
             inner,
@@ -197,6 +222,10 @@ impl Norm {
     /// the running statistics otherwise; then ReLU when `relu`. The output has `x`'s
     /// dtype (bf16 on CUDA with [`Compute::OursBf16`]).
     pub fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        if train {
+            let count = self.num_batches_tracked.as_tensor();
+            self.num_batches_tracked.set(&count.affine(1.0, 1.0)?)?;
+        }
         if !self.ours {
             let y = self.inner.forward_t(x, train)?;
             return if relu { y.relu() } else { Ok(y) };

@@ -2,6 +2,7 @@
 
 mod adamw;
 mod lars;
+mod sgd;
 
 use std::collections::HashMap;
 
@@ -10,6 +11,7 @@ use candle_core::{Result, Tensor, Var};
 
 pub use adamw::AdamW;
 pub use lars::Lars;
+pub use sgd::Sgd;
 
 use crate::config::{OptimConfig, OptimizerKind};
 
@@ -25,6 +27,8 @@ pub enum Optimizer {
     Lars(Lars),
     /// AdamW.
     AdamW(AdamW),
+    /// SGD with momentum.
+    Sgd(Sgd),
 }
 
 impl Optimizer {
@@ -33,6 +37,7 @@ impl Optimizer {
         Ok(match cfg.optimizer {
             OptimizerKind::Lars => Optimizer::Lars(Lars::new(cfg, params)?),
             OptimizerKind::Adamw => Optimizer::AdamW(AdamW::new(cfg, params)?),
+            OptimizerKind::Sgd => Optimizer::Sgd(Sgd::new(cfg, params)?),
         })
     }
 
@@ -41,6 +46,7 @@ impl Optimizer {
         match self {
             Optimizer::Lars(o) => o.step(grads, lr),
             Optimizer::AdamW(o) => o.step(grads, lr),
+            Optimizer::Sgd(o) => o.step(grads, lr),
         }
     }
 
@@ -49,6 +55,7 @@ impl Optimizer {
         match self {
             Optimizer::Lars(o) => o.state(),
             Optimizer::AdamW(o) => o.state(),
+            Optimizer::Sgd(o) => o.state(),
         }
     }
 
@@ -57,6 +64,7 @@ impl Optimizer {
         match self {
             Optimizer::Lars(o) => o.load_state(state),
             Optimizer::AdamW(o) => o.load_state(state),
+            Optimizer::Sgd(o) => o.load_state(state),
         }
     }
 }
