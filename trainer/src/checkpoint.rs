@@ -380,9 +380,10 @@ fn add_batch_counts(
         .filter_map(|n| n.strip_suffix(".running_mean").map(str::to_owned))
         .collect();
     for layer in layers {
-        let name = format!("{layer}.num_batches_tracked");
-        if !tensors.contains_key(&name) {
-            tensors.insert(name, Tensor::new(count, device)?);
+        if let std::collections::hash_map::Entry::Vacant(slot) =
+            tensors.entry(format!("{layer}.num_batches_tracked"))
+        {
+            slot.insert(Tensor::new(count, device)?);
         }
     }
     Ok(())

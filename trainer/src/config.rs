@@ -378,7 +378,8 @@ impl TrainerConfig {
             );
         }
         if m.head_norm == HeadNorm::GroupWs
-            && (m.projector_hidden % HEAD_GROUPS != 0 || m.predictor_hidden % HEAD_GROUPS != 0)
+            && (!m.projector_hidden.is_multiple_of(HEAD_GROUPS)
+                || !m.predictor_hidden.is_multiple_of(HEAD_GROUPS))
         {
             return bad(
                 "model.head_norm",
