@@ -38,6 +38,8 @@ pub struct Metrics {
     train_loss: FloatGauge,
     learning_rate: FloatGauge,
     ema_tau: FloatGauge,
+    embedding_collapse: FloatGauge,
+    embedding_effective_rank: FloatGauge,
     dataset_records: Gauge,
     loader_queue_depth: Gauge,
     last_checkpoint: FloatGauge,
@@ -73,6 +75,8 @@ impl Metrics {
             train_loss: FloatGauge::default(),
             learning_rate: FloatGauge::default(),
             ema_tau: FloatGauge::default(),
+            embedding_collapse: FloatGauge::default(),
+            embedding_effective_rank: FloatGauge::default(),
             dataset_records: Gauge::default(),
             loader_queue_depth: Gauge::default(),
             last_checkpoint: FloatGauge::default(),
@@ -89,7 +93,7 @@ impl Metrics {
         );
         registry.register(
             "byol_train_loss",
-            "BYOL loss of the last step (symmetric, in [0, 8])",
+            "Loss of the last step (BYOL: symmetric, in [0, 8])",
             m.train_loss.clone(),
         );
         registry.register(
@@ -101,6 +105,16 @@ impl Metrics {
             "byol_ema_tau",
             "EMA coefficient of the target network at the last step",
             m.ema_tau.clone(),
+        );
+        registry.register(
+            "byol_embedding_collapse",
+            "Collapse indicator of the embeddings at the last log step (about 1 spread, 0 collapsed)",
+            m.embedding_collapse.clone(),
+        );
+        registry.register(
+            "byol_embedding_effective_rank",
+            "Effective rank of the embeddings at the last log step (RankMe; 1 collapsed)",
+            m.embedding_effective_rank.clone(),
         );
         registry.register(
             "byol_dataset_records",
@@ -164,6 +178,11 @@ impl Metrics {
                 self.learning_rate.set(r.stats.lr);
                 if let Some(tau) = r.stats.objective.tau {
                     self.ema_tau.set(tau);
+                }
+                if let Some(line) = &r.line {
+                    self.embedding_collapse.set(f64::from(line.collapse));
+                    self.embedding_effective_rank
+                        .set(f64::from(line.effective_rank));
                 }
                 self.loader_queue_depth.set(r.queue_depth as i64);
                 self.train_images.inc_by(r.images as u64);
@@ -420,6 +439,54 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("\nbyol_train_images_total 0\n"), "{text}");
+    }
+
+    /// A logged step sets loss, τ and the embedding gauges; a step without a line keeps
+    /// the embedding gauges (they are measured at log steps only).
+    #[test]
+    fn a_logged_step_sets_the_embedding_gauges() {
+        let m = Metrics::new();
+        let stats = byol_trainer::StepStats {
+            step: 20,
+            loss: 1.5,
+            lr: 0.1,
+            objective: byol_trainer::ObjectiveStats { tau: Some(0.99) },
+        };
+        let line = byol_run::MetricsLine {
+            step: 20,
+            epoch: 0,
+            loss: 1.5,
+            lr: 0.1,
+            tau: Some(0.99),
+            collapse: 0.75,
+            effective_rank: 12.5,
+            images_per_sec: 100.0,
+            data_wait_secs: 0.0,
+            elapsed_secs: 10.0,
+            skipped_records: 0,
+            knn_accuracy: None,
+            knn_skipped_records: None,
+        };
+        let report = |line| byol_run::StepReport {
+            stats,
+            epoch: 0,
+            images: 256,
+            line,
+            checkpoint: None,
+            metrics_error: None,
+            queue_depth: 1,
+        };
+        m.on_event(&Event::Step(&report(Some(line))));
+        m.on_event(&Event::Step(&report(None)));
+        let text = m.encode();
+        for sample in [
+            "\nbyol_embedding_collapse 0.75\n",
+            "\nbyol_embedding_effective_rank 12.5\n",
+            "\nbyol_ema_tau 0.99\n",
+            "\nbyol_train_loss 1.5\n",
+        ] {
+            assert!(text.contains(sample), "{sample:?} in\n{text}");
+        }
     }
 
     /// A restarted daemon's dashboard shows the checkpoint it resumed from, not 1970.

@@ -243,6 +243,8 @@ fn notify_protocol_in_order_and_metrics_a_prometheus_parser_reads() {
         "byol_train_loss",
         "byol_learning_rate",
         "byol_ema_tau",
+        "byol_embedding_collapse",
+        "byol_embedding_effective_rank",
         "byol_dataset_records",
         "byol_loader_queue_depth",
         "byol_last_checkpoint_timestamp_seconds",
