@@ -4,7 +4,8 @@
 #   scripts/bench_recipe.sh OUT [CASE ...]      # default: every case below, in order
 #   MINUTES=4 BYOL=target/release/byol scripts/bench_recipe.sh docs/measurements/recipe-DATE
 #
-# Each case is configs/small.toml with a few keys changed (see `case` below): it trains
+# Each case is the pre-sweep configs/small.toml (BASE_CONFIG below) with a few keys
+# changed (see `case_spec`): it trains
 # `byol train --minutes $MINUTES` (the cosine schedules fitted to the steps that fit) on all
 # 60,000 Fashion-MNIST training images, then `byol eval --protocol both` scores the
 # encoder on the 10,000 test images (linear probe and kNN, features of the 60,000), with
@@ -47,21 +48,60 @@ case_spec() {
   esac
 }
 
+# The config every case starts from: configs/small.toml as it was before the sweep
+# (AdamW 2e-3); each case replaces the keys of its spec.
+BASE_CONFIG='[ingest]
+codec = "raw"
+max_side = 0
+shard_size_mib = 64
+
+[augment]
+preset = "small"
+size = 32
+
+[loader]
+batch_size = 256
+
+[model]
+arch = "resnet18"
+width = 16
+small_stem = true
+projector_hidden = 1024
+projection_dim = 128
+predictor_hidden = 1024
+
+[optim]
+optimizer = "adamw"
+base_lr = 2e-3
+weight_decay = 1e-6
+warmup_steps = 50
+schedule = "cosine"
+
+[byol]
+tau_base = 0.99
+
+[train]
+device = "auto"
+total_steps = 2000
+log_every = 20
+checkpoint_every_steps = 500
+'
+
 config() { # name → a config file
   local name=$1 spec optimizer lr wd width norm extra
   spec=$(case_spec "$name")
   read -r optimizer lr wd width norm extra <<<"$spec"
   local file="$OUT/$name/config.toml"
   mkdir -p "$OUT/$name"
-  sed -e "s/^width = .*/width = $width/" \
-      -e "s/^head_norm = .*//" \
+  printf '%s' "$BASE_CONFIG" | sed \
+      -e "s/^width = .*/width = $width/" \
       -e "s/^optimizer = .*/optimizer = \"$optimizer\"/" \
       -e "s/^base_lr = .*/base_lr = $lr/" \
       -e "s/^weight_decay = .*/weight_decay = $wd/" \
       -e "s/^warmup_steps = .*/warmup_steps = 10/" \
       -e "s/^\[model\]/[model]\nhead_norm = \"$norm\"/" \
       -e "s/^\[optim\]/[optim]${extra:+\n${extra// /\\n}}/" \
-      configs/small.toml >"$file"
+      >"$file"
   echo "$file"
 }
 
