@@ -309,7 +309,8 @@ pub struct TrainArgs {
     /// Continue from the newest checkpoint of the run folder.
     #[arg(long)]
     pub resume: bool,
-    /// The objective (overrides `[train] method`; a resumed run keeps its method).
+    /// The objective: `byol` (overrides `[train] method`; a resume refuses a checkpoint
+    /// of another method).
     #[arg(long)]
     pub method: Option<byol_trainer::Method>,
 }

@@ -183,11 +183,15 @@ impl Config {
     /// (open-ended training); a written `cosine` stays, for [`Config::validate`] to
     /// refuse by name.
     pub fn load_for_daemon(path: &Path) -> anyhow::Result<Self> {
-        let mut cfg = Config::load(path)?;
-        if !cfg.schedule_written {
-            cfg.optim.schedule = byol_trainer::Schedule::Constant;
+        Ok(Config::load(path)?.for_daemon())
+    }
+
+    /// This config as `byol daemon` reads it (see [`Config::load_for_daemon`]).
+    pub fn for_daemon(mut self) -> Self {
+        if !self.schedule_written {
+            self.optim.schedule = byol_trainer::Schedule::Constant;
         }
-        Ok(cfg)
+        self
     }
 
     /// The trainer's part.

@@ -36,12 +36,9 @@ use crate::watch::{CHECK_EVERY, Change, Watchers, watch};
 
 /// Runs `byol validate`: the config is parsed and every value checked.
 pub fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
-    let daemon = Config::load(&args.config)?.daemon.is_some();
-    let cfg = if daemon {
-        Config::load_for_daemon(&args.config)?
-    } else {
-        Config::load(&args.config)?
-    };
+    let cfg = Config::load(&args.config)?;
+    let daemon = cfg.daemon.is_some();
+    let cfg = if daemon { cfg.for_daemon() } else { cfg };
     cfg.validate(daemon)
         .with_context(|| format!("invalid config {}", args.config.display()))?;
     println!("{}: valid", args.config.display());
