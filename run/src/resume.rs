@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use byol_loader::LoaderState;
-use byol_trainer::{CheckpointMeta, Method, Schedule, Trainer, checkpoint, schedule};
+use byol_trainer::{CheckpointMeta, Schedule, Trainer, checkpoint, schedule};
 use serde::{Deserialize, Serialize};
 
 use crate::RunError;
@@ -147,15 +147,12 @@ pub fn schedule_change(meta: &CheckpointMeta, trainer: &Trainer) -> Option<Sched
     }
     let (step, batch) = (meta.step, trainer.batch_size());
     let lr = |total| schedule::learning_rate(&cfg.optim, batch, total, step);
-    let tau = |total| schedule::tau(&cfg.optim, cfg.byol.tau_base, total, step);
-    let has_tau = match cfg.train.method {
-        Method::Byol => true,
-    };
+    let tau = |base, total| schedule::tau(&cfg.optim, base, total, step);
     Some(ScheduleChange {
         step,
         old_total_steps: old,
         new_total_steps: new,
         lr: (lr(old), lr(new)),
-        tau: has_tau.then(|| (tau(old), tau(new))),
+        tau: cfg.tau_base().map(|base| (tau(base, old), tau(base, new))),
     })
 }

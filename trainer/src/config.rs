@@ -332,6 +332,14 @@ impl TrainerConfig {
         ))
     }
 
+    /// τ_base of the objective's EMA target (`[byol] tau_base`); `None` for an objective
+    /// without one.
+    pub fn tau_base(&self) -> Option<f64> {
+        match self.train.method {
+            Method::Byol => Some(self.byol.tau_base),
+        }
+    }
+
     /// Checks every value; the error names the key.
     pub fn validate(&self) -> Result<(), TrainError> {
         let bad = |key: &'static str, reason: String| Err(TrainError::Config { key, reason });

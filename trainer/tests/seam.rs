@@ -2,6 +2,8 @@
 //! bit, weights and losses recorded before it (`tests/data/before-seam/`), from scratch
 //! and resumed from a format-1 checkpoint written then.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -11,7 +13,6 @@ use byol_trainer::{
     checkpoint,
 };
 use candle_core::{DType, Device, Tensor};
-use rand_core::{RngCore, SeedableRng};
 
 /// The config the fixtures were written with (τ through the deprecated `[optim]` key, as
 /// configs of the time wrote it).
@@ -48,16 +49,7 @@ fn tiny(kind: OptimizerKind) -> TrainerConfig {
 }
 
 fn views(seed: u64) -> (Tensor, Tensor) {
-    let (n, s) = (4, 8);
-    let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed);
-    let mut fill = || -> Vec<f32> {
-        (0..n * 3 * s * s)
-            .map(|_| (rng.next_u32() as f32 / u32::MAX as f32) * 2.0 - 1.0)
-            .collect()
-    };
-    let a = Tensor::from_vec(fill(), (n, 3, s, s), &Device::Cpu).unwrap();
-    let b = Tensor::from_vec(fill(), (n, 3, s, s), &Device::Cpu).unwrap();
-    (a, b)
+    common::views(4, 8, seed)
 }
 
 fn fixtures() -> PathBuf {

@@ -2,6 +2,8 @@
 
 mod common;
 
+use common::views;
+
 use std::collections::HashMap;
 
 use byol_trainer::config::{ModelConfig, OptimizerKind, Schedule};
@@ -13,7 +15,6 @@ use byol_trainer::{
     checkpoint,
 };
 use candle_core::{DType, Device, Tensor, Var};
-use rand_core::{RngCore, SeedableRng};
 
 fn tiny() -> TrainerConfig {
     TrainerConfig {
@@ -46,19 +47,6 @@ fn tiny() -> TrainerConfig {
 fn byol(t: &Trainer) -> &Byol {
     let Objective::Byol(b) = t.objective();
     b
-}
-
-/// Seeded pseudo-images `(n, 3, s, s)`.
-fn views(n: usize, s: usize, seed: u64) -> (Tensor, Tensor) {
-    let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed);
-    let mut fill = || -> Vec<f32> {
-        (0..n * 3 * s * s)
-            .map(|_| (rng.next_u32() as f32 / u32::MAX as f32) * 2.0 - 1.0)
-            .collect()
-    };
-    let a = Tensor::from_vec(fill(), (n, 3, s, s), &Device::Cpu).unwrap();
-    let b = Tensor::from_vec(fill(), (n, 3, s, s), &Device::Cpu).unwrap();
-    (a, b)
 }
 
 fn snapshot(vars: Vec<(String, Var)>) -> HashMap<String, Vec<f32>> {

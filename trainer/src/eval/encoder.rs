@@ -32,6 +32,14 @@ impl Encoder {
         kernels: Kernels,
         device: &Device,
     ) -> Result<Self, EvalError> {
+        let enc = Self::unset(cfg, kernels, device)?;
+        reinit(&enc.vars, seed)?;
+        Ok(enc)
+    }
+
+    /// The layers of an encoder of `cfg` whose weights the caller sets, every one (a
+    /// checkpoint's, a live run's): the seeded initialisation would be thrown away.
+    fn unset(cfg: &ModelConfig, kernels: Kernels, device: &Device) -> Result<Self, EvalError> {
         let vars = VarMap::new();
         // Evaluation runs in f32 whatever precision the run trained in.
         let compute = Compute::new(kernels, Precision::Fp32);
@@ -40,7 +48,6 @@ impl Encoder {
             compute,
             VarBuilder::from_varmap(&vars, DType::F32, device).pp("encoder"),
         )?;
-        reinit(&vars, seed)?;
         Ok(Encoder {
             vars,
             resnet,
@@ -57,7 +64,7 @@ impl Encoder {
         device: &Device,
     ) -> Result<(Self, CheckpointMeta), EvalError> {
         let meta = checkpoint::read_meta(path)?;
-        let enc = Self::random(&meta.config.model, meta.config.train.seed, kernels, device)?;
+        let enc = Self::unset(&meta.config.model, kernels, device)?;
         let mut tensors = checkpoint::load_online(path, &meta, device)?;
         tensors.retain(|name, _| name.starts_with(ENCODER_PREFIX));
         checkpoint::restore_vars(sorted(&enc.vars), &tensors, &path.join(checkpoint::ONLINE))?;
@@ -73,7 +80,7 @@ impl Encoder {
         kernels: Kernels,
         device: &Device,
     ) -> Result<Self, EvalError> {
-        let enc = Self::random(cfg, 0, kernels, device)?;
+        let enc = Self::unset(cfg, kernels, device)?;
         let online: std::collections::HashMap<&str, &Var> =
             online.iter().map(|(n, v)| (n.as_str(), v)).collect();
         for (name, var) in sorted(&enc.vars) {

@@ -7,19 +7,12 @@ use std::collections::HashMap;
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
-use super::{is_excluded, restore_tensor};
+use super::MomentumParam;
 use crate::config::OptimConfig;
-
-struct Param {
-    name: String,
-    var: Var,
-    momentum: Tensor,
-    adapt: bool,
-}
 
 /// The LARS optimizer with per-parameter momentum buffers.
 pub struct Lars {
-    params: Vec<Param>,
+    params: Vec<MomentumParam>,
     momentum: f64,
     weight_decay: f64,
     eta: f64,
@@ -28,17 +21,7 @@ pub struct Lars {
 impl Lars {
     /// LARS over `params` with the config's momentum, weight decay and trust coefficient.
     pub fn new(cfg: &OptimConfig, params: Vec<(String, Var)>) -> Result<Self> {
-        let params = params
-            .into_iter()
-            .map(|(name, var)| {
-                Ok(Param {
-                    momentum: var.zeros_like()?,
-                    adapt: !is_excluded(&var),
-                    name,
-                    var,
-                })
-            })
-            .collect::<Result<_>>()?;
+        let params = MomentumParam::all(params)?;
         Ok(Lars {
             params,
             momentum: cfg.momentum,
@@ -58,7 +41,7 @@ impl Lars {
             // kept every step's buffers alive: 165 MB a step at ResNet-18 / 64 px).
             let w = p.var.as_tensor().detach();
             let g = g.detach();
-            let g = if p.adapt {
+            let g = if p.decayed {
                 let g = (g + (&w * self.weight_decay)?)?;
                 // Trust ratio η‖w‖/‖g‖ where both norms are positive, else 1, computed
                 // on the device: no host read-back per parameter.
@@ -79,18 +62,12 @@ impl Lars {
 
     /// Momentum buffers, named `<param>.momentum`.
     pub fn state(&self) -> Vec<(String, Tensor)> {
-        self.params
-            .iter()
-            .map(|p| (format!("{}.momentum", p.name), p.momentum.clone()))
-            .collect()
+        MomentumParam::state(&self.params)
     }
 
     /// Restores momentum buffers.
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        for p in &mut self.params {
-            restore_tensor(state, &format!("{}.momentum", p.name), &mut p.momentum)?;
-        }
-        Ok(())
+        MomentumParam::load_state(&mut self.params, state)
     }
 }
 

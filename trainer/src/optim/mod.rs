@@ -69,6 +69,49 @@ impl Optimizer {
     }
 }
 
+/// A parameter with one momentum buffer (LARS, SGD), zero at the start.
+pub(crate) struct MomentumParam {
+    pub(crate) name: String,
+    pub(crate) var: Var,
+    pub(crate) momentum: Tensor,
+    /// Weight decay (and LARS's trust ratio) apply: not a bias or normalisation
+    /// parameter ([`is_excluded`]).
+    pub(crate) decayed: bool,
+}
+
+impl MomentumParam {
+    /// One per parameter of `params`, buffers at zero.
+    pub(crate) fn all(params: Vec<(String, Var)>) -> Result<Vec<Self>> {
+        params
+            .into_iter()
+            .map(|(name, var)| {
+                Ok(MomentumParam {
+                    momentum: var.zeros_like()?,
+                    decayed: !is_excluded(&var),
+                    name,
+                    var,
+                })
+            })
+            .collect()
+    }
+
+    /// The buffers of `params`, named `<param>.momentum` (for checkpoints).
+    pub(crate) fn state(params: &[Self]) -> Vec<(String, Tensor)> {
+        params
+            .iter()
+            .map(|p| (format!("{}.momentum", p.name), p.momentum.clone()))
+            .collect()
+    }
+
+    /// Restores the buffers saved by [`MomentumParam::state`].
+    pub(crate) fn load_state(params: &mut [Self], state: &HashMap<String, Tensor>) -> Result<()> {
+        for p in params {
+            restore_tensor(state, &format!("{}.momentum", p.name), &mut p.momentum)?;
+        }
+        Ok(())
+    }
+}
+
 /// Copies `state[name]` into `slot`, checking the shape.
 pub(crate) fn restore_tensor(
     state: &HashMap<String, Tensor>,

@@ -7,20 +7,13 @@ use std::collections::HashMap;
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
-use super::{is_excluded, restore_tensor};
+use super::MomentumParam;
 use crate::config::OptimConfig;
-
-struct Param {
-    name: String,
-    var: Var,
-    momentum: Tensor,
-    decay: bool,
-}
 
 /// SGD with per-parameter momentum buffers (zero at the start, so the first step's
 /// buffer is the gradient, as PyTorch's).
 pub struct Sgd {
-    params: Vec<Param>,
+    params: Vec<MomentumParam>,
     momentum: f64,
     nesterov: bool,
     weight_decay: f64,
@@ -29,17 +22,7 @@ pub struct Sgd {
 impl Sgd {
     /// SGD over `params` with the config's momentum, Nesterov flag and weight decay.
     pub fn new(cfg: &OptimConfig, params: Vec<(String, Var)>) -> Result<Self> {
-        let params = params
-            .into_iter()
-            .map(|(name, var)| {
-                Ok(Param {
-                    momentum: var.zeros_like()?,
-                    decay: !is_excluded(&var),
-                    name,
-                    var,
-                })
-            })
-            .collect::<Result<_>>()?;
+        let params = MomentumParam::all(params)?;
         Ok(Sgd {
             params,
             momentum: cfg.momentum,
@@ -57,7 +40,7 @@ impl Sgd {
             // Detached, so no buffer records the ops of the previous step (see LARS).
             let w = p.var.as_tensor().detach();
             let mut g = g.detach();
-            if p.decay && self.weight_decay != 0.0 {
+            if p.decayed && self.weight_decay != 0.0 {
                 g = (g + (&w * self.weight_decay)?)?;
             }
             p.momentum = ((&p.momentum * self.momentum)? + &g)?;
@@ -73,18 +56,12 @@ impl Sgd {
 
     /// Momentum buffers, named `<param>.momentum`.
     pub fn state(&self) -> Vec<(String, Tensor)> {
-        self.params
-            .iter()
-            .map(|p| (format!("{}.momentum", p.name), p.momentum.clone()))
-            .collect()
+        MomentumParam::state(&self.params)
     }
 
     /// Restores momentum buffers.
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        for p in &mut self.params {
-            restore_tensor(state, &format!("{}.momentum", p.name), &mut p.momentum)?;
-        }
-        Ok(())
+        MomentumParam::load_state(&mut self.params, state)
     }
 }
 

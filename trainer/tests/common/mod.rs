@@ -1,4 +1,5 @@
-//! Shared by the trainer's integration tests.
+//! Shared by the trainer's integration tests (each uses some of it).
+#![allow(dead_code)]
 
 use std::path::Path;
 
@@ -60,4 +61,20 @@ pub fn torchvision_lists() -> Option<Vec<TorchvisionList>> {
         });
     }
     Some(lists)
+}
+
+/// Two seeded batches of pseudo-images `(n, 3, s, s)`, uniform in [-1, 1] (the views the
+/// trainer tests step on; the seam fixtures were made with them).
+pub fn views(n: usize, s: usize, seed: u64) -> (candle_core::Tensor, candle_core::Tensor) {
+    use rand_core::{RngCore, SeedableRng};
+    let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed);
+    let mut fill = || -> Vec<f32> {
+        (0..n * 3 * s * s)
+            .map(|_| (rng.next_u32() as f32 / u32::MAX as f32) * 2.0 - 1.0)
+            .collect()
+    };
+    let device = candle_core::Device::Cpu;
+    let a = candle_core::Tensor::from_vec(fill(), (n, 3, s, s), &device).unwrap();
+    let b = candle_core::Tensor::from_vec(fill(), (n, 3, s, s), &device).unwrap();
+    (a, b)
 }
