@@ -8,7 +8,8 @@
 //!
 //! ```toml
 //! [augment]
-//! preset = "byol"      # or "small": no blur in either view (CIFAR-style 32 px recipes)
+//! preset = "byol"      # or "small": no blur in either view (CIFAR-style 32 px recipes),
+//!                      # or "msf": view 1 strong, view 2 weak (MSF's asymmetric pair)
 //! size = 224           # output side in pixels (default 224 for byol, 32 for small)
 //! [augment.view1]
 //! blur_p = 1.0
@@ -211,6 +212,11 @@ pub enum Preset {
     Byol,
     /// Small images (CIFAR-style, 32 px): as `byol` but no blur in either view.
     Small,
+    /// MSF's asymmetric pair (Koohpayegani et al. 2021, 224 px): view 1 strong (MoCo
+    /// v2's augmentation: crop scale [0.2, 1], colour jitter 0.4/0.4/0.4/0.1 with
+    /// p = 0.8, grayscale 0.2, blur 0.5, flip), view 2 weak (crop scale [0.2, 1] and
+    /// flip only). MSF feeds view 1 to the online network and view 2 to the target.
+    Msf,
 }
 
 /// The whole augmentation config: output size and the two view specs.
@@ -253,11 +259,35 @@ impl AugmentConfig {
         c
     }
 
-    /// The preset's config at its default size (224 for byol, 32 for small).
+    /// MSF's strong (view 1) and weak (view 2) views at `size` px ([`Preset::Msf`]).
+    pub fn msf(size: u32) -> Self {
+        let strong = ViewSpec {
+            scale: [0.2, 1.0],
+            saturation: 0.4,
+            blur_p: 0.5,
+            solarize_p: 0.0,
+            ..ViewSpec::byol_view1()
+        };
+        let weak = ViewSpec {
+            jitter_p: 0.0,
+            grayscale_p: 0.0,
+            blur_p: 0.0,
+            ..strong.clone()
+        };
+        Self {
+            preset: Preset::Msf,
+            size,
+            view1: strong,
+            view2: weak,
+        }
+    }
+
+    /// The preset's config at its default size (224 for byol and msf, 32 for small).
     pub fn from_preset(preset: Preset) -> Self {
         match preset {
             Preset::Byol => Self::byol(224),
             Preset::Small => Self::small(32),
+            Preset::Msf => Self::msf(224),
         }
     }
 

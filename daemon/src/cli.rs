@@ -309,8 +309,8 @@ pub struct TrainArgs {
     /// Continue from the newest checkpoint of the run folder.
     #[arg(long)]
     pub resume: bool,
-    /// The objective: `byol` (overrides `[train] method`; a resume refuses a checkpoint
-    /// of another method).
+    /// The objective: `byol`, `msf`, `simsiam`, `simclr`, `barlow_twins` or `mocov2`
+    /// (overrides `[train] method`; a resume refuses a checkpoint of another method).
     #[arg(long)]
     pub method: Option<byol_trainer::Method>,
 }
@@ -322,6 +322,8 @@ pub enum PresetArg {
     Byol,
     /// Small images: no blur.
     Small,
+    /// MSF's pair: view 1 strong, view 2 weak.
+    Msf,
 }
 
 /// `byol preview`.

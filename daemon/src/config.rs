@@ -30,6 +30,21 @@ pub struct Config {
     /// BYOL's settings (`tau_base`).
     #[serde(default)]
     pub byol: byol_trainer::ByolConfig,
+    /// MSF's settings (`k`, `bank_size`, `tau`, `tau_cosine`).
+    #[serde(default)]
+    pub msf: byol_trainer::MsfConfig,
+    /// SimSiam's settings (`bottleneck`, `output_bn`).
+    #[serde(default)]
+    pub simsiam: byol_trainer::SimSiamConfig,
+    /// SimCLR's settings (`temperature`).
+    #[serde(default)]
+    pub simclr: byol_trainer::SimClrConfig,
+    /// Barlow Twins' settings (`lambda`).
+    #[serde(default)]
+    pub barlow_twins: byol_trainer::BarlowTwinsConfig,
+    /// MoCo v2's settings (`queue_size`, `temperature`, `tau`).
+    #[serde(default)]
+    pub mocov2: byol_trainer::MocoV2Config,
     /// Optional kNN accuracy on small labelled datasets while training.
     #[serde(default)]
     pub monitor: Option<byol_run::MonitorConfig>,
@@ -201,6 +216,11 @@ impl Config {
             optim: self.optim.clone(),
             train: self.train.clone(),
             byol: self.byol.clone(),
+            msf: self.msf.clone(),
+            simsiam: self.simsiam.clone(),
+            simclr: self.simclr.clone(),
+            barlow_twins: self.barlow_twins.clone(),
+            mocov2: self.mocov2.clone(),
         }
     }
 

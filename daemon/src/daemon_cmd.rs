@@ -254,6 +254,22 @@ impl Reporter {
                 self.notifier.ready(&status);
                 self.notifier.status(&status);
             }
+            Event::MemoryFilling {
+                key,
+                size,
+                filled,
+                records,
+            } => {
+                tracing::info!(
+                    event = "memory_filling",
+                    key,
+                    size,
+                    filled,
+                    records,
+                    "{key} = {size} is larger than the dataset's {records} live records: \
+                     until it fills ({filled} of {size} now), only its filled entries are used"
+                );
+            }
             Event::Training { step } => {
                 tracing::info!(event = "training", step, "training from step {step}");
                 self.notifier.ready(&format!("training from step {step}"));

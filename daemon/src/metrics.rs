@@ -205,7 +205,7 @@ impl Metrics {
                 self.train_step.set(*step as i64);
                 self.training_paused.set(0);
             }
-            Event::RolledBack { .. } | Event::Heartbeat => {}
+            Event::RolledBack { .. } | Event::MemoryFilling { .. } | Event::Heartbeat => {}
         }
     }
 

@@ -30,6 +30,7 @@ pub fn run(args: PreviewArgs) -> anyhow::Result<ExitCode> {
         cfg = AugmentConfig::from_preset(match p {
             PresetArg::Byol => Preset::Byol,
             PresetArg::Small => Preset::Small,
+            PresetArg::Msf => Preset::Msf,
         });
         cfg.size = size;
     }

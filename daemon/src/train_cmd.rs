@@ -61,6 +61,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let dataset = Dataset::open(&args.data)
         .with_context(|| format!("cannot open dataset {}", args.data.display()))?;
     let view_size = aug.size();
+    // A memory bank or queue must fit the dataset (before the run folder is touched).
+    let memory_warning = trainer_cfg
+        .check_memory_fits(dataset.live_records().count())
+        .with_context(|| format!("dataset {}", args.data.display()))?;
     // Side inputs are checked before anything is trained.
     let monitor = match &cfg.monitor {
         Some(m) => Some(Monitor::open(m, view_size)?),
@@ -112,6 +116,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let warnings = [
         schedule_warning(&cfg.train, &cfg.optim, target).filter(|_| args.minutes.is_none()),
         size_warning(&args.data, short_side, view_size),
+        memory_warning,
     ];
     for warning in warnings.into_iter().flatten() {
         eprintln!("warning: {warning}");

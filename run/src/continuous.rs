@@ -208,6 +208,18 @@ pub enum Event<'a> {
         /// Records needed.
         needed: usize,
     },
+    /// The objective's memory (MSF's bank, MoCo's queue) is larger than the dataset:
+    /// until it has filled, only its filled entries are used.
+    MemoryFilling {
+        /// Its config key (`msf.bank_size`, `mocov2.queue_size`).
+        key: &'static str,
+        /// Its size.
+        size: usize,
+        /// Entries filled now.
+        filled: usize,
+        /// Live records of the dataset now.
+        records: usize,
+    },
     /// Training (again).
     Training {
         /// Steps done.
@@ -340,6 +352,17 @@ pub fn train_continuously(
         on_event(Event::Heartbeat);
         controls.wait(tick);
     };
+    let records = dataset.live_records().count();
+    if let (Some(m), Some(memory)) = (trainer.config().memory(), trainer.objective().memory()) {
+        if m.size > records {
+            on_event(Event::MemoryFilling {
+                key: m.key,
+                size: m.size,
+                filled: memory.filled(),
+                records,
+            });
+        }
+    }
     let settings = controls.settings();
     let view_size = augmenter.size();
     let loader = Loader::new(dataset, augmenter, loader_cfg, state)?;

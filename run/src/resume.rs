@@ -147,12 +147,14 @@ pub fn schedule_change(meta: &CheckpointMeta, trainer: &Trainer) -> Option<Sched
     }
     let (step, batch) = (meta.step, trainer.batch_size());
     let lr = |total| schedule::learning_rate(&cfg.optim, batch, total, step);
-    let tau = |base, total| schedule::tau(&cfg.optim, base, total, step);
     Some(ScheduleChange {
         step,
         old_total_steps: old,
         new_total_steps: new,
         lr: (lr(old), lr(new)),
-        tau: cfg.tau_base().map(|base| (tau(base, old), tau(base, new))),
+        tau: cfg
+            .tau_at(old, step)
+            .zip(cfg.tau_at(new, step))
+            .filter(|(a, b)| a != b),
     })
 }

@@ -42,7 +42,10 @@ fn config(width: usize, kernels: Kernels) -> TrainerConfig {
 
 /// Seconds of each phase of one step, measured with the step's own calls.
 fn profile(trainer: &Trainer, v1: &Tensor, v2: &Tensor) -> [f64; 4] {
-    let (network, Objective::Byol(byol)) = (trainer.network(), trainer.objective());
+    let network = trainer.network();
+    let Objective::Byol(byol) = trainer.objective() else {
+        unreachable!("the bench profiles BYOL")
+    };
     let t = Instant::now();
     let p1 = byol
         .predictor()

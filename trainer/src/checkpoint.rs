@@ -5,7 +5,9 @@
 //! - **2** (written now): `online.safetensors` (the shared network `encoder.*`,
 //!   `projector.*` and the objective's trained heads, e.g. BYOL's `predictor.*`, with
 //!   BatchNorm's running statistics including `num_batches_tracked`),
-//!   `objective.safetensors` (the method's state: BYOL's target as `target.*`),
+//!   `objective.safetensors` (the method's state: BYOL's target as `target.*`, MSF's
+//!   also its bank as `bank.*`, MoCo v2's key encoder `key.*` and queue `queue.*`; empty
+//!   for SimSiam, SimCLR and Barlow Twins),
 //!   `optimizer.safetensors`, and `meta.json` naming the `method`.
 //! - **1**: BYOL only: `online.safetensors` without `num_batches_tracked` (taken as 2 per
 //!   step, the training-mode forwards a step made), `target.safetensors` (the target
@@ -118,10 +120,18 @@ pub enum CheckpointProblem {
         /// The model's.
         expected: Vec<usize>,
     },
+    /// A tensor's value is out of its range (e.g. a memory's pointer).
+    #[error("{name}: {reason}")]
+    Value {
+        /// The tensor.
+        name: String,
+        /// Why.
+        reason: String,
+    },
     /// Made with another method, model, optimizer or batch size than this run.
     #[error("was made with {what} {theirs}, this run has {ours}")]
     Mismatch {
-        /// `method`, `model`, `optimizer` or `batch size`.
+        /// `method`, `model`, `optimizer`, `batch size`, or a memory's size key.
         what: &'static str,
         /// The checkpoint's value.
         theirs: String,
@@ -249,7 +259,7 @@ fn write_files(
         ),
         (
             OBJECTIVE,
-            safetensors_bytes(&trainer.objective().state(), &tmp.join(OBJECTIVE))?,
+            safetensors_bytes(&trainer.objective().state()?, &tmp.join(OBJECTIVE))?,
         ),
         (
             OPTIMIZER,

@@ -175,13 +175,41 @@ pub enum Method {
     /// BYOL (Grill et al. 2020): predictor, EMA target, `[byol]`.
     #[default]
     Byol,
+    /// Mean shift (MSF, Koohpayegani et al. 2021): BYOL's heads and a memory bank of
+    /// target embeddings, regressing to the mean of the k nearest, `[msf]`.
+    Msf,
+    /// SimSiam (Chen & He 2021): a bottleneck predictor and stop-gradient, no target,
+    /// `[simsiam]`.
+    Simsiam,
+    /// SimCLR (Chen et al. 2020): NT-Xent over the batch's 2N − 2 negatives, `[simclr]`.
+    Simclr,
+    /// Barlow Twins (Zbontar et al. 2021): the cross-correlation matrix towards the
+    /// identity, `[barlow_twins]`.
+    BarlowTwins,
+    /// MoCo v2 (Chen et al. 2020): a momentum key encoder and a queue of keys, `[mocov2]`.
+    Mocov2,
 }
 
 impl Method {
+    /// Every method, in the order of the docs.
+    pub const ALL: [Method; 6] = [
+        Method::Byol,
+        Method::Msf,
+        Method::Simsiam,
+        Method::Simclr,
+        Method::BarlowTwins,
+        Method::Mocov2,
+    ];
+
     /// The config value, e.g. `byol`.
     pub fn as_str(self) -> &'static str {
         match self {
             Method::Byol => "byol",
+            Method::Msf => "msf",
+            Method::Simsiam => "simsiam",
+            Method::Simclr => "simclr",
+            Method::BarlowTwins => "barlow_twins",
+            Method::Mocov2 => "mocov2",
         }
     }
 }
@@ -195,10 +223,13 @@ impl std::fmt::Display for Method {
 impl std::str::FromStr for Method {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "byol" => Ok(Method::Byol),
-            other => Err(format!("unknown method {other:?} (known: byol)")),
-        }
+        Method::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Method::ALL.iter().map(|m| m.as_str()).collect();
+                format!("unknown method {s:?} (known: {})", known.join(", "))
+            })
     }
 }
 
@@ -222,11 +253,109 @@ impl Default for ByolConfig {
     }
 }
 
+/// MSF's settings (`[msf]`; Koohpayegani et al. 2021, their ImageNet defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MsfConfig {
+    /// Neighbours k whose mean the online prediction regresses to (k = 1 is BYOL's
+    /// one-direction loss).
+    pub k: usize,
+    /// Memory bank size: target embeddings kept, oldest evicted first.
+    pub bank_size: usize,
+    /// EMA coefficient of the target (the paper's momentum 0.99).
+    pub tau: f64,
+    /// τ follows the learning rate's cosine to 1 as BYOL's does (the paper keeps it
+    /// constant).
+    pub tau_cosine: bool,
+}
+
+impl Default for MsfConfig {
+    fn default() -> Self {
+        MsfConfig {
+            k: 5,
+            bank_size: 1_024_000,
+            tau: 0.99,
+            tau_cosine: false,
+        }
+    }
+}
+
+/// SimSiam's settings (`[simsiam]`; Chen & He 2021).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimSiamConfig {
+    /// The predictor's bottleneck: its hidden size is `projection_dim / bottleneck`
+    /// (the paper's 2048 → 512 → 2048 is 4).
+    pub bottleneck: usize,
+    /// The projections end in a BatchNorm without affine parameters (the paper's
+    /// projector ends in BN).
+    pub output_bn: bool,
+}
+
+impl Default for SimSiamConfig {
+    fn default() -> Self {
+        SimSiamConfig {
+            bottleneck: 4,
+            output_bn: true,
+        }
+    }
+}
+
+/// SimCLR's settings (`[simclr]`; Chen et al. 2020).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimClrConfig {
+    /// NT-Xent temperature (the paper's ImageNet value 0.1; 0.5 for CIFAR-10).
+    pub temperature: f64,
+}
+
+impl Default for SimClrConfig {
+    fn default() -> Self {
+        SimClrConfig { temperature: 0.1 }
+    }
+}
+
+/// Barlow Twins' settings (`[barlow_twins]`; Zbontar et al. 2021).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BarlowTwinsConfig {
+    /// λ: weight of the off-diagonal (redundancy-reduction) term (the paper's 5e-3).
+    pub lambda: f64,
+}
+
+impl Default for BarlowTwinsConfig {
+    fn default() -> Self {
+        BarlowTwinsConfig { lambda: 5e-3 }
+    }
+}
+
+/// MoCo v2's settings (`[mocov2]`; Chen, Fan, Girshick & He 2020).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MocoV2Config {
+    /// Queue size K: keys kept as negatives, oldest evicted first.
+    pub queue_size: usize,
+    /// InfoNCE temperature.
+    pub temperature: f64,
+    /// EMA coefficient m of the key encoder (constant).
+    pub tau: f64,
+}
+
+impl Default for MocoV2Config {
+    fn default() -> Self {
+        MocoV2Config {
+            queue_size: 65_536,
+            temperature: 0.2,
+            tau: 0.999,
+        }
+    }
+}
+
 /// Run settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
-    /// The objective: `byol` (the only one for now).
+    /// The objective: `byol`, `msf`, `simsiam`, `simclr`, `barlow_twins` or `mocov2`.
     pub method: Method,
     /// `auto` (CUDA if built in and present, else CPU), `cpu`, or `cuda:N`.
     pub device: String,
@@ -307,6 +436,26 @@ pub struct TrainerConfig {
     pub train: TrainConfig,
     /// BYOL's settings.
     pub byol: ByolConfig,
+    /// MSF's settings.
+    pub msf: MsfConfig,
+    /// SimSiam's settings.
+    pub simsiam: SimSiamConfig,
+    /// SimCLR's settings.
+    pub simclr: SimClrConfig,
+    /// Barlow Twins' settings.
+    pub barlow_twins: BarlowTwinsConfig,
+    /// MoCo v2's settings.
+    pub mocov2: MocoV2Config,
+}
+
+/// An objective's memory of past embeddings (MSF's bank, MoCo's queue): its config key
+/// and size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemorySize {
+    /// The key, e.g. `msf.bank_size`.
+    pub key: &'static str,
+    /// Entries.
+    pub size: usize,
 }
 
 impl TrainerConfig {
@@ -332,12 +481,62 @@ impl TrainerConfig {
         ))
     }
 
-    /// τ_base of the objective's EMA target (`[byol] tau_base`); `None` for an objective
-    /// without one.
-    pub fn tau_base(&self) -> Option<f64> {
+    /// τ of the objective's EMA target after step `step` (0-based) of a run of
+    /// `total_steps`: BYOL's `tau_base` on the learning rate's schedule
+    /// ([`crate::schedule::tau`]), MSF's `tau` (constant unless `tau_cosine`), MoCo v2's
+    /// constant `tau`; `None` for an objective without a target.
+    pub fn tau_at(&self, total_steps: u64, step: u64) -> Option<f64> {
+        let cosine = |base| crate::schedule::tau(&self.optim, base, total_steps, step);
         match self.train.method {
-            Method::Byol => Some(self.byol.tau_base),
+            Method::Byol => Some(cosine(self.byol.tau_base)),
+            Method::Msf if self.msf.tau_cosine => Some(cosine(self.msf.tau)),
+            Method::Msf => Some(self.msf.tau),
+            Method::Mocov2 => Some(self.mocov2.tau),
+            Method::Simsiam | Method::Simclr | Method::BarlowTwins => None,
         }
+    }
+
+    /// The objective's memory of past embeddings, if it has one.
+    pub fn memory(&self) -> Option<MemorySize> {
+        match self.train.method {
+            Method::Msf => Some(MemorySize {
+                key: "msf.bank_size",
+                size: self.msf.bank_size,
+            }),
+            Method::Mocov2 => Some(MemorySize {
+                key: "mocov2.queue_size",
+                size: self.mocov2.queue_size,
+            }),
+            _ => None,
+        }
+    }
+
+    /// How the objective's memory fits `records` live records: `Ok(None)` when it fits
+    /// (or there is none), `Ok(Some(warning))` when it holds 90% of them or more (its
+    /// entries then repeat the same images within a few epochs), an error naming the key
+    /// when it is larger (a run over a fixed dataset; the daemon, whose dataset grows,
+    /// uses only the filled entries until it fills).
+    pub fn check_memory_fits(&self, records: usize) -> Result<Option<String>, TrainError> {
+        let Some(m) = self.memory() else {
+            return Ok(None);
+        };
+        if m.size > records {
+            return Err(TrainError::Config {
+                key: m.key,
+                reason: format!(
+                    "{} entries is more than the dataset's {records} live records (each \
+                     image would be in it more than once): make it smaller",
+                    m.size
+                ),
+            });
+        }
+        Ok((m.size * 10 >= records * 9).then(|| {
+            format!(
+                "{} = {} is within 10% of the dataset's {records} live records: its entries \
+                 are mostly the same images' older embeddings",
+                m.key, m.size
+            )
+        }))
     }
 
     /// Checks every value; the error names the key.
@@ -379,12 +578,7 @@ impl TrainerConfig {
         if let Some(tau) = o.tau_base.filter(|t| !(0.0..=1.0).contains(t)) {
             return bad("optim.tau_base", format!("{tau} is outside [0, 1]"));
         }
-        if !(0.0..=1.0).contains(&self.byol.tau_base) {
-            return bad(
-                "byol.tau_base",
-                format!("{} is outside [0, 1]", self.byol.tau_base),
-            );
-        }
+        self.validate_objectives()?;
         if m.head_norm == HeadNorm::GroupWs
             && (!m.projector_hidden.is_multiple_of(HEAD_GROUPS)
                 || !m.predictor_hidden.is_multiple_of(HEAD_GROUPS))
@@ -430,6 +624,63 @@ impl TrainerConfig {
             return bad("train.keep_last", "must be at least 1".into());
         }
         crate::device::parse_device(&t.device)?;
+        Ok(())
+    }
+
+    /// Checks every objective's table (all of them, so a bad value is found before a
+    /// run switches to its method).
+    fn validate_objectives(&self) -> Result<(), TrainError> {
+        let bad = |key: &'static str, reason: String| Err(TrainError::Config { key, reason });
+        let unit = |key: &'static str, v: f64| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(())
+            } else {
+                bad(key, format!("{v} is outside [0, 1]"))
+            }
+        };
+        let positive = |key: &'static str, v: f64| {
+            if v > 0.0 && v.is_finite() {
+                Ok(())
+            } else {
+                bad(key, format!("{v} must be positive"))
+            }
+        };
+        unit("byol.tau_base", self.byol.tau_base)?;
+        let msf = &self.msf;
+        unit("msf.tau", msf.tau)?;
+        if msf.bank_size == 0 {
+            return bad("msf.bank_size", "must be at least 1".into());
+        }
+        if msf.k == 0 || msf.k > msf.bank_size {
+            return bad(
+                "msf.k",
+                format!(
+                    "{} must be between 1 and msf.bank_size ({})",
+                    msf.k, msf.bank_size
+                ),
+            );
+        }
+        let s = &self.simsiam;
+        if s.bottleneck == 0 || s.bottleneck > self.model.projection_dim {
+            return bad(
+                "simsiam.bottleneck",
+                format!(
+                    "{} must be between 1 and model.projection_dim ({})",
+                    s.bottleneck, self.model.projection_dim
+                ),
+            );
+        }
+        positive("simclr.temperature", self.simclr.temperature)?;
+        let l = self.barlow_twins.lambda;
+        if !(l >= 0.0 && l.is_finite()) {
+            return bad("barlow_twins.lambda", format!("{l} must be at least 0"));
+        }
+        let moco = &self.mocov2;
+        positive("mocov2.temperature", moco.temperature)?;
+        unit("mocov2.tau", moco.tau)?;
+        if moco.queue_size == 0 {
+            return bad("mocov2.queue_size", "must be at least 1".into());
+        }
         Ok(())
     }
 }

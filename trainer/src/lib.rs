@@ -1,6 +1,6 @@
 //! Self-supervised training in candle: ResNet encoders in torchvision's layout with a
-//! projector MLP, objectives (BYOL with its predictor and EMA target, one file per
-//! method under [`objective`]), LARS, AdamW and SGD, schedules, and checkpoints.
+//! projector MLP, objectives (BYOL, MSF, SimSiam, SimCLR, Barlow Twins, MoCo v2: one file
+//! per method under [`objective`]), LARS, AdamW and SGD, schedules, and checkpoints.
 //! The only crate that uses candle. CPU by default; CUDA with `--features cuda`.
 
 pub mod bench;
@@ -22,8 +22,9 @@ pub use checkpoint::{
     CheckpointMeta, CheckpointProblem, latest as latest_checkpoint, save as save_checkpoint,
 };
 pub use config::{
-    Arch, ByolConfig, HeadNorm, Kernels, Method, ModelConfig, OptimConfig, OptimizerKind,
-    Precision, Schedule, TrainConfig, TrainerConfig,
+    Arch, BarlowTwinsConfig, ByolConfig, HeadNorm, Kernels, MemorySize, Method, MocoV2Config,
+    ModelConfig, MsfConfig, OptimConfig, OptimizerKind, Precision, Schedule, SimClrConfig,
+    SimSiamConfig, TrainConfig, TrainerConfig,
 };
 pub use embedding::EmbeddingStats;
 pub use objective::{Objective, ObjectiveStats};

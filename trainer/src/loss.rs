@@ -1,4 +1,5 @@
-//! BYOL's loss and the collapse indicator.
+//! Losses shared by objectives (l2 normalisation, BYOL's regression loss, batch
+//! standardisation) and the collapse indicator.
 
 use candle_core::{D, Result, Tensor};
 
@@ -10,6 +11,15 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
         .sqrt()?
         .clamp(1e-12, f32::MAX)?;
     x.broadcast_div(&norm)
+}
+
+/// Each column of `(n, d)` standardised over the batch: `(x − mean) / sqrt(var + eps)`
+/// with the biased variance (BatchNorm in training mode without affine parameters, as
+/// SimSiam's output BN and Barlow Twins' normalisation).
+pub fn batch_standardize(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let centred = x.broadcast_sub(&x.mean_keepdim(0)?)?;
+    let var = centred.sqr()?.mean_keepdim(0)?;
+    centred.broadcast_div(&(var + eps)?.sqrt()?)
 }
 
 /// `2 − 2·cos(p, z)` per row, averaged over the batch.

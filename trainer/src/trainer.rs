@@ -18,11 +18,11 @@ use crate::schedule;
 pub struct StepStats {
     /// Steps done after this one.
     pub step: u64,
-    /// The objective's loss (BYOL: the symmetric loss, in [0, 8]).
+    /// The objective's loss (its scale per method: see [`crate::objective`]).
     pub loss: f32,
     /// Learning rate used.
     pub lr: f64,
-    /// The objective's own figures (BYOL: τ).
+    /// The objective's own figures (τ of an EMA target or key encoder).
     #[serde(flatten)]
     pub objective: ObjectiveStats,
 }
@@ -60,6 +60,15 @@ impl Trainer {
             return Err(TrainError::Config {
                 key: "loader.batch_size",
                 reason: "BatchNorm needs at least 2 images per batch".into(),
+            });
+        }
+        if let Some(m) = cfg.memory().filter(|m| m.size < batch_size) {
+            return Err(TrainError::Config {
+                key: m.key,
+                reason: format!(
+                    "{} entries cannot hold one batch of {batch_size} (loader.batch_size)",
+                    m.size
+                ),
             });
         }
         let device = open_device(parse_device(&cfg.train.device)?)?;
@@ -194,9 +203,9 @@ impl Trainer {
         let grads = outcome.loss.backward()?;
         // Data-parallel training all-reduces `grads` (and syncs BatchNorm statistics) here.
         self.optimizer.step(&grads, lr)?;
-        let objective = self
-            .objective
-            .after_step(&self.online, &self.cfg, self.step)?;
+        let objective =
+            self.objective
+                .after_step(&self.online, &self.cfg, self.step, outcome.keys.as_ref())?;
         self.step += 1;
         self.embeddings = Some(outcome.embeddings);
         Ok(StepStats {

@@ -239,7 +239,9 @@ fn the_encoder_of_a_checkpoint_is_the_trained_online_encoder() {
     let diff = (got - expected).unwrap().abs().unwrap().max_all().unwrap();
     assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
     // Never the target: after a step with τ < 1 the target differs.
-    let Objective::Byol(byol) = t.objective();
+    let Objective::Byol(byol) = t.objective() else {
+        unreachable!("a BYOL trainer")
+    };
     let target = byol.target().encoder.forward_t(&x, false).unwrap();
     let far = (enc.forward(&x).unwrap() - target).unwrap().abs().unwrap();
     assert!(far.max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);

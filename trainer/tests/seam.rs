@@ -66,7 +66,9 @@ fn name(kind: OptimizerKind) -> &'static str {
 
 /// Every online and target tensor as `online.*` / `target.*`, with the counters.
 fn state(t: &Trainer) -> HashMap<String, Tensor> {
-    let Objective::Byol(byol) = t.objective();
+    let Objective::Byol(byol) = t.objective() else {
+        unreachable!("a BYOL trainer")
+    };
     let online = t
         .online_named()
         .into_iter()

@@ -40,12 +40,15 @@ fn tiny() -> TrainerConfig {
             ..TrainConfig::default()
         },
         byol: byol_trainer::ByolConfig { tau_base: 0.9 },
+        ..TrainerConfig::default()
     }
 }
 
 /// BYOL's heads of a trainer.
 fn byol(t: &Trainer) -> &Byol {
-    let Objective::Byol(b) = t.objective();
+    let Objective::Byol(b) = t.objective() else {
+        unreachable!("a BYOL trainer")
+    };
     b
 }
 

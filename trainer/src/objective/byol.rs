@@ -5,15 +5,15 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::TrainError;
 use crate::config::TrainerConfig;
 use crate::loss::byol_loss;
-use crate::model::{Compute, Mlp, Network, is_running_stat, sorted};
-use crate::objective::{ObjectiveStats, Outcome};
-use crate::schedule;
+use crate::model::{Compute, Mlp, Network};
+use crate::objective::ema::EmaNetwork;
+use crate::objective::{ObjectiveStats, Outcome, predictor};
 
 /// Prefix of the target's tensors in the checkpoint's objective state.
 pub const TARGET_PREFIX: &str = "target.";
@@ -22,46 +22,22 @@ pub const TARGET_PREFIX: &str = "target.";
 /// the EMA target (its own variables, `encoder.*` and `projector.*`).
 pub struct Byol {
     predictor: Mlp,
-    target_vars: VarMap,
-    target: Network,
+    target: EmaNetwork,
 }
 
 impl Byol {
     /// Builds the predictor under `online.pp("predictor")` and a target network on the
     /// same device (its weights set by [`Byol::start`]).
     pub fn new(cfg: &TrainerConfig, compute: Compute, online: VarBuilder) -> Result<Self> {
-        let m = &cfg.model;
-        let predictor = Mlp::new(
-            m.projection_dim,
-            m.predictor_hidden,
-            m.projection_dim,
-            m,
-            compute,
-            online.pp("predictor"),
-        )?;
-        let target_vars = VarMap::new();
-        let target = Network::new(
-            m,
-            compute,
-            VarBuilder::from_varmap(&target_vars, DType::F32, online.device()),
-        )?;
         Ok(Byol {
-            predictor,
-            target_vars,
-            target,
+            predictor: predictor(cfg, cfg.model.predictor_hidden, compute, &online)?,
+            target: EmaNetwork::new(&cfg.model, compute, online.device())?,
         })
     }
 
     /// The target starts as a copy of the online network.
     pub fn start(&mut self, online: &VarMap) -> Result<()> {
-        let online = online.data().lock().unwrap();
-        for (name, t) in self.target_named() {
-            let o = online
-                .get(&name)
-                .expect("the target's names are a subset of the online network's");
-            t.set(o.as_tensor())?;
-        }
-        Ok(())
+        self.target.start(online)
     }
 
     /// The predictor.
@@ -71,12 +47,12 @@ impl Byol {
 
     /// The target network.
     pub fn target(&self) -> &Network {
-        &self.target
+        self.target.network()
     }
 
     /// The target's variables sorted by name (`encoder.*`, `projector.*`).
     pub fn target_named(&self) -> Vec<(String, Var)> {
-        sorted(&self.target_vars)
+        self.target.named()
     }
 
     /// Each view through the online network and predictor, then through the target (each
@@ -88,48 +64,39 @@ impl Byol {
         let p2 = self.predictor.forward_t(&z2, true)?;
         // Detached at once, so the target's activations are freed layer by layer
         // instead of living (as part of its graph) until the end of the step.
-        let t1 = self.target.forward_t(v1, true)?.detach();
-        let t2 = self.target.forward_t(v2, true)?.detach();
+        let t1 = self.target().forward_t(v1, true)?.detach();
+        let t2 = self.target().forward_t(v2, true)?.detach();
         Ok(Outcome {
             loss: byol_loss(&p1, &p2, &t1, &t2)?,
             embeddings: z1.detach(),
+            keys: None,
         })
     }
 
     /// The EMA update after optimizer step `step`: `ξ ← τ·ξ + (1 − τ)·θ` for every
     /// trainable target variable (running statistics excluded), τ from `[byol] tau_base`
-    /// on the learning rate's schedule ([`schedule::tau`]).
+    /// on the learning rate's schedule ([`TrainerConfig::tau_at`]).
     pub fn after_step(
         &mut self,
         online: &VarMap,
         cfg: &TrainerConfig,
         step: u64,
     ) -> Result<ObjectiveStats> {
-        let tau = schedule::tau(&cfg.optim, cfg.byol.tau_base, cfg.train.total_steps, step);
+        let tau = cfg
+            .tau_at(cfg.train.total_steps, step)
+            .expect("BYOL has a target");
         self.update_target(online, tau)?;
         Ok(ObjectiveStats { tau: Some(tau) })
     }
 
     /// `ξ ← τ·ξ + (1 − τ)·θ` for every trainable target variable.
     pub fn update_target(&self, online: &VarMap, tau: f64) -> Result<()> {
-        let online = online.data().lock().unwrap();
-        for (name, t) in self.target_named() {
-            if is_running_stat(&name) {
-                continue;
-            }
-            let o = online.get(&name).expect("same names");
-            let next = ((t.as_tensor() * tau)? + (o.as_tensor().detach() * (1.0 - tau))?)?;
-            t.set(&next)?;
-        }
-        Ok(())
+        self.target.update(online, tau)
     }
 
     /// The target's tensors as `target.<name>`.
     pub fn state(&self) -> Vec<(String, Tensor)> {
-        self.target_named()
-            .into_iter()
-            .map(|(n, v)| (format!("{TARGET_PREFIX}{n}"), v.as_tensor().clone()))
-            .collect()
+        self.target.state(TARGET_PREFIX)
     }
 
     /// Restores the target from `target.<name>` tensors.
@@ -138,11 +105,6 @@ impl Byol {
         tensors: &HashMap<String, Tensor>,
         file: &Path,
     ) -> std::result::Result<(), TrainError> {
-        let vars = self
-            .target_named()
-            .into_iter()
-            .map(|(n, v)| (format!("{TARGET_PREFIX}{n}"), v))
-            .collect();
-        crate::checkpoint::restore_vars(vars, tensors, file)
+        self.target.load_state(TARGET_PREFIX, tensors, file)
     }
 }

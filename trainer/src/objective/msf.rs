@@ -1,0 +1,229 @@
+//! Mean shift (MSF; Koohpayegani, Tejankar & Pirsiavash 2021): BYOL's predictor and EMA
+//! target, and a memory bank of l2-normalised target embeddings. The online prediction
+//! `q` of the strong view (view 1) regresses to the mean of the k bank entries nearest
+//! to the target embedding `t` of the weak view (view 2), `t` itself inserted into the
+//! bank before the search, so its nearest neighbour is itself and k = 1 is BYOL's
+//! one-direction loss:
+//!
+//! `L = mean over the batch of 2 − 2·q̂·m̄`, `m̄ = (1/k)·Σ_{j ∈ kNN(t̂)} b_j`
+//!
+//! (the paper's loss, the mean over the k neighbours of `‖q̂ − b_j‖²`; one direction, so
+//! in [0, 4], half the scale of BYOL's symmetric loss). The views are asymmetric: the
+//! `msf` augment preset makes view 1 strong and view 2 weak.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{D, DType, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::TrainError;
+use crate::config::TrainerConfig;
+use crate::loss::l2_normalize;
+use crate::model::{Compute, Mlp, Network};
+use crate::objective::ema::EmaNetwork;
+use crate::objective::memory::Memory;
+use crate::objective::{ObjectiveStats, Outcome, predictor, split_state};
+
+/// Prefix of the target's tensors in the checkpoint's objective state.
+pub const TARGET_PREFIX: &str = "target.";
+/// Prefix of the memory bank's tensors in the checkpoint's objective state.
+pub const BANK_PREFIX: &str = "bank.";
+
+/// MSF's heads: the predictor (`predictor.*`), the EMA target and the memory bank.
+pub struct Msf {
+    k: usize,
+    predictor: Mlp,
+    target: EmaNetwork,
+    bank: Memory,
+}
+
+impl Msf {
+    /// Builds the predictor under `online.pp("predictor")`, the target and an empty bank
+    /// of `[msf] bank_size` entries on the same device.
+    pub fn new(cfg: &TrainerConfig, compute: Compute, online: VarBuilder) -> Result<Self> {
+        let d = cfg.model.projection_dim;
+        Ok(Msf {
+            k: cfg.msf.k,
+            predictor: predictor(cfg, cfg.model.predictor_hidden, compute, &online)?,
+            target: EmaNetwork::new(&cfg.model, compute, online.device())?,
+            bank: Memory::new("msf.bank_size", cfg.msf.bank_size, d, online.device())?,
+        })
+    }
+
+    /// The target starts as a copy of the online network.
+    pub fn start(&mut self, online: &VarMap) -> Result<()> {
+        self.target.start(online)
+    }
+
+    /// The predictor.
+    pub fn predictor(&self) -> &Mlp {
+        &self.predictor
+    }
+
+    /// The target network.
+    pub fn target(&self) -> &Network {
+        self.target.network()
+    }
+
+    /// The memory bank.
+    pub fn bank(&self) -> &Memory {
+        &self.bank
+    }
+
+    /// View 1 through the online network and predictor, view 2 through the target; the
+    /// mean-shift loss against the bank as it will be once this batch's targets are in.
+    pub fn loss(&self, network: &Network, v1: &Tensor, v2: &Tensor) -> Result<Outcome> {
+        let z1 = network.forward_t(v1, true)?;
+        let q = self.predictor.forward_t(&z1, true)?;
+        let t = self.target().forward_t(v2, true)?.detach();
+        let t = l2_normalize(&t.to_dtype(DType::F32)?)?;
+        let bank = self.bank.after_push(&t)?;
+        Ok(Outcome {
+            loss: mean_shift_loss(&q, &t, &bank, self.k)?,
+            embeddings: z1.detach(),
+            keys: Some(t),
+        })
+    }
+
+    /// The EMA update of the target (τ from `[msf]`), then the batch's target embeddings
+    /// `keys` into the bank.
+    pub fn after_step(
+        &mut self,
+        online: &VarMap,
+        cfg: &TrainerConfig,
+        step: u64,
+        keys: Option<&Tensor>,
+    ) -> Result<ObjectiveStats> {
+        let tau = cfg
+            .tau_at(cfg.train.total_steps, step)
+            .expect("MSF has a target");
+        self.target.update(online, tau)?;
+        if let Some(keys) = keys {
+            self.bank.push(keys)?;
+        }
+        Ok(ObjectiveStats { tau: Some(tau) })
+    }
+
+    /// The target as `target.<name>` and the bank as `bank.{entries,pointer,filled}`.
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut s = self.target.state(TARGET_PREFIX);
+        s.extend(self.bank.state(BANK_PREFIX)?);
+        Ok(s)
+    }
+
+    /// Restores [`Msf::state`].
+    pub fn load_state(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        file: &Path,
+    ) -> std::result::Result<(), TrainError> {
+        let (bank, target) = split_state(tensors, BANK_PREFIX);
+        self.bank.load_state(BANK_PREFIX, &bank, file)?;
+        self.target.load_state(TARGET_PREFIX, &target, file)
+    }
+}
+
+/// The mean-shift loss: `mean_i (2 − 2·q̂_i·m̄_i)`, `m̄_i` the mean of the `k` rows of
+/// `bank` `(m, d)` (unit rows) with the largest dot product with the unit target `t_i`;
+/// `q` `(n, d)` (any norm), `t` `(n, d)` unit. Gradients flow to `q` only.
+///
+/// The k nearest are found by k rounds of arg-max (device-agnostic; k is small).
+pub fn mean_shift_loss(q: &Tensor, t: &Tensor, bank: &Tensor, k: usize) -> Result<Tensor> {
+    let (n, d) = q.dims2()?;
+    let m = bank.dim(0)?;
+    let k = k.min(m);
+    let bank = bank.detach();
+    let mut sim = t.detach().matmul(&bank.t()?)?;
+    let columns = Tensor::arange(0u32, m as u32, sim.device())?.unsqueeze(0)?;
+    let floor = Tensor::full(f32::NEG_INFINITY, (n, m), sim.device())?.to_dtype(sim.dtype())?;
+    let mut picked = Vec::with_capacity(k);
+    for round in 0..k {
+        let best = sim.argmax_keepdim(D::Minus1)?;
+        picked.push(best.clone());
+        if round + 1 < k {
+            let hit = columns.broadcast_eq(&best)?;
+            sim = hit.where_cond(&floor, &sim)?;
+        }
+    }
+    let index = Tensor::cat(&picked, 1)?.flatten_all()?;
+    let neighbours = bank.index_select(&index, 0)?.reshape((n, k, d))?;
+    let mean = neighbours.mean(1)?.to_dtype(q.dtype())?;
+    let cos = (l2_normalize(q)? * mean)?.sum(D::Minus1)?;
+    cos.affine(-2.0, 2.0)?.mean_all()?.to_dtype(DType::F32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loss::regression_loss;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn k_one_is_byols_one_direction_loss_and_gradient() {
+        let dev = Device::Cpu;
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 8), &dev).unwrap()).unwrap();
+        let t = l2_normalize(&Tensor::randn(0f32, 1.0, (6, 8), &dev).unwrap()).unwrap();
+        let older = l2_normalize(&Tensor::randn(0f32, 1.0, (10, 8), &dev).unwrap()).unwrap();
+        let bank = Tensor::cat(&[&t, &older], 0).unwrap();
+        let msf = mean_shift_loss(q.as_tensor(), &t, &bank, 1).unwrap();
+        let byol = regression_loss(q.as_tensor(), &t).unwrap();
+        let (a, b) = (
+            msf.to_scalar::<f32>().unwrap(),
+            byol.to_scalar::<f32>().unwrap(),
+        );
+        assert!((a - b).abs() <= 1e-6 * b.abs(), "{a} vs {b}");
+        let ga = msf
+            .backward()
+            .unwrap()
+            .get(&q)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let gb = byol
+            .backward()
+            .unwrap()
+            .get(&q)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (x, y) in ga.iter().zip(&gb) {
+            assert!((x - y).abs() <= 1e-6 * y.abs().max(1e-3), "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn the_target_regresses_to_the_mean_of_its_k_nearest() {
+        let dev = Device::Cpu;
+        // Target e0; bank: e0 (itself), then e1 nearer than e2, and -e0 (farthest).
+        let s = std::f32::consts::FRAC_1_SQRT_2;
+        let t = Tensor::new(&[[1f32, 0.0, 0.0]], &dev).unwrap();
+        let bank = Tensor::new(
+            &[
+                [1f32, 0.0, 0.0],
+                [-1.0, 0.0, 0.0],
+                [0.0, 0.0, 1.0],
+                [s, s, 0.0],
+            ],
+            &dev,
+        )
+        .unwrap();
+        let q = Tensor::new(&[[0f32, 2.0, 0.0]], &dev).unwrap();
+        // k = 2: e0 and (s, s, 0); mean (0.5 + s/2, s/2, 0); q̂ = e1: 2 − 2·s/2.
+        let l = mean_shift_loss(&q, &t, &bank, 2)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((l - (2.0 - s)).abs() < 1e-6, "{l}");
+        // k = 3 adds e2 (cos 0 beats -e0's -1): mean's y is s/3.
+        let l = mean_shift_loss(&q, &t, &bank, 3)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((l - (2.0 - 2.0 * s / 3.0)).abs() < 1e-6, "{l}");
+    }
+}
