@@ -1,5 +1,6 @@
 //! `byol bench step`, `byol bench check` and `byol bench ops`: the step on synthetic
-//! input, measured or checked, and each op checked (logic in `byol_trainer::bench`).
+//! input, measured or checked, and each op checked (logic in `byol_trainer::bench`);
+//! `byol bench textures` writes the demo's labelled set.
 
 use std::process::ExitCode;
 
@@ -8,6 +9,8 @@ use byol_trainer::{
     Arch, Kernels, ModelConfig, OptimConfig, OptimizerKind, Precision, Schedule, TrainConfig,
     TrainerConfig,
 };
+
+use anyhow::Context;
 
 use crate::cli::{
     ArchArg, BenchCheckArgs, BenchCommand, BenchNet, BenchOpsArgs, BenchStepArgs, KernelsArg,
@@ -20,6 +23,11 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Step(args) => step(args),
         BenchCommand::Check(args) => check(args),
         BenchCommand::Ops(args) => ops(args),
+        BenchCommand::Textures(args) => {
+            crate::textures::write_image_folder(&args.out, args.per_class, args.seed)
+                .with_context(|| format!("cannot write textures to {}", args.out.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

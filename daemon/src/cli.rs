@@ -73,6 +73,23 @@ pub enum BenchCommand {
     /// Each op (convolution, BatchNorm, residual add), forward and backward, over the
     /// shapes of both networks, on a device against our CPU kernels (same precision).
     Ops(BenchOpsArgs),
+    /// Writes the demo's labelled texture set (4 classes) as an ImageFolder, for the
+    /// objectives benchmark (`scripts/bench_objectives.sh`).
+    Textures(BenchTexturesArgs),
+}
+
+/// `byol bench textures`.
+#[derive(Debug, Args)]
+pub struct BenchTexturesArgs {
+    /// Folder to write (`OUT/<class>/NNN.png`).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Images per class.
+    #[arg(long, default_value_t = 128)]
+    pub per_class: u32,
+    /// Seed of the draws (the learning test's training set is 1, its test set 2).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
 }
 
 /// `byol bench ops`.

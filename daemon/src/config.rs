@@ -292,7 +292,9 @@ mod tests {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "toml") {
-                Config::load(&path).unwrap();
+                let cfg = Config::load(&path).unwrap();
+                cfg.validate(false)
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
             }
         }
     }

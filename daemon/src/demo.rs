@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use byol_ingest::{IngestOptions, NoProgress};
 
-use crate::textures::{CLASSES, Draws, texture};
+use crate::textures::{CLASSES, Draws, texture, write_image_folder};
 
 /// Folder the demo works in, relative to the current directory.
 pub const DEMO_DIR: &str = "byol-demo";
@@ -161,13 +161,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
 /// The held-out test set, ingested into `root/test`.
 fn test_set(root: &Path) -> anyhow::Result<PathBuf> {
     let src = root.join("test-src");
-    let mut d = Draws(2);
-    for (c, class) in CLASSES.iter().enumerate() {
-        std::fs::create_dir_all(src.join(class))?;
-        for i in 0..TEST_PER_CLASS {
-            texture(c, &mut d).save(src.join(class).join(format!("{i:03}.png")))?;
-        }
-    }
+    write_image_folder(&src, TEST_PER_CLASS, 2)?;
     let out = root.join("test");
     let mut opts = IngestOptions::new(vec![src], out.clone());
     opts.settings.max_side = Some(0);

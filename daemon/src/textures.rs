@@ -29,6 +29,24 @@ impl Draws {
     }
 }
 
+/// Writes `per_class` textures of every class, drawn from `seed`, as an ImageFolder:
+/// `dir/<class>/NNN.png` (the demo's held-out set is seed 2, 64 per class; the learning
+/// test's training set seed 1, 128 per class).
+pub fn write_image_folder(
+    dir: &std::path::Path,
+    per_class: u32,
+    seed: u64,
+) -> image::ImageResult<()> {
+    let mut d = Draws(seed);
+    for (c, class) in CLASSES.iter().enumerate() {
+        std::fs::create_dir_all(dir.join(class))?;
+        for i in 0..per_class {
+            texture(c, &mut d).save(dir.join(class).join(format!("{i:03}.png")))?;
+        }
+    }
+    Ok(())
+}
+
 /// One `SIDE` x `SIDE` texture of class `class` (an index into [`CLASSES`]).
 pub fn texture(class: usize, d: &mut Draws) -> image::RgbImage {
     let half = 1 + d.below(4); // stripes 1-4 px wide

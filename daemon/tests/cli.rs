@@ -494,6 +494,57 @@ fn the_method_is_chosen_by_flag_and_a_resume_of_another_method_is_refused() {
     assert!(!run_dir.join("checkpoints/step-0000000004").exists());
 }
 
+#[test]
+fn every_objective_trains_resumes_and_exports_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, ds) = packed(dir.path(), 24, 24);
+    // A bank larger than the dataset's 24 records: refused by name, nothing written.
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, format!("{TINY_TRAIN}[msf]\nbank_size = 100\n")).unwrap();
+    let refused = dir.path().join("refused");
+    let o = train_run(&big, &ds, &refused, &["--steps", "2", "--method", "msf"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("msf.bank_size"), "{}", text(&o));
+    assert!(!refused.exists(), "the run folder is not created");
+    let cfg = dir.path().join("tiny.toml");
+    std::fs::write(
+        &cfg,
+        format!("{TINY_TRAIN}[msf]\nbank_size = 16\nk = 2\n[mocov2]\nqueue_size = 16\n"),
+    )
+    .unwrap();
+    for method in ["msf", "simsiam", "simclr", "barlow_twins", "mocov2"] {
+        let run_dir = dir.path().join(method);
+        let o = train_run(&cfg, &ds, &run_dir, &["--steps", "2", "--method", method]);
+        assert!(o.status.success(), "{method}: {}", text(&o));
+        let o = train_run(
+            &cfg,
+            &ds,
+            &run_dir,
+            &["--steps", "4", "--method", method, "--resume"],
+        );
+        assert!(o.status.success(), "{method}: {}", text(&o));
+        let meta: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(run_dir.join("checkpoints/step-0000000004/meta.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(meta["method"], method);
+        let out = dir.path().join(format!("{method}.safetensors"));
+        let o = run(&[
+            "export",
+            "--checkpoint",
+            run_dir.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{method}: {}", text(&o));
+        assert_eq!(
+            safetensors_header(&out).len(),
+            120,
+            "{method}: the encoder alone"
+        );
+    }
+}
+
 /// Two classes any classifier tells apart: dark and bright noisy images (PNG, 20x16).
 fn two_tone(dir: &Path, name: &str, per_class: u32, seed: u32) -> PathBuf {
     let src = dir.join(format!("{name}-src"));

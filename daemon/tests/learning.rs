@@ -22,20 +22,12 @@ use common::{ingest, run, text};
 #[allow(dead_code)]
 mod textures;
 
-use textures::{CLASSES, Draws, texture};
+use textures::write_image_folder;
 
 /// `per_class` textures of every class as an ImageFolder, ingested into `dir/name`.
 fn textures(dir: &Path, name: &str, per_class: u32, seed: u64) -> PathBuf {
     let src = dir.join(format!("{name}-src"));
-    let mut d = Draws(seed);
-    for (c, class) in CLASSES.iter().enumerate() {
-        std::fs::create_dir_all(src.join(class)).unwrap();
-        for i in 0..per_class {
-            texture(c, &mut d)
-                .save(src.join(class).join(format!("{i:03}.png")))
-                .unwrap();
-        }
-    }
+    write_image_folder(&src, per_class, seed).unwrap();
     let ds = dir.join(name);
     ingest(&src, &ds);
     ds

@@ -479,7 +479,8 @@ impl Trainer {
     }
 
     /// Refuses a checkpoint (its `meta`, read from `path`) made with another method,
-    /// model, optimizer or batch size, naming the difference.
+    /// model, memory size (`msf.bank_size`, `mocov2.queue_size`), SimSiam bottleneck,
+    /// optimizer or batch size, naming the difference.
     pub fn check_fits(&self, meta: &CheckpointMeta, path: &Path) -> Result<(), TrainError> {
         let mismatch = |what: &'static str, theirs: String, ours: String| {
             problem(path, CheckpointProblem::Mismatch { what, theirs, ours })
@@ -493,6 +494,22 @@ impl Trainer {
                 "model",
                 format!("{:?}", meta.config.model),
                 format!("{:?}", self.config().model),
+            ));
+        }
+        // The method's settings that shape its state (same method, checked above).
+        let ours = self.config();
+        if let (Some(theirs), Some(m)) = (meta.config.memory(), ours.memory()) {
+            if theirs.size != m.size {
+                return Err(mismatch(m.key, theirs.size.to_string(), m.size.to_string()));
+            }
+        }
+        if method == crate::Method::Simsiam
+            && meta.config.simsiam.bottleneck != ours.simsiam.bottleneck
+        {
+            return Err(mismatch(
+                "simsiam.bottleneck",
+                meta.config.simsiam.bottleneck.to_string(),
+                ours.simsiam.bottleneck.to_string(),
             ));
         }
         if meta.config.optim.optimizer != self.config().optim.optimizer {

@@ -306,3 +306,27 @@ fn a_memory_must_fit_the_dataset() {
         "SimCLR has no memory"
     );
 }
+
+#[test]
+fn a_resume_with_another_memory_size_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = views(4, 8, 5);
+    let mut t = Trainer::new(tiny(Method::Mocov2), 4).unwrap();
+    t.step_tensors(&a, &b).unwrap();
+    let path = checkpoint::save(dir.path(), &t, None, Default::default()).unwrap();
+    let mut cfg = tiny(Method::Mocov2);
+    cfg.mocov2.queue_size = 16;
+    let mut other = Trainer::new(cfg, 4).unwrap();
+    let before = bits(vars(other.online_named()));
+    let e = other.load_checkpoint(&path).unwrap_err();
+    assert!(e.to_string().contains("mocov2.queue_size"), "{e}");
+    assert!(
+        !matches!(&e, TrainError::Checkpoint { problem, .. } if problem.is_damage()),
+        "not damage: {e}"
+    );
+    assert!(
+        before == bits(vars(other.online_named())),
+        "nothing changed"
+    );
+    assert_eq!(other.steps_done(), 0);
+}

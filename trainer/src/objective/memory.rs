@@ -89,14 +89,16 @@ impl Memory {
             keys
         };
         let n = n.min(cap);
-        // A fresh tensor: the rows handed out by `entries` stay as they were.
-        let entries = self.entries.copy()?;
+        // In place (a bank can be a gigabyte): nothing holds the ring's storage across a
+        // push. Views from `entries` live in one step's graph, which is done by then;
+        // `state` is serialised at once by the checkpoint writer; `load_state` and `new`
+        // give the ring storage of its own.
         let first = n.min(cap - self.pointer);
+        let entries = &self.entries;
         entries.slice_set(&keys.narrow(0, 0, first)?.contiguous()?, 0, self.pointer)?;
         if n > first {
             entries.slice_set(&keys.narrow(0, first, n - first)?.contiguous()?, 0, 0)?;
         }
-        self.entries = entries;
         self.pointer = (self.pointer + n) % cap;
         self.filled = (self.filled + n).min(cap);
         Ok(())
