@@ -353,15 +353,15 @@ pub fn train_continuously(
         controls.wait(tick);
     };
     let records = dataset.live_records().count();
-    if let (Some(m), Some(memory)) = (trainer.config().memory(), trainer.objective().memory()) {
-        if m.size > records {
-            on_event(Event::MemoryFilling {
-                key: m.key,
-                size: m.size,
-                filled: memory.filled(),
-                records,
-            });
-        }
+    if let (Some(m), Some(memory)) = (trainer.config().memory(), trainer.objective().memory())
+        && m.size > records
+    {
+        on_event(Event::MemoryFilling {
+            key: m.key,
+            size: m.size,
+            filled: memory.filled(),
+            records,
+        });
     }
     let settings = controls.settings();
     let view_size = augmenter.size();

@@ -498,10 +498,10 @@ impl Trainer {
         }
         // The method's settings that shape its state (same method, checked above).
         let ours = self.config();
-        if let (Some(theirs), Some(m)) = (meta.config.memory(), ours.memory()) {
-            if theirs.size != m.size {
-                return Err(mismatch(m.key, theirs.size.to_string(), m.size.to_string()));
-            }
+        if let (Some(theirs), Some(m)) = (meta.config.memory(), ours.memory())
+            && theirs.size != m.size
+        {
+            return Err(mismatch(m.key, theirs.size.to_string(), m.size.to_string()));
         }
         if method == crate::Method::Simsiam
             && meta.config.simsiam.bottleneck != ours.simsiam.bottleneck
