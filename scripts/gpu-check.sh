@@ -4,7 +4,7 @@
 # beside PyTorch's at a user's settings, a numerical check of the whole step, and a
 # short real training run with its evaluation. Builds nothing: it runs the binary and
 # data that scripts/gpu-prepare.sh packed into gpu-pack/ (carried to the GPU machine).
-# PARTS (default ops,step,check,train) picks parts. Every case runs under a time limit (CASE_SECS, default 100; "timed out" is recorded
+# PARTS (default ops,step,check,train; `objectives` on its own call) picks parts. Every case runs under a time limit (CASE_SECS, default 100; "timed out" is recorded
 # and the check moves on), so the whole stays inside about 4 minutes.
 #
 #   scripts/gpu-check.sh            on the GPU machine; writes everything under $OUT
@@ -242,6 +242,56 @@ if [ -e "$PHOTOS/manifest.json" ]; then
 else
   say "no photos dataset at $PHOTOS: the data-wait measurement at 224 is skipped"
 fi
+fi
+
+if part objectives; then
+# Every objective for OBJ_MINUTES (default 0.5) on Fashion-MNIST with
+# configs/gpu-fmnist.toml and its method (a bank and queue of 16,384; MSF with its
+# views), scored by kNN against the same encoder at random init (seed 0 for all, so
+# scored once). Not in the default PARTS: its own call,
+#   run(command="OUT=$OUT PARTS=objectives TOTAL_SECS=280 CASE_SECS=60 bash scripts/gpu-check.sh", carry=["gpu-pack"], timeout_s=300)
+if [ -z "${FMNIST_TRAIN:-}" ] && [ -e "$PACK/fmnist/train-images-idx3-ubyte.gz" ]; then
+  ingest "$PACK/fmnist/train-images-idx3-ubyte.gz" "$OUT/data/fmnist-train" --config configs/small.toml
+  ingest "$PACK/fmnist/t10k-images-idx3-ubyte.gz" "$OUT/data/fmnist-test" --config configs/small.toml
+fi
+FMNIST_TRAIN=${FMNIST_TRAIN:-$OUT/data/fmnist-train}
+FMNIST_TEST=${FMNIST_TEST:-$OUT/data/fmnist-test}
+OBJ_MINUTES=${OBJ_MINUTES:-0.5}; MEMORY=16384
+[ $DRY = 1 ] && { OBJ_MINUTES=0.02; MEMORY=32; }
+random=(--random-init)
+for method in byol msf simsiam simclr barlow_twins mocov2; do
+  cfg=$OUT/obj-$method.toml
+  views='s/^preset = "small"/preset = "small"/'
+  [ $method = msf ] && views='s/^preset = "small"/preset = "msf"/'
+  sed -e "$views" -e "s/^\[train\]/[train]\nmethod = \"$method\"/" configs/gpu-fmnist.toml > "$cfg"
+  [ $DRY = 1 ] && sed -i -e 's/^width = 64/width = 8/' -e 's/^batch_size = 512/batch_size = 16/' \
+      -e 's/^device = "cuda:0"/device = "cpu"/' "$cfg"
+  [ $method = msf ] && printf '[augment.view1]\nblur_p = 0.0\n' >> "$cfg"
+  printf '[msf]\nbank_size = %s\n[mocov2]\nqueue_size = %s\n[simclr]\ntemperature = 0.2\n' $MEMORY $MEMORY >> "$cfg"
+  run_dir=$OUT/run-obj-$method
+  timeout -k 5 "$(case_limit)" "$BYOL" train --config "$cfg" --data "$FMNIST_TRAIN" --run "$run_dir" --minutes $OBJ_MINUTES \
+    > "$OUT/logs/obj-$method.log" 2>&1 || { say "FAIL: $method (see logs/obj-$method.log)"; fail=1; continue; }
+  eval_args=(--checkpoint "$run_dir" --train "$FMNIST_TRAIN" --test "$FMNIST_TEST" --protocol knn "${random[@]}")
+  [ $DRY = 1 ] && eval_args+=(--device cpu)
+  timeout -k 5 "$(case_limit)" "$BYOL" eval "${eval_args[@]}" --json "$OUT/eval-obj-$method.json" > "$OUT/logs/eval-obj-$method.log" 2>&1 \
+    || { say "FAIL: eval of $method (see logs/eval-obj-$method.log)"; fail=1; continue; }
+  random=()
+  "$PY" - "$method" "$OUT/eval-obj-$method.json" "$run_dir/metrics.jsonl" "$RESULTS" <<'PY' | tee -a "$SUMMARY"
+import json, sys
+method, report, metrics, results = sys.argv[1:]
+r = json.load(open(report))
+acc = {x["encoder"]: x["accuracy"] for x in r["results"] if x["protocol"] == "knn"}
+last = [json.loads(l) for l in open(metrics) if l.strip()][-1]
+row = {"case": f"objective-{method}", "knn": acc.get("trained"), "steps": last["step"],
+       "images_per_sec": last["images_per_sec"], "effective_rank": last.get("effective_rank")}
+if "random-init" in acc:
+    row["knn_random_init"] = acc["random-init"]
+open(results, "a").write(json.dumps(row) + "\n")
+extra = f", random init {acc['random-init']:.3f}" if "random-init" in acc else ""
+print(f"objective {method}: trained knn {acc['trained']:.3f}{extra}, {last['step']} steps, {last['images_per_sec']:.0f} img/s")
+PY
+  rm -rf "$run_dir"
+done
 fi
 
 # --- the figures --------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-//! `scripts/gpu-check.sh --dry-run`: every part of the GPU check runs on CPU at tiny
-//! sizes and reports its figures, so the script is ready for a GPU machine.
+//! `scripts/gpu-check.sh --dry-run`: every part of the GPU check (the objectives' part
+//! too) runs on CPU at tiny sizes and reports its figures, so the script is ready for a
+//! GPU machine.
 
 mod common;
 
@@ -44,6 +45,10 @@ fn the_gpu_check_dry_run_runs_every_part() {
         .env("FMNIST_TRAIN", &ds)
         .env("FMNIST_TEST", &ds)
         .env("PHOTOS", &ds)
+        // Every part, the objectives (their own call on a GPU) included; no time limit
+        // that a slow CI machine could reach.
+        .env("PARTS", "ops,step,check,train,objectives")
+        .env("TOTAL_SECS", "1200")
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
@@ -58,6 +63,13 @@ fn the_gpu_check_dry_run_runs_every_part() {
         "train fmnist: step",
         "eval fmnist: trained knn",
         "loader r50 224:",
+        "objective byol: trained knn",
+        "random init",
+        "objective msf: trained knn",
+        "objective simsiam: trained knn",
+        "objective simclr: trained knn",
+        "objective barlow_twins: trained knn",
+        "objective mocov2: trained knn",
         "all parts ran",
     ] {
         assert!(summary.contains(part), "{part} missing:\n{summary}");
