@@ -174,12 +174,13 @@ impl Metrics {
         match e {
             Event::Step(r) => {
                 self.train_step.set(r.stats.step as i64);
-                self.train_loss.set(f64::from(r.stats.loss));
                 self.learning_rate.set(r.stats.lr);
                 if let Some(tau) = r.stats.objective.tau {
                     self.ema_tau.set(tau);
                 }
                 if let Some(line) = &r.line {
+                    // The loss is read from the device at log steps only.
+                    self.train_loss.set(f64::from(line.loss));
                     self.embedding_collapse.set(f64::from(line.collapse));
                     self.embedding_effective_rank
                         .set(f64::from(line.effective_rank));
@@ -442,13 +443,12 @@ mod tests {
     }
 
     /// A logged step sets loss, τ and the embedding gauges; a step without a line keeps
-    /// the embedding gauges (they are measured at log steps only).
+    /// the loss and embedding gauges (they are read from the device at log steps only).
     #[test]
     fn a_logged_step_sets_the_embedding_gauges() {
         let m = Metrics::new();
         let stats = byol_trainer::StepStats {
             step: 20,
-            loss: 1.5,
             lr: 0.1,
             objective: byol_trainer::ObjectiveStats { tau: Some(0.99) },
         };

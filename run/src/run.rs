@@ -158,9 +158,14 @@ pub struct Run {
     /// Images and data wait since the last logged step.
     window: Window,
     started: Instant,
-    /// A step produced a non-finite loss and the weights hold its update: nothing may
-    /// be checkpointed until [`Run::rollback`].
-    poisoned: bool,
+    /// A step produced a non-finite loss (this step, this loss) and the weights hold its
+    /// update: nothing may be checkpointed, and no step taken, until [`Run::rollback`].
+    poisoned: Option<(u64, f32)>,
+    /// The trainer's health was last read after this many steps.
+    health_read_at: u64,
+    /// The fault point `nan_at` was reached at this step: the next health read reports
+    /// a non-finite loss there.
+    injected_non_finite: Option<u64>,
     /// After a failed checkpoint, the policy waits until then.
     retry_at: Option<Instant>,
     retry: Duration,
@@ -222,7 +227,9 @@ impl Run {
                 last_ckpt: (now, step),
                 window: Window::open(),
                 started: now,
-                poisoned: false,
+                poisoned: None,
+                health_read_at: step,
+                injected_non_finite: None,
                 retry_at: None,
                 retry: parts.retry,
                 batch_trace,
@@ -233,18 +240,23 @@ impl Run {
 
     /// One step: the next batch through the trainer; a metrics line every `log_every`
     /// steps (or when `force_log`, or when the monitor measures); a checkpoint when the
-    /// policy says so.
+    /// policy says so. The device is read only at those steps (the loss, the non-finite
+    /// flag, the embeddings' health): between them a step queues its work and returns.
     ///
-    /// Errors: the step failed; [`RunError::NonFiniteLoss`] when the loss is NaN or
-    /// infinite (nothing is checkpointed from then until [`Run::rollback`]). A failed
-    /// metrics write or checkpoint is not an error of the step: the report carries it,
-    /// and training goes on.
+    /// Errors: the step failed; [`RunError::NonFiniteLoss`] when a step since the last
+    /// read had a NaN or infinite loss, found at the next log step or checkpoint
+    /// (nothing is checkpointed from then until [`Run::rollback`]). A failed metrics
+    /// write or checkpoint is not an error of the step: the report carries it, and
+    /// training goes on.
     pub fn step(&mut self, force_log: bool) -> Result<StepReport, RunError> {
+        if let Some((step, loss)) = self.poisoned {
+            return Err(RunError::NonFiniteLoss { step, loss });
+        }
         let size = self.view_size as usize;
         let wait_start = Instant::now();
         let batch = self.loader.next_batch();
         self.window.data_wait += wait_start.elapsed();
-        let mut stats = self.trainer.step(batch.view1(), batch.view2(), size)?;
+        let stats = self.trainer.step(batch.view1(), batch.view2(), size)?;
         let images = batch.len();
         let epoch = batch.epoch;
         if let Some(f) = &mut self.batch_trace {
@@ -264,26 +276,27 @@ impl Run {
         self.last_epoch = epoch;
         if self.faults.nan_at == Some(stats.step) {
             self.faults.nan_at = None;
-            stats.loss = f32::NAN;
+            self.injected_non_finite = Some(stats.step);
         }
-        if !stats.loss.is_finite() {
-            self.poisoned = true;
-            return Err(RunError::NonFiniteLoss {
-                step: stats.step,
-                loss: stats.loss,
-            });
-        }
+        let measure = self.monitor.as_ref().is_some_and(|m| m.due(stats.step));
+        let log_due = force_log || stats.step.is_multiple_of(self.log_every) || measure;
+        let checkpoint_due = self.checkpoint_due();
+        let loss = if log_due || checkpoint_due {
+            Some(self.read_health()?)
+        } else {
+            None
+        };
         let knn = match &self.monitor {
-            Some(m) if m.due(stats.step) => Some(m.measure(&self.trainer)?),
+            Some(m) if measure => Some(m.measure(&self.trainer)?),
             _ => None,
         };
-        let (line, metrics_error) =
-            if force_log || stats.step.is_multiple_of(self.log_every) || knn.is_some() {
-                let (line, written) = self.log(&stats, epoch, knn);
+        let (line, metrics_error) = match loss {
+            Some(loss) if log_due => {
+                let (line, written) = self.log(&stats, loss, epoch, knn);
                 (Some(line), written.err())
-            } else {
-                (None, None)
-            };
+            }
+            _ => (None, None),
+        };
         if self.faults.abort_at == Some(stats.step) {
             std::process::abort();
         }
@@ -293,7 +306,7 @@ impl Run {
                 key: FAIL_AT_STEP_ENV,
             });
         }
-        let checkpoint = self.checkpoint_due().then(|| self.checkpoint());
+        let checkpoint = checkpoint_due.then(|| self.checkpoint());
         Ok(StepReport {
             stats,
             epoch,
@@ -309,8 +322,34 @@ impl Run {
     /// of a run that ends on a deadline). Errors: the line could not be written (it
     /// waits, see [`Run::flush_metrics`]).
     pub fn log_last(&mut self, report: &StepReport) -> Result<MetricsLine, RunError> {
-        let (line, written) = self.log(&report.stats, report.epoch, None);
+        let loss = self.read_health()?;
+        let (line, written) = self.log(&report.stats, loss, report.epoch, None);
         written.map(|()| line)
+    }
+
+    /// Reads the trainer's health: the last step's loss, or [`RunError::NonFiniteLoss`]
+    /// (the first such step since the last read) and the run poisoned until
+    /// [`Run::rollback`].
+    fn read_health(&mut self) -> Result<f32, RunError> {
+        let health = self.trainer.read_health()?;
+        self.health_read_at = self.trainer.steps_done();
+        let injected = self.injected_non_finite.take();
+        let first = match (health.non_finite_at, injected) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match first {
+            Some(step) => {
+                let loss = if injected.is_some() {
+                    f32::NAN
+                } else {
+                    health.loss
+                };
+                self.poisoned = Some((step, loss));
+                Err(RunError::NonFiniteLoss { step, loss })
+            }
+            None => Ok(health.loss),
+        }
     }
 
     /// Ends the run keeping its last good step, the one way `byol train` and the daemon
@@ -345,6 +384,7 @@ impl Run {
     fn log(
         &mut self,
         stats: &StepStats,
+        loss: f32,
         epoch: u64,
         knn: Option<crate::Measurement>,
     ) -> (MetricsLine, Result<(), RunError>) {
@@ -363,7 +403,7 @@ impl Run {
         let line = MetricsLine {
             step: stats.step,
             epoch,
-            loss: stats.loss,
+            loss,
             lr: stats.lr,
             tau,
             collapse,
@@ -381,7 +421,7 @@ impl Run {
             event = "step",
             step = stats.step,
             epoch,
-            loss = stats.loss,
+            loss,
             collapse,
             effective_rank,
             lr = stats.lr,
@@ -390,7 +430,7 @@ impl Run {
             knn_accuracy = line.knn_accuracy,
             "step {} epoch {epoch} loss {:.4} lr {:.4}{tau_text} {:.0} img/s",
             stats.step,
-            stats.loss,
+            loss,
             stats.lr,
             line.images_per_sec
         );
@@ -422,7 +462,14 @@ impl Run {
     /// interval); the previous checkpoints are intact either way.
     pub fn checkpoint(&mut self) -> Result<CheckpointOutcome, RunError> {
         let step = self.trainer.steps_done();
-        if self.poisoned {
+        // Never a diverged state: the steps since the last read are checked first.
+        if self.poisoned.is_none() && self.health_read_at != step {
+            match self.read_health() {
+                Ok(_) | Err(RunError::NonFiniteLoss { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.poisoned.is_some() {
             return Err(RunError::Diverged { step });
         }
         let dir = self.dir.checkpoints();
@@ -471,7 +518,8 @@ impl Run {
         let mut fresh = Trainer::new(self.trainer.config().clone(), self.trainer.batch_size())?;
         let resumed = resume(&mut fresh, &self.dir.checkpoints())?;
         self.trainer = fresh;
-        self.poisoned = false;
+        self.poisoned = None;
+        self.health_read_at = self.trainer.steps_done();
         self.metrics.truncate_to(self.trainer.steps_done())?;
         self.last_ckpt = (Instant::now(), self.trainer.steps_done());
         Ok(resumed.map(|r| r.path))

@@ -102,20 +102,20 @@ pub fn step_throughput(
     let mut trainer = Trainer::new(cfg, batch)?;
     let (v1, v2) = random_views(batch, size, 7, trainer.device())?;
     let mut times = Vec::with_capacity(steps);
-    let (mut loss_first, mut loss_last) = (f32::NAN, f32::NAN);
+    let mut loss_first = f32::NAN;
     for i in 0..warmup + steps.max(1) {
         trainer.device().synchronize()?;
         let t = Instant::now();
-        let stats = trainer.step_tensors(&v1, &v2)?;
+        trainer.step_tensors(&v1, &v2)?;
         trainer.device().synchronize()?;
         if i == 0 {
-            loss_first = stats.loss;
+            loss_first = trainer.read_health()?.loss;
         }
-        loss_last = stats.loss;
         if i >= warmup {
             times.push(t.elapsed().as_secs_f64());
         }
     }
+    let loss_last = trainer.read_health()?.loss;
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let profile = if profile {
@@ -244,12 +244,12 @@ fn loss_and_grads(
     let mut out = Vec::new();
     for (name, var) in trainer.trainable_named() {
         let g = match grads.get(var.as_tensor()) {
-            Some(g) => g.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?,
+            Some(g) => crate::host::vec1::<f32>(&g.flatten_all()?)?,
             None => vec![0.0; var.elem_count()],
         };
         out.push((name, g));
     }
-    Ok((f64::from(loss.to_scalar::<f32>()?), out))
+    Ok((f64::from(crate::host::scalar::<f32>(&loss)?), out))
 }
 
 /// Compares one forward/backward of the same model (same seed, same batch) on `device`
@@ -634,10 +634,7 @@ fn op_results(
     let r = Tensor::from_vec(seeded_normal(y.elem_count(), seed + 99), y.shape(), device)?;
     let grads = (&y * &r)?.sum_all()?.backward()?;
     let host = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
-        t.to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_device(&Device::Cpu)?
-            .to_vec1()
+        crate::host::vec1(&t.to_dtype(candle_core::DType::F32)?.flatten_all()?)
     };
     let mut out = vec![("y".to_owned(), host(&y)?)];
     for (name, t) in extra {

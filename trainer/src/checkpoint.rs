@@ -180,7 +180,7 @@ fn checksum(bytes: &[u8]) -> String {
 fn safetensors_bytes(tensors: &[(String, Tensor)], file: &Path) -> Result<Vec<u8>, TrainError> {
     let cpu: Vec<(String, Tensor)> = tensors
         .iter()
-        .map(|(n, t)| Ok((n.clone(), t.to_device(&candle_core::Device::Cpu)?)))
+        .map(|(n, t)| Ok((n.clone(), crate::host::to_cpu(t)?)))
         .collect::<Result<_, TrainError>>()?;
     let views = cpu.iter().map(|(n, t)| (n.as_str(), t));
     safetensors::serialize(views, None).map_err(|e| unreadable(file)(e.into()))
@@ -471,10 +471,11 @@ impl Trainer {
         };
         let optim = load_tensors(&path.join(OPTIMIZER), &meta, &device)?;
         restore_vars(self.online_named(), &online, &path.join(ONLINE))?;
-        let (objective, optimizer, step) = self.parts_mut();
-        objective.load_state(&objective_state, &objective_file)?;
-        optimizer.load_state(&optim)?;
-        *step = meta.step;
+        self.restore_parts(|objective, optimizer| {
+            objective.load_state(&objective_state, &objective_file)?;
+            optimizer.load_state(&optim)?;
+            Ok(meta.step)
+        })?;
         Ok(meta)
     }
 

@@ -38,12 +38,7 @@ impl EmbeddingStats {
 pub fn effective_rank(z: &Tensor) -> Result<f64> {
     let z = z.detach().to_dtype(DType::F32)?;
     let d = z.dim(D::Minus1)?;
-    let gram: Vec<f32> = z
-        .t()?
-        .matmul(&z)?
-        .to_device(&candle_core::Device::Cpu)?
-        .flatten_all()?
-        .to_vec1()?;
+    let gram: Vec<f32> = crate::host::vec1(&z.t()?.matmul(&z)?.flatten_all()?)?;
     let gram = nalgebra::DMatrix::from_iterator(d, d, gram.into_iter().map(f64::from));
     let singular: Vec<f64> = gram
         .symmetric_eigenvalues()

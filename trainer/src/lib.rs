@@ -9,6 +9,7 @@ pub mod config;
 pub mod device;
 pub mod embedding;
 pub mod eval;
+pub mod host;
 pub mod kernels;
 pub mod loss;
 pub mod memory;
@@ -28,7 +29,7 @@ pub use config::{
 };
 pub use embedding::EmbeddingStats;
 pub use objective::{Objective, ObjectiveStats};
-pub use trainer::{StepStats, Trainer};
+pub use trainer::{Health, StepStats, Trainer};
 
 /// Errors of the trainer.
 #[derive(Debug, thiserror::Error)]

@@ -45,7 +45,7 @@ pub fn collapse_indicator(z: &Tensor) -> Result<f32> {
     let zn = l2_normalize(&z.detach())?;
     let mean = zn.mean_keepdim(0)?;
     let var = zn.broadcast_sub(&mean)?.sqr()?.mean(0)?;
-    let std = var.sqrt()?.mean_all()?.to_scalar::<f32>()?;
+    let std = crate::host::scalar::<f32>(&var.sqrt()?.mean_all()?)?;
     Ok(std * d.sqrt() as f32)
 }
 

@@ -13,18 +13,68 @@ use crate::objective::{Objective, ObjectiveStats};
 use crate::optim::Optimizer;
 use crate::schedule;
 
-/// What one step measured.
+/// What one step measured without reading the device (its loss stays there: see
+/// [`Trainer::read_health`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct StepStats {
     /// Steps done after this one.
     pub step: u64,
-    /// The objective's loss (its scale per method: see [`crate::objective`]).
-    pub loss: f32,
     /// Learning rate used.
     pub lr: f64,
     /// The objective's own figures (τ of an EMA target or key encoder).
     #[serde(flatten)]
     pub objective: ObjectiveStats,
+}
+
+/// The loss of the steps since the last [`Trainer::read_health`], as the host reads it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Health {
+    /// The last step's loss (NaN before the first step); its scale per method: see
+    /// [`crate::objective`].
+    pub loss: f32,
+    /// The first step (1-based, as [`StepStats::step`]) since the last read whose loss
+    /// was NaN or infinite.
+    pub non_finite_at: Option<u64>,
+}
+
+/// The device side of [`Health`]: kept up by a few device ops per step, read at log
+/// steps and before checkpoints, never per step.
+struct DeviceHealth {
+    /// The last step's loss, f32 scalar.
+    loss: Tensor,
+    /// Steps done, i64 scalar, counted on the device (no upload per step).
+    step: Tensor,
+    /// The first step with a non-finite loss since the last read, `i64::MAX` for none.
+    first_non_finite: Tensor,
+    /// 1 (i64), and `i64::MAX`, on the device.
+    one: Tensor,
+    none: Tensor,
+}
+
+impl DeviceHealth {
+    fn new(device: &Device, step: u64) -> candle_core::Result<Self> {
+        let none = Tensor::new(i64::MAX, device)?;
+        Ok(DeviceHealth {
+            loss: Tensor::new(f32::NAN, device)?,
+            step: Tensor::new(step as i64, device)?,
+            first_non_finite: none.clone(),
+            one: Tensor::new(1i64, device)?,
+            none,
+        })
+    }
+
+    /// Takes in the loss of the step just done.
+    fn record(&mut self, loss: &Tensor) -> candle_core::Result<()> {
+        let loss = loss.detach().to_dtype(DType::F32)?;
+        self.step = (&self.step + &self.one)?;
+        // 0·x is NaN exactly when x is NaN or ±∞, and NaN ≠ NaN.
+        let d = loss.affine(0.0, 0.0)?;
+        let bad = d.ne(&d)?;
+        let at = bad.where_cond(&self.step, &self.none)?;
+        self.first_non_finite = self.first_non_finite.minimum(&at)?;
+        self.loss = loss;
+        Ok(())
+    }
 }
 
 /// The online variables (shared network and the objective's trained heads), the
@@ -44,6 +94,8 @@ pub struct Trainer {
     batch_size: usize,
     /// The last step's embeddings, for [`Trainer::embedding_stats`].
     embeddings: Option<Tensor>,
+    /// The loss and the non-finite flag on the device.
+    health: DeviceHealth,
 }
 
 impl Trainer {
@@ -82,6 +134,7 @@ impl Trainer {
         reinit(&online, cfg.train.seed)?;
         objective.start(&online)?;
         let optimizer = Optimizer::new(&cfg.optim, trainable(&online))?;
+        let health = DeviceHealth::new(&device, 0)?;
         Ok(Trainer {
             cfg,
             device,
@@ -92,6 +145,7 @@ impl Trainer {
             step: 0,
             batch_size,
             embeddings: None,
+            health,
         })
     }
 
@@ -159,8 +213,15 @@ impl Trainer {
         Ok((outcome.loss, grads))
     }
 
-    pub(crate) fn parts_mut(&mut self) -> (&mut Objective, &mut Optimizer, &mut u64) {
-        (&mut self.objective, &mut self.optimizer, &mut self.step)
+    /// The objective, the optimizer and the step counter, for a checkpoint's restore;
+    /// the device's step count follows.
+    pub(crate) fn restore_parts(
+        &mut self,
+        restore: impl FnOnce(&mut Objective, &mut Optimizer) -> Result<u64, TrainError>,
+    ) -> Result<(), TrainError> {
+        self.step = restore(&mut self.objective, &mut self.optimizer)?;
+        self.health = DeviceHealth::new(&self.device, self.step)?;
+        Ok(())
     }
 
     pub(crate) fn optimizer(&self) -> &Optimizer {
@@ -208,11 +269,24 @@ impl Trainer {
                 .after_step(&self.online, &self.cfg, self.step, outcome.keys.as_ref())?;
         self.step += 1;
         self.embeddings = Some(outcome.embeddings);
+        self.health.record(&outcome.loss)?;
         Ok(StepStats {
             step: self.step,
-            loss: outcome.loss.to_scalar::<f32>()?,
             lr,
             objective,
+        })
+    }
+
+    /// Reads the last step's loss and whether a step since the last read had a
+    /// non-finite loss (then clears that flag): two device-to-host reads. Call it at log
+    /// steps and before a checkpoint, so a diverged state is never saved.
+    pub fn read_health(&mut self) -> Result<Health, TrainError> {
+        let loss = crate::host::scalar::<f32>(&self.health.loss)?;
+        let first = crate::host::scalar::<i64>(&self.health.first_non_finite)?;
+        self.health.first_non_finite = self.health.none.clone();
+        Ok(Health {
+            loss,
+            non_finite_at: (first != i64::MAX).then_some(first as u64),
         })
     }
 

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::step_loss;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -124,7 +126,7 @@ fn byol_after_the_seam_reproduces_the_weights_from_before_it() {
         let losses: Vec<f32> = (0..6)
             .map(|i| {
                 let (a, b) = views(100 + i);
-                t.step_tensors(&a, &b).unwrap().loss
+                step_loss(&mut t, &a, &b)
             })
             .collect();
         assert_matches_reference(&t, kind, &losses, 6);
@@ -154,7 +156,7 @@ fn a_format_1_checkpoint_resumes_bit_exactly() {
         let losses: Vec<f32> = (3..6)
             .map(|i| {
                 let (a, b) = views(100 + i);
-                t.step_tensors(&a, &b).unwrap().loss
+                step_loss(&mut t, &a, &b)
             })
             .collect();
         assert_matches_reference(&t, kind, &losses, 6);
@@ -180,7 +182,7 @@ fn a_checkpoint_of_another_method_is_refused_and_nothing_changes() {
     let meta_file = ck.join("meta.json");
     let bytes = std::fs::read_to_string(&meta_file).unwrap();
     // A method this build knows nothing of (e.g. written by a later build).
-    let edited = bytes.replace("\"method\": \"byol\"", "\"method\": \"simsiam\"");
+    let edited = bytes.replace("\"method\": \"byol\"", "\"method\": \"swav\"");
     assert_ne!(edited, bytes);
     std::fs::write(&meta_file, &edited).unwrap();
     let mut fresh = Trainer::new(tiny(OptimizerKind::Lars), 4).unwrap();
@@ -191,7 +193,7 @@ fn a_checkpoint_of_another_method_is_refused_and_nothing_changes() {
         .collect();
     let err = fresh.load_checkpoint(&ck).unwrap_err();
     let message = err.to_string();
-    assert!(message.contains("method simsiam"), "{message}");
+    assert!(message.contains("method swav"), "{message}");
     assert!(
         matches!(
             err,

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::views;
+use common::{step_loss, views};
 
 use std::collections::HashMap;
 
@@ -362,7 +362,7 @@ fn a_tiny_model_lowers_its_loss_without_collapsing() {
     for step in 0..40 {
         let (a, b) = &data[step % 2];
         let s = t.step_tensors(a, b).unwrap();
-        losses.push(s.loss);
+        losses.push(t.read_health().unwrap().loss);
         last = Some(s);
     }
     let first: f32 = losses[..5].iter().sum::<f32>() / 5.0;
@@ -390,9 +390,7 @@ fn bf16_steps_track_fp32_and_keep_master_weights_in_f32() {
         let mut cfg = tiny();
         cfg.train.precision = precision;
         let mut t = Trainer::new(cfg, 8).unwrap();
-        let losses: Vec<f32> = (0..6)
-            .map(|_| t.step_tensors(&v1, &v2).unwrap().loss)
-            .collect();
+        let losses: Vec<f32> = (0..6).map(|_| step_loss(&mut t, &v1, &v2)).collect();
         (t, losses)
     };
     let (fp32, l32) = run(byol_trainer::Precision::Fp32);
@@ -497,9 +495,7 @@ fn each_heads_normalisation_has_its_layers_its_batch_coupling_and_trains() {
         } else {
             assert!(gap < 1e-5, "{norm:?}: {gap}");
         }
-        let losses: Vec<f32> = (0..8)
-            .map(|_| t.step_tensors(&v1, &v2).unwrap().loss)
-            .collect();
+        let losses: Vec<f32> = (0..8).map(|_| step_loss(&mut t, &v1, &v2)).collect();
         assert!(losses.iter().all(|l| l.is_finite()), "{norm:?} {losses:?}");
         assert!(losses[7] < losses[0], "{norm:?} {losses:?}");
     }

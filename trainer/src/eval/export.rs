@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use super::{Encoder, EvalError};
 
@@ -15,7 +15,7 @@ pub fn torchvision_state(encoder: &Encoder) -> Result<Vec<(String, Tensor)>, Eva
     encoder
         .named_tensors()
         .into_iter()
-        .map(|(name, t)| Ok((name, t.to_device(&Device::Cpu)?)))
+        .map(|(name, t)| Ok((name, crate::host::to_cpu(&t)?)))
         .collect()
 }
 

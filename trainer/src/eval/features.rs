@@ -262,7 +262,7 @@ pub fn extract(
     let mut feats = for_each_batch(dataset, pre, batch, progress, |input, n| {
         let x = Tensor::from_slice(input, (n, 3, size, size), encoder.device())?;
         let y = encoder.forward(&x)?;
-        values.extend(y.flatten_all()?.to_vec1::<f32>()?);
+        values.extend(crate::host::vec1::<f32>(&y.flatten_all()?)?);
         Ok(())
     })?;
     feats.dim = encoder.feature_dim();

@@ -76,7 +76,7 @@ pub fn knn_predict(
     for chunk in queries.chunks(256 * dim) {
         let m = chunk.len() / dim;
         let q = Tensor::from_slice(chunk, (m, dim), &Device::Cpu)?;
-        let sims = q.matmul(&bank)?.flatten_all()?.to_vec1::<f32>()?;
+        let sims = crate::host::vec1::<f32>(&q.matmul(&bank)?.flatten_all()?)?;
         for row in sims.chunks_exact(n) {
             order.clear();
             order.extend(0..n);

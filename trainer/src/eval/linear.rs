@@ -79,9 +79,8 @@ impl Whitener {
         std.apply(&mut x);
         let n = x.len() / dim.max(1);
         let xs = Tensor::from_vec(x, (n, dim), &Device::Cpu)?;
-        let cov: Vec<f32> = (xs.t()?.matmul(&xs)? / n.max(1) as f64)?
-            .flatten_all()?
-            .to_vec1()?;
+        let cov: Vec<f32> =
+            crate::host::vec1(&(xs.t()?.matmul(&xs)? / n.max(1) as f64)?.flatten_all()?)?;
         let cov: Vec<f64> = cov.into_iter().map(f64::from).collect();
         // A ridge keeps constant or collinear dimensions from breaking the factorisation.
         let mut ridge = 1e-4;
@@ -112,7 +111,7 @@ impl Whitener {
         let n = values.len() / self.dim.max(1);
         let x = Tensor::from_slice(values, (n, self.dim), &Device::Cpu)?;
         let m = Tensor::from_slice(&self.inv_lt, (self.dim, self.dim), &Device::Cpu)?;
-        *values = x.matmul(&m)?.flatten_all()?.to_vec1()?;
+        *values = crate::host::vec1(&x.matmul(&m)?.flatten_all()?)?;
         Ok(())
     }
 }
@@ -227,14 +226,14 @@ impl LogisticRegression {
         while iterations < max_iters {
             let g = grad(&z)?;
             iterations += 1;
-            if g.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() < 1e-5 {
+            if crate::host::scalar::<f32>(&g.sqr()?.sum_all()?)?.sqrt() < 1e-5 {
                 w = z;
                 break;
             }
             let next = (&z - (&g * step)?)?;
             let delta = (&next - &w)?;
             // Restart the momentum when it points uphill (O'Donoghue & Candès).
-            if (&g * &delta)?.sum_all()?.to_scalar::<f32>()? > 0.0 {
+            if crate::host::scalar::<f32>(&(&g * &delta)?.sum_all()?)? > 0.0 {
                 t = 1.0;
             }
             let t_next = (1.0 + (1.0 + 4.0 * t * t).sqrt()) / 2.0;
@@ -258,7 +257,7 @@ impl LogisticRegression {
     /// The fitted parameters, row-major `(dim + 1, classes)`: the weights, then the
     /// bias as the last row.
     pub fn weights(&self) -> Result<Vec<f32>, EvalError> {
-        Ok(self.weights.flatten_all()?.to_vec1()?)
+        Ok(crate::host::vec1(&self.weights.flatten_all()?)?)
     }
 
     /// Most probable class of each row of `x`.
@@ -275,7 +274,7 @@ impl LogisticRegression {
             return Ok(Vec::new());
         }
         let logits = with_bias(x, n, self.dim)?.matmul(&self.weights)?;
-        Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+        Ok(crate::host::vec1::<u32>(&logits.argmax(D::Minus1)?)?)
     }
 
     /// Fraction of rows of `x` predicted as their label.
@@ -294,11 +293,11 @@ fn top_eigenvalue(xb: &Tensor, xt: &Tensor, n: usize) -> Result<f64, EvalError> 
     let mut lambda = 0f64;
     for _ in 0..50 {
         let u = (xt.matmul(&xb.matmul(&v)?)? / n as f64)?;
-        let norm = f64::from(u.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt());
+        let norm = f64::from(crate::host::scalar::<f32>(&u.sqr()?.sum_all()?)?.sqrt());
         if norm == 0.0 {
             return Ok(1.0);
         }
-        let v_norm = f64::from(v.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt());
+        let v_norm = f64::from(crate::host::scalar::<f32>(&v.sqr()?.sum_all()?)?.sqrt());
         lambda = norm / v_norm;
         v = (u / norm)?;
     }

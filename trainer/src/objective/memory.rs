@@ -150,7 +150,7 @@ impl Memory {
             }));
         }
         let scalar = |name: &str| -> std::result::Result<usize, TrainError> {
-            let v = get(name)?.to_dtype(DType::I64)?.to_scalar::<i64>()?;
+            let v = crate::host::scalar::<i64>(&get(name)?.to_dtype(DType::I64)?)?;
             usize::try_from(v).map_err(|_| {
                 fail(CheckpointProblem::Value {
                     name: format!("{prefix}{name}"),

@@ -109,7 +109,7 @@ impl AdamW {
         let step = state
             .get("step")
             .ok_or_else(|| candle_core::Error::Msg("optimizer state step is missing".into()))?;
-        self.t = step.to_vec1::<f64>()?[0] as u64;
+        self.t = crate::host::vec1::<f64>(step)?[0] as u64;
         Ok(())
     }
 }

@@ -78,3 +78,13 @@ pub fn views(n: usize, s: usize, seed: u64) -> (candle_core::Tensor, candle_core
     let b = candle_core::Tensor::from_vec(fill(), (n, 3, s, s), &device).unwrap();
     (a, b)
 }
+
+/// One step on `(a, b)`, and its loss read from the device.
+pub fn step_loss(
+    t: &mut byol_trainer::Trainer,
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+) -> f32 {
+    t.step_tensors(a, b).unwrap();
+    t.read_health().unwrap().loss
+}
