@@ -235,9 +235,12 @@ impl Loader {
         })
     }
 
-    /// The next batch (blocks until it is ready). Its buffer returns to the pool when
-    /// the batch is dropped.
-    pub fn next_batch(&mut self) -> Batch<'_> {
+    /// The next batch (blocks until it is ready). The batch is owned: its buffer returns
+    /// to the pool when it is dropped, so it may be held while the next ones are taken
+    /// (a trainer overlapping the next batch's copy with the current step). At most
+    /// `batches_ahead + 1` batches may be held when this is called: the next one needs
+    /// the buffer of the batch that many before it.
+    pub fn next_batch(&mut self) -> Batch {
         let n = self.shared.slots.len();
         let slot = (self.next_global % n as u64) as usize;
         let start = Instant::now();
@@ -261,11 +264,12 @@ impl Loader {
         self.images += len as u64;
         self.state = self.state_after(epoch, index, records);
         Batch {
-            loader: self,
+            shared: self.shared.clone(),
             slot,
             epoch,
             index_in_epoch: index,
             len,
+            state_after: self.state,
         }
     }
 
@@ -367,12 +371,16 @@ impl Loader {
         }
     }
 
+}
+
+impl Shared {
+    /// Hands a consumed slot back to the workers.
     fn recycle(&self, slot: usize) {
-        let s = &self.shared.slots[slot];
+        let s = &self.slots[slot];
         s.filled.store(0, Ordering::Relaxed);
-        let pool = self.shared.slots.len() as u64;
+        let pool = self.slots.len() as u64;
         s.batch.fetch_add(pool, Ordering::Release);
-        self.shared.wake.1.notify_all();
+        self.wake.1.notify_all();
     }
 }
 
@@ -386,21 +394,29 @@ impl Drop for Loader {
     }
 }
 
-/// A finished batch: two views per image, labels and record ids. Borrowed from the
-/// loader; dropping it returns the buffer to the pool.
-pub struct Batch<'a> {
-    loader: &'a Loader,
+/// A finished batch: two views per image, labels and record ids. Owned (it keeps the
+/// loader's buffers alive); dropping it returns its buffer to the pool.
+pub struct Batch {
+    shared: Arc<Shared>,
     slot: usize,
     /// Epoch of this batch.
     pub epoch: u64,
     /// Batch number within the epoch.
     pub index_in_epoch: u64,
     len: usize,
+    state_after: LoaderState,
 }
 
-impl Batch<'_> {
+impl Batch {
     fn slot(&self) -> &Slot {
-        &self.loader.shared.slots[self.slot]
+        &self.shared.slots[self.slot]
+    }
+
+    /// Where a resume continues once this batch has been trained on: the loader's
+    /// [`Loader::state`] right after it was taken (a consumer holding batches ahead
+    /// records this one's, not the loader's, in its checkpoint).
+    pub fn state_after(&self) -> LoaderState {
+        self.state_after
     }
 
     /// Number of images.
@@ -415,7 +431,7 @@ impl Batch<'_> {
 
     /// Side of the square views.
     pub fn image_size(&self) -> u32 {
-        self.loader.shared.aug.size()
+        self.shared.aug.size()
     }
 
     /// The first `per_sample * len` elements of one of the slot's buffers.
@@ -431,22 +447,22 @@ impl Batch<'_> {
 
     /// View 1 (T), normalised f32 NCHW: `len * 3 * size * size` values (empty without f32 output).
     pub fn view1(&self) -> &[f32] {
-        self.published(&self.slot().view1, self.loader.shared.f32_len)
+        self.published(&self.slot().view1, self.shared.f32_len)
     }
 
     /// View 2 (T'), normalised f32 NCHW.
     pub fn view2(&self) -> &[f32] {
-        self.published(&self.slot().view2, self.loader.shared.f32_len)
+        self.published(&self.slot().view2, self.shared.f32_len)
     }
 
     /// View 1 as u8 NHWC, un-normalised (empty without u8 output).
     pub fn view1_u8(&self) -> &[u8] {
-        self.published(&self.slot().view1_u8, self.loader.shared.u8_len)
+        self.published(&self.slot().view1_u8, self.shared.u8_len)
     }
 
     /// View 2 as u8 NHWC, un-normalised.
     pub fn view2_u8(&self) -> &[u8] {
-        self.published(&self.slot().view2_u8, self.loader.shared.u8_len)
+        self.published(&self.slot().view2_u8, self.shared.u8_len)
     }
 
     /// Class index per image ([`byol_ingest::shard::NO_LABEL`] when unlabelled).
@@ -461,9 +477,9 @@ impl Batch<'_> {
     }
 }
 
-impl Drop for Batch<'_> {
+impl Drop for Batch {
     fn drop(&mut self) {
-        self.loader.recycle(self.slot);
+        self.shared.recycle(self.slot);
     }
 }
 

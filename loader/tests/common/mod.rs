@@ -75,18 +75,18 @@ pub struct Seen {
 }
 
 pub fn take(loader: &mut byol_loader::Loader, n: usize) -> Vec<Seen> {
-    (0..n)
-        .map(|_| {
-            let b = loader.next_batch();
-            Seen {
-                epoch: b.epoch,
-                index: b.index_in_epoch,
-                records: b.records().to_vec(),
-                labels: b.labels().to_vec(),
-                view1: b.view1().iter().map(|x| x.to_bits()).collect(),
-                view2: b.view2().iter().map(|x| x.to_bits()).collect(),
-                view1_u8: b.view1_u8().to_vec(),
-            }
-        })
-        .collect()
+    (0..n).map(|_| seen(&loader.next_batch())).collect()
+}
+
+/// What a batch holds.
+pub fn seen(b: &byol_loader::Batch) -> Seen {
+    Seen {
+        epoch: b.epoch,
+        index: b.index_in_epoch,
+        records: b.records().to_vec(),
+        labels: b.labels().to_vec(),
+        view1: b.view1().iter().map(|x| x.to_bits()).collect(),
+        view2: b.view2().iter().map(|x| x.to_bits()).collect(),
+        view1_u8: b.view1_u8().to_vec(),
+    }
 }
