@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Packs what scripts/gpu-check.sh needs on a GPU machine into gpu-pack/ (git-ignored;
+# Packs what scripts/gpu-check.sh and scripts/gpu-run.sh need on a GPU machine into gpu-pack/ (git-ignored;
 # carry it with `run`'s carry: ["gpu-pack"]; it must stay under 64 MiB with the tree):
 #   gpu-pack/byol.xz     the release binary built with CUDA and cuDNN, stripped
 #                        and xz-compressed (66 MB stripped, 9 MB compressed: candle's
 #                        PTX kernels compress well); gpu-check.sh unpacks it
-#   gpu-pack/fmnist/     Fashion-MNIST IDX files: the first 20,000 training images and
-#                        the 10,000 test images (ingested on the GPU machine by the check)
+#   gpu-pack/fmnist/     Fashion-MNIST IDX files: all 60,000 training images and the
+#                        10,000 test images (ingested on the GPU machine by the scripts)
 #   gpu-pack/photos/     200 of the 256-px photos (the loader at 224 px)
 #
 #   scripts/gpu-prepare.sh             CUDA build (needs ../shared/tools/cuda-env.sh and
@@ -41,7 +41,7 @@ def subset(name, count, header):
     out = data[:4] + struct.pack(">I", n) + data[8:4 + 4 * data[3]] + data[header:header + n * per]
     with gzip.open(f"{dst}/{name}", "wb", compresslevel=9) as f:
         f.write(out)
-for split, count in [("train", 20000), ("t10k", 10000)]:
+for split, count in [("train", 60000), ("t10k", 10000)]:
     subset(f"{split}-images-idx3-ubyte.gz", count, 16)
     subset(f"{split}-labels-idx1-ubyte.gz", count, 8)
 PY

@@ -106,7 +106,7 @@ class TwoViews(torch.utils.data.Dataset):
         return self.t1(img), self.t2(img)
 
 
-def features(encoder, images, size, batch=512):
+def features(encoder, images, size, device, batch=512):
     tf = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
                     T.ToTensor(), T.Normalize(MEAN, STD)])
     encoder.eval()
@@ -114,7 +114,7 @@ def features(encoder, images, size, batch=512):
     with torch.no_grad():
         for s in range(0, len(images), batch):
             x = torch.stack([tf(Image.fromarray(a).convert("RGB")) for a in images[s:s + batch]])
-            out.append(encoder(x))
+            out.append(encoder(x.to(device)).float().cpu())
     return torch.cat(out)
 
 
@@ -176,6 +176,9 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N images of each split (smoke tests)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the DataLoader pins memory then)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: autocast(dtype=torch.bfloat16) around the forward passes")
     ap.add_argument("--json")
     a = ap.parse_args()
     torch.manual_seed(a.seed)
@@ -197,16 +200,23 @@ def main():
         target[name].requires_grad_(False)
     random_init = ResNet18(a.width)
     random_init.load_state_dict(online_enc.state_dict())
+    dev = torch.device(a.device)
+    for m in (online, target, random_init):
+        m.to(dev)
+    autocast = lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16,
+                                      enabled=a.precision == "bf16")
     lr = a.lr * a.batch / 256
     opt = torch.optim.AdamW(online.parameters(), lr=lr, weight_decay=1e-6)
     loader = torch.utils.data.DataLoader(TwoViews(xtr, a.size), batch_size=a.batch, shuffle=True,
-                                         drop_last=True, num_workers=a.workers, persistent_workers=a.workers > 0)
+                                         drop_last=True, num_workers=a.workers, persistent_workers=a.workers > 0,
+                                         pin_memory=dev.type == "cuda")
     budget = a.minutes * 60
     start = time.time()
     step, total, log = 0, None, []
     done = False
     while not done:
         for v1, v2 in loader:
+            v1, v2 = v1.to(dev, non_blocking=True), v2.to(dev, non_blocking=True)
             elapsed = time.time() - start
             if step == 10:
                 total = max(step + 1, int(budget / (elapsed / step)))
@@ -222,13 +232,14 @@ def main():
                 g["lr"] = cur
             tau = 1 - (1 - a.tau) * (math.cos(math.pi * step / length) + 1) / 2
             online.train(), target.train()
-            z1 = online["projector"](online["encoder"](v1))
-            z2 = online["projector"](online["encoder"](v2))
-            p1, p2 = online["predictor"](z1), online["predictor"](z2)
-            with torch.no_grad():
-                t1 = target["projector"](target["encoder"](v1))
-                t2 = target["projector"](target["encoder"](v2))
-            loss = (regression(p1, t2) + regression(p2, t1)).mean()
+            with autocast():
+                z1 = online["projector"](online["encoder"](v1))
+                z2 = online["projector"](online["encoder"](v2))
+                p1, p2 = online["predictor"](z1), online["predictor"](z2)
+                with torch.no_grad():
+                    t1 = target["projector"](target["encoder"](v1))
+                    t2 = target["projector"](target["encoder"](v2))
+            loss = (regression(p1.float(), t2.float()) + regression(p2.float(), t1.float())).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -236,9 +247,11 @@ def main():
                 for name in ("encoder", "projector"):
                     for pt, po in zip(target[name].parameters(), online[name].parameters()):
                         pt.mul_(tau).add_(po.detach(), alpha=1 - tau)
-                collapse = F.normalize(z1.detach(), dim=1).std(0).mean().item() * math.sqrt(z1.shape[1])
             step += 1
             if step % 20 == 0:
+                # Read from the device at log steps only.
+                z = F.normalize(z1.detach().float(), dim=1)
+                collapse = z.std(0).mean().item() * math.sqrt(z1.shape[1])
                 rec = dict(step=step, loss=loss.item(), collapse=collapse, lr=cur, tau=tau,
                            elapsed=round(time.time() - start, 1))
                 log.append(rec)
@@ -247,7 +260,7 @@ def main():
     rows = []
     for name, enc in (("byol", online_enc), ("random-init", random_init)):
         t0 = time.time()
-        ftr, fte = features(enc, xtr, a.size), features(enc, xte, a.size)
+        ftr, fte = features(enc, xtr, a.size, dev), features(enc, xte, a.size, dev)
         lin, l2 = linear_probe(ftr, ytr, fte, yte, a.seed)
         rows.append(dict(encoder=name, protocol="linear", accuracy=lin, l2=l2))
         rows.append(dict(encoder=name, protocol="knn", accuracy=knn(ftr, ytr, fte, yte)))

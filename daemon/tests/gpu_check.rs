@@ -94,3 +94,46 @@ fn the_gpu_check_dry_run_runs_every_part() {
         assert!(v["images_per_sec"].as_f64().unwrap() > 0.0, "{line}");
     }
 }
+
+#[test]
+fn the_gpu_run_dry_run_measures_the_run_against_the_step_and_the_quality_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    ingest(&classes(dir.path(), 24), &ds);
+    let out = dir.path().join("out");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let o = Command::new("bash")
+        .arg(repo.join("scripts/gpu-run.sh"))
+        .arg("--dry-run")
+        .env("OUT", &out)
+        .env("BYOL", env!("CARGO_BIN_EXE_byol"))
+        .env("FMNIST_TRAIN", &ds)
+        .env("FMNIST_TEST", &ds)
+        .env("PHOTOS", &ds)
+        .env("TOTAL_SECS", "1200")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap();
+    for part in [
+        "steady r18-32: step",
+        "steady r50-224: step",
+        "run_over_step",
+        "ours trained linear",
+        "ours random-init knn",
+        "ours raw-pixels linear",
+        "all parts ran",
+    ] {
+        assert!(summary.contains(part), "{part} missing:\n{summary}");
+    }
+    let results = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    for name in ["r18-32", "r50-224"] {
+        let line = results
+            .lines()
+            .find(|l| l.contains(&format!("\"case\": \"steady-{name}\"")))
+            .unwrap_or_else(|| panic!("steady-{name} missing:\n{results}"));
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["run_over_step"].as_f64().unwrap() > 0.0, "{line}");
+    }
+    assert!(out.join("logs.tar.gz").is_file());
+}

@@ -370,7 +370,6 @@ impl Loader {
             skipped: self.shared.skipped.load(Ordering::Relaxed),
         }
     }
-
 }
 
 impl Shared {

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# The GPU run around the step: how much of the step's speed a full `byol train` keeps,
+# and what 2 GPU-minutes of training give on Fashion-MNIST beside PyTorch's reference
+# given the same 2 minutes on the same GPU. Builds nothing: it runs what
+# scripts/gpu-prepare.sh packed into gpu-pack/ (carried to the GPU machine).
+#
+#   scripts/gpu-run.sh            on the GPU machine; writes everything under $OUT
+#   scripts/gpu-run.sh --dry-run  every part on CPU at tiny sizes (the peer only where
+#                                 PyTorch is installed): kept working by a test
+#
+# Parts (PARTS, default steady,quality):
+#   steady   step-only images/s (`byol bench step`) against full `byol train` images/s
+#            on real data, for ResNet-18 w64 at 32 px, batch 512, and ResNet-50 at
+#            224 px, batch 256, both bf16: run_over_step (aim >= 0.95) and the share
+#            of the time the step waited for data (aim < 2%), loader threads one per core
+#   quality  `byol train --minutes 2` with configs/gpu-fmnist.toml on all 60,000
+#            training images, then `byol eval --protocol both --random-init --pixels` on
+#            the 10,000 test images; beside it scripts/peer_byol_fmnist.py --device cuda
+# Every case has a time limit (CASE_SECS, default 150) and the whole ends within
+# TOTAL_SECS (default 290), so it fits a 5-minute call:
+#   run(command="OUT=$OUT bash scripts/gpu-run.sh", carry=["gpu-pack"], timeout_s=330)
+# Writes summary.txt, results.jsonl (per network run_over_step; the eval reports) and
+# logs.tar.gz.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PARTS=${PARTS:-steady,quality}
+CASE_SECS=${CASE_SECS:-150}
+TOTAL_SECS=${TOTAL_SECS:-290}
+source scripts/gpu-common.sh "$@"
+
+if [ -z "${FMNIST_TRAIN:-}" ] && [ -e "$PACK/fmnist/train-images-idx3-ubyte.gz" ]; then
+  ingest "$PACK/fmnist/train-images-idx3-ubyte.gz" "$OUT/data/fmnist-train" --config configs/small.toml
+  ingest "$PACK/fmnist/t10k-images-idx3-ubyte.gz" "$OUT/data/fmnist-test" --config configs/small.toml
+fi
+if [ -z "${PHOTOS:-}" ] && [ -d "$PACK/photos" ]; then
+  ingest "$PACK/photos" "$OUT/data/photos"
+fi
+FMNIST_TRAIN=${FMNIST_TRAIN:-$OUT/data/fmnist-train}
+FMNIST_TEST=${FMNIST_TEST:-$OUT/data/fmnist-test}
+PHOTOS=${PHOTOS:-$OUT/data/photos}
+
+# --- steady state: the run against the step ---------------------------------------------
+if part steady; then
+if [ $DRY = 1 ]; then
+  # name arch stem width size batch steps data
+  CASES=("r18-32 resnet18 cifar 8 16 8 6 $FMNIST_TRAIN"
+         "r50-224 resnet50 imagenet 8 32 4 6 $PHOTOS")
+  BENCH="--warmup 1 --steps 2"; LOG_EVERY=3
+else
+  CASES=("r18-32 resnet18 cifar 64 32 512 60 $FMNIST_TRAIN"
+         "r50-224 resnet50 imagenet 64 224 256 40 $PHOTOS")
+  BENCH="--warmup 3 --steps 10"; LOG_EVERY=10
+fi
+for c in "${CASES[@]}"; do
+  read -r name arch stem width size batch steps data <<< "$c"
+  args=(--arch "$arch" --width "$width" --size "$size" --batch "$batch")
+  small=false; [ "$stem" = cifar ] && { args+=(--small-stem); small=true; }
+  record "step-$name" "$BYOL" bench step "${args[@]}" --device $DEVICE --precision bf16 $BENCH --json
+  if [ ! -e "$data/manifest.json" ]; then
+    say "FAIL: no dataset at $data (scripts/gpu-prepare.sh packs it)"; fail=1; continue
+  fi
+  cfg=$OUT/steady-$name.toml
+  preset=small; [ "$stem" = imagenet ] && preset=byol
+  printf '[augment]\npreset = "%s"\nsize = %s\n[loader]\nbatch_size = %s\nthreads = 0\n[model]\narch = "%s"\nwidth = %s\nsmall_stem = %s\n[optim]\noptimizer = "lars"\nbase_lr = 0.2\nwarmup_steps = 0\nschedule = "constant"\n[train]\ndevice = "%s"\nprecision = "bf16"\nlog_every = %s\ncheckpoint_every_steps = 0\ncheckpoint_every_minutes = 0.0\n' \
+    $preset "$size" "$batch" "$arch" "$width" $small $DEVICE $LOG_EVERY > "$cfg"
+  rm -rf "$OUT/run-$name"
+  with_peak_memory timeout -k 5 "$(case_limit)" "$BYOL" train --config "$cfg" --data "$data" --run "$OUT/run-$name" --steps "$steps" \
+    > "$OUT/logs/run-$name.log" 2>&1 || { say "FAIL: the run of $name (see logs/run-$name.log)"; fail=1; continue; }
+  # The last metrics line covers the last LOG_EVERY steps: the steady state.
+  add_json "run-$name" "peak_device_mib=$PEAK_MIB" < <(tail -n 1 "$OUT/run-$name/metrics.jsonl" 2>/dev/null) \
+    || { say "FAIL: the run of $name logged no metrics"; fail=1; }
+  rm -rf "$OUT/run-$name"
+done
+"$PY" - "$RESULTS" "$LOG_EVERY" <<'PY' | tee -a "$SUMMARY"
+import json, sys
+rows = {}
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    rows[d["case"]] = d
+log_every = int(sys.argv[2])
+out = open(sys.argv[1], "a")
+for name in ["r18-32", "r50-224"]:
+    step, run = rows.get(f"step-{name}", {}), rows.get(f"run-{name}", {})
+    if "images_per_sec" not in step or "images_per_sec" not in run:
+        print(f"steady {name}: not measured")
+        continue
+    ratio = run["images_per_sec"] / step["images_per_sec"]
+    window = log_every * step.get("batch", 0) / run["images_per_sec"] if run["images_per_sec"] else 0
+    wait = run["data_wait_secs"] / window if window else float("nan")
+    out.write(json.dumps({"case": f"steady-{name}", "run_over_step": ratio, "data_wait_share": wait,
+                          "step_images_per_sec": step["images_per_sec"],
+                          "run_images_per_sec": run["images_per_sec"]}) + "\n")
+    print(f"steady {name}: step {step['images_per_sec']:.0f} img/s, run {run['images_per_sec']:.0f} img/s, "
+          f"run_over_step {ratio:.2f} (aim 0.95), data wait {100 * wait:.1f}% (aim < 2%)")
+PY
+fi
+
+# --- quality in 2 GPU-minutes, beside PyTorch ----------------------------------------------
+if part quality; then
+CFG=configs/gpu-fmnist.toml; MINUTES=2; PEER=(--width 64 --batch 512 --precision bf16 --workers 12 --threads 4)
+if [ $DRY = 1 ]; then
+  MINUTES=0.05; CFG=$OUT/tiny.toml
+  sed -e 's/^width = 64/width = 8/' -e 's/^batch_size = 512/batch_size = 16/' \
+      -e 's/^device = "cuda:0"/device = "cpu"/' configs/gpu-fmnist.toml > "$CFG"
+  PEER=(--width 8 --batch 16 --workers 0 --threads 2 --limit 512)
+fi
+if [ -e "$FMNIST_TRAIN/manifest.json" ]; then
+  rm -rf "$OUT/run-fmnist"
+  timeout -k 5 "$(case_limit)" "$BYOL" train --config "$CFG" --data "$FMNIST_TRAIN" --run "$OUT/run-fmnist" --minutes $MINUTES \
+    > "$OUT/logs/train-fmnist.log" 2>&1 || { say "FAIL: train (see logs/train-fmnist.log)"; fail=1; }
+  tail -n 2 "$OUT/logs/train-fmnist.log" | tee -a "$SUMMARY"
+  eval_args=(--checkpoint "$OUT/run-fmnist" --train "$FMNIST_TRAIN" --test "$FMNIST_TEST" --protocol both --random-init --pixels)
+  [ $DRY = 1 ] && eval_args+=(--device cpu)
+  timeout -k 5 "$(case_limit)" "$BYOL" eval "${eval_args[@]}" --json "$OUT/eval-fmnist.json" > "$OUT/logs/eval-fmnist.log" 2>&1 \
+    || { say "FAIL: eval (see logs/eval-fmnist.log)"; fail=1; }
+  add_json eval-fmnist < "$OUT/eval-fmnist.json" 2>/dev/null || { say "FAIL: no evaluation report"; fail=1; }
+  "$PY" - "$OUT/eval-fmnist.json" <<'PY' 2>/dev/null | tee -a "$SUMMARY"
+import json, sys
+r = json.load(open(sys.argv[1]))
+for x in r["results"]:
+    print(f"ours {x['encoder']} {x['protocol']}: {x['accuracy']:.4f}")
+PY
+else
+  say "FAIL: no Fashion-MNIST dataset at $FMNIST_TRAIN (scripts/gpu-prepare.sh packs it)"; fail=1
+fi
+FM_IDX=${FM_IDX:-$PACK/fmnist}
+if [ $have_torch = 1 ] && [ -e "$FM_IDX/train-images-idx3-ubyte.gz" ]; then
+  timeout -k 5 "$(case_limit)" "$PY" scripts/peer_byol_fmnist.py --data "$FM_IDX" --device $TORCH_DEVICE \
+    --minutes $MINUTES "${PEER[@]}" --json "$OUT/peer-fmnist.json" > "$OUT/logs/peer-fmnist.log" 2>&1 \
+    || { say "FAIL: the PyTorch reference (see logs/peer-fmnist.log)"; fail=1; }
+  "$PY" - "$OUT/peer-fmnist.json" "$RESULTS" <<'PY' 2>/dev/null | tee -a "$SUMMARY"
+import json, sys
+r = json.load(open(sys.argv[1]))
+row = {k: v for k, v in r.items() if k != "log"}
+row["case"] = "peer-fmnist"
+open(sys.argv[2], "a").write(json.dumps(row) + "\n")
+print(f"pytorch: {r['steps']} steps, {r['images_per_sec']:.0f} img/s")
+for x in r["rows"]:
+    print(f"pytorch {x['encoder']} {x['protocol']}: {x['accuracy']:.4f}")
+PY
+else
+  say "the PyTorch reference is skipped (no PyTorch, or no IDX files at $FM_IDX)"
+fi
+fi
+
+[ $fail = 0 ] && say "gpu-run: all parts ran" || say "gpu-run: some parts FAILED"
+# The logs as one file (what comes back from the GPU machine: at most 8 files, 2 folders deep).
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs 2>/dev/null && [ $DRY = 0 ] && rm -rf "$OUT/logs" "$OUT/bin" "$OUT/data" "$OUT"/run-* "$OUT"/*.toml
+exit $fail
