@@ -8,7 +8,7 @@
 #   scripts/gpu-run.sh --dry-run  every part on CPU at tiny sizes (the peer only where
 #                                 PyTorch is installed): kept working by a test
 #
-# Parts (PARTS, default steady,quality):
+# Parts (PARTS, default steady,daemon,quality):
 #   steady   step-only images/s (`byol bench step`) against full `byol train` images/s
 #            on real data, for ResNet-18 w64 at 32 px, batch 512, and ResNet-50 at
 #            224 px, batch 256, both bf16: run_over_step (aim >= 0.95) and the share
@@ -16,15 +16,21 @@
 #   quality  `byol train --minutes 2` with configs/gpu-fmnist.toml on all 60,000
 #            training images, then `byol eval --protocol both --random-init --pixels` on
 #            the 10,000 test images; beside it scripts/peer_byol_fmnist.py --device cuda
+#   daemon   `byol daemon` on ResNet-50 at 224 px, bf16, batch 64, for at most 90 s, under
+#            a wave of 2,000 distinct images made from the carried photos
+#            (scripts/gpu_daemon_run.py): training images/s with the wave against
+#            without (aim >= 0.9), seconds from the wave to its first batch, peak device
+#            memory, and SIGTERM ending within stop_timeout_secs with a checkpoint
 # Every case has a time limit (CASE_SECS, default 150) and the whole ends within
-# TOTAL_SECS (default 290), so it fits a 5-minute call:
-#   run(command="OUT=$OUT bash scripts/gpu-run.sh", carry=["gpu-pack"], timeout_s=330)
+# TOTAL_SECS (default 290). On the device machine, two calls of about 4 and 5 minutes:
+#   run(command="OUT=$OUT PARTS=steady,daemon bash scripts/gpu-run.sh", carry=["gpu-pack"], timeout_s=300)
+#   run(command="OUT=$OUT PARTS=quality bash scripts/gpu-run.sh", carry=["gpu-pack"], timeout_s=330)
 # Writes summary.txt, results.jsonl (per network run_over_step; the eval reports) and
 # logs.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-PARTS=${PARTS:-steady,quality}
+PARTS=${PARTS:-steady,daemon,quality}
 CASE_SECS=${CASE_SECS:-150}
 TOTAL_SECS=${TOTAL_SECS:-290}
 source scripts/gpu-common.sh "$@"
@@ -94,6 +100,32 @@ for name in ["r18-32", "r50-224"]:
     print(f"steady {name}: step {step['images_per_sec']:.0f} img/s, run {run['images_per_sec']:.0f} img/s, "
           f"run_over_step {ratio:.2f} (aim 0.95), data wait {100 * wait:.1f}% (aim < 2%)")
 PY
+fi
+
+# --- the daemon under a wave -------------------------------------------------------------
+if part daemon; then
+PHOTOS_SRC=${PHOTOS_SRC:-$PACK/photos}
+if [ $DRY = 1 ]; then
+  DAEMON=(--device cpu --arch resnet18 --width 8 --size 32 --batch 16 --precision fp32 --seed-images 64 --wave 100 --seconds 40 --stop-timeout 10)
+else
+  DAEMON=(--device cuda:0 --arch resnet50 --width 64 --size 224 --batch 64 --precision bf16 --seed-images 512 --wave 2000 --seconds 90 --stop-timeout 30)
+fi
+rm -rf "$OUT/daemon"
+with_peak_memory timeout -k 5 "$(case_limit)" "$PY" scripts/gpu_daemon_run.py --byol "$BYOL" --photos "$PHOTOS_SRC" \
+  --work "$OUT/daemon" "${DAEMON[@]}" --json "$OUT/daemon.json" > "$OUT/logs/daemon-run.log" 2>&1 \
+  || { say "FAIL: the daemon run (see logs/daemon-run.log)"; tail -n 5 "$OUT/logs/daemon-run.log" | tee -a "$SUMMARY"; fail=1; }
+cp "$OUT/daemon/daemon.log" "$OUT/logs/daemon.log" 2>/dev/null
+add_json daemon < "$OUT/daemon.json" 2>/dev/null || { say "FAIL: no daemon report"; fail=1; }
+"$PY" - "$OUT/daemon.json" <<'PY' 2>/dev/null | tee -a "$SUMMARY"
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"daemon: {r['quiet_images_per_sec']:.1f} img/s without a wave, {r['wave_images_per_sec']:.1f} with "
+      f"{r['wave_ingested']} of {r['wave_files']} files ingested in {r['wave_secs']:.1f} s: "
+      f"{r['wave_over_quiet']:.2f} (aim 0.9); wave to first batch {r['wave_to_first_batch_secs']} s; "
+      f"peak device {r['peak_device_mib']} MiB; SIGTERM exit {r['sigterm_exit_code']} in {r['sigterm_secs']:.1f} s "
+      f"(limit {r['stop_timeout_secs']:.0f} s), checkpoint {r['last_checkpoint']}")
+PY
+rm -rf "$OUT/daemon"
 fi
 
 # --- quality in 2 GPU-minutes, beside PyTorch ----------------------------------------------

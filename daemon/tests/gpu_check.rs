@@ -96,7 +96,7 @@ fn the_gpu_check_dry_run_runs_every_part() {
 }
 
 #[test]
-fn the_gpu_run_dry_run_measures_the_run_against_the_step_and_the_quality_run() {
+fn the_gpu_run_dry_run_measures_the_run_the_quality_run_and_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let ds = dir.path().join("ds");
     ingest(&classes(dir.path(), 24), &ds);
@@ -110,12 +110,15 @@ fn the_gpu_run_dry_run_measures_the_run_against_the_step_and_the_quality_run() {
         .env("FMNIST_TRAIN", &ds)
         .env("FMNIST_TEST", &ds)
         .env("PHOTOS", &ds)
+        .env("PHOTOS_SRC", dir.path().join("src/bright"))
         .env("TOTAL_SECS", "1200")
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap();
     for part in [
+        "daemon: ",
+        "SIGTERM exit 0",
         "steady r18-32: step",
         "steady r50-224: step",
         "run_over_step",
