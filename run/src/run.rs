@@ -319,7 +319,8 @@ impl Run {
     }
 
     /// Writes the metrics line of a step that [`Run::step`] did not log (the last step
-    /// of a run that ends on a deadline). Errors: the line could not be written (it
+    /// of a run that ends on a deadline). Errors: a step since the last read had a
+    /// non-finite loss ([`RunError::NonFiniteLoss`]); the line could not be written (it
     /// waits, see [`Run::flush_metrics`]).
     pub fn log_last(&mut self, report: &StepReport) -> Result<MetricsLine, RunError> {
         let loss = self.read_health()?;
