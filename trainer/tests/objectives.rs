@@ -164,6 +164,20 @@ fn every_method_trains_and_resumes_bit_identically() {
 }
 
 #[test]
+fn every_method_trains_in_bf16() {
+    let (a, b) = views(4, 8, 300);
+    for method in Method::ALL {
+        let mut cfg = tiny(method);
+        cfg.train.precision = byol_trainer::Precision::Bf16;
+        let mut t = Trainer::new(cfg, 4).unwrap();
+        for _ in 0..3 {
+            let loss = step_loss(&mut t, &a, &b);
+            assert!(loss.is_finite(), "{method} in bf16: loss {loss}");
+        }
+    }
+}
+
+#[test]
 fn msf_with_k_one_is_byols_one_direction_loss_and_gradients() {
     let byol_cfg = tiny(Method::Byol);
     let mut msf_cfg = tiny(Method::Msf);
