@@ -40,6 +40,8 @@ pub struct Metrics {
     ema_tau: FloatGauge,
     embedding_collapse: FloatGauge,
     embedding_effective_rank: FloatGauge,
+    memory_entries: Gauge,
+    memory_capacity: Gauge,
     dataset_records: Gauge,
     loader_queue_depth: Gauge,
     last_checkpoint: FloatGauge,
@@ -77,6 +79,8 @@ impl Metrics {
             ema_tau: FloatGauge::default(),
             embedding_collapse: FloatGauge::default(),
             embedding_effective_rank: FloatGauge::default(),
+            memory_entries: Gauge::default(),
+            memory_capacity: Gauge::default(),
             dataset_records: Gauge::default(),
             loader_queue_depth: Gauge::default(),
             last_checkpoint: FloatGauge::default(),
@@ -115,6 +119,16 @@ impl Metrics {
             "byol_embedding_effective_rank",
             "Effective rank of the embeddings at the last log step (RankMe; 1 collapsed)",
             m.embedding_effective_rank.clone(),
+        );
+        registry.register(
+            "byol_objective_memory_entries",
+            "Filled entries of the objective's memory (MSF's bank, MoCo's queue)",
+            m.memory_entries.clone(),
+        );
+        registry.register(
+            "byol_objective_memory_capacity",
+            "Entries of the objective's memory when full (msf.bank_size, mocov2.queue_size)",
+            m.memory_capacity.clone(),
         );
         registry.register(
             "byol_dataset_records",
@@ -177,6 +191,10 @@ impl Metrics {
                 self.learning_rate.set(r.stats.lr);
                 if let Some(tau) = r.stats.objective.tau {
                     self.ema_tau.set(tau);
+                }
+                if let Some(m) = r.memory {
+                    self.memory_entries.set(m.filled as i64);
+                    self.memory_capacity.set(m.capacity as i64);
                 }
                 if let Some(line) = &r.line {
                     // The loss is read from the device at log steps only.
@@ -475,6 +493,10 @@ mod tests {
             checkpoint: None,
             metrics_error: None,
             queue_depth: 1,
+            memory: Some(byol_trainer::objective::MemoryFill {
+                filled: 96,
+                capacity: 4096,
+            }),
         };
         m.on_event(&Event::Step(&report(Some(line))));
         m.on_event(&Event::Step(&report(None)));
@@ -484,6 +506,8 @@ mod tests {
             "\nbyol_embedding_effective_rank 12.5\n",
             "\nbyol_ema_tau 0.99\n",
             "\nbyol_train_loss 1.5\n",
+            "\nbyol_objective_memory_entries 96\n",
+            "\nbyol_objective_memory_capacity 4096\n",
         ] {
             assert!(text.contains(sample), "{sample:?} in\n{text}");
         }

@@ -133,6 +133,8 @@ pub struct StepReport {
     pub metrics_error: Option<RunError>,
     /// Finished batches waiting in the loader after this step.
     pub queue_depth: usize,
+    /// How full the objective's memory (MSF's bank, MoCo's queue) is after this step.
+    pub memory: Option<byol_trainer::objective::MemoryFill>,
 }
 
 /// How long after a failed checkpoint or metrics write `byol train` tries again.
@@ -315,6 +317,7 @@ impl Run {
             checkpoint,
             metrics_error,
             queue_depth: self.loader.stats().queue_depth,
+            memory: self.trainer.objective().memory().map(|m| m.fill()),
         })
     }
 

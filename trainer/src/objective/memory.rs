@@ -12,6 +12,15 @@ use candle_core::{DType, Device, Result, Tensor};
 use crate::TrainError;
 use crate::checkpoint::CheckpointProblem;
 
+/// How full a memory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryFill {
+    /// Entries holding an embedding.
+    pub filled: usize,
+    /// Entries it holds when full (its config size).
+    pub capacity: usize,
+}
+
 /// A ring of `capacity` embeddings of `dim` features.
 pub struct Memory {
     /// The config key of its size (`msf.bank_size`, `mocov2.queue_size`), for errors.
@@ -44,6 +53,14 @@ impl Memory {
     /// Rows holding an embedding.
     pub fn filled(&self) -> usize {
         self.filled
+    }
+
+    /// Filled rows and capacity.
+    pub fn fill(&self) -> MemoryFill {
+        MemoryFill {
+            filled: self.filled,
+            capacity: self.capacity(),
+        }
     }
 
     /// The filled rows `(filled, dim)`, in slot order (not age order).

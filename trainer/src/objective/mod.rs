@@ -36,7 +36,7 @@ use serde::Serialize;
 
 pub use barlow_twins::BarlowTwins;
 pub use byol::Byol;
-pub use memory::Memory;
+pub use memory::{Memory, MemoryFill};
 pub use mocov2::MocoV2;
 pub use msf::Msf;
 pub use simclr::SimClr;
