@@ -525,8 +525,11 @@ impl TrainerConfig {
                 key: m.key,
                 reason: format!(
                     "{} entries is more than the dataset's {records} live records (each \
-                     image would be in it more than once): make it smaller",
-                    m.size
+                     image would be in it more than once): set it to {} or less (90% of \
+                     them), as configs/{}.toml does for larger datasets",
+                    m.size,
+                    records * 9 / 10,
+                    self.train.method
                 ),
             });
         }
