@@ -525,7 +525,7 @@ impl TrainerConfig {
                 key: m.key,
                 reason: format!(
                     "{} entries is more than the dataset's {records} live records (each \
-                     image would be in it more than once): set it to {} or less (90% of \
+                     image would be in it more than once): set it below {} (90% of \
                      them), as configs/{}.toml does for larger datasets",
                     m.size,
                     records * 9 / 10,
