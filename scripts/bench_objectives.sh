@@ -2,7 +2,8 @@
 # Every objective on the texture set of daemon/tests/learning.rs, scored by kNN against
 # the same encoder at random init.
 #
-#   scripts/bench_objectives.sh OUT [CASE ...]    # default: every case below, in order
+#   scripts/bench_objectives.sh OUT [CASE ...]    # default: every method once, BYOL twice
+#   scripts/bench_objectives.sh OUT msf-seed2 ... # a method with seed 2 (summary: all in OUT)
 #   STEPS=3000 BYOL=target/release/byol scripts/bench_objectives.sh docs/measurements/objectives-DATE
 #
 # The set: `byol bench textures` writes the learning test's 4 texture classes, 128 per
@@ -26,10 +27,11 @@ STEPS=${STEPS:-3000}
 DATA=${DATA:-$OUT/data}
 mkdir -p "$OUT" "$DATA"
 
-# Each case: its seed and the config lines of its method (after the shared ones).
+# Each case: its method's config lines (after the shared ones) and its seed; a case
+# METHOD-seed2 is METHOD with the loader and weights seeded 2.
 case_method() {
-  case "$1" in
-    byol-seed1|byol-seed2) printf '[train]\nmethod = "byol"\n[byol]\ntau_base = 0.99\n' ;;
+  case "${1%-seed2}" in
+    byol|byol-seed1) printf '[train]\nmethod = "byol"\n[byol]\ntau_base = 0.99\n' ;;
     msf) printf '[train]\nmethod = "msf"\n[msf]\nk = 5\nbank_size = 256\ntau = 0.99\n' ;;
     simsiam) printf '[train]\nmethod = "simsiam"\n[simsiam]\nbottleneck = 4\n' ;;
     simclr) printf '[train]\nmethod = "simclr"\n[simclr]\ntemperature = 0.2\n' ;;
@@ -38,10 +40,10 @@ case_method() {
     *) echo "unknown case $1" >&2; return 1 ;;
   esac
 }
-case_seed() { [[ $1 == byol-seed2 ]] && echo 2 || echo 1; }
+case_seed() { [[ $1 == *-seed2 ]] && echo 2 || echo 1; }
 # MSF's asymmetric views: view 1 strong, view 2 weak (no blur at 16 px).
 case_augment() {
-  if [[ $1 == msf ]]; then
+  if [[ ${1%-seed2} == msf ]]; then
     printf '[augment]\npreset = "msf"\nsize = 16\n[augment.view1]\nblur_p = 0.0\n'
   else
     printf '[augment]\npreset = "small"\nsize = 16\n'
@@ -99,7 +101,13 @@ for name in "${CASES[@]}"; do
   rm -rf "$dir/run"
 done
 
-python3 - "$OUT" "${CASES[@]}" <<'PY'
+# The summary covers every case folder in OUT (earlier calls' too), in the default order.
+ALL=()
+for name in byol-seed1 byol-seed2 msf msf-seed2 simsiam simsiam-seed2 simclr simclr-seed2 \
+            barlow_twins barlow_twins-seed2 mocov2 mocov2-seed2; do
+  [[ -f $OUT/$name/eval.json ]] && ALL+=("$name")
+done
+python3 - "$OUT" "${ALL[@]}" <<'PY'
 import json, sys, os
 out, cases = sys.argv[1], sys.argv[2:]
 rows, base = [], None
