@@ -82,16 +82,7 @@ fi
 # --- 5. real training: Fashion-MNIST for 2 minutes, then eval; data wait at 224 ----------
 # The carried files (scripts/gpu-prepare.sh) are ingested here, timed like the rest.
 if part train; then
-if [ -z "${FMNIST_TRAIN:-}" ] && [ -e "$PACK/fmnist/train-images-idx3-ubyte.gz" ]; then
-  ingest "$PACK/fmnist/train-images-idx3-ubyte.gz" "$OUT/data/fmnist-train" --config configs/small.toml
-  ingest "$PACK/fmnist/t10k-images-idx3-ubyte.gz" "$OUT/data/fmnist-test" --config configs/small.toml
-fi
-if [ -z "${PHOTOS:-}" ] && [ -d "$PACK/photos" ]; then
-  ingest "$PACK/photos" "$OUT/data/photos"
-fi
-FMNIST_TRAIN=${FMNIST_TRAIN:-$OUT/data/fmnist-train}
-FMNIST_TEST=${FMNIST_TEST:-$OUT/data/fmnist-test}
-PHOTOS=${PHOTOS:-$OUT/data/photos}
+carried_datasets
 CFG=configs/gpu-fmnist.toml
 MINUTES=2
 if [ $DRY = 1 ]; then
@@ -138,12 +129,7 @@ if part objectives; then
 # views), scored by kNN against the same encoder at random init (seed 0 for all, so
 # scored once). Not in the default PARTS: its own call,
 #   run(command="OUT=$OUT PARTS=objectives TOTAL_SECS=280 CASE_SECS=60 bash scripts/gpu-check.sh", carry=["gpu-pack"], timeout_s=300)
-if [ -z "${FMNIST_TRAIN:-}" ] && [ -e "$PACK/fmnist/train-images-idx3-ubyte.gz" ]; then
-  ingest "$PACK/fmnist/train-images-idx3-ubyte.gz" "$OUT/data/fmnist-train" --config configs/small.toml
-  ingest "$PACK/fmnist/t10k-images-idx3-ubyte.gz" "$OUT/data/fmnist-test" --config configs/small.toml
-fi
-FMNIST_TRAIN=${FMNIST_TRAIN:-$OUT/data/fmnist-train}
-FMNIST_TEST=${FMNIST_TEST:-$OUT/data/fmnist-test}
+carried_datasets
 OBJ_MINUTES=${OBJ_MINUTES:-0.5}; MEMORY=16384
 [ $DRY = 1 ] && { OBJ_MINUTES=0.02; MEMORY=32; }
 random=(--random-init)

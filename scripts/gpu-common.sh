@@ -118,3 +118,18 @@ ingest() {
     || { say "FAIL: ingest $src (see logs/ingest-$(basename "$out").log)"; fail=1; }
   grep -E "^(ingested|time)" "$OUT/logs/ingest-$(basename "$out").log" | sed "s|^|ingest $(basename "$out"): |" | tee -a "$SUMMARY"
 }
+
+# The carried datasets (scripts/gpu-prepare.sh) ingested into $OUT/data, once, unless
+# FMNIST_TRAIN / PHOTOS name others; sets FMNIST_TRAIN, FMNIST_TEST and PHOTOS.
+carried_datasets() {
+  if [ -z "${FMNIST_TRAIN:-}" ] && [ -e "$PACK/fmnist/train-images-idx3-ubyte.gz" ]; then
+    ingest "$PACK/fmnist/train-images-idx3-ubyte.gz" "$OUT/data/fmnist-train" --config configs/small.toml
+    ingest "$PACK/fmnist/t10k-images-idx3-ubyte.gz" "$OUT/data/fmnist-test" --config configs/small.toml
+  fi
+  if [ -z "${PHOTOS:-}" ] && [ -d "$PACK/photos" ]; then
+    ingest "$PACK/photos" "$OUT/data/photos"
+  fi
+  FMNIST_TRAIN=${FMNIST_TRAIN:-$OUT/data/fmnist-train}
+  FMNIST_TEST=${FMNIST_TEST:-$OUT/data/fmnist-test}
+  PHOTOS=${PHOTOS:-$OUT/data/photos}
+}

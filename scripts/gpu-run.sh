@@ -35,16 +35,7 @@ CASE_SECS=${CASE_SECS:-150}
 TOTAL_SECS=${TOTAL_SECS:-290}
 source scripts/gpu-common.sh "$@"
 
-if [ -z "${FMNIST_TRAIN:-}" ] && [ -e "$PACK/fmnist/train-images-idx3-ubyte.gz" ]; then
-  ingest "$PACK/fmnist/train-images-idx3-ubyte.gz" "$OUT/data/fmnist-train" --config configs/small.toml
-  ingest "$PACK/fmnist/t10k-images-idx3-ubyte.gz" "$OUT/data/fmnist-test" --config configs/small.toml
-fi
-if [ -z "${PHOTOS:-}" ] && [ -d "$PACK/photos" ]; then
-  ingest "$PACK/photos" "$OUT/data/photos"
-fi
-FMNIST_TRAIN=${FMNIST_TRAIN:-$OUT/data/fmnist-train}
-FMNIST_TEST=${FMNIST_TEST:-$OUT/data/fmnist-test}
-PHOTOS=${PHOTOS:-$OUT/data/photos}
+carried_datasets
 
 # --- steady state: the run against the step ---------------------------------------------
 if part steady; then

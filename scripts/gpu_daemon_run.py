@@ -148,13 +148,17 @@ def wait(cond, what):
         time.sleep(0.1)
 
 
-addr = []
-wait(lambda: addr or (m := re.search(r"metrics on http://(\S+)/metrics", text())) and addr.append(m.group(1)),
-     "the metrics address")
+def address():
+    m = re.search(r"metrics on http://(\S+)/metrics", text())
+    return m and m.group(1)
+
+
+wait(address, "the metrics address")
+addr = address()
 
 
 def metrics():
-    body = urllib.request.urlopen(f"http://{addr[0]}/metrics", timeout=5).read().decode()
+    body = urllib.request.urlopen(f"http://{addr}/metrics", timeout=5).read().decode()
     out = {}
     for line in body.splitlines():
         if line and not line.startswith("#"):

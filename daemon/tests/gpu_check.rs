@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{ingest, text};
@@ -30,29 +30,40 @@ fn classes(dir: &Path, n: u32) -> std::path::PathBuf {
     src
 }
 
-#[test]
-fn the_gpu_check_dry_run_runs_every_part() {
-    let dir = tempfile::tempdir().unwrap();
-    let ds = dir.path().join("ds");
-    ingest(&classes(dir.path(), 24), &ds);
-    let out = dir.path().join("out");
+/// `scripts/SCRIPT --dry-run` on a small labelled set (every dataset the script reads),
+/// with `env` added and no time limit a slow CI machine could reach; returns the output
+/// folder (in `dir`) and its summary.
+fn dry_run(dir: &Path, script: &str, env: &[(&str, &std::ffi::OsStr)]) -> (PathBuf, String) {
+    let ds = dir.join("ds");
+    ingest(&classes(dir, 24), &ds);
+    let out = dir.join("out");
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let o = Command::new("bash")
-        .arg(repo.join("scripts/gpu-check.sh"))
+        .arg(repo.join("scripts").join(script))
         .arg("--dry-run")
         .env("OUT", &out)
         .env("BYOL", env!("CARGO_BIN_EXE_byol"))
         .env("FMNIST_TRAIN", &ds)
         .env("FMNIST_TEST", &ds)
         .env("PHOTOS", &ds)
-        // Every part, the objectives (their own call on a GPU) included; no time limit
-        // that a slow CI machine could reach.
-        .env("PARTS", "ops,step,check,train,objectives")
         .env("TOTAL_SECS", "1200")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap();
+    (out, summary)
+}
+
+#[test]
+fn the_gpu_check_dry_run_runs_every_part() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every part, the objectives (their own call on a GPU) included.
+    let (out, summary) = dry_run(
+        dir.path(),
+        "gpu-check.sh",
+        &[("PARTS", "ops,step,check,train,objectives".as_ref())],
+    );
     for part in [
         "ops-fp32: ",
         "ops-bf16: ",
@@ -98,24 +109,12 @@ fn the_gpu_check_dry_run_runs_every_part() {
 #[test]
 fn the_gpu_run_dry_run_measures_the_run_the_quality_run_and_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
-    let ds = dir.path().join("ds");
-    ingest(&classes(dir.path(), 24), &ds);
-    let out = dir.path().join("out");
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let o = Command::new("bash")
-        .arg(repo.join("scripts/gpu-run.sh"))
-        .arg("--dry-run")
-        .env("OUT", &out)
-        .env("BYOL", env!("CARGO_BIN_EXE_byol"))
-        .env("FMNIST_TRAIN", &ds)
-        .env("FMNIST_TEST", &ds)
-        .env("PHOTOS", &ds)
-        .env("PHOTOS_SRC", dir.path().join("src/bright"))
-        .env("TOTAL_SECS", "1200")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap();
+    let photos = dir.path().join("src/bright");
+    let (out, summary) = dry_run(
+        dir.path(),
+        "gpu-run.sh",
+        &[("PHOTOS_SRC", photos.as_os_str())],
+    );
     for part in [
         "daemon: ",
         "SIGTERM exit 0",

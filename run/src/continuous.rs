@@ -353,13 +353,13 @@ pub fn train_continuously(
         controls.wait(tick);
     };
     let records = dataset.live_records().count();
-    if let (Some(m), Some(memory)) = (trainer.config().memory(), trainer.objective().memory())
-        && m.size > records
+    if let Some(m) = trainer.objective().memory()
+        && m.capacity() > records
     {
         on_event(Event::MemoryFilling {
-            key: m.key,
-            size: m.size,
-            filled: memory.filled(),
+            key: m.key(),
+            size: m.capacity(),
+            filled: m.filled(),
             records,
         });
     }

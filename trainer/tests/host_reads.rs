@@ -5,9 +5,10 @@
 
 mod common;
 
+use common::tiny_model;
+
 use std::path::Path;
 
-use byol_trainer::config::ModelConfig;
 use byol_trainer::host::reads_on_this_thread;
 use byol_trainer::{TrainConfig, Trainer, TrainerConfig};
 use candle_core::Tensor;
@@ -62,13 +63,7 @@ fn every_device_read_goes_through_the_counting_function() {
 
 fn tiny() -> TrainerConfig {
     TrainerConfig {
-        model: ModelConfig {
-            width: 4,
-            projector_hidden: 32,
-            projection_dim: 16,
-            predictor_hidden: 32,
-            ..ModelConfig::small(4)
-        },
+        model: tiny_model(),
         train: TrainConfig {
             device: "cpu".into(),
             ..TrainConfig::default()

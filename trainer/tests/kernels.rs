@@ -3,6 +3,10 @@
 //! per-op check (`bench::op_check`) that holds a GPU's ops to ours, run here on candle's
 //! CPU ops.
 
+mod common;
+
+use common::tiny_model;
+
 use byol_trainer::config::{Kernels, ModelConfig};
 use byol_trainer::kernels;
 use byol_trainer::model::{Compute, Norm};
@@ -273,16 +277,6 @@ fn batch_norm_gradient_matches_finite_differences() {
         );
     }
     drop(vars);
-}
-
-fn tiny_model() -> ModelConfig {
-    ModelConfig {
-        width: 4,
-        projector_hidden: 32,
-        projection_dim: 16,
-        predictor_hidden: 32,
-        ..ModelConfig::small(4)
-    }
 }
 
 #[test]

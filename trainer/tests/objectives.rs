@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::{step_loss, views};
+use common::{step_loss, tiny_model, views};
 
-use byol_trainer::config::{ModelConfig, OptimizerKind, Schedule};
+use byol_trainer::config::{OptimizerKind, Schedule};
 use byol_trainer::loss::regression_loss;
 use byol_trainer::{
     Method, Objective, OptimConfig, TrainConfig, TrainError, Trainer, TrainerConfig, checkpoint,
@@ -16,13 +16,7 @@ use candle_core::{DType, Tensor, Var};
 /// queue of 10, so batches of 4 wrap around them).
 fn tiny(method: Method) -> TrainerConfig {
     let mut cfg = TrainerConfig {
-        model: ModelConfig {
-            width: 4,
-            projector_hidden: 32,
-            projection_dim: 16,
-            predictor_hidden: 32,
-            ..ModelConfig::small(4)
-        },
+        model: tiny_model(),
         optim: OptimConfig {
             optimizer: OptimizerKind::Adamw,
             base_lr: 1e-3,

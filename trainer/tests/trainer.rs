@@ -2,11 +2,11 @@
 
 mod common;
 
-use common::{step_loss, views};
+use common::{step_loss, tiny_model, views};
 
 use std::collections::HashMap;
 
-use byol_trainer::config::{ModelConfig, OptimizerKind, Schedule};
+use byol_trainer::config::{OptimizerKind, Schedule};
 use byol_trainer::model::is_running_stat;
 use byol_trainer::objective::Byol;
 use byol_trainer::optim::Lars;
@@ -18,13 +18,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 fn tiny() -> TrainerConfig {
     TrainerConfig {
-        model: ModelConfig {
-            width: 4,
-            projector_hidden: 32,
-            projection_dim: 16,
-            predictor_hidden: 32,
-            ..ModelConfig::small(4)
-        },
+        model: tiny_model(),
         optim: OptimConfig {
             optimizer: OptimizerKind::Lars,
             base_lr: 0.5,

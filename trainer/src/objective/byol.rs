@@ -82,10 +82,7 @@ impl Byol {
         cfg: &TrainerConfig,
         step: u64,
     ) -> Result<ObjectiveStats> {
-        let tau = cfg
-            .tau_at(cfg.train.total_steps, step)
-            .expect("BYOL has a target");
-        self.update_target(online, tau)?;
+        let tau = self.target.after_step(online, cfg, step)?;
         Ok(ObjectiveStats { tau: Some(tau) })
     }
 

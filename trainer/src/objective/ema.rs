@@ -1,5 +1,6 @@
 //! An exponential-moving-average copy of the shared network (encoder + projector): BYOL's
-//! and MSF's target, MoCo's key encoder.
+//! and MSF's target, MoCo's key encoder; and that copy with a memory of its embeddings
+//! (MSF's target and bank, MoCo's key encoder and queue).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -8,8 +9,10 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::TrainError;
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, TrainerConfig};
 use crate::model::{Compute, Network, is_running_stat, sorted};
+use crate::objective::memory::Memory;
+use crate::objective::{ObjectiveStats, split_state};
 
 /// A network whose weights follow the online network's by EMA; its own variables.
 pub struct EmaNetwork {
@@ -67,6 +70,16 @@ impl EmaNetwork {
         Ok(())
     }
 
+    /// The update after optimizer step `step` (0-based) with the objective's τ
+    /// ([`TrainerConfig::tau_at`]); returns τ.
+    pub fn after_step(&self, online: &VarMap, cfg: &TrainerConfig, step: u64) -> Result<f64> {
+        let tau = cfg
+            .tau_at(cfg.train.total_steps, step)
+            .expect("an objective with an EMA network has a tau");
+        self.update(online, tau)?;
+        Ok(tau)
+    }
+
     /// Its tensors as `<prefix><name>`.
     pub fn state(&self, prefix: &str) -> Vec<(String, Tensor)> {
         self.named()
@@ -89,5 +102,73 @@ impl EmaNetwork {
             .map(|(n, v)| (format!("{prefix}{n}"), v))
             .collect();
         crate::checkpoint::restore_vars(vars, tensors, file)
+    }
+}
+
+/// An EMA network and a memory of the unit embeddings it produced: MSF's target and bank,
+/// MoCo v2's key encoder and queue. Checkpointed as `<network_prefix><name>` and
+/// `<memory_prefix>{entries,pointer,filled}`.
+pub struct EmaWithMemory {
+    /// The EMA network.
+    pub network: EmaNetwork,
+    /// The memory (its size from [`TrainerConfig::memory`]).
+    pub memory: Memory,
+    network_prefix: &'static str,
+    memory_prefix: &'static str,
+}
+
+impl EmaWithMemory {
+    /// A network of the online one's shape (weights set by [`EmaNetwork::start`]) and an
+    /// empty memory of the objective's size, on `device`.
+    pub fn new(
+        cfg: &TrainerConfig,
+        compute: Compute,
+        device: &Device,
+        network_prefix: &'static str,
+        memory_prefix: &'static str,
+    ) -> Result<Self> {
+        let size = cfg
+            .memory()
+            .expect("an objective with a memory has a memory size");
+        Ok(EmaWithMemory {
+            network: EmaNetwork::new(&cfg.model, compute, device)?,
+            memory: Memory::new(size.key, size.size, cfg.model.projection_dim, device)?,
+            network_prefix,
+            memory_prefix,
+        })
+    }
+
+    /// The EMA update, then the batch's `keys` into the memory.
+    pub fn after_step(
+        &mut self,
+        online: &VarMap,
+        cfg: &TrainerConfig,
+        step: u64,
+        keys: Option<&Tensor>,
+    ) -> Result<ObjectiveStats> {
+        let tau = self.network.after_step(online, cfg, step)?;
+        if let Some(keys) = keys {
+            self.memory.push(keys)?;
+        }
+        Ok(ObjectiveStats { tau: Some(tau) })
+    }
+
+    /// The network's and the memory's tensors.
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut s = self.network.state(self.network_prefix);
+        s.extend(self.memory.state(self.memory_prefix)?);
+        Ok(s)
+    }
+
+    /// Restores [`EmaWithMemory::state`]; the memory first, so another size is refused
+    /// before the network changes.
+    pub fn load_state(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        file: &Path,
+    ) -> std::result::Result<(), TrainError> {
+        let (memory, network) = split_state(tensors, self.memory_prefix);
+        self.memory.load_state(self.memory_prefix, &memory, file)?;
+        self.network.load_state(self.network_prefix, &network, file)
     }
 }

@@ -45,6 +45,11 @@ impl Memory {
         })
     }
 
+    /// The config key of its size (`msf.bank_size`, `mocov2.queue_size`).
+    pub fn key(&self) -> &'static str {
+        self.key
+    }
+
     /// Rows it holds when full.
     pub fn capacity(&self) -> usize {
         self.entries.dims()[0]

@@ -19,63 +19,55 @@ use crate::TrainError;
 use crate::config::TrainerConfig;
 use crate::loss::l2_normalize;
 use crate::model::{Compute, Network};
-use crate::objective::ema::EmaNetwork;
+use crate::objective::ema::EmaWithMemory;
 use crate::objective::memory::Memory;
 use crate::objective::simclr::log_sum_exp;
-use crate::objective::{ObjectiveStats, Outcome, split_state};
+use crate::objective::{ObjectiveStats, Outcome};
 
 /// Prefix of the key encoder's tensors in the checkpoint's objective state.
 pub const KEY_PREFIX: &str = "key.";
 /// Prefix of the queue's tensors in the checkpoint's objective state.
 pub const QUEUE_PREFIX: &str = "queue.";
 
-/// MoCo v2's state: the key encoder and the queue.
+/// MoCo v2's state: the key encoder and its queue.
 pub struct MocoV2 {
     temperature: f64,
-    key: EmaNetwork,
-    queue: Memory,
+    key: EmaWithMemory,
 }
 
 impl MocoV2 {
     /// The key encoder (weights set by [`MocoV2::start`]) and an empty queue of
     /// `[mocov2] queue_size` keys on `online`'s device.
     pub fn new(cfg: &TrainerConfig, compute: Compute, online: VarBuilder) -> Result<Self> {
-        let d = cfg.model.projection_dim;
         Ok(MocoV2 {
             temperature: cfg.mocov2.temperature,
-            key: EmaNetwork::new(&cfg.model, compute, online.device())?,
-            queue: Memory::new(
-                "mocov2.queue_size",
-                cfg.mocov2.queue_size,
-                d,
-                online.device(),
-            )?,
+            key: EmaWithMemory::new(cfg, compute, online.device(), KEY_PREFIX, QUEUE_PREFIX)?,
         })
     }
 
     /// The key encoder starts as a copy of the online network.
     pub fn start(&mut self, online: &VarMap) -> Result<()> {
-        self.key.start(online)
+        self.key.network.start(online)
     }
 
     /// The key encoder.
     pub fn key_encoder(&self) -> &Network {
-        self.key.network()
+        self.key.network.network()
     }
 
     /// The queue.
     pub fn queue(&self) -> &Memory {
-        &self.queue
+        &self.key.memory
     }
 
     /// Queries from view 1, keys from view 2; InfoNCE against the queue as it is.
     pub fn loss(&self, network: &Network, v1: &Tensor, v2: &Tensor) -> Result<Outcome> {
         let z1 = network.forward_t(v1, true)?;
         let q = l2_normalize(&z1.to_dtype(DType::F32)?)?;
-        let k = self.key.network().forward_t(v2, true)?.detach();
+        let k = self.key_encoder().forward_t(v2, true)?.detach();
         let k = l2_normalize(&k.to_dtype(DType::F32)?)?;
         Ok(Outcome {
-            loss: info_nce(&q, &k, &self.queue.entries()?, self.temperature)?,
+            loss: info_nce(&q, &k, &self.queue().entries()?, self.temperature)?,
             embeddings: z1.detach(),
             keys: Some(k),
         })
@@ -89,21 +81,12 @@ impl MocoV2 {
         step: u64,
         keys: Option<&Tensor>,
     ) -> Result<ObjectiveStats> {
-        let tau = cfg
-            .tau_at(cfg.train.total_steps, step)
-            .expect("MoCo has a key encoder");
-        self.key.update(online, tau)?;
-        if let Some(keys) = keys {
-            self.queue.push(keys)?;
-        }
-        Ok(ObjectiveStats { tau: Some(tau) })
+        self.key.after_step(online, cfg, step, keys)
     }
 
     /// The key encoder as `key.<name>` and the queue as `queue.{entries,pointer,filled}`.
     pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut s = self.key.state(KEY_PREFIX);
-        s.extend(self.queue.state(QUEUE_PREFIX)?);
-        Ok(s)
+        self.key.state()
     }
 
     /// Restores [`MocoV2::state`].
@@ -112,9 +95,7 @@ impl MocoV2 {
         tensors: &HashMap<String, Tensor>,
         file: &Path,
     ) -> std::result::Result<(), TrainError> {
-        let (queue, key) = split_state(tensors, QUEUE_PREFIX);
-        self.queue.load_state(QUEUE_PREFIX, &queue, file)?;
-        self.key.load_state(KEY_PREFIX, &key, file)
+        self.key.load_state(tensors, file)
     }
 }
 

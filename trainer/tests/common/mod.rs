@@ -88,3 +88,14 @@ pub fn step_loss(
     t.step_tensors(a, b).unwrap();
     t.read_health().unwrap().loss
 }
+
+/// A width-4 ResNet-18 with the small stem and heads of 32 → 16: the tests' tiny network.
+pub fn tiny_model() -> byol_trainer::config::ModelConfig {
+    byol_trainer::config::ModelConfig {
+        width: 4,
+        projector_hidden: 32,
+        projection_dim: 16,
+        predictor_hidden: 32,
+        ..byol_trainer::config::ModelConfig::small(4)
+    }
+}
