@@ -58,6 +58,35 @@ pub struct LoaderConfig {
     pub refresh_every_batches: u64,
     /// Which buffers to fill.
     pub output: Output,
+    /// This process's share of every batch in data-parallel training (not a file
+    /// setting: the launcher's rank and world size). `batch_size` stays the global batch.
+    #[serde(skip)]
+    pub part: Part,
+}
+
+/// One process's contiguous share of every global batch: images
+/// `[len · rank / world, len · (rank + 1) / world)` of a batch of `len`. The epoch plan is
+/// a pure function of the seed, the epoch and the records, so the ranks' shares are
+/// disjoint and together make the batch one process would load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    /// This process's rank, `0..world`.
+    pub rank: usize,
+    /// Number of processes sharing each batch.
+    pub world: usize,
+}
+
+impl Default for Part {
+    fn default() -> Self {
+        Part { rank: 0, world: 1 }
+    }
+}
+
+impl Part {
+    /// The slots `[start, end)` of a batch of `len` images this part loads.
+    pub fn range(&self, len: usize) -> std::ops::Range<usize> {
+        len * self.rank / self.world..len * (self.rank + 1) / self.world
+    }
 }
 
 impl Default for LoaderConfig {
@@ -74,6 +103,7 @@ impl Default for LoaderConfig {
             newest_records: 10_000,
             refresh_every_batches: 0,
             output: Output::F32,
+            part: Part::default(),
         }
     }
 }
@@ -101,6 +131,27 @@ impl LoaderConfig {
             return bad(
                 "newest_records",
                 "must be at least 1 when newest_share > 0".into(),
+            );
+        }
+        let Part { rank, world } = self.part;
+        if world == 0 || rank >= world {
+            return bad("part", format!("rank {rank} of a world of {world}"));
+        }
+        if world > 1 && !self.batch_size.is_multiple_of(world) {
+            return bad(
+                "batch_size",
+                format!(
+                    "the global batch of {} does not split evenly over {world} processes",
+                    self.batch_size
+                ),
+            );
+        }
+        if world > 1 && !self.drop_last {
+            return bad(
+                "drop_last",
+                format!(
+                    "must be true with {world} processes: an epoch's short last batch cannot be split evenly"
+                ),
             );
         }
         if self.sequential_per_batch() == 0 {

@@ -28,9 +28,13 @@
 //! ```
 //!
 //! ## Sampling policy for continuous training
-//! Epochs run over every record present when the epoch starts; shards added meanwhile
-//! join at the next epoch boundary (checked automatically, or at once with
-//! [`Loader::refresh`] for the next epoch). With `newest_share > 0`, that share of each
+//! Epochs run over the records their domain was decided with; shards added meanwhile
+//! join at the next epoch or refresh boundary once the step loop applies the growth with
+//! [`Loader::refresh`] (or [`Loader::refresh_to`], a count decided by rank 0 in
+//! data-parallel training) at a step boundary: the workers never look at the manifest,
+//! so the batches depend on the steps at which growth was applied, never on when a
+//! commit landed. Data-parallel ranks each load their contiguous share of every global
+//! batch (`LoaderConfig::part`). With `newest_share > 0`, that share of each
 //! batch is drawn from the `newest_records` most recently ingested records (seeded per
 //! slot), the rest follows the epoch order; an epoch then has fewer records per batch
 //! from the order, hence more batches.
@@ -40,7 +44,7 @@ mod loader;
 mod plan;
 mod slots;
 
-pub use config::{LoaderConfig, Order, Output};
+pub use config::{LoaderConfig, Order, Output, Part};
 pub use loader::{Batch, Loader, LoaderState, LoaderStats};
 
 /// Errors starting a loader.

@@ -70,8 +70,36 @@ pub struct LoaderStats {
 struct Plans {
     /// Plans still in use, oldest first.
     queue: VecDeque<Arc<EpochPlan>>,
-    /// The newest view of the dataset; the next epoch is planned over it.
-    latest: Arc<Dataset>,
+    /// The epoch domains the consumer decided ([`Loader::refresh`]), oldest first: a
+    /// boundary at global batch `b` is planned with the newest one whose `from` ≤ `b`.
+    decisions: VecDeque<Decision>,
+}
+
+/// One decision of the epoch domain, taken at a step boundary.
+#[derive(Clone)]
+struct Decision {
+    /// The first global batch it may apply to: past every batch the workers could have
+    /// planned when it was taken (the buffer pool's reach).
+    from: u64,
+    /// The dataset view it plans over, and how many of its records (the first ones).
+    dataset: Arc<Dataset>,
+    records: u64,
+}
+
+impl Plans {
+    /// The decision that applies to a boundary at global batch `b`.
+    fn decision_for(&self, b: u64) -> &Decision {
+        self.decisions
+            .iter()
+            .rev()
+            .find(|d| d.from <= b)
+            .unwrap_or(&self.decisions[0])
+    }
+
+    /// The newest decision.
+    fn latest(&self) -> &Decision {
+        self.decisions.back().expect("the loader's start is a decision")
+    }
 }
 
 struct Shared {
@@ -105,6 +133,9 @@ pub struct Loader {
     started: Instant,
     images: u64,
     wait: Duration,
+    /// The manifest file's stamp at the last look: a step
+    /// boundary re-reads the manifest only when they changed.
+    manifest_stamp: Option<ManifestStamp>,
 }
 
 impl Loader {
@@ -173,14 +204,16 @@ impl Loader {
                 state.batch, state.epoch, first.batches
             )));
         }
+        let first = Arc::new(first);
         let (f32_len, u8_len) = match cfg.output {
             Output::F32 => (aug.view_len(), 0),
             Output::U8 => (0, aug.view_len()),
             Output::Both => (aug.view_len(), aug.view_len()),
         };
         let pool = cfg.batches_ahead + 2;
+        let share = cfg.part.range(cfg.batch_size).len();
         let slots = (0..pool as u64)
-            .map(|b| Slot::new(b, cfg.batch_size, f32_len, u8_len))
+            .map(|b| Slot::new(b, share, f32_len, u8_len))
             .collect();
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(pool);
         let threads = cfg.threads;
@@ -193,8 +226,14 @@ impl Loader {
             next_sample: AtomicU64::new(0),
             slots,
             plans: Mutex::new(Plans {
-                queue: VecDeque::from([Arc::new(first)]),
-                latest: dataset,
+                queue: VecDeque::from([first.clone()]),
+                // Until the step loop applies growth, boundaries keep the domain the
+                // run started (or resumed) in.
+                decisions: VecDeque::from([Decision {
+                    from: 0,
+                    records: first.records,
+                    dataset,
+                }]),
             }),
             wake: (Mutex::new(()), Condvar::new()),
             ready: ready_tx,
@@ -232,6 +271,7 @@ impl Loader {
             started: Instant::now(),
             images: 0,
             wait: Duration::ZERO,
+            manifest_stamp: None,
         })
     }
 
@@ -310,12 +350,10 @@ impl Loader {
             // A refresh boundary not planned yet: a resume decides there, as this run will.
             here
         } else {
-            // The next epoch's domain is decided when it is planned; a resume re-plans it
-            // over the shards present then, exactly as a run that did not stop.
-            let latest = (
-                plans.latest.shards().len(),
-                plans.latest.manifest().total_records(),
-            );
+            // The next epoch's domain is the decision that applies at its first batch;
+            // a resume re-plans it over the shards present then.
+            let d = plans.decision_for(plan.end_global());
+            let latest = (d.dataset.shards().len(), d.records);
             let (next_shards, next_records) = plans
                 .queue
                 .iter()
@@ -347,14 +385,90 @@ impl Loader {
             .map_or(plans.queue[0].batches, |p| p.batches)
     }
 
-    /// Looks for shards added to the manifest since the dataset was opened; the next
-    /// epoch samples them. Returns how many shards the next epoch will see.
-    pub fn refresh(&self) -> Result<usize, LoaderError> {
-        let mut plans = self.shared.plans.lock().unwrap();
-        if let Some(ds) = plans.latest.refreshed()? {
-            plans.latest = Arc::new(ds);
+    /// Applies dataset growth at a step boundary: re-reads the manifest (only when its
+    /// file changed since the last look) and decides the epoch domain of every epoch or
+    /// refresh boundary past the batches the workers may already have planned (the
+    /// buffer pool's reach, `batches_ahead + 2` batches). The workers never look at the
+    /// manifest themselves, so where new records join depends on the steps at which
+    /// this is called, not on when a commit landed. Returns the records the next
+    /// boundaries plan with.
+    ///
+    /// Errors: the manifest cannot be read ([`LoaderError::Dataset`]); the decision in
+    /// force stays.
+    pub fn refresh(&mut self) -> Result<u64, LoaderError> {
+        let stamp = manifest_stamp(&self.latest_dataset());
+        if stamp.is_some() && stamp == self.manifest_stamp {
+            return Ok(self.shared.plans.lock().unwrap().latest().records);
         }
-        Ok(plans.latest.shards().len())
+        let (current, decided) = {
+            let plans = self.shared.plans.lock().unwrap();
+            (plans.latest().dataset.clone(), plans.latest().records)
+        };
+        let dataset = current.refreshed()?.map_or(current.clone(), Arc::new);
+        let records = dataset.manifest().total_records();
+        if records != decided || !Arc::ptr_eq(&dataset, &current) {
+            self.decide(dataset, records);
+        }
+        self.manifest_stamp = stamp;
+        Ok(self.shared.plans.lock().unwrap().latest().records)
+    }
+
+    /// [`Loader::refresh`] with the record count decided elsewhere (data-parallel
+    /// training: rank 0's count, broadcast): the next boundaries plan with the first
+    /// `records` records. A manifest that shows fewer is re-read until it shows them
+    /// (a commit another process saw first), for at most `patience`.
+    ///
+    /// Errors: the dataset still has fewer records after `patience`
+    /// ([`LoaderError::State`]), or its manifest cannot be read.
+    pub fn refresh_to(&mut self, records: u64, patience: Duration) -> Result<(), LoaderError> {
+        if self.shared.plans.lock().unwrap().latest().records == records {
+            return Ok(());
+        }
+        let deadline = Instant::now() + patience;
+        let mut dataset = self.latest_dataset();
+        loop {
+            if let Some(ds) = dataset.refreshed()? {
+                dataset = Arc::new(ds);
+            }
+            let have = dataset.manifest().total_records();
+            if have >= records {
+                self.manifest_stamp = manifest_stamp(&dataset);
+                self.decide(dataset, records);
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(LoaderError::State(format!(
+                    "{} has {have} records after {:.0} s, but the run decided on {records}",
+                    dataset.dir().display(),
+                    patience.as_secs_f64()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The dataset view of the newest decision.
+    fn latest_dataset(&self) -> Arc<Dataset> {
+        self.shared.plans.lock().unwrap().latest().dataset.clone()
+    }
+
+    /// Records a decision for the boundaries no worker can have planned yet.
+    fn decide(&mut self, dataset: Arc<Dataset>, records: u64) {
+        let from = self.next_global + self.shared.slots.len() as u64;
+        let mut plans = self.shared.plans.lock().unwrap();
+        // Decisions no boundary still to be planned can use are dropped.
+        let planned_to = plans.queue.back().map_or(0, |p| p.end_global());
+        while plans.decisions.len() > 1 && plans.decisions[1].from <= planned_to {
+            plans.decisions.pop_front();
+        }
+        if plans.latest().from == from {
+            plans.decisions.pop_back();
+        }
+        plans.decisions.push_back(Decision {
+            from,
+            dataset,
+            records,
+        });
     }
 
     /// Throughput and health counters.
@@ -529,6 +643,12 @@ fn worker_loop(shared: &Shared, started: &Barrier) {
     while !shared.stop.load(Ordering::Acquire) {
         let g = shared.next_sample.fetch_add(1, Ordering::Relaxed);
         let (global_batch, slot_in_batch) = (g / batch_size, (g % batch_size) as usize);
+        // The slot first: a boundary is planned only once its batch's buffer is free,
+        // so within the pool's reach of the consumer (see `Loader::refresh`).
+        let slot = &shared.slots[(global_batch % pool) as usize];
+        if !wait_for_slot(shared, slot, global_batch) {
+            return;
+        }
         // The plan of the previous sample usually still applies: no lock then.
         let plan = match cached.take() {
             Some(p) if p.first_global <= global_batch && global_batch < p.end_global() => p,
@@ -544,16 +664,14 @@ fn worker_loop(shared: &Shared, started: &Barrier) {
             reserved = plan.max_record;
         }
         let batch = plan.first_batch + (global_batch - plan.first_global);
-        let len = plan.batch_len(batch);
-        if slot_in_batch >= len {
-            continue; // the short last batch of an epoch
+        // This process's share of the batch (all of it outside data-parallel training).
+        let share = shared.cfg.part.range(plan.batch_len(batch));
+        if !share.contains(&slot_in_batch) {
+            continue; // another rank's, or past the short last batch of an epoch
         }
-        let slot = &shared.slots[(global_batch % pool) as usize];
-        if !wait_for_slot(shared, slot, global_batch) {
-            return;
-        }
-        fill_sample(shared, &plan, batch, slot_in_batch, slot, &mut scratch);
-        if slot_in_batch == 0 {
+        let (at, len) = (slot_in_batch - share.start, share.len());
+        fill_sample(shared, &plan, batch, (slot_in_batch, at), slot, &mut scratch);
+        if at == 0 {
             slot.epoch.store(plan.epoch, Ordering::Relaxed);
             slot.index_in_epoch.store(batch, Ordering::Relaxed);
             slot.domain_records.store(plan.records, Ordering::Relaxed);
@@ -565,6 +683,16 @@ fn worker_loop(shared: &Shared, started: &Barrier) {
         }
     }
 }
+
+/// The stamp of `dataset`'s manifest file (`None`: unreadable).
+fn manifest_stamp(dataset: &Dataset) -> Option<ManifestStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dataset.dir().join(byol_ingest::manifest::MANIFEST_FILE)).ok()?;
+    Some((meta.len(), meta.ino(), meta.modified().ok()?))
+}
+
+/// A manifest file's size, inode and modification time (it is replaced by a rename).
+type ManifestStamp = (u64, u64, std::time::SystemTime);
 
 /// The plan that holds `global_batch`, planning the next epoch when needed.
 fn plan_for(shared: &Shared, global_batch: u64) -> Option<Arc<EpochPlan>> {
@@ -578,17 +706,11 @@ fn plan_for(shared: &Shared, global_batch: u64) -> Option<Arc<EpochPlan>> {
             return Some(p.clone());
         }
         let last = plans.queue.back()?.clone();
-        // Epoch or refresh boundary: pick up shards added since; the epoch goes on when
-        // the dataset kept its shards, the next one starts over all of them otherwise.
-        match plans.latest.refreshed() {
-            Ok(Some(ds)) => plans.latest = Arc::new(ds),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "dataset refresh failed; the next epoch uses the shards known so far")
-            }
-        }
-        let dataset = plans.latest.clone();
-        let records = dataset.manifest().total_records();
+        // Epoch or refresh boundary: the consumer's decision for it (`Loader::refresh`);
+        // the epoch goes on when the domain kept its records, the next one starts over
+        // all of them otherwise.
+        let decision = plans.decision_for(last.end_global()).clone();
+        let (dataset, records) = (decision.dataset, decision.records);
         if last.ends_early() && records == last.records {
             plans.queue.push_back(Arc::new(last.continued(dataset)));
             continue;
@@ -626,7 +748,7 @@ fn fill_sample(
     shared: &Shared,
     plan: &EpochPlan,
     batch: u64,
-    slot_in_batch: usize,
+    (slot_in_batch, at): (usize, usize),
     slot: &Slot,
     sc: &mut WorkerScratch,
 ) {
@@ -634,15 +756,16 @@ fn fill_sample(
     let f32_len = shared.f32_len;
     let u8_len = shared.u8_len;
     // SAFETY: this worker alone claimed sample `slot_in_batch` of this batch (module
-    // invariant of `slots`), so these ranges are written by no one else.
+    // invariant of `slots`), stored at `at` of this process's share, so these ranges are
+    // written by no one else.
     let (v1, v2, u1, u2, label, record) = unsafe {
         (
-            slot.view1.slice_mut(slot_in_batch * f32_len, f32_len),
-            slot.view2.slice_mut(slot_in_batch * f32_len, f32_len),
-            slot.view1_u8.slice_mut(slot_in_batch * u8_len, u8_len),
-            slot.view2_u8.slice_mut(slot_in_batch * u8_len, u8_len),
-            &mut slot.labels.slice_mut(slot_in_batch, 1)[0],
-            &mut slot.records.slice_mut(slot_in_batch, 1)[0],
+            slot.view1.slice_mut(at * f32_len, f32_len),
+            slot.view2.slice_mut(at * f32_len, f32_len),
+            slot.view1_u8.slice_mut(at * u8_len, u8_len),
+            slot.view2_u8.slice_mut(at * u8_len, u8_len),
+            &mut slot.labels.slice_mut(at, 1)[0],
+            &mut slot.records.slice_mut(at, 1)[0],
         )
     };
     // The planned record, then deterministic substitutes: probes, and at last the

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use byol_loader::{Loader, LoaderConfig, LoaderError, LoaderState, Order};
+use byol_loader::{Loader, LoaderConfig, LoaderError, LoaderState, Order, Part};
 use common::*;
 
 #[test]
@@ -183,12 +183,11 @@ fn corrupt_record_is_skipped_counted_and_the_batch_still_full() {
 fn refresh_sees_a_new_shard_at_the_next_epoch() {
     let dir = tempfile::tempdir().unwrap();
     let path = dataset(dir.path(), 16);
-    let shards_before = open(&path).shards().len();
     let mut loader = Loader::new(open(&path), augmenter(), config(8, 1), None).unwrap();
     take(&mut loader, 1);
     let src = write_images(dir.path(), 16, 16);
     ingest_into(&src, dir.path());
-    assert!(loader.refresh().unwrap() > shards_before);
+    assert_eq!(loader.refresh().unwrap(), 32, "the next boundaries plan all 32");
     // Finish what was already planned, then a later epoch covers all 32 records.
     let seen = take(&mut loader, 14);
     // The last complete epoch (one more started after it) spans all 32 records.
@@ -436,4 +435,126 @@ fn batches_hold_only_live_records_whatever_share_is_retired() {
     // Batches planned before the retirement may still hold the records it retired.
     take(&mut loader, 4);
     check(&path, &take(&mut loader, 20), "retired while running");
+}
+
+/// Data-parallel shares: each rank's batches are its contiguous share of the batches one
+/// process loads (records, labels and pixels), and a resume of a share stays exact.
+#[test]
+fn the_parts_of_a_batch_are_the_batch_one_process_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dataset(dir.path(), 48); // 6 batches of 8 per epoch
+    let part = |rank, world| LoaderConfig {
+        part: Part { rank, world },
+        ..config(8, 2)
+    };
+    let whole = take(
+        &mut Loader::new(open(&path), augmenter(), config(8, 2), None).unwrap(),
+        9,
+    );
+    for world in [2, 4] {
+        let shares: Vec<Vec<Seen>> = (0..world)
+            .map(|rank| {
+                let cfg = part(rank, world);
+                take(&mut Loader::new(open(&path), augmenter(), cfg, None).unwrap(), 9)
+            })
+            .collect();
+        for (b, expected) in whole.iter().enumerate() {
+            let join = |f: &dyn Fn(&Seen) -> Vec<u64>| -> Vec<u64> {
+                shares.iter().flat_map(|s| f(&s[b])).collect()
+            };
+            assert_eq!(join(&|s| s.records.clone()), expected.records, "world {world} batch {b}");
+            let labels = |s: &Seen| s.labels.iter().map(|&l| u64::from(l)).collect();
+            let view1 = |s: &Seen| s.view1.iter().map(|&l| u64::from(l)).collect();
+            assert_eq!(join(&labels), labels(expected));
+            assert_eq!(join(&view1), view1(expected), "world {world} batch {b}: pixels");
+            assert!(shares.iter().all(|s| s[b].epoch == expected.epoch));
+        }
+    }
+    // A share resumed from its own state goes on exactly.
+    let mut loader = Loader::new(open(&path), augmenter(), part(1, 2), None).unwrap();
+    let straight = take(&mut loader, 4);
+    let state = straight_state(&path, part(1, 2), 2);
+    let mut resumed = Loader::new(open(&path), augmenter(), part(1, 2), Some(state)).unwrap();
+    assert!(take(&mut resumed, 2) == straight[2..]);
+    // A share that cannot be even, or a short last batch, is refused by name.
+    for (cfg, key) in [
+        (
+            LoaderConfig {
+                batch_size: 6,
+                ..part(0, 4)
+            },
+            "batch_size",
+        ),
+        (
+            LoaderConfig {
+                drop_last: false,
+                ..part(0, 2)
+            },
+            "drop_last",
+        ),
+        (part(2, 2), "part"),
+    ] {
+        match Loader::new(open(&path), augmenter(), cfg, None) {
+            Err(LoaderError::Config { key: k, .. }) => assert_eq!(k, key),
+            Err(e) => panic!("{key}: {e}"),
+            Ok(_) => panic!("{key}: accepted"),
+        }
+    }
+}
+
+/// The loader state after `n` batches of a fresh loader with `cfg`.
+fn straight_state(path: &std::path::Path, cfg: LoaderConfig, n: usize) -> LoaderState {
+    let mut loader = Loader::new(open(path), augmenter(), cfg, None).unwrap();
+    take(&mut loader, n);
+    loader.state()
+}
+
+/// Growth is an explicit change: where new records join depends only on the step at
+/// which the step loop applied it, not on when the commit landed. Two loaders that see
+/// the same commit at different moments (one before it started, one while its workers
+/// were running ahead) but refresh at the same step yield identical batches; and a
+/// loader told the record count (`refresh_to`, data-parallel ranks) matches one that
+/// read it itself.
+#[test]
+fn growth_joins_at_the_step_that_applied_it_whenever_it_was_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dataset(dir.path(), 64); // 8 batches of 8 per epoch
+    let cfg = || LoaderConfig {
+        refresh_every_batches: 2,
+        batches_ahead: 2,
+        ..config(8, 2)
+    };
+    // Grown under a running loader, which does not refresh until step 3.
+    let mut early = Loader::new(open(&path), augmenter(), cfg(), None).unwrap();
+    let mut a: Vec<Seen> = (0..3).map(|_| seen(&early.next_batch())).collect();
+    std::thread::sleep(Duration::from_millis(50)); // the workers are as far ahead as they go
+    let src = write_images(dir.path(), 64, 16);
+    ingest_into(&src, dir.path());
+    std::thread::sleep(Duration::from_millis(50));
+    a.extend((0..3).map(|_| seen(&early.next_batch())));
+    assert!(
+        a.iter().flat_map(|s| &s.records).all(|&r| r < 64),
+        "not applied: no new record"
+    );
+    assert_eq!(early.refresh().unwrap(), 80);
+    a.extend(take(&mut early, 12));
+    // The same steps on a loader whose dataset was already grown, but which starts from
+    // the 64-record state and is told the count at step 6 like the first one.
+    let state = LoaderState {
+        records: Some(64),
+        ..straight_state(&path, cfg(), 0)
+    };
+    let mut told = Loader::new(open(&path), augmenter(), cfg(), Some(state)).unwrap();
+    let mut b: Vec<Seen> = (0..6).map(|_| seen(&told.next_batch())).collect();
+    told.refresh_to(80, Duration::from_secs(1)).unwrap();
+    b.extend((0..12).map(|_| seen(&told.next_batch())));
+    assert!(a == b, "the same batches");
+    // Decided at step 6: past the pool's reach (batches_ahead + 2 = 4), i.e. at the first
+    // refresh boundary from batch 10 on, where an epoch over all 80 records starts.
+    assert!(a[..10].iter().flat_map(|s| &s.records).all(|&r| r < 64));
+    assert_eq!((a[10].epoch, a[10].index), (a[9].epoch + 1, 0));
+    assert!(a[10..].iter().flat_map(|s| &s.records).any(|&r| r >= 64));
+    // Told of records the manifest never shows: a clear error after the patience.
+    let err = told.refresh_to(1000, Duration::from_millis(100)).unwrap_err();
+    assert!(err.to_string().contains("1000"), "{err}");
 }

@@ -74,8 +74,15 @@ pub struct Seen {
     pub view1_u8: Vec<u8>,
 }
 
+/// `n` batches taken as a training loop takes them: dataset growth applied at each
+/// step boundary ([`byol_loader::Loader::refresh`]), then the next batch.
 pub fn take(loader: &mut byol_loader::Loader, n: usize) -> Vec<Seen> {
-    (0..n).map(|_| seen(&loader.next_batch())).collect()
+    (0..n)
+        .map(|_| {
+            loader.refresh().expect("the manifest reads");
+            seen(&loader.next_batch())
+        })
+        .collect()
 }
 
 /// What a batch holds.
