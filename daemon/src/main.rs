@@ -48,8 +48,19 @@ fn main() -> ExitCode {
         format.unwrap_or(cli::LogFormat::Text),
         console,
     );
-    match run(cli) {
-        Ok(code) => code,
+    let outcome = run(cli);
+    let group = byol_trainer::dist::group();
+    match outcome {
+        Ok(code) => {
+            byol_trainer::dist::finalize();
+            code
+        }
+        Err(e) if group.world() > 1 => {
+            // The other ranks would wait for this one forever: end the whole job.
+            eprintln!("error: rank {} of {}: {e:#}", group.rank(), group.world());
+            byol_trainer::dist::abort(1);
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

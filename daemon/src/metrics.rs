@@ -485,10 +485,11 @@ mod tests {
             knn_accuracy: None,
             knn_skipped_records: None,
         };
-        let report = |line| byol_run::StepReport {
+        let report = |line: Option<byol_run::MetricsLine>| byol_run::StepReport {
             stats,
             epoch: 0,
             images: 256,
+            logged: line.is_some(),
             line,
             checkpoint: None,
             metrics_error: None,

@@ -3,6 +3,10 @@
 //! Nothing beside the step may lose the training: side inputs (`[monitor]`) are checked
 //! before the first step, and an error after it, or SIGINT/SIGTERM, checkpoints the last
 //! completed step before the process exits.
+//!
+//! Under `mpirun -np N` (built with the `mpi` feature) the N processes train one model
+//! data-parallel: each loads its share of every global batch, rank 0 decides when to
+//! stop (signals, `--minutes`) and alone writes under the run folder and prints.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,10 +18,11 @@ use byol_ingest::Dataset;
 use byol_loader::{Loader, Output};
 use byol_run::continuous::{Controls, DaemonSettings, Settings, TrainSettings};
 use byol_run::{
-    CheckpointPolicy, FaultPoints, Monitor, RETRY_AFTER, Run, RunDir, RunParts, StepReport, resume,
-    schedule_change,
+    CheckpointPolicy, FaultPoints, Monitor, RETRY_AFTER, Run, RunDir, RunParts, StepReport,
+    resume_agreed, schedule_change,
 };
 use byol_trainer::Trainer;
+use byol_trainer::dist;
 
 use crate::cli::TrainArgs;
 use crate::config::Config;
@@ -36,6 +41,8 @@ struct Budget {
 
 /// Runs `byol train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let group = dist::init()?;
+    let main = group.is_main();
     let mut cfg = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
@@ -56,6 +63,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     trainer_cfg.validate()?;
     let mut loader_cfg = cfg.loader.clone();
     loader_cfg.output = Output::F32;
+    loader_cfg.part = byol_loader::Part {
+        rank: group.rank(),
+        world: group.world(),
+    };
     let aug = Augmenter::new(cfg.augment.clone().unwrap_or_default())
         .context("invalid [augment] settings")?;
     let dataset = Dataset::open(&args.data)
@@ -80,20 +91,23 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             ckpt_dir.display()
         );
     }
-    let _lock = dir.lock()?;
+    // Only rank 0 writes under the run folder.
+    let _lock = if main { Some(dir.lock()?) } else { None };
     let mut trainer = Trainer::new(trainer_cfg, loader_cfg.batch_size)?;
     let state = if args.resume {
-        let resumed = resume(&mut trainer, &ckpt_dir)
+        let resumed = resume_agreed(&mut trainer, &ckpt_dir)
             .context("cannot resume")?
             .with_context(|| format!("--resume: no checkpoint in {}", ckpt_dir.display()))?;
         for (path, reason) in &resumed.skipped {
             eprintln!("warning: passed over {}: {reason}", path.display());
         }
-        println!(
-            "resumed from {} (step {})",
-            resumed.path.display(),
-            resumed.meta.step
-        );
+        if main {
+            println!(
+                "resumed from {} (step {})",
+                resumed.path.display(),
+                resumed.meta.step
+            );
+        }
         // A `--minutes` run refits the schedules to its budget on purpose.
         if let Some(change) =
             schedule_change(&resumed.meta, &trainer).filter(|_| args.minutes.is_none())
@@ -118,7 +132,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         size_warning(&args.data, short_side, view_size),
         memory_warning,
     ];
-    for warning in warnings.into_iter().flatten() {
+    for warning in warnings.into_iter().flatten().filter(|_| main) {
         eprintln!("warning: {warning}");
         tracing::info!("{warning}");
     }
@@ -149,8 +163,24 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             calibrated: false,
         }),
     };
+    if group.world() > 1 && main {
+        println!(
+            "data-parallel: {} processes, {} images each of every global batch of {}",
+            group.world(),
+            cfg.loader.batch_size / group.world(),
+            cfg.loader.batch_size
+        );
+    }
     let started = Instant::now();
     let outcome = train.steps(target);
+    // A failure of one rank's step is not its peers': the job ends at once (the binary
+    // aborts every rank), keeping the last checkpoint.
+    if group.world() > 1
+        && let Err(e) = &outcome
+        && !matches!(e, byol_run::RunError::NonFiniteLoss { .. })
+    {
+        return Err(outcome.unwrap_err().into());
+    }
     let run = &mut train.run;
     // Whatever ended the loop, the last completed step is kept, with its metrics lines
     // (the daemon's path too).
@@ -187,12 +217,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
                 Some(sig) => format!("stopped by signal {sig} at step"),
                 None => "trained to step".into(),
             };
-            println!(
-                "{how} {step} in {:.1} s; metrics in {}, checkpoints in {}",
-                started.elapsed().as_secs_f64(),
-                run.dir().metrics().display(),
-                ckpt_dir.display()
-            );
+            if main {
+                println!(
+                    "{how} {step} in {:.1} s; metrics in {}, checkpoints in {}",
+                    started.elapsed().as_secs_f64(),
+                    run.dir().metrics().display(),
+                    ckpt_dir.display()
+                );
+            }
             Ok(match stop {
                 Some(sig) => ExitCode::from(128 + sig as u8),
                 None => ExitCode::SUCCESS,
@@ -217,10 +249,15 @@ impl TrainLoop {
         // When and at which step the calibration of a `--minutes` run started timing
         // (after its first step, which pays one-off costs).
         let mut calibration = (Instant::now(), first_step);
+        let group = dist::group();
         while self.run.trainer().steps_done() < target {
-            if let Some(sig) = self.controls.stop_requested() {
+            // A stop is rank 0's decision (mpirun forwards signals to every rank, but not
+            // at the same step).
+            let mut stop = [self.controls.stop_requested().map_or(0, |s| s as u64 + 1)];
+            group.broadcast_u64(&mut stop);
+            if stop[0] > 0 {
                 bar.finish();
-                return Ok(Some(sig));
+                return Ok(Some(stop[0] as i32 - 1));
             }
             // The last step of a `--minutes` run is the one that reaches the deadline,
             // and the last step of the target is logged.
@@ -237,11 +274,21 @@ impl TrainLoop {
             // The last step: the deadline's, or the target's (also one that a
             // `--minutes` fit has just moved to the step done, after its step was
             // taken without a forced log).
-            let last = out_of_time(&self.budget) || self.run.trainer().steps_done() >= target;
-            let logged = match (&report.line, last) {
-                (Some(line), _) => Some(line.clone()),
-                (None, true) => Some(self.run.log_last(&report)?),
-                (None, false) => None,
+            let mut last = out_of_time(&self.budget) || self.run.trainer().steps_done() >= target;
+            if group.world() > 1 {
+                // The budget's clock and fit are rank 0's.
+                let mut word = [u64::from(last), target];
+                group.broadcast_u64(&mut word);
+                if word[1] != target && self.budget.is_some() {
+                    target = word[1];
+                    self.run.trainer_mut().set_total_steps(target);
+                }
+                last = word[0] == 1;
+            }
+            let logged = match (report.logged, last) {
+                (true, _) => report.line.clone(),
+                (false, true) => Some(self.run.log_last(&report)?),
+                (false, false) => None,
             };
             if let Some(line) = logged {
                 bar.message(&format!(

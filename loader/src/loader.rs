@@ -98,7 +98,9 @@ impl Plans {
 
     /// The newest decision.
     fn latest(&self) -> &Decision {
-        self.decisions.back().expect("the loader's start is a decision")
+        self.decisions
+            .back()
+            .expect("the loader's start is a decision")
     }
 }
 
@@ -670,7 +672,14 @@ fn worker_loop(shared: &Shared, started: &Barrier) {
             continue; // another rank's, or past the short last batch of an epoch
         }
         let (at, len) = (slot_in_batch - share.start, share.len());
-        fill_sample(shared, &plan, batch, (slot_in_batch, at), slot, &mut scratch);
+        fill_sample(
+            shared,
+            &plan,
+            batch,
+            (slot_in_batch, at),
+            slot,
+            &mut scratch,
+        );
         if at == 0 {
             slot.epoch.store(plan.epoch, Ordering::Relaxed);
             slot.index_in_epoch.store(batch, Ordering::Relaxed);

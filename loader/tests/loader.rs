@@ -187,7 +187,11 @@ fn refresh_sees_a_new_shard_at_the_next_epoch() {
     take(&mut loader, 1);
     let src = write_images(dir.path(), 16, 16);
     ingest_into(&src, dir.path());
-    assert_eq!(loader.refresh().unwrap(), 32, "the next boundaries plan all 32");
+    assert_eq!(
+        loader.refresh().unwrap(),
+        32,
+        "the next boundaries plan all 32"
+    );
     // Finish what was already planned, then a later epoch covers all 32 records.
     let seen = take(&mut loader, 14);
     // The last complete epoch (one more started after it) spans all 32 records.
@@ -455,18 +459,29 @@ fn the_parts_of_a_batch_are_the_batch_one_process_loads() {
         let shares: Vec<Vec<Seen>> = (0..world)
             .map(|rank| {
                 let cfg = part(rank, world);
-                take(&mut Loader::new(open(&path), augmenter(), cfg, None).unwrap(), 9)
+                take(
+                    &mut Loader::new(open(&path), augmenter(), cfg, None).unwrap(),
+                    9,
+                )
             })
             .collect();
         for (b, expected) in whole.iter().enumerate() {
             let join = |f: &dyn Fn(&Seen) -> Vec<u64>| -> Vec<u64> {
                 shares.iter().flat_map(|s| f(&s[b])).collect()
             };
-            assert_eq!(join(&|s| s.records.clone()), expected.records, "world {world} batch {b}");
+            assert_eq!(
+                join(&|s| s.records.clone()),
+                expected.records,
+                "world {world} batch {b}"
+            );
             let labels = |s: &Seen| s.labels.iter().map(|&l| u64::from(l)).collect();
             let view1 = |s: &Seen| s.view1.iter().map(|&l| u64::from(l)).collect();
             assert_eq!(join(&labels), labels(expected));
-            assert_eq!(join(&view1), view1(expected), "world {world} batch {b}: pixels");
+            assert_eq!(
+                join(&view1),
+                view1(expected),
+                "world {world} batch {b}: pixels"
+            );
             assert!(shares.iter().all(|s| s[b].epoch == expected.epoch));
         }
     }
@@ -555,6 +570,8 @@ fn growth_joins_at_the_step_that_applied_it_whenever_it_was_committed() {
     assert_eq!((a[10].epoch, a[10].index), (a[9].epoch + 1, 0));
     assert!(a[10..].iter().flat_map(|s| &s.records).any(|&r| r >= 64));
     // Told of records the manifest never shows: a clear error after the patience.
-    let err = told.refresh_to(1000, Duration::from_millis(100)).unwrap_err();
+    let err = told
+        .refresh_to(1000, Duration::from_millis(100))
+        .unwrap_err();
     assert!(err.to_string().contains("1000"), "{err}");
 }

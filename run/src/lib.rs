@@ -29,7 +29,7 @@ pub use layout::{RunDir, RunLock};
 pub use metrics::{MetricsLine, MetricsSink};
 pub use monitor::{Measurement, Monitor, MonitorConfig};
 pub use policy::CheckpointPolicy;
-pub use resume::{Resumed, RunMeta, ScheduleChange, resume, schedule_change};
+pub use resume::{Resumed, RunMeta, ScheduleChange, resume, resume_agreed, schedule_change};
 pub use run::{
     CheckpointOutcome, FaultPoints, Finished, RETRY_AFTER, Run, RunParts, StepReport,
     TRACE_BATCHES_ENV,
@@ -119,6 +119,10 @@ pub enum RunError {
     /// No checkpoint to resume from, or none usable.
     #[error("{0}")]
     Resume(String),
+    /// Another rank of a data-parallel job failed at a decision this one shares (rank 0
+    /// could not write a checkpoint, say).
+    #[error("data-parallel: {0}")]
+    Peer(String),
     /// Another process trains into this run folder.
     #[error("{path}: another byol train or daemon holds this run folder")]
     Locked {

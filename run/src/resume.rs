@@ -102,6 +102,65 @@ pub fn resume(trainer: &mut Trainer, dir: &Path) -> Result<Option<Resumed>, RunE
     )))
 }
 
+/// [`resume`] as one decision of a data-parallel job: rank 0 picks the checkpoint (the
+/// newest usable one) and broadcasts its step; every other rank loads that step's
+/// checkpoint, so all ranks go on from the same weights. In a world of one, [`resume`].
+///
+/// Errors: rank 0's resume failed (every rank returns an error: rank 0 its own, the
+/// others [`RunError::Resume`] saying so), or this rank cannot load the checkpoint rank 0
+/// chose.
+pub fn resume_agreed(trainer: &mut Trainer, dir: &Path) -> Result<Option<Resumed>, RunError> {
+    let group = byol_trainer::dist::group();
+    if group.world() == 1 {
+        return resume(trainer, dir);
+    }
+    // [outcome, step]: outcome 0 = none, 1 = resumed, 2 = failed.
+    let mut word = [0u64; 2];
+    let mine = if group.is_main() {
+        let r = resume(trainer, dir);
+        word = match &r {
+            Ok(None) => [0, 0],
+            Ok(Some(r)) => [1, r.meta.step],
+            Err(_) => [2, 0],
+        };
+        Some(r)
+    } else {
+        None
+    };
+    group.broadcast_u64(&mut word);
+    if let Some(r) = mine {
+        return r;
+    }
+    match word {
+        [0, _] => Ok(None),
+        [1, step] => {
+            let path = checkpoint::list(dir)
+                .into_iter()
+                .find(|(s, _)| *s == step)
+                .map(|(_, p)| p)
+                .ok_or_else(|| {
+                    RunError::Resume(format!(
+                        "rank 0 resumed from step {step}, which is not in {}",
+                        dir.display()
+                    ))
+                })?;
+            let meta = checkpoint::read_meta(&path)?;
+            trainer.check_fits(&meta, &path)?;
+            trainer.load_checkpoint(&path)?;
+            let run = RunMeta::from_checkpoint(&meta, &path)?;
+            Ok(Some(Resumed {
+                path,
+                meta,
+                run,
+                skipped: Vec::new(),
+            }))
+        }
+        _ => Err(RunError::Resume(
+            "rank 0 could not resume (its error says why)".into(),
+        )),
+    }
+}
+
 /// A resume whose `train.total_steps` differs from the checkpoint's: under the cosine
 /// schedules the learning rate and τ at the resumed step change with it (the learning
 /// rate jumps back up, τ drops), so the run says so. See [`schedule_change`].

@@ -10,7 +10,6 @@ use byol_trainer::{StepStats, Trainer, checkpoint};
 
 use crate::{
     CheckpointPolicy, MetricsLine, MetricsSink, Monitor, Operation, RunDir, RunError, RunMeta,
-    resume,
 };
 
 /// Test hook: abort the process (as `kill -9` would) right after this step's metrics
@@ -122,8 +121,10 @@ pub struct StepReport {
     pub epoch: u64,
     /// Images in the batch.
     pub images: usize,
-    /// The metrics line, when this step was logged.
+    /// The metrics line, when this step was logged (rank 0's: `None` on other ranks).
     pub line: Option<MetricsLine>,
+    /// This step was a log step (every rank read the health; only rank 0 has the line).
+    pub logged: bool,
     /// The checkpoint the policy asked for after this step, if it did: written (with
     /// its prune and export outcomes), or why it failed (a full disk, say; it is tried
     /// again after the retry interval, and the previous checkpoints are intact).
@@ -140,12 +141,22 @@ pub struct StepReport {
 /// How long after a failed checkpoint or metrics write `byol train` tries again.
 pub const RETRY_AFTER: Duration = Duration::from_secs(60);
 
+/// How long a data-parallel rank waits for its manifest to show the records rank 0
+/// decided on (a commit rank 0 saw first, on shared storage).
+const MANIFEST_PATIENCE: Duration = Duration::from_secs(60);
+
 /// A training run between steps (see the crate docs).
+///
+/// Data-parallel ([`byol_trainer::dist`]): every rank runs the same `Run` on its share
+/// of each global batch; rank 0 decides what depends on time or on the disk (dataset
+/// growth, wall-clock checkpoints) and broadcasts it with each step, and alone writes
+/// under the run folder (metrics, checkpoints, exports).
 pub struct Run {
     dir: RunDir,
     trainer: Trainer,
     loader: Loader,
-    metrics: MetricsSink,
+    /// `metrics.jsonl` (rank 0 only).
+    metrics: Option<MetricsSink>,
     policy: CheckpointPolicy,
     log_every: u64,
     monitor: Option<Monitor>,
@@ -209,7 +220,12 @@ impl Run {
             ),
             None => None,
         };
-        let (metrics, dropped) = MetricsSink::open(&parts.dir.metrics(), step, parts.retry)?;
+        let (metrics, dropped) = if byol_trainer::dist::group().is_main() {
+            let (sink, dropped) = MetricsSink::open(&parts.dir.metrics(), step, parts.retry)?;
+            (Some(sink), dropped)
+        } else {
+            (None, 0)
+        };
         let state = parts.loader.state();
         let now = Instant::now();
         Ok((
@@ -255,6 +271,7 @@ impl Run {
             return Err(RunError::NonFiniteLoss { step, loss });
         }
         let size = self.view_size as usize;
+        let checkpoint_due = self.agree_on_step()?;
         let wait_start = Instant::now();
         let batch = self.loader.next_batch();
         self.window.data_wait += wait_start.elapsed();
@@ -282,18 +299,18 @@ impl Run {
         }
         let measure = self.monitor.as_ref().is_some_and(|m| m.due(stats.step));
         let log_due = force_log || stats.step.is_multiple_of(self.log_every) || measure;
-        let checkpoint_due = self.checkpoint_due();
         let loss = if log_due || checkpoint_due {
             Some(self.read_health()?)
         } else {
             None
         };
+        let main = byol_trainer::dist::group().is_main();
         let knn = match &self.monitor {
-            Some(m) if measure => Some(m.measure(&self.trainer)?),
+            Some(m) if measure && main => Some(m.measure(&self.trainer)?),
             _ => None,
         };
         let (line, metrics_error) = match loss {
-            Some(loss) if log_due => {
+            Some(loss) if log_due && main => {
                 let (line, written) = self.log(&stats, loss, epoch, knn);
                 (Some(line), written.err())
             }
@@ -314,11 +331,46 @@ impl Run {
             epoch,
             images,
             line,
+            logged: log_due,
             checkpoint,
             metrics_error,
             queue_depth: self.loader.stats().queue_depth,
             memory: self.trainer.objective().memory().map(|m| m.fill()),
         })
+    }
+
+    /// The decisions of the coming step, rank 0's broadcast to every rank: the dataset
+    /// growth the loader applies before taking the batch ([`Loader::refresh`] on rank 0,
+    /// [`Loader::refresh_to`] its record count elsewhere), and whether a checkpoint
+    /// follows the step (the policy's clock is rank 0's). Returns the latter.
+    fn agree_on_step(&mut self) -> Result<bool, RunError> {
+        let group = byol_trainer::dist::group();
+        let mut word = [0u64; 2];
+        if group.is_main() {
+            match self.loader.refresh() {
+                Ok(records) => word[0] = records,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dataset refresh failed; the next epochs keep the records known so far");
+                    word[0] = u64::MAX;
+                }
+            }
+            word[1] = u64::from(self.checkpoint_due_after_step());
+        }
+        group.broadcast_u64(&mut word);
+        if !group.is_main() && word[0] != u64::MAX {
+            self.loader.refresh_to(word[0], MANIFEST_PATIENCE)?;
+        }
+        Ok(word[1] == 1)
+    }
+
+    /// [`Run::checkpoint_due`] for the state after the coming step.
+    fn checkpoint_due_after_step(&self) -> bool {
+        let done = self.trainer.steps_done() + 1;
+        self.retry_at.is_none_or(|t| Instant::now() >= t)
+            && self.policy.due(
+                done - self.last_ckpt.1.min(done),
+                self.last_ckpt.0.elapsed(),
+            )
     }
 
     /// Writes the metrics line of a step that [`Run::step`] did not log (the last step
@@ -362,7 +414,7 @@ impl Run {
     /// checkpoint (`None` when there were none).
     pub fn finish(&mut self) -> Finished {
         Finished {
-            metrics: self.metrics.flush(),
+            metrics: self.metrics.as_mut().map_or(Ok(()), MetricsSink::flush),
             checkpoint: self.has_unsaved_steps().then(|| self.checkpoint()),
         }
     }
@@ -371,10 +423,9 @@ impl Run {
     /// write that failed, once its retry interval has passed. Returns what was tried.
     pub fn retry_due_writes(&mut self) -> Finished {
         let now = Instant::now();
-        let metrics = if self.metrics.retry_due(now) {
-            self.metrics.flush()
-        } else {
-            Ok(())
+        let metrics = match &mut self.metrics {
+            Some(m) if m.retry_due(now) => m.flush(),
+            _ => Ok(()),
         };
         let due = self.retry_at.is_some_and(|t| now >= t) && self.has_unsaved_steps();
         Finished {
@@ -419,7 +470,7 @@ impl Run {
             knn_accuracy: knn.map(|k| k.accuracy),
             knn_skipped_records: knn.map(|k| k.skipped as u64),
         };
-        let written = self.metrics.append(&line);
+        let written = self.metrics.as_mut().map_or(Ok(()), |m| m.append(&line));
         let tau_text = tau.map(|t| format!(" tau {t:.4}")).unwrap_or_default();
         tracing::info!(
             event = "step",
@@ -481,12 +532,28 @@ impl Run {
             epoch: self.last_epoch,
             loader: Some(self.last_state),
         };
-        let saved = checkpoint::save(&dir, &self.trainer, Some(self.view_size), meta.to_json());
+        // Rank 0 writes; every rank learns whether it worked, so all keep the same
+        // checkpoint clock.
+        let group = byol_trainer::dist::group();
+        let saved = if group.is_main() {
+            checkpoint::save(&dir, &self.trainer, Some(self.view_size), meta.to_json())
+                .map_err(RunError::from)
+        } else {
+            Ok(checkpoint::folder(&dir, step))
+        };
+        let mut ok = [u64::from(saved.is_ok())];
+        group.broadcast_u64(&mut ok);
+        let saved = match saved {
+            Ok(_) if ok[0] == 0 => Err(RunError::Peer(format!(
+                "rank 0 could not write the checkpoint of step {step}"
+            ))),
+            other => other,
+        };
         let path = match saved {
             Ok(path) => path,
             Err(e) => {
                 self.retry_at = Some(Instant::now() + self.retry);
-                return Err(e.into());
+                return Err(e);
             }
         };
         self.last_ckpt = (Instant::now(), step);
@@ -494,8 +561,14 @@ impl Run {
         let unix_secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
-        let pruned = checkpoint::prune(&dir, self.policy.keep_last).map_err(RunError::from);
-        let exported = self.export_latest.then(|| self.export());
+        let (pruned, exported) = if group.is_main() {
+            (
+                checkpoint::prune(&dir, self.policy.keep_last).map_err(RunError::from),
+                self.export_latest.then(|| self.export()),
+            )
+        } else {
+            (Ok(()), None)
+        };
         Ok(CheckpointOutcome {
             path,
             step,
@@ -520,11 +593,13 @@ impl Run {
     /// used.
     pub fn rollback(&mut self) -> Result<Option<PathBuf>, RunError> {
         let mut fresh = Trainer::new(self.trainer.config().clone(), self.trainer.batch_size())?;
-        let resumed = resume(&mut fresh, &self.dir.checkpoints())?;
+        let resumed = crate::resume_agreed(&mut fresh, &self.dir.checkpoints())?;
         self.trainer = fresh;
         self.poisoned = None;
         self.health_read_at = self.trainer.steps_done();
-        self.metrics.truncate_to(self.trainer.steps_done())?;
+        if let Some(m) = &mut self.metrics {
+            m.truncate_to(self.trainer.steps_done())?;
+        }
         self.last_ckpt = (Instant::now(), self.trainer.steps_done());
         Ok(resumed.map(|r| r.path))
     }

@@ -213,6 +213,11 @@ pub fn latest(dir: &Path) -> Option<PathBuf> {
     list(dir).pop().map(|(_, p)| p)
 }
 
+/// The folder of step `step`'s checkpoint in `dir`: `step-NNNNNNNNNN` (ten digits).
+pub fn folder(dir: &Path, step: u64) -> PathBuf {
+    dir.join(format!("step-{step:010}"))
+}
+
 /// Writes a checkpoint of `trainer` into `dir` as `step-NNNNNNNNNN/`; `view_size` and
 /// the caller's `run` JSON go into its meta. Returns its folder. Retention is
 /// [`prune`]'s job.
@@ -225,9 +230,8 @@ pub fn save(
     run: serde_json::Map<String, serde_json::Value>,
 ) -> Result<PathBuf, TrainError> {
     fs::create_dir_all(dir).map_err(io(dir))?;
-    let name = format!("step-{:010}", trainer.steps_done());
-    let tmp = dir.join(format!("{name}.tmp"));
-    let done = dir.join(&name);
+    let done = folder(dir, trainer.steps_done());
+    let tmp = done.with_extension("tmp");
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
@@ -490,7 +494,12 @@ impl Trainer {
         if meta.method != method.as_str() {
             return Err(mismatch("method", meta.method.clone(), method.to_string()));
         }
-        if meta.config.model != self.config().model {
+        // The BatchNorm sync is how the step runs, not what the model is.
+        let unsynced = |m: &crate::config::ModelConfig| crate::config::ModelConfig {
+            synced_bn: false,
+            ..m.clone()
+        };
+        if unsynced(&meta.config.model) != unsynced(&self.config().model) {
             return Err(mismatch(
                 "model",
                 format!("{:?}", meta.config.model),

@@ -56,6 +56,11 @@ pub struct ModelConfig {
     pub bn_eps: f64,
     /// Normalisation inside the projector and predictor.
     pub head_norm: HeadNorm,
+    /// Every BatchNorm normalises with the whole data-parallel batch's statistics (not a
+    /// file setting: the trainer sets it from `train.sync_bn` when more than one process
+    /// trains).
+    #[serde(skip)]
+    pub synced_bn: bool,
 }
 
 impl Default for ModelConfig {
@@ -70,6 +75,7 @@ impl Default for ModelConfig {
             bn_momentum: 0.1,
             bn_eps: 1e-5,
             head_norm: HeadNorm::Batch,
+            synced_bn: false,
         }
     }
 }
@@ -379,6 +385,10 @@ pub struct TrainConfig {
     /// Allow TF32 tensor cores for fp32 convolutions and matrix products on CUDA
     /// (faster, about 10 bits of mantissa). Off by default: fp32 is true fp32.
     pub tf32: bool,
+    /// Data-parallel training: BatchNorm statistics over the whole global batch, in
+    /// forward and backward, in every network (BYOL's cross-replica BatchNorm). No
+    /// effect in one process.
+    pub sync_bn: bool,
 }
 
 /// Numeric precision of the training step.
@@ -420,6 +430,7 @@ impl Default for TrainConfig {
             kernels: Kernels::Auto,
             precision: Precision::Fp32,
             tf32: false,
+            sync_bn: true,
         }
     }
 }

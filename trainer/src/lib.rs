@@ -7,6 +7,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod dist;
 pub mod embedding;
 pub mod eval;
 pub mod host;

@@ -80,9 +80,10 @@ impl DeviceHealth {
 /// The online variables (shared network and the objective's trained heads), the
 /// objective, the optimizer and the step counter.
 ///
-/// The step is shaped for data parallelism: forward and backward on the local batch,
-/// then (where a gradient all-reduce would go) the optimizer and the objective's
-/// after-step work.
+/// Data-parallel (several processes, [`crate::dist`]): forward and backward on this
+/// rank's share of the global batch (BatchNorm synced, cross-sample terms gathered),
+/// the gradients averaged over the ranks, then the optimizer and the objective's
+/// after-step work, identical on every rank.
 pub struct Trainer {
     cfg: TrainerConfig,
     device: Device,
@@ -123,6 +124,8 @@ impl Trainer {
                 ),
             });
         }
+        // Data-parallel: every BatchNorm (and SimSiam's output BN) over the global batch.
+        cfg.model.synced_bn = cfg.train.sync_bn && crate::dist::group().world() > 1;
         let device = open_device(parse_device(&cfg.train.device)?)?;
         crate::kernels::set_tf32(cfg.train.tf32);
         let compute = Compute::new(cfg.train.kernels, cfg.train.precision);
@@ -261,8 +264,14 @@ impl Trainer {
             self.step,
         );
         let outcome = self.objective.loss(&self.network, v1, v2)?;
-        let grads = outcome.loss.backward()?;
-        // Data-parallel training all-reduces `grads` (and syncs BatchNorm statistics) here.
+        let mut grads = outcome.loss.backward()?;
+        // Data-parallel: the mean of every rank's gradients (BatchNorm statistics were
+        // synced in forward and backward; a world of one does nothing here).
+        let group = crate::dist::group();
+        if group.world() > 1 {
+            let vars: Vec<Var> = self.trainable_named().into_iter().map(|(_, v)| v).collect();
+            group.average_gradients(&mut grads, &vars)?;
+        }
         self.optimizer.step(&grads, lr)?;
         let objective =
             self.objective
@@ -280,10 +289,31 @@ impl Trainer {
     /// Reads the last step's loss and whether a step since the last read had a
     /// non-finite loss (then clears that flag): two device-to-host reads. Call it at log
     /// steps and before a checkpoint, so a diverged state is never saved.
+    ///
+    /// Data-parallel, every rank must call it at the same step: the loss is the mean of
+    /// the ranks' losses, the first non-finite step the earliest of any rank.
     pub fn read_health(&mut self) -> Result<Health, TrainError> {
         let loss = crate::host::scalar::<f32>(&self.health.loss)?;
         let first = crate::host::scalar::<i64>(&self.health.first_non_finite)?;
         self.health.first_non_finite = self.health.none.clone();
+        let group = crate::dist::group();
+        let (loss, first) = if group.world() > 1 {
+            let all = group.all_gather_f64(&[f64::from(loss), first as f64]);
+            let mean = all.iter().step_by(2).sum::<f64>() / group.world() as f64;
+            let first = all
+                .iter()
+                .skip(1)
+                .step_by(2)
+                .fold(f64::INFINITY, |a, &b| a.min(b));
+            let first = if first >= i64::MAX as f64 {
+                i64::MAX
+            } else {
+                first as i64
+            };
+            (mean as f32, first)
+        } else {
+            (loss, first)
+        };
         Ok(Health {
             loss,
             non_finite_at: (first != i64::MAX).then_some(first as u64),

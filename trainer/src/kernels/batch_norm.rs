@@ -31,6 +31,18 @@ pub fn batch_norm_stats(x: &Tensor) -> Result<Tensor> {
     x.detach().contiguous()?.apply_op1_no_bwd(&BatchNormStats)
 }
 
+/// The reductions synced BatchNorm needs across the processes of data-parallel training
+/// (PyTorch's `SyncBatchNorm`): implemented by the process group
+/// ([`crate::dist::ProcessGroup`]).
+pub trait CrossReplica: Send + Sync + std::fmt::Debug {
+    /// Rank 0's `values`, on every process.
+    fn broadcast(&self, values: &mut [f32]);
+    /// Element-wise sum over the processes, in place.
+    fn sum(&self, values: &mut [f64]);
+    /// Number of processes.
+    fn world(&self) -> usize;
+}
+
 /// BatchNorm with the batch's statistics: `y = (x − mean) / √(var + eps) · weight + bias`,
 /// then `max(y, 0)` when `relu`. Differentiable in `x`, `weight` and `bias`, the
 /// statistics included (as PyTorch's training mode). `x` is f32 (or bf16 on CUDA);
@@ -42,21 +54,55 @@ pub fn batch_norm_train(
     eps: f64,
     relu: bool,
 ) -> Result<BatchNormOutput> {
+    train(x, weight, bias, eps, relu, None)
+}
+
+/// [`batch_norm_train`] with the statistics of the whole data-parallel batch (Ioffe &
+/// Szegedy's BatchNorm over the global batch; BYOL's cross-replica BatchNorm): forward,
+/// the processes' statistics are combined; backward, the two per-channel sums of the
+/// input gradient are summed over the processes, while the weight and bias gradients
+/// stay local (the step averages them with every other gradient). `count` in the output
+/// is the whole batch's. CPU only for now.
+pub fn batch_norm_train_synced(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+    group: &'static dyn CrossReplica,
+) -> Result<BatchNormOutput> {
+    if x.device().is_cuda() {
+        bail!(
+            "synced BatchNorm across processes runs on CPU only in this build (set train.sync_bn = false, or train in one process)"
+        )
+    }
+    train(x, weight, bias, eps, relu, Some(group))
+}
+
+fn train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+    sync: Option<&'static dyn CrossReplica>,
+) -> Result<BatchNormOutput> {
     let x = x.contiguous()?;
     let (n, _, s) = split_dims(x.dims())?;
-    let stats = batch_norm_stats(&x)?;
+    let (stats, count) = match sync {
+        Some(g) => synced_stats(&x, g)?,
+        None => (batch_norm_stats(&x)?, n * s),
+    };
     let op = BatchNormOp {
         stats: stats.clone(),
         eps,
         batch_stats: true,
         relu,
+        sync,
+        count,
     };
     let y = apply(&x, weight, bias, op)?;
-    Ok(BatchNormOutput {
-        y,
-        stats,
-        count: n * s,
-    })
+    Ok(BatchNormOutput { y, stats, count })
 }
 
 /// BatchNorm with given (running) statistics `mean (c)` and `var (c)`, as in eval mode;
@@ -71,11 +117,14 @@ pub fn batch_norm_eval(
     relu: bool,
 ) -> Result<Tensor> {
     let stats = Tensor::stack(&[mean.to_dtype(DType::F32)?, var.to_dtype(DType::F32)?], 0)?;
+    let (n, _, s) = split_dims(x.dims())?;
     let op = BatchNormOp {
         stats,
         eps,
         batch_stats: false,
         relu,
+        sync: None,
+        count: n * s,
     };
     apply(&x.contiguous()?, weight, bias, op)
 }
@@ -99,6 +148,38 @@ fn apply(x: &Tensor, weight: &Tensor, bias: &Tensor, op: BatchNormOp) -> Result<
         &bias.contiguous()?,
         std::sync::Arc::new(Box::new(op)),
     )
+}
+
+/// The whole data-parallel batch's `(2, c)` statistics and count, computed as one process
+/// computes them from the same values: per image and channel, the shifted sums
+/// `Σ (x − k)`, `Σ (x − k)²` with rank 0's shift `k` (the first image's first value, what
+/// one process with the whole batch shifts by), summed in f64 over images and then over
+/// the processes. So N processes normalise with the statistics one process would, to
+/// f64 rounding (Welford/Chan's shifted-data formula; see `channel_stats`). CPU only.
+fn synced_stats(x: &Tensor, group: &'static dyn CrossReplica) -> Result<(Tensor, usize)> {
+    let (n, c, s) = split_dims(x.dims())?;
+    let (guard, layout) = x.storage_and_layout();
+    let xs = cpu_f32(&guard, layout, "batch_norm synced statistics")?;
+    let mut shift: Vec<f32> = (0..c)
+        .map(|ch| xs.get(ch * s).copied().unwrap_or(0.0))
+        .collect();
+    group.broadcast(&mut shift);
+    let sums = reduce_channels::<2>(n, c, s, |ch, off, acc| {
+        let (d, d2) = shifted_sums(&xs[off..off + s], shift[ch]);
+        acc[0] += d as f64;
+        acc[1] += d2 as f64;
+    });
+    let mut all: Vec<f64> = sums.iter().flat_map(|a| [a[0], a[1]]).collect();
+    all.push((n * s) as f64);
+    group.sum(&mut all);
+    let count = all[2 * c];
+    let mut stats = vec![0f32; 2 * c];
+    for ch in 0..c {
+        let dm = all[2 * ch] / count;
+        stats[ch] = (shift[ch] as f64 + dm) as f32;
+        stats[c + ch] = (all[2 * ch + 1] / count - dm * dm).max(0.0) as f32;
+    }
+    Ok((Tensor::from_vec(stats, (2, c), x.device())?, count as usize))
 }
 
 /// The statistics op (see [`batch_norm_stats`]).
@@ -265,6 +346,11 @@ struct BatchNormOp {
     /// The statistics came from this batch (their gradient flows back into `x`).
     batch_stats: bool,
     relu: bool,
+    /// Synced across processes: backward sums the input gradient's per-channel sums
+    /// over them.
+    sync: Option<&'static dyn CrossReplica>,
+    /// Values per channel the statistics were taken over (all processes' when synced).
+    count: usize,
 }
 
 impl BatchNormOp {
@@ -406,16 +492,30 @@ impl CustomOp3 for BatchNormOp {
                 acc[0] += sg as f64;
                 acc[1] += sgx as f64;
             });
-            let count = (n * s) as f32;
             let gb: Vec<f32> = sums.iter().map(|a| a[0] as f32).collect();
             let gw: Vec<f32> = (0..c).map(|ch| sums[ch][1] as f32 * invstd[ch]).collect();
+            // The input gradient needs the sums over the whole batch: every process's.
+            let (gb_all, gw_all) = match self.sync {
+                Some(group) => {
+                    let mut all: Vec<f64> = sums.iter().flat_map(|a| [a[0], a[1]]).collect();
+                    group.sum(&mut all);
+                    let gb: Vec<f32> = all.iter().step_by(2).map(|&v| v as f32).collect();
+                    let gw = (0..c)
+                        .map(|ch| all[2 * ch + 1] as f32 * invstd[ch])
+                        .collect();
+                    (gb, gw)
+                }
+                None => (gb.clone(), gw.clone()),
+            };
+            debug_assert!(self.sync.is_some() || self.count == n * s);
+            let count = self.count as f32;
             // dx = k1 · g + k2 · x + k3 per channel.
             let mut k = vec![[0f32; 3]; c];
             for (ch, kc) in k.iter_mut().enumerate() {
                 let k1 = ws[ch] * invstd[ch];
                 if self.batch_stats {
-                    let k2 = -k1 * invstd[ch] * gw[ch] / count;
-                    *kc = [k1, k2, -k1 * gb[ch] / count - k2 * mean[ch]];
+                    let k2 = -k1 * invstd[ch] * gw_all[ch] / count;
+                    *kc = [k1, k2, -k1 * gb_all[ch] / count - k2 * mean[ch]];
                 } else {
                     *kc = [k1, 0.0, 0.0];
                 }

@@ -24,7 +24,10 @@ mod cuda;
 pub mod profile;
 mod residual;
 
-pub use batch_norm::{BatchNormOutput, batch_norm_eval, batch_norm_stats, batch_norm_train};
+pub use batch_norm::{
+    BatchNormOutput, CrossReplica, batch_norm_eval, batch_norm_stats, batch_norm_train,
+    batch_norm_train_synced,
+};
 pub use conv::conv2d;
 pub use residual::add_relu;
 
@@ -50,7 +53,11 @@ pub fn tf32() -> bool {
 use candle_core::{CpuStorage, Layout, Result, Storage, bail};
 
 /// The f32 values of a CPU storage under a contiguous layout.
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
         bail!("{op}: expected f32 data")
     };

@@ -184,6 +184,8 @@ pub struct Norm {
     eps: f64,
     /// Our kernels (statistics and parameters in f32 whatever the activations' dtype).
     ours: bool,
+    /// Statistics over the whole data-parallel batch ([`ModelConfig::synced_bn`]).
+    sync: Option<&'static dyn kernels::CrossReplica>,
 }
 
 impl Norm {
@@ -215,6 +217,10 @@ impl Norm {
             momentum: cfg.bn_momentum,
             eps: cfg.bn_eps,
             ours: compute.ours(),
+            sync: cfg
+                .synced_bn
+                .then(|| crate::dist::group() as &dyn kernels::CrossReplica)
+                .filter(|g| g.world() > 1),
         })
     }
 
@@ -227,6 +233,11 @@ impl Norm {
             self.num_batches_tracked.set(&count.affine(1.0, 1.0)?)?;
         }
         if !self.ours {
+            if train && self.sync.is_some() {
+                candle_core::bail!(
+                    "synced BatchNorm needs our kernels (train.kernels = \"auto\"), or train.sync_bn = false"
+                )
+            }
             let y = self.inner.forward_t(x, train)?;
             return if relu { y.relu() } else { Ok(y) };
         }
@@ -245,7 +256,12 @@ impl Norm {
                 relu,
             );
         }
-        let out = kernels::batch_norm_train(x, weight, bias, self.eps, relu)?;
+        let out = match self.sync {
+            Some(group) => {
+                kernels::batch_norm_train_synced(x, weight, bias, self.eps, relu, group)?
+            }
+            None => kernels::batch_norm_train(x, weight, bias, self.eps, relu)?,
+        };
         // running ← (1 − momentum)·running + momentum·batch, the variance unbiased
         // (PyTorch's convention); on the device, nothing read back.
         let m = self.momentum;

@@ -9,6 +9,7 @@
 use candle_core::{DType, Result, Tensor};
 
 use crate::config::TrainerConfig;
+use crate::dist::gather_rows;
 use crate::loss::batch_standardize;
 use crate::model::Network;
 use crate::objective::Outcome;
@@ -33,8 +34,10 @@ impl BarlowTwins {
     pub fn loss(&self, network: &Network, v1: &Tensor, v2: &Tensor) -> Result<Outcome> {
         let z1 = network.forward_t(v1, true)?;
         let z2 = network.forward_t(v2, true)?;
+        // Data-parallel: the cross-correlation of the whole batch, on every rank.
+        let (g1, g2) = (gather_rows(&z1)?, gather_rows(&z2)?);
         Ok(Outcome {
-            loss: barlow_twins_loss(&z1, &z2, self.lambda)?,
+            loss: barlow_twins_loss(&g1, &g2, self.lambda)?,
             embeddings: z1.detach(),
             keys: None,
         })

@@ -17,6 +17,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 use crate::TrainError;
 use crate::config::TrainerConfig;
+use crate::dist::gather_rows;
 use crate::loss::l2_normalize;
 use crate::model::{Compute, Network};
 use crate::objective::ema::EmaWithMemory;
@@ -69,7 +70,8 @@ impl MocoV2 {
         Ok(Outcome {
             loss: info_nce(&q, &k, &self.queue().entries()?, self.temperature)?,
             embeddings: z1.detach(),
-            keys: Some(k),
+            // Data-parallel: the queue takes the whole batch's keys, in batch order.
+            keys: Some(gather_rows(&k)?),
         })
     }
 

@@ -19,6 +19,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 use crate::TrainError;
 use crate::config::TrainerConfig;
+use crate::dist::gather_rows;
 use crate::loss::l2_normalize;
 use crate::model::{Compute, Mlp, Network};
 use crate::objective::ema::EmaWithMemory;
@@ -75,11 +76,13 @@ impl Msf {
         let q = self.predictor.forward_t(&z1, true)?;
         let t = self.target().forward_t(v2, true)?.detach();
         let t = l2_normalize(&t.to_dtype(DType::F32)?)?;
-        let bank = self.bank().after_push(&t)?;
+        // Data-parallel: the bank takes the whole batch's targets, in batch order.
+        let all = gather_rows(&t)?;
+        let bank = self.bank().after_push(&all)?;
         Ok(Outcome {
             loss: mean_shift_loss(&q, &t, &bank, self.k)?,
             embeddings: z1.detach(),
-            keys: Some(t),
+            keys: Some(all),
         })
     }
 

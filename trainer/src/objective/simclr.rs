@@ -10,6 +10,7 @@
 use candle_core::{D, DType, Result, Tensor};
 
 use crate::config::TrainerConfig;
+use crate::dist::gather_rows;
 use crate::loss::l2_normalize;
 use crate::model::Network;
 use crate::objective::Outcome;
@@ -31,8 +32,10 @@ impl SimClr {
     pub fn loss(&self, network: &Network, v1: &Tensor, v2: &Tensor) -> Result<Outcome> {
         let z1 = network.forward_t(v1, true)?;
         let z2 = network.forward_t(v2, true)?;
+        // Data-parallel: every rank computes the loss over the whole batch's anchors.
+        let (g1, g2) = (gather_rows(&z1)?, gather_rows(&z2)?);
         Ok(Outcome {
-            loss: nt_xent(&z1, &z2, self.temperature)?,
+            loss: nt_xent(&g1, &g2, self.temperature)?,
             embeddings: z1.detach(),
             keys: None,
         })

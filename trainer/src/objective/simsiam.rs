@@ -13,6 +13,7 @@ use candle_core::{D, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::TrainerConfig;
+use crate::dist::{gather_rows, own_rows};
 use crate::loss::{batch_standardize, l2_normalize};
 use crate::model::{Compute, Mlp, Network};
 use crate::objective::{Outcome, predictor};
@@ -24,6 +25,8 @@ const OUTPUT_BN_EPS: f64 = 1e-5;
 pub struct SimSiam {
     predictor: Mlp,
     output_bn: bool,
+    /// The output BatchNorm takes the whole data-parallel batch's statistics.
+    synced: bool,
 }
 
 impl SimSiam {
@@ -33,6 +36,7 @@ impl SimSiam {
         Ok(SimSiam {
             predictor: predictor(cfg, hidden, compute, &online)?,
             output_bn: cfg.simsiam.output_bn,
+            synced: cfg.model.synced_bn,
         })
     }
 
@@ -44,10 +48,15 @@ impl SimSiam {
     /// A view's projection `z` (through the output BatchNorm when set).
     fn project(&self, network: &Network, v: &Tensor) -> Result<Tensor> {
         let z = network.forward_t(v, true)?;
-        if self.output_bn {
-            batch_standardize(&z, OUTPUT_BN_EPS)
-        } else {
-            Ok(z)
+        match (self.output_bn, self.synced) {
+            // Over the whole data-parallel batch: the gathered rows standardised, this
+            // rank's kept (the gather carries their gradients back).
+            (true, true) => own_rows(
+                &batch_standardize(&gather_rows(&z)?, OUTPUT_BN_EPS)?,
+                z.dim(0)?,
+            ),
+            (true, false) => batch_standardize(&z, OUTPUT_BN_EPS),
+            (false, _) => Ok(z),
         }
     }
 

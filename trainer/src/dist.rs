@@ -1,0 +1,362 @@
+//! Data-parallel training across processes: the process group (rank, world size) and
+//! the collectives the step needs, on MPI (`mpirun`, Slurm's `srun`) behind the `mpi`
+//! feature. No collective is our own: MPI reduces, gathers and broadcasts.
+//!
+//! A process started by a launcher (one that sets `OMPI_COMM_WORLD_SIZE`, `PMI_SIZE` or
+//! `PMIX_RANK`) joins the launcher's world on [`init`]; any other process is a world of
+//! one, where every collective is the identity and nothing is ever sent.
+//!
+//! The collectives run on host buffers: the tensors of a CPU run are already there (a GPU
+//! run would reduce through NCCL on the device, not built yet). Every rank must call the
+//! same collectives in the same order: the step (forward, backward, gradient all-reduce)
+//! is the same program on every rank, and the run loop's decisions are rank 0's,
+//! broadcast ([`ProcessGroup::broadcast_u64`]).
+
+#[cfg(feature = "mpi")]
+use std::sync::Mutex;
+use std::sync::OnceLock;
+
+use candle_core::{CustomOp1, Layout, Shape, Tensor};
+
+/// Environment variables a launcher sets, with the world size or a rank: OpenMPI's
+/// `mpirun`, MPICH/Hydra and Slurm's PMI, PMIx (Slurm `srun --mpi=pmix`).
+const LAUNCHER_ENV: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"];
+
+/// Gradients are all-reduced in flat buffers of up to this many bytes (PyTorch DDP's
+/// default bucket size, 25 MiB): few collectives, bounded extra memory.
+pub const BUCKET_BYTES: usize = 25 << 20;
+
+/// Why the process group cannot be set up or used.
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    /// Launched by an MPI launcher, but built without MPI.
+    #[error(
+        "launched by an MPI launcher ({var} is set), but this byol was built without the `mpi` feature: rebuild with `--features mpi`, or run it without mpirun"
+    )]
+    NotBuilt {
+        /// The launcher's variable that was found.
+        var: &'static str,
+    },
+    /// MPI could not be initialised (already finalised, or the launcher's environment
+    /// is broken).
+    #[error("MPI could not be initialised")]
+    Init,
+}
+
+/// The processes training one model: this one's rank and the world size.
+#[derive(Debug)]
+pub struct ProcessGroup {
+    rank: usize,
+    world: usize,
+    /// Serialises every MPI call (MPI runs with `MPI_THREAD_SERIALIZED`).
+    #[cfg(feature = "mpi")]
+    lock: Mutex<()>,
+}
+
+static GROUP: OnceLock<ProcessGroup> = OnceLock::new();
+/// The MPI environment, finalised by [`finalize`].
+#[cfg(feature = "mpi")]
+static UNIVERSE: Mutex<Option<mpi::environment::Universe>> = Mutex::new(None);
+
+/// Joins the launcher's world (MPI), or sets up a world of one when no launcher started
+/// this process. Idempotent: later calls return the same group.
+///
+/// Errors: [`DistError::NotBuilt`] when a launcher started this process but MPI is not
+/// built in (N copies of one run would otherwise train side by side);
+/// [`DistError::Init`] when MPI cannot start.
+pub fn init() -> Result<&'static ProcessGroup, DistError> {
+    if let Some(g) = GROUP.get() {
+        return Ok(g);
+    }
+    let launcher = LAUNCHER_ENV
+        .into_iter()
+        .find(|v| std::env::var_os(v).is_some());
+    let group = match launcher {
+        None => ProcessGroup::single(),
+        #[cfg(feature = "mpi")]
+        Some(_) => {
+            use mpi::traits::Communicator;
+            let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Serialized)
+                .ok_or(DistError::Init)?;
+            let world = universe.world();
+            let group = ProcessGroup {
+                rank: world.rank() as usize,
+                world: world.size() as usize,
+                lock: Mutex::new(()),
+            };
+            *UNIVERSE.lock().unwrap() = Some(universe);
+            group
+        }
+        #[cfg(not(feature = "mpi"))]
+        Some(var) => return Err(DistError::NotBuilt { var }),
+    };
+    Ok(GROUP.get_or_init(|| group))
+}
+
+/// The process group: the one [`init`] set up, or a world of one.
+pub fn group() -> &'static ProcessGroup {
+    GROUP.get_or_init(ProcessGroup::single)
+}
+
+/// Ends MPI at a normal exit (every rank must call it; nothing after it may use the
+/// group). A no-op in a world of one.
+pub fn finalize() {
+    #[cfg(feature = "mpi")]
+    drop(UNIVERSE.lock().unwrap().take());
+}
+
+/// Ends every rank of the job at once after an error on this one (`MPI_Abort`): the
+/// others would wait forever in their next collective. Returns in a world of one.
+pub fn abort(code: i32) {
+    #[cfg(feature = "mpi")]
+    if group().world > 1 {
+        use mpi::traits::Communicator;
+        mpi::topology::SimpleCommunicator::world().abort(code);
+    }
+    let _ = code;
+}
+
+impl ProcessGroup {
+    fn single() -> Self {
+        ProcessGroup {
+            rank: 0,
+            world: 1,
+            #[cfg(feature = "mpi")]
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// This process's rank, `0..world`.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Number of processes.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// True on rank 0, the one that decides, writes under the run folder and logs.
+    pub fn is_main(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// Element-wise sum over all ranks, in place.
+    pub fn all_reduce_sum_f32(&self, values: &mut [f32]) {
+        #[cfg(feature = "mpi")]
+        if self.world > 1 {
+            self.all_reduce_sum(values);
+        }
+        let _ = values;
+    }
+
+    /// Element-wise sum over all ranks, in place.
+    pub fn all_reduce_sum_f64(&self, values: &mut [f64]) {
+        #[cfg(feature = "mpi")]
+        if self.world > 1 {
+            self.all_reduce_sum(values);
+        }
+        let _ = values;
+    }
+
+    /// Every rank's `local` (all of the same length), in rank order.
+    pub fn all_gather_f32(&self, local: &[f32]) -> Vec<f32> {
+        #[cfg(feature = "mpi")]
+        if self.world > 1 {
+            return self.all_gather(local);
+        }
+        local.to_vec()
+    }
+
+    /// Every rank's `local` (all of the same length), in rank order.
+    pub fn all_gather_f64(&self, local: &[f64]) -> Vec<f64> {
+        #[cfg(feature = "mpi")]
+        if self.world > 1 {
+            return self.all_gather(local);
+        }
+        local.to_vec()
+    }
+
+    /// Rank 0's `values`, on every rank (the run loop's decisions).
+    pub fn broadcast_u64(&self, values: &mut [u64]) {
+        #[cfg(feature = "mpi")]
+        if self.world > 1 {
+            use mpi::traits::{Communicator, Root};
+            let _serial = self.lock.lock().unwrap();
+            mpi::topology::SimpleCommunicator::world()
+                .process_at_rank(0)
+                .broadcast_into(values);
+        }
+        let _ = values;
+    }
+
+    /// Rank 0's `values`, on every rank.
+    pub fn broadcast_f32(&self, values: &mut [f32]) {
+        #[cfg(feature = "mpi")]
+        if self.world > 1 {
+            use mpi::traits::{Communicator, Root};
+            let _serial = self.lock.lock().unwrap();
+            mpi::topology::SimpleCommunicator::world()
+                .process_at_rank(0)
+                .broadcast_into(values);
+        }
+        let _ = values;
+    }
+
+    /// Waits until every rank has reached this call.
+    pub fn barrier(&self) {
+        #[cfg(feature = "mpi")]
+        if self.world > 1 {
+            use mpi::traits::CommunicatorCollectives;
+            let _serial = self.lock.lock().unwrap();
+            mpi::topology::SimpleCommunicator::world().barrier();
+        }
+    }
+
+    #[cfg(feature = "mpi")]
+    fn all_reduce_sum<T: mpi::datatype::Equivalence + Copy>(&self, values: &mut [T]) {
+        use mpi::collective::SystemOperation;
+        use mpi::traits::CommunicatorCollectives;
+        let send = values.to_vec();
+        let _serial = self.lock.lock().unwrap();
+        mpi::topology::SimpleCommunicator::world().all_reduce_into(
+            &send[..],
+            values,
+            SystemOperation::sum(),
+        );
+    }
+
+    #[cfg(feature = "mpi")]
+    fn all_gather<T: mpi::datatype::Equivalence + Copy + Default>(&self, local: &[T]) -> Vec<T> {
+        use mpi::traits::CommunicatorCollectives;
+        let mut all = vec![T::default(); local.len() * self.world];
+        let _serial = self.lock.lock().unwrap();
+        mpi::topology::SimpleCommunicator::world().all_gather_into(local, &mut all[..]);
+        all
+    }
+
+    /// The mean over ranks of every gradient in `grads` of `vars`, in place: the
+    /// gradients are flattened into buckets of up to [`BUCKET_BYTES`], each all-reduced
+    /// once. A variable without a gradient counts as zeros (every rank must reduce the
+    /// same buffers). A no-op in a world of one.
+    ///
+    /// Errors: a gradient cannot be read or rebuilt.
+    pub fn average_gradients(
+        &self,
+        grads: &mut candle_core::backprop::GradStore,
+        vars: &[candle_core::Var],
+    ) -> candle_core::Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let scale = 1.0 / self.world as f32;
+        let per_bucket = BUCKET_BYTES / 4;
+        let mut start = 0;
+        while start < vars.len() {
+            // One bucket: consecutive variables up to the size limit (at least one).
+            let mut end = start;
+            let mut len = 0;
+            while end < vars.len() && (end == start || len + vars[end].elem_count() <= per_bucket) {
+                len += vars[end].elem_count();
+                end += 1;
+            }
+            let mut flat = Vec::with_capacity(len);
+            for var in &vars[start..end] {
+                match grads.get(var.as_tensor()) {
+                    Some(g) => flat.extend(crate::host::vec1::<f32>(
+                        &g.to_dtype(candle_core::DType::F32)?.flatten_all()?,
+                    )?),
+                    None => flat.resize(flat.len() + var.elem_count(), 0.0),
+                }
+            }
+            self.all_reduce_sum_f32(&mut flat);
+            let mut at = 0;
+            for var in &vars[start..end] {
+                let n = var.elem_count();
+                let mean: Vec<f32> = flat[at..at + n].iter().map(|v| v * scale).collect();
+                let g = Tensor::from_vec(mean, var.shape(), var.device())?.to_dtype(var.dtype())?;
+                grads.insert(var.as_tensor(), g);
+                at += n;
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Every rank's rows of `x (n, d)`, in rank order: `(world · n, d)`. Differentiable:
+    /// the gradient of this rank's rows is the sum over ranks of their gradients for
+    /// them (each rank computes the same loss over the gathered rows, and the step
+    /// averages the parameter gradients over ranks). The identity in a world of one.
+    pub fn all_gather_rows(&'static self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.world == 1 {
+            return Ok(x.clone());
+        }
+        x.contiguous()?.apply_op1(AllGatherRows { group: self })
+    }
+}
+
+/// Every rank's rows of `x (n, d)` as f32, in rank order (see
+/// [`ProcessGroup::all_gather_rows`]): what an objective's cross-sample term is computed
+/// over, so that N processes equal one process with the whole batch.
+pub fn gather_rows(x: &Tensor) -> candle_core::Result<Tensor> {
+    group().all_gather_rows(&x.to_dtype(candle_core::DType::F32)?)
+}
+
+/// This rank's rows of `all (world · n, d)`, gathered by [`gather_rows`].
+pub fn own_rows(all: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    all.narrow(0, group().rank() * n, n)
+}
+
+/// The differentiable row gather (see [`ProcessGroup::all_gather_rows`]).
+struct AllGatherRows {
+    group: &'static ProcessGroup,
+}
+
+impl CustomOp1 for AllGatherRows {
+    fn name(&self) -> &'static str {
+        "byol-all-gather-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+        let x = crate::kernels::contiguous_f32(storage, layout, self.name())?;
+        let (n, d) = layout.shape().dims2()?;
+        let all = self.group.all_gather_f32(x);
+        Ok((
+            candle_core::CpuStorage::F32(all),
+            (n * self.group.world, d).into(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (n, d) = arg.dims2()?;
+        let mut g =
+            crate::host::vec1::<f32>(&grad.to_dtype(candle_core::DType::F32)?.flatten_all()?)?;
+        self.group.all_reduce_sum_f32(&mut g);
+        let mine = g[self.group.rank * n * d..(self.group.rank + 1) * n * d].to_vec();
+        Ok(Some(Tensor::from_vec(mine, (n, d), arg.device())?))
+    }
+}
+
+/// Synced BatchNorm's reductions over the group (see [`crate::kernels::CrossReplica`]).
+impl crate::kernels::CrossReplica for ProcessGroup {
+    fn broadcast(&self, values: &mut [f32]) {
+        self.broadcast_f32(values);
+    }
+
+    fn sum(&self, values: &mut [f64]) {
+        self.all_reduce_sum_f64(values);
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+}
