@@ -84,6 +84,13 @@ fn settings(cfg: &Config, d: &DaemonConfig) -> Settings {
 
 /// Runs `byol daemon`.
 pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
+    let group = byol_trainer::dist::init()?;
+    if group.world() > 1 {
+        anyhow::bail!(
+            "byol daemon runs as one process: data-parallel training under {} processes is built for `byol train` only (the daemon's watcher and ingester are not yet shared across ranks)",
+            group.world()
+        );
+    }
     let cfg = Config::load_for_daemon(&args.config)?;
     cfg.validate(true)
         .with_context(|| format!("invalid config {}", args.config.display()))?;

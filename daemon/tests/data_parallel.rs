@@ -297,6 +297,23 @@ fn a_killed_rank_ends_the_job_and_a_restart_resumes() {
     ok(&o, "the restart");
     assert!(text(&o).contains("resumed from"), "{}", text(&o));
     assert!(byol_checkpoints(&ckpts).contains(&400), "{}", text(&o));
+    let meta = std::fs::read_to_string(ckpts.join("step-0000000400/meta.json")).unwrap();
+    assert!(
+        meta.contains("\"world_size\": 2") || meta.contains("\"world_size\":2"),
+        "{meta}"
+    );
+    // Another world size, the same global batch: one process goes on from it.
+    let o = common::byol()
+        .args(train_args(
+            &cfg,
+            &ds,
+            &run_dir,
+            &["--resume", "--steps", "405"],
+        ))
+        .output()
+        .unwrap();
+    ok(&o, "one process resuming the 2-rank run");
+    assert!(byol_checkpoints(&ckpts).contains(&405), "{}", text(&o));
 }
 
 /// Steps of the complete checkpoints in `dir`, ascending.

@@ -17,6 +17,12 @@ pub struct RunMeta {
     pub epoch: u64,
     /// Where the loader resumes (`None` for checkpoints made without a loader).
     pub loader: Option<LoaderState>,
+    /// Processes that trained it, data-parallel (`None` in checkpoints written before
+    /// it was recorded: one). Informational: the global batch (`loader.batch_size`) is
+    /// what the schedules and the loader position depend on, so a run resumes with
+    /// another world size and the same global batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<u64>,
 }
 
 impl RunMeta {

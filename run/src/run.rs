@@ -531,6 +531,7 @@ impl Run {
         let meta = RunMeta {
             epoch: self.last_epoch,
             loader: Some(self.last_state),
+            world_size: Some(byol_trainer::dist::group().world() as u64),
         };
         // Rank 0 writes; every rank learns whether it worked, so all keep the same
         // checkpoint clock.
