@@ -84,24 +84,26 @@ fn settings(cfg: &Config, d: &DaemonConfig) -> Settings {
 
 /// Runs `byol daemon`.
 pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
+    // Data-parallel (under mpirun): rank 0 alone holds the run folder, watches, ingests
+    // and serves metrics; every rank trains its share of each batch on rank 0's
+    // decisions (`continuous::train_continuously`).
     let group = byol_trainer::dist::init()?;
-    if group.world() > 1 {
-        anyhow::bail!(
-            "byol daemon runs as one process: data-parallel training under {} processes is built for `byol train` only (the daemon's watcher and ingester are not yet shared across ranks)",
-            group.world()
-        );
-    }
+    let main = group.is_main();
     let cfg = Config::load_for_daemon(&args.config)?;
     cfg.validate(true)
         .with_context(|| format!("invalid config {}", args.config.display()))?;
     let d = cfg.daemon.clone().expect("validated");
     let dir = RunDir::new(&d.run);
-    let _lock = dir.lock().with_context(|| {
-        format!(
-            "cannot start: is another byol daemon running on {}?",
-            d.run.display()
-        )
-    })?;
+    let _lock = if main {
+        Some(dir.lock().with_context(|| {
+            format!(
+                "cannot start: is another byol daemon running on {}?",
+                d.run.display()
+            )
+        })?)
+    } else {
+        None
+    };
 
     // Thread budget: the loader gets it all, ingest half of it at a lower priority.
     let budget = match d.threads {
@@ -119,57 +121,62 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         .map(|w| w.resolve(cfg.ingest.layout()))
         .collect();
     let shard_bytes = ingest_opts.shard_bytes;
-    let mut follower = Follower::open(&d.data, &roots, ingest_opts.clone())
-        .with_context(|| format!("cannot open dataset {}", d.data.display()))?;
     let metrics = Arc::new(Metrics::new());
     let healthy = Arc::new(AtomicBool::new(true));
-    let (bound, _server) = serve(d.listen_addr()?, metrics.clone(), healthy.clone())?;
-    tracing::info!(event = "listening", address = %bound, "metrics on http://{bound}/metrics");
     let controls = Arc::new(Controls::new(settings(&cfg, &d)));
     let stop_ingest = Arc::new(AtomicBool::new(false));
     let (tx, rx) = crossbeam_channel::unbounded();
-    let watched: Vec<PathBuf> = follower.roots().iter().map(|r| r.path.clone()).collect();
-    // Watch first, then scan: a file that lands during the scan is seen by one or the
-    // other (or both: an unchanged file costs a stat).
-    let watchers = watch(
-        &watched,
-        d.poll,
-        Duration::from_secs_f64(d.poll_interval_secs),
-        &tx,
-    )?;
-    let report = follower
-        .scan_all()
-        .context("start-up scan of the watched folders")?;
-    log_ingest("start-up scan", &report);
-    metrics.on_ingest(&report, follower.live_records());
-    for w in &report.summary.warnings {
-        eprintln!("warning: {w}");
-    }
+    let services = if !main {
+        None
+    } else {
+        let mut follower = Follower::open(&d.data, &roots, ingest_opts.clone())
+            .with_context(|| format!("cannot open dataset {}", d.data.display()))?;
+        let (bound, server) = serve(d.listen_addr()?, metrics.clone(), healthy.clone())?;
+        tracing::info!(event = "listening", address = %bound, "metrics on http://{bound}/metrics");
+        let watched: Vec<PathBuf> = follower.roots().iter().map(|r| r.path.clone()).collect();
+        // Watch first, then scan: a file that lands during the scan is seen by one or the
+        // other (or both: an unchanged file costs a stat).
+        let watchers = watch(
+            &watched,
+            d.poll,
+            Duration::from_secs_f64(d.poll_interval_secs),
+            &tx,
+        )?;
+        let report = follower
+            .scan_all()
+            .context("start-up scan of the watched folders")?;
+        log_ingest("start-up scan", &report);
+        metrics.on_ingest(&report, follower.live_records());
+        for w in &report.summary.warnings {
+            eprintln!("warning: {w}");
+        }
 
-    // A new folder's files may predate its watch: the ingest thread scans new folders.
-    let settle = Duration::from_secs_f64(d.settle_secs);
-    let ingest_loop = IngestLoop::new(
-        follower,
-        Reopen {
-            data: d.data.clone(),
-            roots,
-            options: ingest_opts,
-        },
-        settle,
-        Duration::from_secs_f64(d.retry_secs),
-        compact_policy(&cfg, &d, shard_bytes),
-    );
-    let ingest = spawn_ingest(
-        IngestThread {
-            ingest: ingest_loop,
-            watchers,
-            controls: controls.clone(),
-            metrics: metrics.clone(),
-            stop: stop_ingest.clone(),
-        },
-        rx,
-        settle,
-    )?;
+        // A new folder's files may predate its watch: the ingest thread scans new folders.
+        let settle = Duration::from_secs_f64(d.settle_secs);
+        let ingest_loop = IngestLoop::new(
+            follower,
+            Reopen {
+                data: d.data.clone(),
+                roots,
+                options: ingest_opts,
+            },
+            settle,
+            Duration::from_secs_f64(d.retry_secs),
+            compact_policy(&cfg, &d, shard_bytes),
+        );
+        let ingest = spawn_ingest(
+            IngestThread {
+                ingest: ingest_loop,
+                watchers,
+                controls: controls.clone(),
+                metrics: metrics.clone(),
+                stop: stop_ingest.clone(),
+            },
+            rx,
+            settle,
+        )?;
+        Some((ingest, server))
+    };
     let signals = spawn_signals(
         &args.config,
         controls.clone(),
@@ -211,19 +218,23 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let mut reporter = Reporter {
         metrics: metrics.clone(),
         notifier,
+        main,
     };
     let outcome = continuous::train_continuously(setup, &controls, &mut |e| reporter.on_event(e));
     healthy.store(false, Ordering::SeqCst);
     stop_ingest.store(true, Ordering::SeqCst);
     drop(tx);
-    let ingest_result = ingest.join().expect("the ingest thread does not panic");
+    let ingest_result =
+        services.map(|(ingest, _server)| ingest.join().expect("the ingest thread does not panic"));
     drop(signals);
     let sig = outcome?;
-    ingest_result?;
-    println!(
-        "stopped by signal {sig} after {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    ingest_result.transpose()?;
+    if main {
+        println!(
+            "stopped by signal {sig} after {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -232,10 +243,16 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
 struct Reporter {
     metrics: Arc<Metrics>,
     notifier: Notifier,
+    /// Rank 0 (or the only process): the one that logs and reports; other ranks of a
+    /// data-parallel job report only their failures.
+    main: bool,
 }
 
 impl Reporter {
     fn on_event(&mut self, e: Event) {
+        if !self.main && !matches!(e, Event::Failed { .. }) {
+            return;
+        }
         self.metrics.on_event(&e);
         self.notifier.alive();
         match e {

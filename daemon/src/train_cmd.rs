@@ -69,7 +69,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     };
     let aug = Augmenter::new(cfg.augment.clone().unwrap_or_default())
         .context("invalid [augment] settings")?;
-    let dataset = Dataset::open(&args.data)
+    // Every rank plans with the record count rank 0 opened the dataset with.
+    let (dataset, total) = byol_run::open_agreed(&args.data)
         .with_context(|| format!("cannot open dataset {}", args.data.display()))?;
     let view_size = aug.size();
     // A memory bank or queue must fit the dataset (before the run folder is touched).
@@ -119,7 +120,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         None
     };
     let short_side = median_short_side(&dataset);
-    let loader = Loader::new(dataset, aug, loader_cfg, state)?;
+    let loader = Loader::new_agreed(dataset, aug, loader_cfg, state, total)?;
     let target = match (args.steps, args.epochs, args.minutes) {
         (Some(s), _, _) => s,
         (None, Some(e), _) => e * loader.batches_per_epoch(),
@@ -217,12 +218,24 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
                 Some(sig) => format!("stopped by signal {sig} at step"),
                 None => "trained to step".into(),
             };
+            let secs = started.elapsed().as_secs_f64();
             if main {
                 println!(
-                    "{how} {step} in {:.1} s; metrics in {}, checkpoints in {}",
-                    started.elapsed().as_secs_f64(),
+                    "{how} {step} in {secs:.1} s; metrics in {}, checkpoints in {}",
                     run.dir().metrics().display(),
                     ckpt_dir.display()
+                );
+            }
+            if group.world() > 1 && main {
+                let t = group.sync_times();
+                println!(
+                    "data-parallel sync on rank 0: gradients {:.1} s ({:.1}%), BatchNorm {:.1} s ({:.1}%), other {:.1} s ({:.1}%) of {secs:.1} s",
+                    t.gradients,
+                    100.0 * t.gradients / secs,
+                    t.batch_norm,
+                    100.0 * t.batch_norm / secs,
+                    t.other,
+                    100.0 * t.other / secs
                 );
             }
             Ok(match stop {

@@ -345,3 +345,83 @@ fn children(pid: u32) -> Vec<u32> {
         })
         .collect()
 }
+
+/// `byol daemon` under `mpirun -np 2`: rank 0 watches and ingests, both ranks train on
+/// its decisions: they start once one batch of images is in, go on through a second
+/// wave, pause together when nothing new comes (`idle_after_epochs`), wake together on
+/// new files, checkpoint on SIGUSR1, and stop on SIGTERM with a checkpoint that a
+/// restart resumes.
+#[test]
+fn the_daemon_trains_data_parallel_through_waves_pauses_and_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let watch = root.join("in");
+    std::fs::create_dir_all(watch.join("cat")).unwrap();
+    std::fs::create_dir_all(watch.join("dog")).unwrap();
+    let cfg = root.join("daemon.toml");
+    std::fs::write(
+        &cfg,
+        common::daemon_config(root, &[("idle_after_epochs = 0", "idle_after_epochs = 2")]),
+    )
+    .unwrap();
+    let mut command = mpirun(
+        2,
+        &[
+            "daemon".into(),
+            "--config".into(),
+            cfg.display().to_string(),
+        ],
+    );
+    command.env_remove("BYOL_LOG");
+    let mut d = common::Daemon::spawn(command, root.join("out.txt"));
+    d.wait_for("the watch", |o| o.contains("watching"));
+    let wave = |first: u32| {
+        for i in first..first + 6 {
+            for (class, offset) in [("cat", 0), ("dog", 500)] {
+                std::fs::write(
+                    watch.join(class).join(format!("{i}.png")),
+                    common::distinct_png(offset + i),
+                )
+                .unwrap();
+            }
+        }
+    };
+    wave(0);
+    d.wait_for("training", |o| o.contains("training from step"));
+    d.wait_for("the pause", |o| o.contains("paused: nothing new"));
+    let paused = d.output().matches("paused: nothing new").count();
+    wave(100);
+    d.wait_for("training again", |o| {
+        o.matches("training from step").count() >= 2
+    });
+    d.signal(libc::SIGUSR1);
+    d.wait_for("a checkpoint", |o| o.contains("checkpoint step "));
+    d.wait_for("the second pause", |o| {
+        o.matches("paused: nothing new").count() > paused
+    });
+    // SIGTERM to mpirun reaches every rank: they finish the step, checkpoint and exit;
+    // mpirun itself reports a job it was signalled to end as failed (status 1).
+    let (_, out) = d.stop();
+    assert_eq!(
+        out.matches("stopped by signal 15").count(),
+        1,
+        "rank 0 alone reports: {out}"
+    );
+    assert!(!out.contains("error"), "{out}");
+    let ckpts = byol_checkpoints(&root.join("run/checkpoints"));
+    let last = *ckpts.last().expect("a checkpoint");
+    let meta =
+        std::fs::read_to_string(root.join(format!("run/checkpoints/step-{last:010}/meta.json")))
+            .unwrap();
+    assert!(
+        meta.contains("\"world_size\": 2") || meta.contains("\"world_size\":2"),
+        "{meta}"
+    );
+    // One process resumes the two ranks' run.
+    let mut d = common::Daemon::start(&cfg, root.join("out2.txt"), &[]);
+    d.wait_for("the resume", |o| {
+        o.contains(&format!("training from step {last}"))
+    });
+    let (status, out) = d.stop();
+    assert!(status.success(), "{out}");
+}

@@ -148,9 +148,31 @@ impl Loader {
         cfg: LoaderConfig,
         state: Option<LoaderState>,
     ) -> Result<Self, LoaderError> {
+        let total = dataset.manifest().total_records();
+        Self::new_agreed(dataset, aug, cfg, state, total)
+    }
+
+    /// [`Loader::new`] over the first `total` records of `dataset` only, however many it
+    /// holds: data-parallel ranks start with the count rank 0 saw, so they plan the
+    /// same epochs even when a commit lands between their openings.
+    ///
+    /// Errors: `dataset` holds fewer than `total` records; those of [`Loader::new`].
+    pub fn new_agreed(
+        dataset: Dataset,
+        aug: Augmenter,
+        cfg: LoaderConfig,
+        state: Option<LoaderState>,
+        total: u64,
+    ) -> Result<Self, LoaderError> {
         cfg.validate()?;
         let dataset = Arc::new(dataset);
-        let total = dataset.manifest().total_records();
+        if total > dataset.manifest().total_records() {
+            return Err(LoaderError::State(format!(
+                "{} has {} records, fewer than the {total} the run starts with",
+                dataset.dir().display(),
+                dataset.manifest().total_records()
+            )));
+        }
         let state = state.unwrap_or(LoaderState {
             seed: cfg.seed,
             epoch: 0,

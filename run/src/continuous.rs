@@ -35,7 +35,7 @@ use serde::Serialize;
 
 use crate::{
     CheckpointOutcome, CheckpointPolicy, FaultPoints, Monitor, Operation, Run, RunDir, RunError,
-    RunParts, StepReport, resume,
+    RunParts, StepReport,
 };
 
 /// Consecutive rollbacks without a good step in between before the loop gives up.
@@ -175,6 +175,31 @@ impl Controls {
         self.generation.load(Ordering::SeqCst)
     }
 
+    /// What the loop acts on now, the same on every rank of a data-parallel job: rank
+    /// 0's stop, checkpoint request (taken), data generation and settings, broadcast
+    /// (rank 0 alone watches the folders, ingests and takes signals and reloads). In one
+    /// process, its own. Every rank must call it at the same points of the loop. The
+    /// checkpoint request is taken only when `take_checkpoint` (the loop acts on it).
+    fn agreed(&self, take_checkpoint: bool) -> Agreed {
+        let group = byol_trainer::dist::group();
+        let mine = || Agreed {
+            stop: self.stop_requested(),
+            checkpoint: take_checkpoint && self.checkpoint.swap(false, Ordering::SeqCst),
+            generation: self.generation(),
+            settings: self.settings(),
+        };
+        if group.world() == 1 {
+            return mine();
+        }
+        let mut word = if group.is_main() {
+            mine().encode()
+        } else {
+            [0; Agreed::WORDS]
+        };
+        group.broadcast_u64(&mut word);
+        Agreed::decode(word)
+    }
+
     fn wake(&self) {
         let _guard = self.wake.0.lock().unwrap();
         self.wake.1.notify_all();
@@ -184,6 +209,63 @@ impl Controls {
     fn wait(&self, timeout: Duration) {
         let guard = self.wake.0.lock().unwrap();
         let _ = self.wake.1.wait_timeout(guard, timeout).unwrap();
+    }
+}
+
+/// The controls as the loop acts on them ([`Controls::agreed`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Agreed {
+    stop: Option<i32>,
+    checkpoint: bool,
+    generation: u64,
+    settings: Settings,
+}
+
+impl Agreed {
+    const WORDS: usize = 8;
+
+    /// As words for a broadcast (f64 by its bits).
+    fn encode(self) -> [u64; Self::WORDS] {
+        // Destructured in full: a new setting does not compile until it is sent too.
+        let Settings {
+            train:
+                TrainSettings {
+                    log_every,
+                    checkpoint_every_steps,
+                    checkpoint_every_minutes,
+                    keep_last,
+                },
+            daemon: DaemonSettings { idle_after_epochs },
+        } = self.settings;
+        [
+            self.stop.map_or(0, |s| s as u64),
+            u64::from(self.checkpoint),
+            self.generation,
+            log_every,
+            checkpoint_every_steps,
+            checkpoint_every_minutes.to_bits(),
+            keep_last as u64,
+            idle_after_epochs,
+        ]
+    }
+
+    fn decode(w: [u64; Self::WORDS]) -> Self {
+        Agreed {
+            stop: (w[0] != 0).then_some(w[0] as i32),
+            checkpoint: w[1] != 0,
+            generation: w[2],
+            settings: Settings {
+                train: TrainSettings {
+                    log_every: w[3],
+                    checkpoint_every_steps: w[4],
+                    checkpoint_every_minutes: f64::from_bits(w[5]),
+                    keep_last: w[6] as usize,
+                },
+                daemon: DaemonSettings {
+                    idle_after_epochs: w[7],
+                },
+            },
+        }
     }
 }
 
@@ -319,7 +401,8 @@ pub fn train_continuously(
         heartbeat,
     } = setup;
     let tick = heartbeat.min(WAIT_TICK);
-    let resumed = resume(&mut trainer, &dir.checkpoints())?;
+    let group = byol_trainer::dist::group();
+    let resumed = crate::resume_agreed(&mut trainer, &dir.checkpoints())?;
     if let Some(r) = &resumed {
         on_event(Event::Resumed {
             path: &r.path,
@@ -332,22 +415,30 @@ pub fn train_continuously(
     let needed_shards = state.map_or(0, |s| s.shards as usize);
     // The loader needs one batch of records (and, resuming, the shards it had).
     let mut waiting_reported = None;
-    let dataset = loop {
-        if let Some(sig) = controls.stop_requested() {
+    // Rank 0 decides when the dataset is ready, and with how many records the run
+    // starts; every rank then opens it and plans with that count.
+    let (dataset, total) = loop {
+        if let Some(sig) = controls.agreed(false).stop {
             return Ok(sig);
         }
-        if let Ok(ds) = Dataset::open(&data) {
+        let mut ready = [0u64];
+        if group.is_main()
+            && let Ok(ds) = Dataset::open(&data)
+        {
             let records = ds.live_records().count();
             if records >= loader_cfg.batch_size && ds.shards().len() >= needed_shards {
-                break ds;
-            }
-            if waiting_reported != Some(records) {
+                ready[0] = 1;
+            } else if waiting_reported != Some(records) {
                 waiting_reported = Some(records);
                 on_event(Event::Waiting {
                     records,
                     needed: loader_cfg.batch_size,
                 });
             }
+        }
+        group.broadcast_u64(&mut ready);
+        if ready[0] > 0 {
+            break crate::open_agreed(&data)?;
         }
         on_event(Event::Heartbeat);
         controls.wait(tick);
@@ -365,7 +456,7 @@ pub fn train_continuously(
     }
     let settings = controls.settings();
     let view_size = augmenter.size();
-    let loader = Loader::new(dataset, augmenter, loader_cfg, state)?;
+    let loader = Loader::new_agreed(dataset, augmenter, loader_cfg, state, total)?;
     let (mut run, dropped) = Run::start(RunParts {
         dir,
         trainer,
@@ -455,24 +546,24 @@ fn steps(
     tick: Duration,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<i32, RunError> {
-    let mut seen_generation = controls.generation();
+    let mut seen_generation = controls.agreed(false).generation;
     let mut last_new_epoch = run.epoch();
     let mut rollbacks = 0;
     loop {
-        if let Some(sig) = controls.stop_requested() {
+        let agreed = controls.agreed(true);
+        if let Some(sig) = agreed.stop {
             return Ok(sig);
         }
-        let now = controls.settings();
-        if now != settings {
-            settings = now;
+        if agreed.settings != settings {
+            settings = agreed.settings;
             run.set_policy(settings.policy());
             run.set_log_every(settings.train.log_every);
             tracing::info!(?settings, "settings reloaded");
         }
-        if controls.checkpoint.swap(false, Ordering::SeqCst) && run.has_unsaved_steps() {
+        if agreed.checkpoint && run.has_unsaved_steps() {
             checkpoint_now(run, on_event);
         }
-        let generation = controls.generation();
+        let generation = agreed.generation;
         if generation != seen_generation {
             seen_generation = generation;
             last_new_epoch = run.epoch();
@@ -486,15 +577,19 @@ fn steps(
             on_event(Event::Paused {
                 epochs: idle_epochs,
             });
-            while controls.generation() == seen_generation && controls.stop_requested().is_none() {
+            let resumed_by = loop {
+                let agreed = controls.agreed(false);
+                if agreed.generation != seen_generation || agreed.stop.is_some() {
+                    break agreed;
+                }
                 on_event(Event::Heartbeat);
                 report_retries(run, on_event);
                 controls.wait(tick);
-            }
-            if let Some(sig) = controls.stop_requested() {
+            };
+            if let Some(sig) = resumed_by.stop {
                 return Ok(sig);
             }
-            seen_generation = controls.generation();
+            seen_generation = resumed_by.generation;
             last_new_epoch = run.epoch();
             on_event(Event::Training {
                 step: run.trainer().steps_done(),

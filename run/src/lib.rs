@@ -30,6 +30,7 @@ pub use metrics::{MetricsLine, MetricsSink};
 pub use monitor::{Measurement, Monitor, MonitorConfig};
 pub use policy::CheckpointPolicy;
 pub use resume::{Resumed, RunMeta, ScheduleChange, resume, resume_agreed, schedule_change};
+pub use run::open_agreed;
 pub use run::{
     CheckpointOutcome, FaultPoints, Finished, RETRY_AFTER, Run, RunParts, StepReport,
     TRACE_BATCHES_ENV,

@@ -29,12 +29,14 @@ pub struct MetricsLine {
     /// EMA coefficient τ of the step (objectives with an EMA target).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tau: Option<f64>,
-    /// Std of the l2-normalised online projections × √d (≈ 1 healthy, → 0 collapsed).
+    /// Std of the l2-normalised online projections × √d (≈ 1 healthy, → 0 collapsed);
+    /// data-parallel, over rank 0's share of the batch.
     pub collapse: f32,
     /// Effective rank of the online projections of the step's first view (RankMe,
-    /// Garrido et al. 2023): 1 collapsed, up to `min(batch, projection_dim)`.
+    /// Garrido et al. 2023): 1 collapsed, up to `min(batch, projection_dim)`;
+    /// data-parallel, over rank 0's share of the batch.
     pub effective_rank: f32,
-    /// Images per second since the last logged step.
+    /// Images per second since the last logged step (the global batch's, data-parallel).
     pub images_per_sec: f64,
     /// Seconds spent waiting for batches since the last logged step.
     pub data_wait_secs: f64,

@@ -143,7 +143,34 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// How long a data-parallel rank waits for its manifest to show the records rank 0
 /// decided on (a commit rank 0 saw first, on shared storage).
-const MANIFEST_PATIENCE: Duration = Duration::from_secs(60);
+pub const MANIFEST_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The dataset at `data` with the record count every rank starts with: rank 0's,
+/// broadcast (one process: its own). A rank whose manifest shows fewer re-opens it for
+/// up to [`MANIFEST_PATIENCE`]. Every rank must call it.
+///
+/// Errors: the dataset cannot be opened, or still shows fewer records after that.
+pub fn open_agreed(data: &std::path::Path) -> Result<(byol_ingest::Dataset, u64), RunError> {
+    let group = byol_trainer::dist::group();
+    let deadline = Instant::now() + MANIFEST_PATIENCE;
+    let mut dataset = byol_ingest::Dataset::open(data)?;
+    let mut total = [dataset.manifest().total_records()];
+    group.broadcast_u64(&mut total);
+    while dataset.manifest().total_records() < total[0] {
+        if Instant::now() >= deadline {
+            return Err(RunError::Peer(format!(
+                "{} shows {} records after {} s, rank 0 started with {}",
+                data.display(),
+                dataset.manifest().total_records(),
+                MANIFEST_PATIENCE.as_secs(),
+                total[0]
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        dataset = byol_ingest::Dataset::open(data)?;
+    }
+    Ok((dataset, total[0]))
+}
 
 /// A training run between steps (see the crate docs).
 ///
@@ -290,7 +317,8 @@ impl Run {
             let _ = writeln!(f, "{line}");
         }
         drop(batch);
-        self.window.images += images as u64;
+        // Throughput counts the global batch: every rank loads an equal share of it.
+        self.window.images += (images * byol_trainer::dist::group().world()) as u64;
         self.last_state = self.loader.state();
         self.last_epoch = epoch;
         if self.faults.nan_at == Some(stats.step) {
@@ -427,7 +455,12 @@ impl Run {
             Some(m) if m.retry_due(now) => m.flush(),
             _ => Ok(()),
         };
-        let due = self.retry_at.is_some_and(|t| now >= t) && self.has_unsaved_steps();
+        // Rank 0's clock decides (a checkpoint is a collective step).
+        let mut due = [u64::from(
+            self.retry_at.is_some_and(|t| now >= t) && self.has_unsaved_steps(),
+        )];
+        byol_trainer::dist::group().broadcast_u64(&mut due);
+        let due = due[0] == 1;
         Finished {
             metrics,
             checkpoint: due.then(|| self.checkpoint()),

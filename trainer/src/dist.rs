@@ -43,11 +43,43 @@ pub enum DistError {
     Init,
 }
 
+/// Seconds this process spent in data-parallel synchronisation since it started, by
+/// purpose (waiting for a slower rank included: that is what it costs the step).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SyncTimes {
+    /// Averaging the gradients: copies to and from the flat buckets and the all-reduces.
+    pub gradients: f64,
+    /// Synced BatchNorm's reductions, forward and backward.
+    pub batch_norm: f64,
+    /// Everything else: gathers of cross-sample terms, the run's decisions, health.
+    pub other: f64,
+}
+
+/// Nanoseconds per [`SyncTimes`] field.
+#[derive(Debug, Default)]
+struct SyncClock {
+    gradients: std::sync::atomic::AtomicU64,
+    batch_norm: std::sync::atomic::AtomicU64,
+    other: std::sync::atomic::AtomicU64,
+}
+
+/// Runs `f`, adding its wall time to `counter`.
+fn timed<T>(counter: &std::sync::atomic::AtomicU64, f: impl FnOnce() -> T) -> T {
+    let start = std::time::Instant::now();
+    let out = f();
+    counter.fetch_add(
+        start.elapsed().as_nanos() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    out
+}
+
 /// The processes training one model: this one's rank and the world size.
 #[derive(Debug)]
 pub struct ProcessGroup {
     rank: usize,
     world: usize,
+    clock: SyncClock,
     /// Serialises every MPI call (MPI runs with `MPI_THREAD_SERIALIZED`).
     #[cfg(feature = "mpi")]
     lock: Mutex<()>,
@@ -82,6 +114,7 @@ pub fn init() -> Result<&'static ProcessGroup, DistError> {
             let group = ProcessGroup {
                 rank: world.rank() as usize,
                 world: world.size() as usize,
+                clock: SyncClock::default(),
                 lock: Mutex::new(()),
             };
             *UNIVERSE.lock().unwrap() = Some(universe);
@@ -121,6 +154,7 @@ impl ProcessGroup {
         ProcessGroup {
             rank: 0,
             world: 1,
+            clock: SyncClock::default(),
             #[cfg(feature = "mpi")]
             lock: Mutex::new(()),
         }
@@ -134,6 +168,18 @@ impl ProcessGroup {
     /// Number of processes.
     pub fn world(&self) -> usize {
         self.world
+    }
+
+    /// Time spent synchronising so far (all zero in a world of one).
+    pub fn sync_times(&self) -> SyncTimes {
+        let secs = |c: &std::sync::atomic::AtomicU64| {
+            c.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
+        };
+        SyncTimes {
+            gradients: secs(&self.clock.gradients),
+            batch_norm: secs(&self.clock.batch_norm),
+            other: secs(&self.clock.other),
+        }
     }
 
     /// True on rank 0, the one that decides, writes under the run folder and logs.
@@ -163,7 +209,7 @@ impl ProcessGroup {
     pub fn all_gather_f32(&self, local: &[f32]) -> Vec<f32> {
         #[cfg(feature = "mpi")]
         if self.world > 1 {
-            return self.all_gather(local);
+            return timed(&self.clock.other, || self.all_gather(local));
         }
         local.to_vec()
     }
@@ -172,7 +218,7 @@ impl ProcessGroup {
     pub fn all_gather_f64(&self, local: &[f64]) -> Vec<f64> {
         #[cfg(feature = "mpi")]
         if self.world > 1 {
-            return self.all_gather(local);
+            return timed(&self.clock.other, || self.all_gather(local));
         }
         local.to_vec()
     }
@@ -182,10 +228,12 @@ impl ProcessGroup {
         #[cfg(feature = "mpi")]
         if self.world > 1 {
             use mpi::traits::{Communicator, Root};
-            let _serial = self.lock.lock().unwrap();
-            mpi::topology::SimpleCommunicator::world()
-                .process_at_rank(0)
-                .broadcast_into(values);
+            timed(&self.clock.other, || {
+                let _serial = self.lock.lock().unwrap();
+                mpi::topology::SimpleCommunicator::world()
+                    .process_at_rank(0)
+                    .broadcast_into(values);
+            });
         }
         let _ = values;
     }
@@ -249,6 +297,15 @@ impl ProcessGroup {
         if self.world == 1 {
             return Ok(());
         }
+        timed(&self.clock.gradients, || self.average_buckets(grads, vars))
+    }
+
+    /// [`ProcessGroup::average_gradients`]'s work, in a world of several.
+    fn average_buckets(
+        &self,
+        grads: &mut candle_core::backprop::GradStore,
+        vars: &[candle_core::Var],
+    ) -> candle_core::Result<()> {
         let scale = 1.0 / self.world as f32;
         let per_bucket = BUCKET_BYTES / 4;
         let mut start = 0;
@@ -349,11 +406,11 @@ impl CustomOp1 for AllGatherRows {
 /// Synced BatchNorm's reductions over the group (see [`crate::kernels::CrossReplica`]).
 impl crate::kernels::CrossReplica for ProcessGroup {
     fn broadcast(&self, values: &mut [f32]) {
-        self.broadcast_f32(values);
+        timed(&self.clock.batch_norm, || self.broadcast_f32(values));
     }
 
     fn sum(&self, values: &mut [f64]) {
-        self.all_reduce_sum_f64(values);
+        timed(&self.clock.batch_norm, || self.all_reduce_sum_f64(values));
     }
 
     fn world(&self) -> usize {
