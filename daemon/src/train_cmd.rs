@@ -226,7 +226,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
                     ckpt_dir.display()
                 );
             }
-            if group.world() > 1 && main {
+            if group.reduces_gradients() && main {
                 let t = group.sync_times();
                 println!(
                     "data-parallel sync on rank 0: gradients {:.1} s ({:.1}%), BatchNorm {:.1} s ({:.1}%), other {:.1} s ({:.1}%) of {secs:.1} s",

@@ -127,6 +127,10 @@ impl Trainer {
         // Data-parallel: every BatchNorm (and SimSiam's output BN) over the global batch.
         cfg.model.synced_bn = cfg.train.sync_bn && crate::dist::group().world() > 1;
         let device = open_device(parse_device(&cfg.train.device)?)?;
+        #[cfg(feature = "nccl")]
+        if crate::dist::nccl::init(crate::dist::group(), &device)? {
+            tracing::info!("data-parallel: gradients all-reduced through NCCL");
+        }
         crate::kernels::set_tf32(cfg.train.tf32);
         let compute = Compute::new(cfg.train.kernels, cfg.train.precision);
         let online = VarMap::new();
@@ -268,7 +272,7 @@ impl Trainer {
         // Data-parallel: the mean of every rank's gradients (BatchNorm statistics were
         // synced in forward and backward; a world of one does nothing here).
         let group = crate::dist::group();
-        if group.world() > 1 {
+        if group.reduces_gradients() {
             let vars: Vec<Var> = self.trainable_named().into_iter().map(|(_, v)| v).collect();
             group.average_gradients(&mut grads, &vars)?;
         }

@@ -6,11 +6,16 @@
 //! `PMIX_RANK`) joins the launcher's world on [`init`]; any other process is a world of
 //! one, where every collective is the identity and nothing is ever sent.
 //!
-//! The collectives run on host buffers: the tensors of a CPU run are already there (a GPU
-//! run would reduce through NCCL on the device, not built yet). Every rank must call the
+//! The collectives run on host buffers: the tensors of a CPU run are already there. On
+//! GPUs, one per rank, the `nccl` feature all-reduces the gradients on the device
+//! instead ([`nccl`], its id broadcast over MPI); synced BatchNorm is CPU only so far.
+//! Every rank must call the
 //! same collectives in the same order: the step (forward, backward, gradient all-reduce)
 //! is the same program on every rank, and the run loop's decisions are rank 0's,
 //! broadcast ([`ProcessGroup::broadcast_u64`]).
+
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 #[cfg(feature = "mpi")]
 use std::sync::Mutex;
@@ -283,10 +288,21 @@ impl ProcessGroup {
         all
     }
 
+    /// True when the step must reduce its gradients: several ranks, or NCCL set up
+    /// (a world of one through NCCL, as a check of that path).
+    pub fn reduces_gradients(&self) -> bool {
+        #[cfg(feature = "nccl")]
+        if nccl::get().is_some() {
+            return true;
+        }
+        self.world > 1
+    }
+
     /// The mean over ranks of every gradient in `grads` of `vars`, in place: the
     /// gradients are flattened into buckets of up to [`BUCKET_BYTES`], each all-reduced
-    /// once. A variable without a gradient counts as zeros (every rank must reduce the
-    /// same buffers). A no-op in a world of one.
+    /// once (through NCCL on the device when the `nccl` feature set it up, otherwise MPI on
+    /// host buffers). A variable without a gradient counts as zeros (every rank must
+    /// reduce the same buffers). A no-op in a world of one.
     ///
     /// Errors: a gradient cannot be read or rebuilt.
     pub fn average_gradients(
@@ -294,10 +310,53 @@ impl ProcessGroup {
         grads: &mut candle_core::backprop::GradStore,
         vars: &[candle_core::Var],
     ) -> candle_core::Result<()> {
+        #[cfg(feature = "nccl")]
+        if let Some(comm) = nccl::get()
+            && vars.first().is_some_and(|v| v.device().is_cuda())
+        {
+            return timed(&self.clock.gradients, || {
+                self.average_on_device(comm, grads, vars)
+            });
+        }
         if self.world == 1 {
             return Ok(());
         }
         timed(&self.clock.gradients, || self.average_buckets(grads, vars))
+    }
+
+    /// [`ProcessGroup::average_gradients`] through NCCL: each bucket concatenated on the
+    /// device, all-reduced there, scaled and split back; nothing goes to the host.
+    #[cfg(feature = "nccl")]
+    fn average_on_device(
+        &self,
+        comm: &'static nccl::DeviceComm,
+        grads: &mut candle_core::backprop::GradStore,
+        vars: &[candle_core::Var],
+    ) -> candle_core::Result<()> {
+        let scale = 1.0 / self.world as f64;
+        for bucket in buckets(vars) {
+            let flat: Vec<Tensor> = bucket
+                .iter()
+                .map(|var| match grads.get(var.as_tensor()) {
+                    Some(g) => g.to_dtype(candle_core::DType::F32)?.flatten_all(),
+                    None => Tensor::zeros(var.elem_count(), candle_core::DType::F32, var.device()),
+                })
+                .collect::<candle_core::Result<_>>()?;
+            let summed = comm
+                .all_reduce_sum(&Tensor::cat(&flat, 0)?)?
+                .affine(scale, 0.0)?;
+            let mut at = 0;
+            for var in bucket {
+                let n = var.elem_count();
+                let g = summed
+                    .narrow(0, at, n)?
+                    .reshape(var.shape())?
+                    .to_dtype(var.dtype())?;
+                grads.insert(var.as_tensor(), g);
+                at += n;
+            }
+        }
+        Ok(())
     }
 
     /// [`ProcessGroup::average_gradients`]'s work, in a world of several.
@@ -307,18 +366,10 @@ impl ProcessGroup {
         vars: &[candle_core::Var],
     ) -> candle_core::Result<()> {
         let scale = 1.0 / self.world as f32;
-        let per_bucket = BUCKET_BYTES / 4;
-        let mut start = 0;
-        while start < vars.len() {
-            // One bucket: consecutive variables up to the size limit (at least one).
-            let mut end = start;
-            let mut len = 0;
-            while end < vars.len() && (end == start || len + vars[end].elem_count() <= per_bucket) {
-                len += vars[end].elem_count();
-                end += 1;
-            }
+        for bucket in buckets(vars) {
+            let len = bucket.iter().map(|v| v.elem_count()).sum();
             let mut flat = Vec::with_capacity(len);
-            for var in &vars[start..end] {
+            for var in bucket {
                 match grads.get(var.as_tensor()) {
                     Some(g) => flat.extend(crate::host::vec1::<f32>(
                         &g.to_dtype(candle_core::DType::F32)?.flatten_all()?,
@@ -328,14 +379,13 @@ impl ProcessGroup {
             }
             self.all_reduce_sum_f32(&mut flat);
             let mut at = 0;
-            for var in &vars[start..end] {
+            for var in bucket {
                 let n = var.elem_count();
                 let mean: Vec<f32> = flat[at..at + n].iter().map(|v| v * scale).collect();
                 let g = Tensor::from_vec(mean, var.shape(), var.device())?.to_dtype(var.dtype())?;
                 grads.insert(var.as_tensor(), g);
                 at += n;
             }
-            start = end;
         }
         Ok(())
     }
@@ -350,6 +400,25 @@ impl ProcessGroup {
         }
         x.contiguous()?.apply_op1(AllGatherRows { group: self })
     }
+}
+
+/// `vars` in buckets of consecutive variables of up to [`BUCKET_BYTES`] of f32 gradients
+/// (a larger variable is a bucket of its own).
+fn buckets(vars: &[candle_core::Var]) -> Vec<&[candle_core::Var]> {
+    let per_bucket = BUCKET_BYTES / 4;
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < vars.len() {
+        let mut end = start;
+        let mut len = 0;
+        while end < vars.len() && (end == start || len + vars[end].elem_count() <= per_bucket) {
+            len += vars[end].elem_count();
+            end += 1;
+        }
+        out.push(&vars[start..end]);
+        start = end;
+    }
+    out
 }
 
 /// Every rank's rows of `x (n, d)` as f32, in rank order (see
@@ -415,5 +484,48 @@ impl crate::kernels::CrossReplica for ProcessGroup {
 
     fn world(&self) -> usize {
         self.world
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Buckets hold consecutive variables up to the size limit, a larger variable alone,
+    /// and every variable once, in order.
+    #[test]
+    fn gradients_are_bucketed_in_order_up_to_the_limit() {
+        let per = BUCKET_BYTES / 4;
+        let sizes = [3, per - 4, 5, per + 10, 1, 2];
+        let vars: Vec<candle_core::Var> = sizes
+            .iter()
+            .map(|&n| {
+                candle_core::Var::zeros(n, candle_core::DType::F32, &candle_core::Device::Cpu)
+                    .unwrap()
+            })
+            .collect();
+        let lens: Vec<Vec<usize>> = buckets(&vars)
+            .iter()
+            .map(|b| b.iter().map(|v| v.elem_count()).collect())
+            .collect();
+        assert_eq!(
+            lens,
+            vec![vec![3, per - 4], vec![5], vec![per + 10], vec![1, 2]]
+        );
+    }
+
+    /// Outside a launcher the group is a world of one, whose collectives change nothing.
+    #[test]
+    fn a_world_of_one_changes_nothing() {
+        let g = group();
+        assert_eq!((g.rank(), g.world(), g.is_main()), (0, 1, true));
+        let mut v = [1.5f32, -2.0];
+        g.all_reduce_sum_f32(&mut v);
+        assert_eq!(v, [1.5, -2.0]);
+        assert_eq!(g.all_gather_f64(&[3.0]), vec![3.0]);
+        let mut w = [7u64];
+        g.broadcast_u64(&mut w);
+        assert_eq!(w, [7]);
+        assert!(!g.reduces_gradients());
     }
 }
