@@ -7,6 +7,9 @@
 #   gpu-pack/fmnist/     Fashion-MNIST IDX files: all 60,000 training images and the
 #                        10,000 test images (ingested on the GPU machine by the scripts)
 #   gpu-pack/photos/     200 of the 256-px photos (the loader at 224 px)
+#   gpu-pack/byol-nccl.xz  the same built with `--features nccl` (data-parallel on
+#                        GPUs; scripts/gpu-dist.sh), and gpu-pack/mpi-lib/ the OpenMPI
+#                        libraries it links, from Debian's packages (libopenmpi-dev)
 #
 #   scripts/gpu-prepare.sh             CUDA build (needs ../shared/tools/cuda-env.sh and
 #                                      installs cuDNN's wheel into that environment)
@@ -25,6 +28,14 @@ if [ "$mode" != "--data-only" ]; then
   cargo build --release -p byol-daemon --features cuda --target-dir target/gpu
   strip -o "$pack/byol" target/gpu/release/byol
   xz -T0 -6 -f "$pack/byol"
+  # The data-parallel build links OpenMPI: its libraries travel beside it.
+  cargo build --release -p byol-daemon --features nccl --target-dir target/gpu
+  strip -o "$pack/byol-nccl" target/gpu/release/byol
+  xz -T0 -6 -f "$pack/byol-nccl"
+  rm -rf "$pack/mpi-lib"
+  mkdir -p "$pack/mpi-lib"
+  ldd target/gpu/release/byol | awk '/libmpi|libopen-|libhwloc|libevent|libudev/ {print $3}' \
+    | xargs -I{} cp -L {} "$pack/mpi-lib/"
 fi
 fm=/usr/share/datasets/fashion-mnist
 mkdir -p "$pack/fmnist"

@@ -1,6 +1,6 @@
 //! `scripts/gpu-check.sh --dry-run`: every part of the GPU check (the objectives' part
 //! too) runs on CPU at tiny sizes and reports its figures, so the script is ready for a
-//! GPU machine.
+//! GPU machine; so do `scripts/gpu-run.sh` and `scripts/gpu-dist.sh`.
 
 mod common;
 
@@ -137,5 +137,23 @@ fn the_gpu_run_dry_run_measures_the_run_the_quality_run_and_the_daemon() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         assert!(v["run_over_step"].as_f64().unwrap() > 0.0, "{line}");
     }
+    assert!(out.join("logs.tar.gz").is_file());
+}
+
+/// `scripts/gpu-dist.sh --dry-run`: the NCCL checks' plumbing on CPU (a world of one
+/// through NCCL does not apply there, so both runs are the plain step and must agree).
+#[test]
+fn the_gpu_dist_dry_run_compares_the_runs_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, summary) = dry_run(dir.path(), "gpu-dist.sh", &[]);
+    for part in [
+        "nccl-one: a world of one through NCCL against the plain step: max relative L2",
+        "PASS",
+        "nccl-r50: ",
+        "gpu-dist: all parts ran",
+    ] {
+        assert!(summary.contains(part), "{part} missing:\n{summary}");
+    }
+    assert!(!summary.contains("FAIL"), "{summary}");
     assert!(out.join("logs.tar.gz").is_file());
 }

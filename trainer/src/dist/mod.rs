@@ -8,11 +8,12 @@
 //!
 //! The collectives run on host buffers: the tensors of a CPU run are already there. On
 //! GPUs, one per rank, the `nccl` feature all-reduces the gradients on the device
-//! instead ([`nccl`], its id broadcast over MPI); synced BatchNorm is CPU only so far.
-//! Every rank must call the
-//! same collectives in the same order: the step (forward, backward, gradient all-reduce)
-//! is the same program on every rank, and the run loop's decisions are rank 0's,
-//! broadcast ([`ProcessGroup::broadcast_u64`]).
+//! instead (the `nccl` module, its id broadcast over MPI); synced BatchNorm's
+//! per-channel vectors still go through the host there.
+//!
+//! Every rank must call the same collectives in the same order: the step (forward,
+//! backward, gradient all-reduce) is the same program on every rank, and the run loop's
+//! decisions are rank 0's, broadcast ([`ProcessGroup::broadcast_u64`]).
 
 #[cfg(feature = "nccl")]
 pub mod nccl;

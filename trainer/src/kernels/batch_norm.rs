@@ -62,7 +62,8 @@ pub fn batch_norm_train(
 /// the processes' statistics are combined; backward, the two per-channel sums of the
 /// input gradient are summed over the processes, while the weight and bias gradients
 /// stay local (the step averages them with every other gradient). `count` in the output
-/// is the whole batch's. CPU only for now.
+/// is the whole batch's. On CUDA the per-channel vectors (2·c values per pass) go
+/// through the host to be reduced.
 pub fn batch_norm_train_synced(
     x: &Tensor,
     weight: &Tensor,
@@ -71,11 +72,6 @@ pub fn batch_norm_train_synced(
     relu: bool,
     group: &'static dyn CrossReplica,
 ) -> Result<BatchNormOutput> {
-    if x.device().is_cuda() {
-        bail!(
-            "synced BatchNorm across processes runs on CPU only in this build (set train.sync_bn = false, or train in one process)"
-        )
-    }
     train(x, weight, bias, eps, relu, Some(group))
 }
 
@@ -90,6 +86,7 @@ fn train(
     let x = x.contiguous()?;
     let (n, _, s) = split_dims(x.dims())?;
     let (stats, count) = match sync {
+        Some(g) if x.device().is_cuda() => combined_stats(&x, g)?,
         Some(g) => synced_stats(&x, g)?,
         None => (batch_norm_stats(&x)?, n * s),
     };
@@ -180,6 +177,35 @@ fn synced_stats(x: &Tensor, group: &'static dyn CrossReplica) -> Result<(Tensor,
         stats[c + ch] = (all[2 * ch + 1] / count - dm * dm).max(0.0) as f32;
     }
     Ok((Tensor::from_vec(stats, (2, c), x.device())?, count as usize))
+}
+
+/// The whole data-parallel batch's `(2, c)` statistics and count from each process's
+/// own (the CUDA path, where the activations stay on the device): with `k` rank 0's
+/// means, each process adds `n_r·(m_r − k)` and `n_r·(v_r + (m_r − k)²)` in f64, so
+/// `mean = k + S1/N`, `var = S2/N − (S1/N)²` (Chan et al.'s pairwise combination,
+/// shifted). 2·c + 1 values per layer go through the host.
+fn combined_stats(x: &Tensor, group: &'static dyn CrossReplica) -> Result<(Tensor, usize)> {
+    let (n, c, s) = split_dims(x.dims())?;
+    let local = crate::host::vec2::<f32>(&batch_norm_stats(x)?)?;
+    let mut shift = local[0].clone();
+    group.broadcast(&mut shift);
+    let count = (n * s) as f64;
+    let mut all = vec![0f64; 2 * c + 1];
+    for ch in 0..c {
+        let dm = f64::from(local[0][ch]) - f64::from(shift[ch]);
+        all[ch] = count * dm;
+        all[c + ch] = count * (f64::from(local[1][ch]) + dm * dm);
+    }
+    all[2 * c] = count;
+    group.sum(&mut all);
+    let total = all[2 * c];
+    let mut stats = vec![0f32; 2 * c];
+    for ch in 0..c {
+        let dm = all[ch] / total;
+        stats[ch] = (f64::from(shift[ch]) + dm) as f32;
+        stats[c + ch] = (all[c + ch] / total - dm * dm).max(0.0) as f32;
+    }
+    Ok((Tensor::from_vec(stats, (2, c), x.device())?, total as usize))
 }
 
 /// The statistics op (see [`batch_norm_stats`]).
@@ -369,13 +395,27 @@ impl BatchNormOp {
         let invstd = (self.stats.get(1)? + self.eps)?.sqrt()?.recip()?;
         let gb = sums.get(0)?;
         let gw = (sums.get(1)? * invstd)?;
+        // Synced: the input gradient needs every process's sums; the kernel divides by
+        // this process's count, so they are scaled by local / global count first.
+        let sums_for_input = match self.sync {
+            Some(group) => {
+                let (n, c, s) = split_dims(x.dims())?;
+                let rows = crate::host::vec2::<f32>(&sums)?;
+                let mut all: Vec<f64> = rows.iter().flatten().map(|&v| f64::from(v)).collect();
+                group.sum(&mut all);
+                let scale = (n * s) as f64 / self.count as f64;
+                let scaled: Vec<f32> = all.iter().map(|v| (v * scale) as f32).collect();
+                Tensor::from_vec(scaled, (2, c), x.device())?
+            }
+            None => sums.clone(),
+        };
         let gx = cuda::batch_norm_grad_input(
             x,
             y,
             grad,
             weight,
             &self.stats,
-            &sums,
+            &sums_for_input,
             self.eps,
             self.relu,
             self.batch_stats,
@@ -544,6 +584,35 @@ impl CustomOp3 for BatchNormOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The two ways of combining statistics over processes (exact shifted sums on CPU,
+    /// shifted per-process moments on CUDA) agree with one process's statistics, here in
+    /// a world of one, on values with a large mean.
+    #[test]
+    fn synced_statistics_equal_one_process_statistics() {
+        let (n, c, s) = (6, 3, 10);
+        let x: Vec<f32> = (0..n * c * s)
+            .map(|i| 500.0 + ((i * 37 % 101) as f32) * 0.25 - (i / (c * s)) as f32)
+            .collect();
+        let x = Tensor::from_vec(x, (n, c, s), &candle_core::Device::Cpu).unwrap();
+        let group = crate::dist::group() as &'static dyn CrossReplica;
+        let one = batch_norm_stats(&x).unwrap().to_vec2::<f32>().unwrap();
+        for (what, (stats, count)) in [
+            ("shifted sums", synced_stats(&x, group).unwrap()),
+            ("combined moments", combined_stats(&x, group).unwrap()),
+        ] {
+            assert_eq!(count, n * s, "{what}");
+            let got = stats.to_vec2::<f32>().unwrap();
+            for (row, want) in got.iter().zip(&one) {
+                for (a, b) in row.iter().zip(want) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                        "{what}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn statistics_survive_a_large_mean() {
