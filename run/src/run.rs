@@ -391,7 +391,8 @@ impl Run {
         Ok(word[1] == 1)
     }
 
-    /// [`Run::checkpoint_due`] for the state after the coming step.
+    /// True when the policy wants a checkpoint after the coming step (and no failed one
+    /// waits to be retried).
     fn checkpoint_due_after_step(&self) -> bool {
         let done = self.trainer.steps_done() + 1;
         self.retry_at.is_none_or(|t| Instant::now() >= t)
@@ -524,16 +525,6 @@ impl Run {
         );
         self.window = Window::open();
         (line, written)
-    }
-
-    /// True when the policy wants a checkpoint now (and no failed one waits to be
-    /// retried).
-    pub fn checkpoint_due(&self) -> bool {
-        self.retry_at.is_none_or(|t| Instant::now() >= t)
-            && self.policy.due(
-                self.trainer.steps_done() - self.last_ckpt.1.min(self.trainer.steps_done()),
-                self.last_ckpt.0.elapsed(),
-            )
     }
 
     /// True when steps were taken since the last checkpoint (or the start).
