@@ -477,6 +477,16 @@ pub fn train_continuously(
         step: run.trainer().steps_done(),
     });
     let outcome = steps(&mut run, controls, settings, tick, on_event);
+    // Data-parallel, an error of this rank alone is not its peers': they wait in their
+    // next collective, so the last checkpoint (a collective step) cannot be taken; the
+    // caller ends the job (`dist::abort`), keeping the checkpoints written so far.
+    if group.world() > 1
+        && outcome
+            .as_ref()
+            .is_err_and(|e| !matches!(e, RunError::NonFiniteLoss { .. }))
+    {
+        return outcome;
+    }
     // Whatever ended the loop, the last good step is kept, with its metrics lines.
     let finished = run.finish();
     if let Err(error) = &finished.metrics {
