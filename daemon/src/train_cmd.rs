@@ -69,8 +69,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     };
     let aug = Augmenter::new(cfg.augment.clone().unwrap_or_default())
         .context("invalid [augment] settings")?;
-    // Every rank plans with the record count rank 0 opened the dataset with.
-    let (dataset, total) = byol_run::open_agreed(&args.data)
+    // Every rank plans with the dataset as rank 0 opened it.
+    let dataset = byol_run::open_agreed(&args.data)
         .with_context(|| format!("cannot open dataset {}", args.data.display()))?;
     let view_size = aug.size();
     // A memory bank or queue must fit the dataset (before the run folder is touched).
@@ -120,13 +120,19 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         None
     };
     let short_side = median_short_side(&dataset);
-    let loader = Loader::new_agreed(dataset, aug, loader_cfg, state, total)?;
+    let loader = Loader::new(dataset, aug, loader_cfg, state)?;
     let target = match (args.steps, args.epochs, args.minutes) {
         (Some(s), _, _) => s,
         (None, Some(e), _) => e * loader.batches_per_epoch(),
         (None, None, Some(m)) if m > 0.0 && m.is_finite() => u64::MAX,
         (None, None, Some(m)) => bail!("--minutes must be a positive number, not {m}"),
         (None, None, None) => cfg.train.total_steps,
+    };
+    // Rank 0's target (the same from the same dataset view; kept exact all the same).
+    let target = {
+        let mut t = [target];
+        group.broadcast_u64(&mut t);
+        t[0]
     };
     let warnings = [
         schedule_warning(&cfg.train, &cfg.optim, target).filter(|_| args.minutes.is_none()),
@@ -300,7 +306,16 @@ impl TrainLoop {
             }
             let logged = match (report.logged, last) {
                 (true, _) => report.line.clone(),
-                (false, true) => Some(self.run.log_last(&report)?),
+                (false, true) => match self.run.log_last(&report)? {
+                    (line, Ok(())) => Some(line),
+                    // Rank 0 alone writes metrics: its failure is not the job's end (its
+                    // peers could not take the last checkpoint with it); `finish` retries.
+                    (line, Err(e)) if group.world() > 1 => {
+                        eprintln!("warning: the last metrics line waits ({}): {e}", e.kind());
+                        Some(line)
+                    }
+                    (_, Err(e)) => return Err(e),
+                },
                 (false, false) => None,
             };
             if let Some(line) = logged {

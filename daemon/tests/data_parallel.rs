@@ -348,9 +348,10 @@ fn children(pid: u32) -> Vec<u32> {
 
 /// `byol daemon` under `mpirun -np 2`: rank 0 watches and ingests, both ranks train on
 /// its decisions: they start once one batch of images is in, go on through a second
-/// wave, pause together when nothing new comes (`idle_after_epochs`), wake together on
-/// new files, checkpoint on SIGUSR1, and stop on SIGTERM with a checkpoint that a
-/// restart resumes.
+/// wave and through deleted files (retired records: the same epochs on every rank),
+/// pause together when nothing new comes (`idle_after_epochs`), wake together on new
+/// files, checkpoint on SIGUSR1, and stop on SIGTERM with a checkpoint that a restart
+/// resumes.
 #[test]
 fn the_daemon_trains_data_parallel_through_waves_pauses_and_stops() {
     let dir = tempfile::tempdir().unwrap();
@@ -394,6 +395,12 @@ fn the_daemon_trains_data_parallel_through_waves_pauses_and_stops() {
     d.wait_for("training again", |o| {
         o.matches("training from step").count() >= 2
     });
+    // Retirements change which records an epoch holds, not how many the manifest
+    // lists: rank 0's view goes to every rank, so their epochs stay the same.
+    for i in 0..3 {
+        std::fs::remove_file(watch.join("cat").join(format!("{i}.png"))).unwrap();
+    }
+    d.wait_for("the retirements", |o| o.contains("retired=3"));
     d.signal(libc::SIGUSR1);
     d.wait_for("a checkpoint", |o| o.contains("checkpoint step "));
     d.wait_for("the second pause", |o| {

@@ -105,10 +105,24 @@ impl Dataset {
     /// A new view of the dataset as of its current manifest, sharing the mappings of the
     /// shards both know; `None` when the manifest has not changed.
     pub fn refreshed(&self) -> Result<Option<Dataset>, DatasetError> {
-        let manifest = self.load_manifest()?;
+        self.with_manifest(self.load_manifest()?)
+    }
+
+    /// A view of the dataset as of `manifest` (this dataset's manifest as another
+    /// process read it: data-parallel ranks share rank 0's), sharing the mappings of the
+    /// shards both know; `None` when it is this view's.
+    ///
+    /// Errors: `manifest` is invalid, or a shard it lists cannot be opened here.
+    pub fn with_manifest(&self, manifest: Manifest) -> Result<Option<Dataset>, DatasetError> {
         if manifest == self.manifest {
             return Ok(None);
         }
+        manifest.validate().map_err(|reason| {
+            DatasetError::Manifest(crate::manifest::ManifestError::Invalid {
+                path: crate::manifest::Manifest::path_in(&self.dir),
+                reason,
+            })
+        })?;
         let mut next = Dataset {
             dir: self.dir.clone(),
             manifest: self.manifest.clone(),

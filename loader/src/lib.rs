@@ -30,7 +30,7 @@
 //! ## Sampling policy for continuous training
 //! Epochs run over the records their domain was decided with; shards added meanwhile
 //! join at the next epoch or refresh boundary once the step loop applies the growth with
-//! [`Loader::refresh`] (or [`Loader::refresh_to`], a count decided by rank 0 in
+//! [`Loader::refresh`] (or [`Loader::apply_manifest`], rank 0's manifest in
 //! data-parallel training) at a step boundary: the workers never look at the manifest,
 //! so the batches depend on the steps at which growth was applied, never on when a
 //! commit landed. Data-parallel ranks each load their contiguous share of every global

@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use byol_augment::{Augmenter, SampleKey, Scratch, ViewOut};
+use byol_ingest::Manifest;
 use byol_ingest::{Dataset, RecordScratch};
 use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
@@ -148,31 +149,9 @@ impl Loader {
         cfg: LoaderConfig,
         state: Option<LoaderState>,
     ) -> Result<Self, LoaderError> {
-        let total = dataset.manifest().total_records();
-        Self::new_agreed(dataset, aug, cfg, state, total)
-    }
-
-    /// [`Loader::new`] over the first `total` records of `dataset` only, however many it
-    /// holds: data-parallel ranks start with the count rank 0 saw, so they plan the
-    /// same epochs even when a commit lands between their openings.
-    ///
-    /// Errors: `dataset` holds fewer than `total` records; those of [`Loader::new`].
-    pub fn new_agreed(
-        dataset: Dataset,
-        aug: Augmenter,
-        cfg: LoaderConfig,
-        state: Option<LoaderState>,
-        total: u64,
-    ) -> Result<Self, LoaderError> {
         cfg.validate()?;
         let dataset = Arc::new(dataset);
-        if total > dataset.manifest().total_records() {
-            return Err(LoaderError::State(format!(
-                "{} has {} records, fewer than the {total} the run starts with",
-                dataset.dir().display(),
-                dataset.manifest().total_records()
-            )));
-        }
+        let total = dataset.manifest().total_records();
         let state = state.unwrap_or(LoaderState {
             seed: cfg.seed,
             epoch: 0,
@@ -420,9 +399,19 @@ impl Loader {
     /// Errors: the manifest cannot be read ([`LoaderError::Dataset`]); the decision in
     /// force stays.
     pub fn refresh(&mut self) -> Result<u64, LoaderError> {
+        self.refresh_shared()?;
+        Ok(self.shared.plans.lock().unwrap().latest().records)
+    }
+
+    /// [`Loader::refresh`], returning the manifest of the new view when one was decided
+    /// (rank 0 shares it with the other ranks of a data-parallel job, which apply it with
+    /// [`Loader::apply_manifest`]); `None` when nothing changed.
+    ///
+    /// Errors: as [`Loader::refresh`].
+    pub fn refresh_shared(&mut self) -> Result<Option<Manifest>, LoaderError> {
         let stamp = manifest_stamp(&self.latest_dataset());
         if stamp.is_some() && stamp == self.manifest_stamp {
-            return Ok(self.shared.plans.lock().unwrap().latest().records);
+            return Ok(None);
         }
         let (current, decided) = {
             let plans = self.shared.plans.lock().unwrap();
@@ -430,45 +419,40 @@ impl Loader {
         };
         let dataset = current.refreshed()?.map_or(current.clone(), Arc::new);
         let records = dataset.manifest().total_records();
-        if records != decided || !Arc::ptr_eq(&dataset, &current) {
-            self.decide(dataset, records);
-        }
         self.manifest_stamp = stamp;
-        Ok(self.shared.plans.lock().unwrap().latest().records)
+        if records == decided && Arc::ptr_eq(&dataset, &current) {
+            return Ok(None);
+        }
+        let manifest = dataset.manifest().clone();
+        self.decide(dataset, records);
+        Ok(Some(manifest))
     }
 
-    /// [`Loader::refresh`] with the record count decided elsewhere (data-parallel
-    /// training: rank 0's count, broadcast): the next boundaries plan with the first
-    /// `records` records. A manifest that shows fewer is re-read until it shows them
-    /// (a commit another process saw first), for at most `patience`.
+    /// Decides, as [`Loader::refresh`] does, with the dataset as of `manifest` (rank 0's
+    /// reading of it, in data-parallel training): every rank then plans the same epochs
+    /// from the same records, retirements and shards. A shard it lists that cannot be
+    /// opened yet (shared storage lagging behind rank 0) is tried again for up to
+    /// `patience`.
     ///
-    /// Errors: the dataset still has fewer records after `patience`
-    /// ([`LoaderError::State`]), or its manifest cannot be read.
-    pub fn refresh_to(&mut self, records: u64, patience: Duration) -> Result<(), LoaderError> {
-        if self.shared.plans.lock().unwrap().latest().records == records {
-            return Ok(());
-        }
+    /// Errors: the manifest is invalid, or a shard it lists still cannot be opened after
+    /// `patience` ([`LoaderError::Dataset`]).
+    pub fn apply_manifest(
+        &mut self,
+        manifest: Manifest,
+        patience: Duration,
+    ) -> Result<(), LoaderError> {
         let deadline = Instant::now() + patience;
-        let mut dataset = self.latest_dataset();
-        loop {
-            if let Some(ds) = dataset.refreshed()? {
-                dataset = Arc::new(ds);
+        let current = self.latest_dataset();
+        let dataset = loop {
+            match current.with_manifest(manifest.clone()) {
+                Ok(view) => break view.map_or(current.clone(), Arc::new),
+                Err(e) if Instant::now() >= deadline => return Err(e.into()),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
-            let have = dataset.manifest().total_records();
-            if have >= records {
-                self.manifest_stamp = manifest_stamp(&dataset);
-                self.decide(dataset, records);
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(LoaderError::State(format!(
-                    "{} has {have} records after {:.0} s, but the run decided on {records}",
-                    dataset.dir().display(),
-                    patience.as_secs_f64()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        };
+        let records = dataset.manifest().total_records();
+        self.decide(dataset, records);
+        Ok(())
     }
 
     /// The dataset view of the newest decision.

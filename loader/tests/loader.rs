@@ -528,8 +528,8 @@ fn straight_state(path: &std::path::Path, cfg: LoaderConfig, n: usize) -> Loader
 /// which the step loop applied it, not on when the commit landed. Two loaders that see
 /// the same commit at different moments (one before it started, one while its workers
 /// were running ahead) but refresh at the same step yield identical batches; and a
-/// loader told the record count (`refresh_to`, data-parallel ranks) matches one that
-/// read it itself.
+/// loader given the manifest (`apply_manifest`, data-parallel ranks: rank 0's) matches
+/// one that read it itself.
 #[test]
 fn growth_joins_at_the_step_that_applied_it_whenever_it_was_committed() {
     let dir = tempfile::tempdir().unwrap();
@@ -554,14 +554,17 @@ fn growth_joins_at_the_step_that_applied_it_whenever_it_was_committed() {
     assert_eq!(early.refresh().unwrap(), 80);
     a.extend(take(&mut early, 12));
     // The same steps on a loader whose dataset was already grown, but which starts from
-    // the 64-record state and is told the count at step 6 like the first one.
+    // the 64-record state and is given the manifest at step 6, as data-parallel ranks
+    // are given rank 0's.
     let state = LoaderState {
         records: Some(64),
         ..straight_state(&path, cfg(), 0)
     };
     let mut told = Loader::new(open(&path), augmenter(), cfg(), Some(state)).unwrap();
     let mut b: Vec<Seen> = (0..6).map(|_| seen(&told.next_batch())).collect();
-    told.refresh_to(80, Duration::from_secs(1)).unwrap();
+    let manifest = byol_ingest::Manifest::load(&path).unwrap().unwrap();
+    told.apply_manifest(manifest.clone(), Duration::from_secs(1))
+        .unwrap();
     b.extend((0..12).map(|_| seen(&told.next_batch())));
     assert!(a == b, "the same batches");
     // Decided at step 6: past the pool's reach (batches_ahead + 2 = 4), i.e. at the first
@@ -569,9 +572,12 @@ fn growth_joins_at_the_step_that_applied_it_whenever_it_was_committed() {
     assert!(a[..10].iter().flat_map(|s| &s.records).all(|&r| r < 64));
     assert_eq!((a[10].epoch, a[10].index), (a[9].epoch + 1, 0));
     assert!(a[10..].iter().flat_map(|s| &s.records).any(|&r| r >= 64));
-    // Told of records the manifest never shows: a clear error after the patience.
+    // Given a manifest whose shard this process cannot open: a clear error after the
+    // patience.
+    let mut bad = manifest;
+    bad.shards[0].file = "missing.shard".into();
     let err = told
-        .refresh_to(1000, Duration::from_millis(100))
+        .apply_manifest(bad, Duration::from_millis(100))
         .unwrap_err();
-    assert!(err.to_string().contains("1000"), "{err}");
+    assert!(err.to_string().contains("missing.shard"), "{err}");
 }

@@ -417,7 +417,7 @@ pub fn train_continuously(
     let mut waiting_reported = None;
     // Rank 0 decides when the dataset is ready, and with how many records the run
     // starts; every rank then opens it and plans with that count.
-    let (dataset, total) = loop {
+    let dataset = loop {
         if let Some(sig) = controls.agreed(false).stop {
             return Ok(sig);
         }
@@ -456,7 +456,7 @@ pub fn train_continuously(
     }
     let settings = controls.settings();
     let view_size = augmenter.size();
-    let loader = Loader::new_agreed(dataset, augmenter, loader_cfg, state, total)?;
+    let loader = Loader::new(dataset, augmenter, loader_cfg, state)?;
     let (mut run, dropped) = Run::start(RunParts {
         dir,
         trainer,

@@ -145,31 +145,42 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(60);
 /// decided on (a commit rank 0 saw first, on shared storage).
 pub const MANIFEST_PATIENCE: Duration = Duration::from_secs(60);
 
-/// The dataset at `data` with the record count every rank starts with: rank 0's,
-/// broadcast (one process: its own). A rank whose manifest shows fewer re-opens it for
-/// up to [`MANIFEST_PATIENCE`]. Every rank must call it.
+/// The dataset at `data` as every rank starts with it: as of rank 0's reading of its
+/// manifest, broadcast (one process: as it opens). Other ranks retry opening it, and the
+/// shards rank 0's manifest lists, for up to [`MANIFEST_PATIENCE`]. Every rank must call
+/// it.
 ///
-/// Errors: the dataset cannot be opened, or still shows fewer records after that.
-pub fn open_agreed(data: &std::path::Path) -> Result<(byol_ingest::Dataset, u64), RunError> {
+/// Errors: the dataset cannot be opened (rank 0's error ends the job; the others say
+/// the manifest they were sent is invalid or its shards cannot be opened).
+pub fn open_agreed(data: &std::path::Path) -> Result<byol_ingest::Dataset, RunError> {
     let group = byol_trainer::dist::group();
-    let deadline = Instant::now() + MANIFEST_PATIENCE;
-    let mut dataset = byol_ingest::Dataset::open(data)?;
-    let mut total = [dataset.manifest().total_records()];
-    group.broadcast_u64(&mut total);
-    while dataset.manifest().total_records() < total[0] {
-        if Instant::now() >= deadline {
-            return Err(RunError::Peer(format!(
-                "{} shows {} records after {} s, rank 0 started with {}",
-                data.display(),
-                dataset.manifest().total_records(),
-                MANIFEST_PATIENCE.as_secs(),
-                total[0]
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-        dataset = byol_ingest::Dataset::open(data)?;
+    if group.world() == 1 {
+        return Ok(byol_ingest::Dataset::open(data)?);
     }
-    Ok((dataset, total[0]))
+    let mut bytes = Vec::new();
+    let mine = if group.is_main() {
+        let ds = byol_ingest::Dataset::open(data)?;
+        bytes = serde_json::to_vec(ds.manifest()).expect("a manifest serialises");
+        Some(ds)
+    } else {
+        None
+    };
+    group.broadcast_bytes(&mut bytes);
+    if let Some(ds) = mine {
+        return Ok(ds);
+    }
+    let manifest: byol_ingest::Manifest = serde_json::from_slice(&bytes)
+        .map_err(|e| RunError::Peer(format!("rank 0's manifest of {}: {e}", data.display())))?;
+    let deadline = Instant::now() + MANIFEST_PATIENCE;
+    loop {
+        let attempt = byol_ingest::Dataset::open(data)
+            .and_then(|ds| Ok(ds.with_manifest(manifest.clone())?.unwrap_or(ds)));
+        match attempt {
+            Ok(ds) => return Ok(ds),
+            Err(e) if Instant::now() >= deadline => return Err(e.into()),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
 }
 
 /// A training run between steps (see the crate docs).
@@ -238,14 +249,15 @@ impl Run {
     pub fn start(parts: RunParts) -> Result<(Self, usize), RunError> {
         let step = parts.trainer.steps_done();
         let batch_trace = match &parts.batch_trace {
-            Some(p) => Some(
+            // Rank 0's alone (the other ranks' batches are shares of its).
+            Some(p) if byol_trainer::dist::group().is_main() => Some(
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(p)
                     .map_err(crate::io(p))?,
             ),
-            None => None,
+            _ => None,
         };
         let (metrics, dropped) = if byol_trainer::dist::group().is_main() {
             let (sink, dropped) = MetricsSink::open(&parts.dir.metrics(), step, parts.retry)?;
@@ -368,25 +380,43 @@ impl Run {
     }
 
     /// The decisions of the coming step, rank 0's broadcast to every rank: the dataset
-    /// growth the loader applies before taking the batch ([`Loader::refresh`] on rank 0,
-    /// [`Loader::refresh_to`] its record count elsewhere), and whether a checkpoint
-    /// follows the step (the policy's clock is rank 0's). Returns the latter.
+    /// view the loader plans its next boundaries with (rank 0's [`Loader::refresh`];
+    /// when it changed, its manifest goes to the other ranks, which apply it with
+    /// [`Loader::apply_manifest`]: same records, retirements and shards everywhere), and
+    /// whether a checkpoint follows the step (the policy's clock is rank 0's). Returns
+    /// the latter.
     fn agree_on_step(&mut self) -> Result<bool, RunError> {
         let group = byol_trainer::dist::group();
+        let main = group.is_main();
+        let changed = if main {
+            self.loader.refresh_shared().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "dataset refresh failed; the next epochs keep the records known so far");
+                None
+            })
+        } else {
+            None
+        };
+        if group.world() == 1 {
+            return Ok(self.checkpoint_due_after_step());
+        }
         let mut word = [0u64; 2];
-        if group.is_main() {
-            match self.loader.refresh() {
-                Ok(records) => word[0] = records,
-                Err(e) => {
-                    tracing::warn!(error = %e, "dataset refresh failed; the next epochs keep the records known so far");
-                    word[0] = u64::MAX;
-                }
-            }
-            word[1] = u64::from(self.checkpoint_due_after_step());
+        if main {
+            word = [
+                u64::from(changed.is_some()),
+                u64::from(self.checkpoint_due_after_step()),
+            ];
         }
         group.broadcast_u64(&mut word);
-        if !group.is_main() && word[0] != u64::MAX {
-            self.loader.refresh_to(word[0], MANIFEST_PATIENCE)?;
+        if word[0] == 1 {
+            let mut bytes = changed
+                .map(|m| serde_json::to_vec(&m).expect("a manifest serialises"))
+                .unwrap_or_default();
+            group.broadcast_bytes(&mut bytes);
+            if !main {
+                let manifest = serde_json::from_slice(&bytes)
+                    .map_err(|e| RunError::Peer(format!("rank 0's manifest: {e}")))?;
+                self.loader.apply_manifest(manifest, MANIFEST_PATIENCE)?;
+            }
         }
         Ok(word[1] == 1)
     }
@@ -403,13 +433,16 @@ impl Run {
     }
 
     /// Writes the metrics line of a step that [`Run::step`] did not log (the last step
-    /// of a run that ends on a deadline). Errors: a step since the last read had a
-    /// non-finite loss ([`RunError::NonFiniteLoss`]); the line could not be written (it
-    /// waits, see [`Run::flush_metrics`]).
-    pub fn log_last(&mut self, report: &StepReport) -> Result<MetricsLine, RunError> {
+    /// of a run that ends on a deadline): the line, and whether it reached
+    /// `metrics.jsonl` (a failed write keeps it waiting, see [`Run::finish`]; only rank 0
+    /// writes). Errors: a step since the last read had a non-finite loss
+    /// ([`RunError::NonFiniteLoss`], the same on every rank).
+    pub fn log_last(
+        &mut self,
+        report: &StepReport,
+    ) -> Result<(MetricsLine, Result<(), RunError>), RunError> {
         let loss = self.read_health()?;
-        let (line, written) = self.log(&report.stats, loss, report.epoch, None);
-        written.map(|()| line)
+        Ok(self.log(&report.stats, loss, report.epoch, None))
     }
 
     /// Reads the trainer's health: the last step's loss, or [`RunError::NonFiniteLoss`]

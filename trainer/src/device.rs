@@ -15,6 +15,26 @@ pub enum DeviceSpec {
     Cuda(usize),
 }
 
+/// The device of a data-parallel rank: with `auto` or `cuda` (no ordinal), the GPU of
+/// its local rank on its node (`local_rank` modulo the GPUs present), so that each
+/// rank has its own GPU where there are enough; an explicit `cuda:N`, or `cpu`, as
+/// written. `local_rank` is `None` outside data-parallel training.
+///
+/// Errors: those of [`parse_device`] and [`open_device`].
+pub fn open_for_rank(setting: &str, local_rank: Option<usize>) -> Result<Device, TrainError> {
+    let spec = parse_device(setting)?;
+    #[cfg(feature = "cuda")]
+    if let Some(local) = local_rank
+        && matches!(setting, "auto" | "cuda")
+        && let Ok(count) = cudarc::driver::CudaContext::device_count()
+        && count > 0
+    {
+        return open_device(DeviceSpec::Cuda(local % count as usize));
+    }
+    let _ = local_rank;
+    open_device(spec)
+}
+
 /// Parses `auto`, `cpu` or `cuda:N` (`cuda` = `cuda:0`).
 pub fn parse_device(s: &str) -> Result<DeviceSpec, TrainError> {
     match s {

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::TrainError;
 use crate::config::TrainerConfig;
-use crate::device::{open_device, parse_device};
+use crate::device::open_for_rank;
 use crate::embedding::EmbeddingStats;
 use crate::model::{Compute, Network, reinit, sorted, trainable};
 use crate::objective::{Objective, ObjectiveStats};
@@ -126,7 +126,7 @@ impl Trainer {
         }
         // Data-parallel: every BatchNorm (and SimSiam's output BN) over the global batch.
         cfg.model.synced_bn = cfg.train.sync_bn && crate::dist::group().world() > 1;
-        let device = open_device(parse_device(&cfg.train.device)?)?;
+        let device = open_for_rank(&cfg.train.device, crate::dist::local_rank())?;
         #[cfg(feature = "nccl")]
         if crate::dist::nccl::init(crate::dist::group(), &device)? {
             tracing::info!("data-parallel: gradients all-reduced through NCCL");

@@ -132,6 +132,22 @@ pub fn init() -> Result<&'static ProcessGroup, DistError> {
     Ok(GROUP.get_or_init(|| group))
 }
 
+/// This process's rank among the ranks on its node, as the launcher says
+/// (`OMPI_COMM_WORLD_LOCAL_RANK`, `MPI_LOCALRANKID`, `SLURM_LOCALID`); `None` in a world
+/// of one. Picks each rank's GPU ([`crate::device::open_for_rank`]).
+pub fn local_rank() -> Option<usize> {
+    if group().world() == 1 {
+        return None;
+    }
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
 /// The process group: the one [`init`] set up, or a world of one.
 pub fn group() -> &'static ProcessGroup {
     GROUP.get_or_init(ProcessGroup::single)
@@ -242,6 +258,24 @@ impl ProcessGroup {
             });
         }
         let _ = values;
+    }
+
+    /// Rank 0's `bytes`, on every rank (resized to rank 0's length).
+    pub fn broadcast_bytes(&self, bytes: &mut Vec<u8>) {
+        #[cfg(feature = "mpi")]
+        if self.world > 1 {
+            use mpi::traits::{Communicator, Root};
+            let mut len = [bytes.len() as u64];
+            self.broadcast_u64(&mut len);
+            bytes.resize(len[0] as usize, 0);
+            timed(&self.clock.other, || {
+                let _serial = self.lock.lock().unwrap();
+                mpi::topology::SimpleCommunicator::world()
+                    .process_at_rank(0)
+                    .broadcast_into(&mut bytes[..]);
+            });
+        }
+        let _ = bytes;
     }
 
     /// Rank 0's `values`, on every rank.
@@ -399,7 +433,14 @@ impl ProcessGroup {
         if self.world == 1 {
             return Ok(x.clone());
         }
-        x.contiguous()?.apply_op1(AllGatherRows { group: self })
+        let op = AllGatherRows { group: self };
+        if x.device().is_cuda() {
+            // Through the host (the embeddings are small: n × d), both ways.
+            return crate::host::to_cpu(&x.contiguous()?)?
+                .apply_op1(op)?
+                .to_device(x.device());
+        }
+        x.contiguous()?.apply_op1(op)
     }
 }
 
