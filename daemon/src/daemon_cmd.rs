@@ -110,72 +110,25 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let mut ingest_cfg = cfg.ingest.clone();
-    ingest_cfg.threads = Some(ingest_cfg.threads.unwrap_or((budget / 2).max(1)));
-    let mut ingest_opts = ingest_cfg.ingester_options()?;
-    ingest_opts.background = true;
-    ingest_opts.duty = d.ingest_duty;
-    let roots: Vec<(PathBuf, byol_ingest::Layout)> = d
-        .watch
-        .iter()
-        .map(|w| w.resolve(cfg.ingest.layout()))
-        .collect();
-    let shard_bytes = ingest_opts.shard_bytes;
     let metrics = Arc::new(Metrics::new());
     let healthy = Arc::new(AtomicBool::new(true));
     let controls = Arc::new(Controls::new(settings(&cfg, &d)));
     let stop_ingest = Arc::new(AtomicBool::new(false));
     let (tx, rx) = crossbeam_channel::unbounded();
-    let services = if !main {
-        None
+    let services = if main {
+        let ingest = start_services(
+            &cfg,
+            &d,
+            budget,
+            &metrics,
+            &healthy,
+            &controls,
+            &stop_ingest,
+            (&tx, rx),
+        )?;
+        Some(ingest)
     } else {
-        let mut follower = Follower::open(&d.data, &roots, ingest_opts.clone())
-            .with_context(|| format!("cannot open dataset {}", d.data.display()))?;
-        let (bound, server) = serve(d.listen_addr()?, metrics.clone(), healthy.clone())?;
-        tracing::info!(event = "listening", address = %bound, "metrics on http://{bound}/metrics");
-        let watched: Vec<PathBuf> = follower.roots().iter().map(|r| r.path.clone()).collect();
-        // Watch first, then scan: a file that lands during the scan is seen by one or the
-        // other (or both: an unchanged file costs a stat).
-        let watchers = watch(
-            &watched,
-            d.poll,
-            Duration::from_secs_f64(d.poll_interval_secs),
-            &tx,
-        )?;
-        let report = follower
-            .scan_all()
-            .context("start-up scan of the watched folders")?;
-        log_ingest("start-up scan", &report);
-        metrics.on_ingest(&report, follower.live_records());
-        for w in &report.summary.warnings {
-            eprintln!("warning: {w}");
-        }
-
-        // A new folder's files may predate its watch: the ingest thread scans new folders.
-        let settle = Duration::from_secs_f64(d.settle_secs);
-        let ingest_loop = IngestLoop::new(
-            follower,
-            Reopen {
-                data: d.data.clone(),
-                roots,
-                options: ingest_opts,
-            },
-            settle,
-            Duration::from_secs_f64(d.retry_secs),
-            compact_policy(&cfg, &d, shard_bytes),
-        );
-        let ingest = spawn_ingest(
-            IngestThread {
-                ingest: ingest_loop,
-                watchers,
-                controls: controls.clone(),
-                metrics: metrics.clone(),
-                stop: stop_ingest.clone(),
-            },
-            rx,
-            settle,
-        )?;
-        Some((ingest, server))
+        None
     };
     let signals = spawn_signals(
         &args.config,
@@ -236,6 +189,81 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Rank 0's services (the only process's outside data-parallel training): the dataset
+/// follower and its start-up scan, the metrics endpoint, the folder watches and the
+/// ingest thread (with half the thread `budget`, at a lower priority). Returns the ingest
+/// thread and the endpoint's.
+#[allow(clippy::too_many_arguments)]
+fn start_services(
+    cfg: &Config,
+    d: &DaemonConfig,
+    budget: usize,
+    metrics: &Arc<Metrics>,
+    healthy: &Arc<AtomicBool>,
+    controls: &Arc<Controls>,
+    stop_ingest: &Arc<AtomicBool>,
+    (tx, rx): (&crossbeam_channel::Sender<Change>, Receiver<Change>),
+) -> anyhow::Result<(JoinHandle<anyhow::Result<()>>, JoinHandle<()>)> {
+    let mut ingest_cfg = cfg.ingest.clone();
+    ingest_cfg.threads = Some(ingest_cfg.threads.unwrap_or((budget / 2).max(1)));
+    let mut ingest_opts = ingest_cfg.ingester_options()?;
+    ingest_opts.background = true;
+    ingest_opts.duty = d.ingest_duty;
+    let roots: Vec<(PathBuf, byol_ingest::Layout)> = d
+        .watch
+        .iter()
+        .map(|w| w.resolve(cfg.ingest.layout()))
+        .collect();
+    let shard_bytes = ingest_opts.shard_bytes;
+    let mut follower = Follower::open(&d.data, &roots, ingest_opts.clone())
+        .with_context(|| format!("cannot open dataset {}", d.data.display()))?;
+    let (bound, server) = serve(d.listen_addr()?, metrics.clone(), healthy.clone())?;
+    tracing::info!(event = "listening", address = %bound, "metrics on http://{bound}/metrics");
+    let watched: Vec<PathBuf> = follower.roots().iter().map(|r| r.path.clone()).collect();
+    // Watch first, then scan: a file that lands during the scan is seen by one or the
+    // other (or both: an unchanged file costs a stat).
+    let watchers = watch(
+        &watched,
+        d.poll,
+        Duration::from_secs_f64(d.poll_interval_secs),
+        tx,
+    )?;
+    let report = follower
+        .scan_all()
+        .context("start-up scan of the watched folders")?;
+    log_ingest("start-up scan", &report);
+    metrics.on_ingest(&report, follower.live_records());
+    for w in &report.summary.warnings {
+        eprintln!("warning: {w}");
+    }
+
+    // A new folder's files may predate its watch: the ingest thread scans new folders.
+    let settle = Duration::from_secs_f64(d.settle_secs);
+    let ingest_loop = IngestLoop::new(
+        follower,
+        Reopen {
+            data: d.data.clone(),
+            roots,
+            options: ingest_opts,
+        },
+        settle,
+        Duration::from_secs_f64(d.retry_secs),
+        compact_policy(cfg, d, shard_bytes),
+    );
+    let ingest = spawn_ingest(
+        IngestThread {
+            ingest: ingest_loop,
+            watchers,
+            controls: controls.clone(),
+            metrics: metrics.clone(),
+            stop: stop_ingest.clone(),
+        },
+        rx,
+        settle,
+    )?;
+    Ok((ingest, server))
 }
 
 /// Logs (once: the console line is derived, see `console`), counts and notifies what

@@ -128,12 +128,6 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         (None, None, Some(m)) => bail!("--minutes must be a positive number, not {m}"),
         (None, None, None) => cfg.train.total_steps,
     };
-    // Rank 0's target (the same from the same dataset view; kept exact all the same).
-    let target = {
-        let mut t = [target];
-        group.broadcast_u64(&mut t);
-        t[0]
-    };
     let warnings = [
         schedule_warning(&cfg.train, &cfg.optim, target).filter(|_| args.minutes.is_none()),
         size_warning(&args.data, short_side, view_size),
@@ -272,11 +266,11 @@ impl TrainLoop {
         while self.run.trainer().steps_done() < target {
             // A stop is rank 0's decision (mpirun forwards signals to every rank, but not
             // at the same step).
-            let mut stop = [self.controls.stop_requested().map_or(0, |s| s as u64 + 1)];
+            let mut stop = [self.controls.stop_requested().map_or(0, |s| s as u64)];
             group.broadcast_u64(&mut stop);
             if stop[0] > 0 {
                 bar.finish();
-                return Ok(Some(stop[0] as i32 - 1));
+                return Ok(Some(stop[0] as i32));
             }
             // The last step of a `--minutes` run is the one that reaches the deadline,
             // and the last step of the target is logged.

@@ -403,12 +403,12 @@ impl Loader {
         Ok(self.shared.plans.lock().unwrap().latest().records)
     }
 
-    /// [`Loader::refresh`], returning the manifest of the new view when one was decided
-    /// (rank 0 shares it with the other ranks of a data-parallel job, which apply it with
-    /// [`Loader::apply_manifest`]); `None` when nothing changed.
+    /// [`Loader::refresh`], returning the new view of the dataset when one was decided
+    /// (rank 0 sends its manifest to the other ranks of a data-parallel job, which apply
+    /// it with [`Loader::apply_manifest`]); `None` when nothing changed.
     ///
     /// Errors: as [`Loader::refresh`].
-    pub fn refresh_shared(&mut self) -> Result<Option<Manifest>, LoaderError> {
+    pub fn refresh_shared(&mut self) -> Result<Option<Arc<Dataset>>, LoaderError> {
         let stamp = manifest_stamp(&self.latest_dataset());
         if stamp.is_some() && stamp == self.manifest_stamp {
             return Ok(None);
@@ -423,9 +423,8 @@ impl Loader {
         if records == decided && Arc::ptr_eq(&dataset, &current) {
             return Ok(None);
         }
-        let manifest = dataset.manifest().clone();
-        self.decide(dataset, records);
-        Ok(Some(manifest))
+        self.decide(dataset.clone(), records);
+        Ok(Some(dataset))
     }
 
     /// Decides, as [`Loader::refresh`] does, with the dataset as of `manifest` (rank 0's

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use byol_loader::{Loader, LoaderState};
+use byol_trainer::dist::ProcessGroup;
 use byol_trainer::eval::{Encoder, export_encoder};
 use byol_trainer::{StepStats, Trainer, checkpoint};
 
@@ -190,6 +191,8 @@ pub fn open_agreed(data: &std::path::Path) -> Result<byol_ingest::Dataset, RunEr
 /// growth, wall-clock checkpoints) and broadcasts it with each step, and alone writes
 /// under the run folder (metrics, checkpoints, exports).
 pub struct Run {
+    /// The data-parallel group (a world of one outside `mpirun`).
+    group: &'static ProcessGroup,
     dir: RunDir,
     trainer: Trainer,
     loader: Loader,
@@ -247,10 +250,11 @@ impl Run {
     /// Starts a run: opens `metrics.jsonl`, dropping lines past the trainer's step.
     /// Returns the run and the number of dropped lines.
     pub fn start(parts: RunParts) -> Result<(Self, usize), RunError> {
+        let group = byol_trainer::dist::group();
         let step = parts.trainer.steps_done();
         let batch_trace = match &parts.batch_trace {
             // Rank 0's alone (the other ranks' batches are shares of its).
-            Some(p) if byol_trainer::dist::group().is_main() => Some(
+            Some(p) if group.is_main() => Some(
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
@@ -259,7 +263,7 @@ impl Run {
             ),
             _ => None,
         };
-        let (metrics, dropped) = if byol_trainer::dist::group().is_main() {
+        let (metrics, dropped) = if group.is_main() {
             let (sink, dropped) = MetricsSink::open(&parts.dir.metrics(), step, parts.retry)?;
             (Some(sink), dropped)
         } else {
@@ -269,6 +273,7 @@ impl Run {
         let now = Instant::now();
         Ok((
             Run {
+                group,
                 dir: parts.dir,
                 last_epoch: state.epoch,
                 last_state: state,
@@ -330,7 +335,7 @@ impl Run {
         }
         drop(batch);
         // Throughput counts the global batch: every rank loads an equal share of it.
-        self.window.images += (images * byol_trainer::dist::group().world()) as u64;
+        self.window.images += (images * self.group.world()) as u64;
         self.last_state = self.loader.state();
         self.last_epoch = epoch;
         if self.faults.nan_at == Some(stats.step) {
@@ -344,7 +349,7 @@ impl Run {
         } else {
             None
         };
-        let main = byol_trainer::dist::group().is_main();
+        let main = self.group.is_main();
         let knn = match &self.monitor {
             Some(m) if measure && main => Some(m.measure(&self.trainer)?),
             _ => None,
@@ -386,7 +391,7 @@ impl Run {
     /// whether a checkpoint follows the step (the policy's clock is rank 0's). Returns
     /// the latter.
     fn agree_on_step(&mut self) -> Result<bool, RunError> {
-        let group = byol_trainer::dist::group();
+        let group = self.group;
         let main = group.is_main();
         let changed = if main {
             self.loader.refresh_shared().unwrap_or_else(|e| {
@@ -409,7 +414,7 @@ impl Run {
         group.broadcast_u64(&mut word);
         if word[0] == 1 {
             let mut bytes = changed
-                .map(|m| serde_json::to_vec(&m).expect("a manifest serialises"))
+                .map(|ds| serde_json::to_vec(ds.manifest()).expect("a manifest serialises"))
                 .unwrap_or_default();
             group.broadcast_bytes(&mut bytes);
             if !main {
@@ -493,7 +498,7 @@ impl Run {
         let mut due = [u64::from(
             self.retry_at.is_some_and(|t| now >= t) && self.has_unsaved_steps(),
         )];
-        byol_trainer::dist::group().broadcast_u64(&mut due);
+        self.group.broadcast_u64(&mut due);
         let due = due[0] == 1;
         Finished {
             metrics,
@@ -588,11 +593,11 @@ impl Run {
         let meta = RunMeta {
             epoch: self.last_epoch,
             loader: Some(self.last_state),
-            world_size: Some(byol_trainer::dist::group().world() as u64),
+            world_size: Some(self.group.world() as u64),
         };
         // Rank 0 writes; every rank learns whether it worked, so all keep the same
         // checkpoint clock.
-        let group = byol_trainer::dist::group();
+        let group = self.group;
         let saved = if group.is_main() {
             checkpoint::save(&dir, &self.trainer, Some(self.view_size), meta.to_json())
                 .map_err(RunError::from)

@@ -97,6 +97,8 @@ pub struct Trainer {
     embeddings: Option<Tensor>,
     /// The loss and the non-finite flag on the device.
     health: DeviceHealth,
+    /// The trainable variables in name order, as every rank averages their gradients.
+    reduced: Vec<Var>,
 }
 
 impl Trainer {
@@ -142,6 +144,7 @@ impl Trainer {
         objective.start(&online)?;
         let optimizer = Optimizer::new(&cfg.optim, trainable(&online))?;
         let health = DeviceHealth::new(&device, 0)?;
+        let reduced = trainable(&online).into_iter().map(|(_, v)| v).collect();
         Ok(Trainer {
             cfg,
             device,
@@ -153,6 +156,7 @@ impl Trainer {
             batch_size,
             embeddings: None,
             health,
+            reduced,
         })
     }
 
@@ -273,8 +277,7 @@ impl Trainer {
         // synced in forward and backward; a world of one does nothing here).
         let group = crate::dist::group();
         if group.reduces_gradients() {
-            let vars: Vec<Var> = self.trainable_named().into_iter().map(|(_, v)| v).collect();
-            group.average_gradients(&mut grads, &vars)?;
+            group.average_gradients(&mut grads, &self.reduced)?;
         }
         self.optimizer.step(&grads, lr)?;
         let objective =

@@ -249,13 +249,7 @@ impl ProcessGroup {
     pub fn broadcast_u64(&self, values: &mut [u64]) {
         #[cfg(feature = "mpi")]
         if self.world > 1 {
-            use mpi::traits::{Communicator, Root};
-            timed(&self.clock.other, || {
-                let _serial = self.lock.lock().unwrap();
-                mpi::topology::SimpleCommunicator::world()
-                    .process_at_rank(0)
-                    .broadcast_into(values);
-            });
+            timed(&self.clock.other, || self.broadcast(values));
         }
         let _ = values;
     }
@@ -264,41 +258,30 @@ impl ProcessGroup {
     pub fn broadcast_bytes(&self, bytes: &mut Vec<u8>) {
         #[cfg(feature = "mpi")]
         if self.world > 1 {
-            use mpi::traits::{Communicator, Root};
             let mut len = [bytes.len() as u64];
             self.broadcast_u64(&mut len);
             bytes.resize(len[0] as usize, 0);
-            timed(&self.clock.other, || {
-                let _serial = self.lock.lock().unwrap();
-                mpi::topology::SimpleCommunicator::world()
-                    .process_at_rank(0)
-                    .broadcast_into(&mut bytes[..]);
-            });
+            timed(&self.clock.other, || self.broadcast(&mut bytes[..]));
         }
         let _ = bytes;
     }
 
-    /// Rank 0's `values`, on every rank.
+    /// Rank 0's `values`, on every rank (untimed: synced BatchNorm times its own).
     pub fn broadcast_f32(&self, values: &mut [f32]) {
         #[cfg(feature = "mpi")]
         if self.world > 1 {
-            use mpi::traits::{Communicator, Root};
-            let _serial = self.lock.lock().unwrap();
-            mpi::topology::SimpleCommunicator::world()
-                .process_at_rank(0)
-                .broadcast_into(values);
+            self.broadcast(values);
         }
         let _ = values;
     }
 
-    /// Waits until every rank has reached this call.
-    pub fn barrier(&self) {
-        #[cfg(feature = "mpi")]
-        if self.world > 1 {
-            use mpi::traits::CommunicatorCollectives;
-            let _serial = self.lock.lock().unwrap();
-            mpi::topology::SimpleCommunicator::world().barrier();
-        }
+    #[cfg(feature = "mpi")]
+    fn broadcast<T: mpi::datatype::Equivalence>(&self, values: &mut [T]) {
+        use mpi::traits::{Communicator, Root};
+        let _serial = self.lock.lock().unwrap();
+        mpi::topology::SimpleCommunicator::world()
+            .process_at_rank(0)
+            .broadcast_into(values);
     }
 
     #[cfg(feature = "mpi")]
