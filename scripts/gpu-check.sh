@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The GPU check every issue with a GPU machine runs: each op (convolution, BatchNorm,
-# residual add) forward and backward on CUDA against our CPU kernels, our BYOL step
-# beside PyTorch's at a user's settings, a numerical check of the whole step, and a
-# short real training run with its evaluation. Builds nothing: it runs the binary and
-# data that scripts/gpu-prepare.sh packed into gpu-pack/ (carried to the GPU machine).
-# PARTS (default ops,step,check,train; `objectives` on its own call) picks parts. Every case runs under a time limit (CASE_SECS, default 100; "timed out" is recorded
-# and the check moves on), so the whole stays inside about 4 minutes.
+# residual add, max-pool) forward and backward on CUDA against our CPU kernels, a
+# numerical check of the whole step, our BYOL step beside PyTorch's at a user's settings,
+# and a short real training run with its evaluation. Builds nothing: it runs the binary
+# and data that scripts/gpu-prepare.sh packed into gpu-pack/ (carried to the GPU machine).
+# PARTS (default ops,check,step,train; `objectives` on its own call) picks parts, run in
+# that order: the verdicts first, then the figures. Every case runs under a time limit
+# (CASE_SECS, default 100; "timed out" is recorded and the check moves on), and the whole
+# within TOTAL_SECS (default 240).
 #
 #   scripts/gpu-check.sh            on the GPU machine; writes everything under $OUT
 #   scripts/gpu-check.sh --dry-run  our side of every part on CPU at tiny sizes (the peer
 #                                   only where PyTorch is installed): kept working by a test
+#   scripts/gpu-check.sh --plan     prints the training cases' datasets and batch sizes
 #
 # Environment: OUT (results folder; default: a temp folder), BYOL (the binary; default:
 # gpu-pack/byol.xz unpacked into $OUT/bin, or target/release/byol when dry), PYTHON
@@ -17,16 +20,21 @@
 # FMNIST_TRAIN / FMNIST_TEST / PHOTOS (datasets; default: the files in gpu-pack/,
 # ingested into $OUT/data/ first).
 #
-# On the device machine (carry gpu-pack), two calls of at most 4 minutes each:
-#   run(command="OUT=$OUT PARTS=ops,step,check bash scripts/gpu-check.sh", carry=["gpu-pack"], timeout_s=300)
-#   run(command="OUT=$OUT PARTS=train TOTAL_SECS=230 CASE_SECS=200 bash scripts/gpu-check.sh", carry=["gpu-pack"], timeout_s=300)
+# On the device machine (carry gpu-pack), as plain shell lines with the time each needs:
+#   OUT=$OUT PARTS=ops,check,step bash scripts/gpu-check.sh
+#       about 3 minutes (ops ~20 s, check ~20 s, step: 8 cases of ~15 s); timeout_s=300
+#   OUT=$OUT PARTS=train TOTAL_SECS=230 CASE_SECS=200 bash scripts/gpu-check.sh
+#       about 4 minutes (ingest ~30 s, 2 minutes of training, eval ~30 s, 30 steps at
+#       224 px); timeout_s=300
+#   OUT=$OUT PARTS=objectives TOTAL_SECS=280 CASE_SECS=60 bash scripts/gpu-check.sh
+#       about 4.5 minutes (6 objectives x 30 s of training + their kNN); timeout_s=300
 # Writes at most 8 files, none deeper than two folders: summary.txt (the figures),
 # results.jsonl (one JSON object per measurement), nvidia-smi.txt, and logs.tar.gz (a log
-# per command).
+# per command, the evaluation reports among them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-PARTS=${PARTS:-ops,step,check,train}
+PARTS=${PARTS:-ops,check,step,train}
 source scripts/gpu-common.sh "$@"
 
 # --- 2. each op against our CPU kernels (on CPU: candle's ops against ours) -------------
@@ -36,20 +44,27 @@ record "ops-fp32" "$BYOL" bench ops --device $DEVICE --kernels $OP_KERNELS --pre
 record "ops-bf16" "$BYOL" bench ops --device $DEVICE --kernels $OP_KERNELS --precision bf16 --tolerance 1e-2 --json
 fi
 
-# --- 3. our step beside PyTorch's --------------------------------------------------------
+# --- 3. numerical check: CUDA (or candle's kernels, when dry) against our CPU kernels ----
+if [ $DRY = 1 ]; then CHECK_KERNELS=candle; CHECK="--width 8 --size 16 --batch 4"; else CHECK_KERNELS=auto; CHECK="--width 16 --size 32 --batch 16"; fi
+if part check; then
+record "check-fp32" "$BYOL" bench check --arch resnet18 --small-stem $CHECK --device $DEVICE --kernels $CHECK_KERNELS --precision fp32 --tolerance 1e-3 --json
+record "check-bf16" "$BYOL" bench check --arch resnet18 --small-stem $CHECK --device $DEVICE --kernels $CHECK_KERNELS --precision bf16 --tolerance 1e-2 --json
+fi
+
+# --- 4. our step beside PyTorch's --------------------------------------------------------
 if [ $DRY = 1 ]; then
   # name arch stem width size batch
   CASES=("r18-32 resnet18 cifar 8 16 4"
          "r50-224 resnet50 imagenet 8 32 2")
-  STEPS="--warmup 1 --steps 1"; PSTEPS="--warmup 1 --steps 1"
+  STEPS="--warmup 1 --steps 1"; PSTEPS="--warmup 1 --steps 1"; PROFILE_STEPS="--warmup 1 --steps 1"
 else
   # A user's settings: ResNet-18 small stem at 32 px, batch 512; ResNet-50 at 224, 256.
   CASES=("r18-32 resnet18 cifar 64 32 512"
          "r50-224 resnet50 imagenet 64 224 256")
-  STEPS="--warmup 3 --steps 10"; PSTEPS="--warmup 3 --steps 10"
+  STEPS="--warmup 3 --steps 10"; PSTEPS="--warmup 3 --steps 10"; PROFILE_STEPS="--warmup 1 --steps 3"
 fi
 idle_mib=0
-[ $DRY = 0 ] && idle_mib=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -n 1)
+[ $DRY = 0 ] && [ $PLAN = 0 ] && idle_mib=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -n 1)
 if part step; then
 for c in "${CASES[@]}"; do
   read -r name arch stem width size batch <<< "$c"
@@ -59,24 +74,19 @@ for c in "${CASES[@]}"; do
   # off on both sides is the exactness case.
   for prec in bf16 fp32; do
     cl=off; [ $prec = bf16 ] && cl=on
-    prof=(); [ $prec = bf16 ] && prof=(--profile)
-    with_peak_memory record "ours-$name-$prec" "$BYOL" bench step "${args[@]}" --device $DEVICE --precision $prec $STEPS "${prof[@]}" --json
-    echo "{\"case\": \"ours-$name-$prec-memory\", \"peak_device_mib\": $PEAK_MIB, \"idle_device_mib\": $idle_mib}" >> "$RESULTS"
+    # The plain figure first; the profile (which synchronises around every op) is its
+    # own short record after it, so a time-out loses the profile, never the figure.
+    with_peak_memory record "ours-$name-$prec" "$BYOL" bench step "${args[@]}" --device $DEVICE --precision $prec $STEPS --json
+    [ $PLAN = 0 ] && echo "{\"case\": \"ours-$name-$prec-memory\", \"peak_device_mib\": $PEAK_MIB, \"idle_device_mib\": $idle_mib}" >> "$RESULTS"
+    [ $prec = bf16 ] && record "ours-$name-$prec-profile" "$BYOL" bench step "${args[@]}" --device $DEVICE --precision $prec $PROFILE_STEPS --profile --json
     if [ $have_torch = 1 ]; then
       with_peak_memory record "pytorch-$name-$prec" "$PY" scripts/peer_torch_byol_step.py --device $TORCH_DEVICE \
         --arch $arch --stem $stem --width $width --res $size --batch $batch --precision $prec \
         --tf32 off --channels-last $cl --cudnn-benchmark on $PSTEPS --threads 2 --json
-      echo "{\"case\": \"pytorch-$name-$prec-memory\", \"peak_device_mib\": $PEAK_MIB, \"idle_device_mib\": $idle_mib}" >> "$RESULTS"
+      [ $PLAN = 0 ] && echo "{\"case\": \"pytorch-$name-$prec-memory\", \"peak_device_mib\": $PEAK_MIB, \"idle_device_mib\": $idle_mib}" >> "$RESULTS"
     fi
   done
 done
-fi
-
-# --- 4. numerical check: CUDA (or candle's kernels, when dry) against our CPU kernels ----
-if [ $DRY = 1 ]; then CHECK_KERNELS=candle; CHECK="--width 8 --size 16 --batch 4"; else CHECK_KERNELS=auto; CHECK="--width 16 --size 32 --batch 16"; fi
-if part check; then
-record "check-fp32" "$BYOL" bench check --arch resnet18 --small-stem $CHECK --device $DEVICE --kernels $CHECK_KERNELS --precision fp32 --tolerance 1e-3 --json
-record "check-bf16" "$BYOL" bench check --arch resnet18 --small-stem $CHECK --device $DEVICE --kernels $CHECK_KERNELS --precision bf16 --tolerance 1e-2 --json
 fi
 
 # --- 5. real training: Fashion-MNIST for 2 minutes, then eval; data wait at 224 ----------
@@ -91,7 +101,9 @@ if [ $DRY = 1 ]; then
   sed -e 's/^width = 64/width = 8/' -e 's/^batch_size = 512/batch_size = 16/' \
       -e 's/^device = "cuda:0"/device = "cpu"/' configs/gpu-fmnist.toml > "$CFG"
 fi
-if [ -e "$FMNIST_TRAIN/manifest.json" ]; then
+if ! uses "$(basename "$FMNIST_TRAIN")" "$(batch_of "$CFG")"; then
+  :
+elif [ -e "$FMNIST_TRAIN/manifest.json" ]; then
   with_peak_memory timeout -k 5 "$(case_limit)" "$BYOL" train --config "$CFG" --data "$FMNIST_TRAIN" --run "$OUT/run-fmnist" --minutes $MINUTES \
     > "$OUT/logs/train-fmnist.log" 2>&1 || { say "FAIL: train (see logs/train-fmnist.log)"; fail=1; }
   tail -n 3 "$OUT/logs/train-fmnist.log" | tee -a "$SUMMARY"
@@ -99,21 +111,23 @@ if [ -e "$FMNIST_TRAIN/manifest.json" ]; then
     || { say "FAIL: the Fashion-MNIST run logged no metrics"; fail=1; }
   eval_args=(--checkpoint "$OUT/run-fmnist" --train "$FMNIST_TRAIN" --test "$FMNIST_TEST" --protocol knn --random-init)
   [ $DRY = 1 ] && eval_args+=(--device cpu)
-  timeout -k 5 "$(case_limit)" "$BYOL" eval "${eval_args[@]}" --json "$OUT/eval-fmnist.json" > "$OUT/logs/eval-fmnist.log" 2>&1 \
+  timeout -k 5 "$(case_limit)" "$BYOL" eval "${eval_args[@]}" --json "$OUT/logs/eval-fmnist.json" > "$OUT/logs/eval-fmnist.log" 2>&1 \
     || { say "FAIL: eval (see logs/eval-fmnist.log)"; fail=1; }
-  add_json eval-fmnist-report < "$OUT/eval-fmnist.json" 2>/dev/null \
+  add_json eval-fmnist-report < "$OUT/logs/eval-fmnist.json" 2>/dev/null \
     || { say "FAIL: no evaluation report"; fail=1; }
 else
   say "FAIL: no Fashion-MNIST dataset at $FMNIST_TRAIN (scripts/gpu-prepare.sh packs it)"; fail=1
 fi
-if [ -e "$PHOTOS/manifest.json" ]; then
-  # The loader feeding ResNet-50 at 224: how long the step waits for data.
-  P224=$OUT/r50-224.toml
-  if [ $DRY = 1 ]; then
-    printf '[model]\narch = "resnet50"\nwidth = 8\n[loader]\nbatch_size = 4\n[augment]\nsize = 32\n[train]\ndevice = "cpu"\nlog_every = 2\n' > "$P224"; PSTEPS_TRAIN=2
-  else
-    printf '[model]\narch = "resnet50"\n[loader]\nbatch_size = 256\n[train]\ndevice = "cuda:0"\nprecision = "bf16"\nlog_every = 10\ncheckpoint_every_steps = 0\ncheckpoint_every_minutes = 0.0\n' > "$P224"; PSTEPS_TRAIN=30
-  fi
+# The loader feeding ResNet-50 at 224: how long the step waits for data.
+P224=$OUT/r50-224.toml
+if [ $DRY = 1 ]; then
+  printf '[model]\narch = "resnet50"\nwidth = 8\n[loader]\nbatch_size = 4\n[augment]\nsize = 32\n[train]\ndevice = "cpu"\nlog_every = 2\n' > "$P224"; PSTEPS_TRAIN=2
+else
+  printf '[model]\narch = "resnet50"\n[loader]\nbatch_size = 256\n[train]\ndevice = "cuda:0"\nprecision = "bf16"\nlog_every = 10\ncheckpoint_every_steps = 0\ncheckpoint_every_minutes = 0.0\n' > "$P224"; PSTEPS_TRAIN=30
+fi
+if ! uses "$(basename "$PHOTOS")" "$(batch_of "$P224")"; then
+  :
+elif [ -e "$PHOTOS/manifest.json" ]; then
   timeout -k 5 "$(case_limit)" "$BYOL" train --config "$P224" --data "$PHOTOS" --run "$OUT/run-photos" --steps $PSTEPS_TRAIN \
     > "$OUT/logs/train-photos.log" 2>&1 || { say "FAIL: train at 224 (see logs/train-photos.log)"; fail=1; }
   add_json loader-r50-224 < <(tail -n 1 "$OUT/run-photos/metrics.jsonl" 2>/dev/null) \
@@ -143,14 +157,15 @@ for method in byol msf simsiam simclr barlow_twins mocov2; do
   [ $method = msf ] && printf '[augment.view1]\nblur_p = 0.0\n' >> "$cfg"
   printf '[msf]\nbank_size = %s\n[mocov2]\nqueue_size = %s\n[simclr]\ntemperature = 0.2\n' $MEMORY $MEMORY >> "$cfg"
   run_dir=$OUT/run-obj-$method
+  uses "$(basename "$FMNIST_TRAIN")" "$(batch_of "$cfg")" || continue
   timeout -k 5 "$(case_limit)" "$BYOL" train --config "$cfg" --data "$FMNIST_TRAIN" --run "$run_dir" --minutes $OBJ_MINUTES \
     > "$OUT/logs/obj-$method.log" 2>&1 || { say "FAIL: $method (see logs/obj-$method.log)"; fail=1; continue; }
   eval_args=(--checkpoint "$run_dir" --train "$FMNIST_TRAIN" --test "$FMNIST_TEST" --protocol knn "${random[@]}")
   [ $DRY = 1 ] && eval_args+=(--device cpu)
-  timeout -k 5 "$(case_limit)" "$BYOL" eval "${eval_args[@]}" --json "$OUT/eval-obj-$method.json" > "$OUT/logs/eval-obj-$method.log" 2>&1 \
+  timeout -k 5 "$(case_limit)" "$BYOL" eval "${eval_args[@]}" --json "$OUT/logs/eval-obj-$method.json" > "$OUT/logs/eval-obj-$method.log" 2>&1 \
     || { say "FAIL: eval of $method (see logs/eval-obj-$method.log)"; fail=1; continue; }
   random=()
-  "$PY" - "$method" "$OUT/eval-obj-$method.json" "$run_dir/metrics.jsonl" "$RESULTS" <<'PY' | tee -a "$SUMMARY"
+  "$PY" - "$method" "$OUT/logs/eval-obj-$method.json" "$run_dir/metrics.jsonl" "$RESULTS" <<'PY' | tee -a "$SUMMARY"
 import json, sys
 method, report, metrics, results = sys.argv[1:]
 r = json.load(open(report))
@@ -169,6 +184,7 @@ done
 fi
 
 # --- the figures --------------------------------------------------------------------------
+[ $PLAN = 1 ] && finish
 "$PY" - "$RESULTS" <<'PY' | tee -a "$SUMMARY"
 import json, sys
 rows = {}
@@ -199,7 +215,7 @@ for name in ["r18-32", "r50-224"]:
         note = " (timed out)" if o.get("timed_out") else ""
         print(f"{name + ' ' + prec:<16}{oi or 0:>12.1f}{pi or 0:>15.1f}{ratio:>14}{peak:>10}{ppeak:>13}{mratio:>11}{note}")
 for name in ["r18-32", "r50-224"]:
-    p = rows.get(f"ours-{name}-bf16", {}).get("profile")
+    p = rows.get(f"ours-{name}-bf16-profile", {}).get("profile")
     if p:
         top = ", ".join(f"{o['op']} {o['ms_per_step']:.1f} ms ({100 * o['share']:.0f}%)" for o in p["ops"][:5])
         print(f"profile {name} bf16 (profiled step {1e3 * p['step_seconds_median']:.1f} ms): {top}")
@@ -219,6 +235,4 @@ if l:
     print(f"loader r50 224: {l['images_per_sec']:.0f} img/s, waiting for data {l['data_wait_secs']:.2f} s over the last {l.get('step')} steps' window")
 PY
 [ $fail = 0 ] && say "gpu-check: all parts ran" || say "gpu-check: some parts FAILED"
-# The logs as one file (what comes back from the GPU machine: at most 8 files, 2 folders deep).
-tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs 2>/dev/null && [ $DRY = 0 ] && rm -rf "$OUT/logs" "$OUT/bin" "$OUT/data" "$OUT"/run-* "$OUT"/*.toml
-exit $fail
+finish

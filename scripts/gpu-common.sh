@@ -1,10 +1,20 @@
-# Shared by scripts/gpu-check.sh and scripts/gpu-run.sh (sourced, after the caller set
-# PARTS to its default): --dry-run, OUT, the carried binary, time limits per case and in
-# all, the device's libraries, and the recording helpers (record, add_json,
-# with_peak_memory, ingest, say, part, case_limit).
+# Shared by scripts/gpu-check.sh, gpu-run.sh and gpu-dist.sh (sourced, after the caller
+# set PARTS to its default): --dry-run, --plan, OUT, the carried binary, time limits per
+# case and in all, the device's libraries, and the recording helpers (record, add_json,
+# with_peak_memory, ingest, say, part, case_limit, uses, finish).
+#
+#   --dry-run  every part on CPU at tiny sizes (kept working by daemon/tests/gpu_check.rs)
+#   --plan     runs nothing: prints `uses DATASET BATCH [RECORDS]` for every training case
+#              at the GPU machine's settings (RECORDS when the case makes its own data),
+#              so a test can check every packed dataset holds a batch of each case
+#              (scripts/gpu-prepare.sh --plan prints what it packs)
 # shellcheck shell=bash
 DRY=0
-[ "${1:-}" = "--dry-run" ] && DRY=1
+PLAN=0
+case "${1:-}" in
+  --dry-run) DRY=1 ;;
+  --plan) PLAN=1 ;;
+esac
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT/logs"
 PY=${PYTHON:-python3}
@@ -36,8 +46,17 @@ SUMMARY=$OUT/summary.txt
 say() { echo "$*" | tee -a "$SUMMARY"; }
 fail=0
 
+# A training case on a dataset: under --plan, prints `uses DATASET BATCH [RECORDS]` and
+# fails (so the case does not run); otherwise succeeds and prints nothing.
+uses() {
+  if [ $PLAN = 1 ]; then echo "uses $*"; return 1; fi
+  return 0
+}
+
 # --- 1. the machine and the libraries ------------------------------------------------
-if [ $DRY = 0 ]; then
+if [ $PLAN = 1 ]; then
+  DEVICE=cuda:0; TORCH_DEVICE=cuda
+elif [ $DRY = 0 ]; then
   nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
   head -15 "$OUT/nvidia-smi.txt" | tee -a "$SUMMARY"
   # candle loads cuBLAS, cuRAND, cuDNN, NVRTC from PyTorch's wheels (nvidia/*/lib).
@@ -50,19 +69,29 @@ PY
 )
   export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   say "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  # A library the binary cannot find fails every case: say which, first.
+  missing_libs=$(ldd "$BYOL" 2>&1 | grep "not found")
+  if [ -n "$missing_libs" ]; then
+    say "FAIL: $BYOL cannot find these libraries:"; say "$missing_libs"; fail=1
+  else
+    say "libraries: every library of $BYOL found"
+  fi
   DEVICE=cuda:0; TORCH_DEVICE=cuda
 else
   DEVICE=cpu; TORCH_DEVICE=cpu
   say "dry run: our side on CPU at tiny sizes"
 fi
-"$BYOL" --version | tee -a "$SUMMARY" || { say "FAIL: cannot run $BYOL"; exit 1; }
 have_torch=0
-"$PY" -c "import torch" 2>/dev/null && have_torch=1
-[ $have_torch = 0 ] && say "PyTorch not installed: the peer is skipped"
+if [ $PLAN = 0 ]; then
+  "$BYOL" --version | tee -a "$SUMMARY" || { say "FAIL: cannot run $BYOL"; exit 1; }
+  "$PY" -c "import torch" 2>/dev/null && have_torch=1
+  [ $have_torch = 0 ] && say "PyTorch not installed: the peer is skipped"
+fi
 
 # Runs "$@", its output to logs/NAME.log, its last line (a JSON object) to results.jsonl
 # with "case" added.
 record() {
+  [ $PLAN = 1 ] && return 0
   local name=$1; shift
   local log=$OUT/logs/$name.log
   local limit; limit=$(case_limit)
@@ -101,6 +130,7 @@ print(json.dumps(d))' "$name" "$@" >> "$RESULTS" 2>/dev/null
 # the variable PEAK_MIB; 0 on CPU.
 with_peak_memory() {
   PEAK_MIB=0
+  [ $PLAN = 1 ] && return 0
   if [ $DRY = 1 ]; then "$@"; return; fi
   local f=$OUT/logs/mem.$$
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$f" 2>/dev/null &
@@ -112,6 +142,7 @@ with_peak_memory() {
 
 
 ingest() {
+  [ $PLAN = 1 ] && return 0
   local src=$1 out=$2; shift 2
   [ -e "$out/manifest.json" ] && return 0
   "$BYOL" ingest "$src" --out "$out" "$@" > "$OUT/logs/ingest-$(basename "$out").log" 2>&1 \
@@ -132,4 +163,23 @@ carried_datasets() {
   FMNIST_TRAIN=${FMNIST_TRAIN:-$OUT/data/fmnist-train}
   FMNIST_TEST=${FMNIST_TEST:-$OUT/data/fmnist-test}
   PHOTOS=${PHOTOS:-$OUT/data/photos}
+}
+
+# `batch_size` of a config file's [loader] table (the first one in the file).
+batch_of() { sed -n 's/^batch_size = \([0-9]*\).*/\1/p' "$1" | head -n 1; }
+
+# Ends the script: under --plan at once; otherwise the logs into one archive and, on the
+# GPU machine, everything else under $OUT removed but the files that come back (at most 8,
+# none deeper than two folders: the device tool's limit), which are listed; exits with
+# the script's verdict.
+finish() {
+  [ $PLAN = 1 ] && exit 0
+  tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs 2>/dev/null
+  if [ $DRY = 0 ]; then
+    rm -rf "$OUT/logs" "$OUT/bin" "$OUT/data" "$OUT"/run-* "$OUT"/*.toml "$OUT"/daemon
+  fi
+  local files; files=$(find "$OUT" -type f ! -path "$OUT/logs/*" ! -path "$OUT/bin/*" ! -path "$OUT/data/*" ! -path "$OUT/run-*" ! -name '*.toml' | wc -l)
+  say "files under OUT: $files (at most 8 come back)"
+  [ "$files" -le 8 ] || { say "FAIL: more than 8 files under OUT"; fail=1; }
+  exit $fail
 }

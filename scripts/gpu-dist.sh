@@ -12,13 +12,17 @@
 # Cases (each under CASE_SECS, default 100; the whole within TOTAL_SECS, default 230):
 #   nccl-one   a world of one through NCCL (BYOL_NCCL_SINGLE=1) against the plain step:
 #              configs/gpu-fmnist.toml for 30 steps each, same seed; the weights must
-#              agree (max relative L2 per tensor, tolerance 1e-4: cuDNN's algorithms
-#              may differ between two runs)
+#              agree (max relative L2 per tensor) within the noise floor the plain run
+#              shows against itself (run twice: an algorithm cuDNN runs with atomics is
+#              not bit-reproducible): tolerance max(1e-4, 2 x that floor)
 #   nccl-r50   ResNet-50 at 224 px, bf16, batch 128, 20 steps through NCCL: the share
 #              of the run in the gradient all-reduce (flatten, all-reduce, split)
-# On the device machine:
-#   run(command="OUT=$OUT bash scripts/gpu-dist.sh", carry=["gpu-pack"], timeout_s=300)
-# Writes summary.txt, results.jsonl and logs.tar.gz.
+# `--plan` prints the training cases' datasets and batch sizes.
+# On the device machine (carry gpu-pack), as a plain shell line with the time it needs:
+#   OUT=$OUT bash scripts/gpu-dist.sh
+#       about 3.5 minutes (3 runs of 30 steps at 32 px, 20 steps of ResNet-50 at 224);
+#       timeout_s=300
+# Writes summary.txt, results.jsonl, nvidia-smi.txt and logs.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +32,7 @@ PARTS=${PARTS:-dist}
 source scripts/gpu-common.sh "$@"
 
 # The NCCL binary, and the MPI libraries it links.
-if [ $DRY = 1 ]; then
+if [ $DRY = 1 ] || [ $PLAN = 1 ]; then
   NCCL_BYOL=${NCCL_BYOL:-$BYOL}
 else
   NCCL_BYOL=${NCCL_BYOL:-$OUT/bin/byol-nccl}
@@ -38,7 +42,9 @@ else
   fi
   [ -d "$PACK/mpi-lib" ] && export LD_LIBRARY_PATH="$PWD/$PACK/mpi-lib:$LD_LIBRARY_PATH"
 fi
-"$NCCL_BYOL" --version | tee -a "$SUMMARY" || { say "FAIL: cannot run $NCCL_BYOL"; exit 1; }
+if [ $PLAN = 0 ]; then
+  "$NCCL_BYOL" --version | tee -a "$SUMMARY" || { say "FAIL: cannot run $NCCL_BYOL"; exit 1; }
+fi
 
 carried_datasets
 
@@ -70,7 +76,8 @@ sed -e "s/^device = .*/device = \"$DEVICE\"/" configs/gpu-fmnist.toml > "$cfg"
 if [ $DRY = 1 ]; then
   sed -i -e 's/^width = .*/width = 8/' -e 's/^batch_size = .*/batch_size = 16/' "$cfg"
 fi
-for mode in plain nccl; do
+for mode in plain plain2 nccl; do
+  uses "$(basename "$FMNIST_TRAIN")" "$(batch_of "$cfg")" || break
   env_nccl=(); [ $mode = nccl ] && env_nccl=(BYOL_NCCL_SINGLE=1)
   rm -rf "$OUT/run-dist-$mode"
   timeout -k 5 "$(case_limit)" env "${env_nccl[@]}" "$NCCL_BYOL" train --config "$cfg" --data "$FMNIST_TRAIN" \
@@ -78,16 +85,22 @@ for mode in plain nccl; do
     || { say "FAIL: the $mode run (see logs/dist-$mode.log)"; fail=1; }
 done
 ckpt=checkpoints/step-$(printf %010d $STEPS)/online.safetensors
-if [ -e "$OUT/run-dist-plain/$ckpt" ] && [ -e "$OUT/run-dist-nccl/$ckpt" ]; then
+if [ $PLAN = 1 ]; then
+  :
+elif [ -e "$OUT/run-dist-plain/$ckpt" ] && [ -e "$OUT/run-dist-plain2/$ckpt" ] && [ -e "$OUT/run-dist-nccl/$ckpt" ]; then
+  floor=$(compare "$OUT/run-dist-plain/$ckpt" "$OUT/run-dist-plain2/$ckpt")
   row=$(compare "$OUT/run-dist-plain/$ckpt" "$OUT/run-dist-nccl/$ckpt")
+  echo "$floor" | add_json nccl-floor
   echo "$row" | add_json nccl-one
   "$PY" -c '
 import json, sys
-r = json.loads(sys.argv[1])
-d, name = r["max_rel_l2"], r["tensor"]
-verdict = "PASS" if d <= 1e-4 else "FAIL"
-print(f"nccl-one: a world of one through NCCL against the plain step: max relative L2 {d:.2e} ({name}); tolerance 1e-4: {verdict}")
-sys.exit(0 if d <= 1e-4 else 1)' "$row" | tee -a "$SUMMARY"
+r, f = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+d, name, floor = r["max_rel_l2"], r["tensor"], f["max_rel_l2"]
+tol = max(1e-4, 2 * floor)
+verdict = "PASS" if d <= tol else "FAIL"
+print(f"nccl-one: the plain step against itself (noise floor): max relative L2 {floor:.2e} ({f['tensor']})")
+print(f"nccl-one: a world of one through NCCL against the plain step: max relative L2 {d:.2e} ({name}); tolerance {tol:.1e}: {verdict}")
+sys.exit(0 if d <= tol else 1)' "$row" "$floor" | tee -a "$SUMMARY"
   [ "${PIPESTATUS[0]}" = 0 ] || fail=1
   grep -h "through NCCL\|data-parallel sync" "$OUT/logs/dist-nccl.log" | sed 's/^/nccl-one: /' | tee -a "$SUMMARY"
 else
@@ -116,6 +129,7 @@ total_steps = $steps
 log_every = $steps
 checkpoint_every_steps = 100000
 EOF
+uses "$(basename "$PHOTOS")" "$batch" || finish
 timeout -k 5 "$(case_limit)" env BYOL_NCCL_SINGLE=1 "$NCCL_BYOL" train --config "$r50" --data "$PHOTOS" \
   --run "$OUT/run-dist-r50" --steps "$steps" > "$OUT/logs/dist-r50.log" 2>&1 \
   || { say "FAIL: nccl-r50 (see logs/dist-r50.log)"; fail=1; }
@@ -133,5 +147,4 @@ else
 fi
 
 [ $fail = 0 ] && say "gpu-dist: all parts ran" || say "gpu-dist: some parts FAILED"
-tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs 2>/dev/null && [ $DRY = 0 ] && rm -rf "$OUT/logs" "$OUT/bin" "$OUT/data" "$OUT"/run-* "$OUT"/*.toml
-exit $fail
+finish

@@ -22,11 +22,14 @@
 #            without (aim >= 0.9), seconds from the wave to its first batch, peak device
 #            memory, and SIGTERM ending within stop_timeout_secs with a checkpoint
 # Every case has a time limit (CASE_SECS, default 150) and the whole ends within
-# TOTAL_SECS (default 290). On the device machine, two calls of about 4 and 5 minutes:
-#   run(command="OUT=$OUT PARTS=steady,daemon bash scripts/gpu-run.sh", carry=["gpu-pack"], timeout_s=300)
-#   run(command="OUT=$OUT PARTS=quality bash scripts/gpu-run.sh", carry=["gpu-pack"], timeout_s=330)
-# Writes summary.txt, results.jsonl (per network run_over_step; the eval reports) and
-# logs.tar.gz.
+# TOTAL_SECS (default 290). `--plan` prints the training cases' datasets and batch sizes.
+# On the device machine (carry gpu-pack), as plain shell lines with the time each needs:
+#   OUT=$OUT PARTS=steady,daemon bash scripts/gpu-run.sh
+#       about 4 minutes (2 x (step bench ~20 s + run ~40 s), daemon 90 s + stop); timeout_s=300
+#   OUT=$OUT PARTS=quality bash scripts/gpu-run.sh
+#       about 5 minutes (ingest ~30 s, 2 + 2 minutes of training, evaluations); timeout_s=330
+# Writes summary.txt, results.jsonl (per network run_over_step; the eval reports),
+# nvidia-smi.txt and logs.tar.gz: at most 8 files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,6 +57,7 @@ for c in "${CASES[@]}"; do
   args=(--arch "$arch" --width "$width" --size "$size" --batch "$batch")
   small=false; [ "$stem" = cifar ] && { args+=(--small-stem); small=true; }
   record "step-$name" "$BYOL" bench step "${args[@]}" --device $DEVICE --precision bf16 $BENCH --json
+  uses "$(basename "$data")" "$batch" || continue
   if [ ! -e "$data/manifest.json" ]; then
     say "FAIL: no dataset at $data (scripts/gpu-prepare.sh packs it)"; fail=1; continue
   fi
@@ -69,7 +73,7 @@ for c in "${CASES[@]}"; do
     || { say "FAIL: the run of $name logged no metrics"; fail=1; }
   rm -rf "$OUT/run-$name"
 done
-"$PY" - "$RESULTS" "$LOG_EVERY" <<'PY' | tee -a "$SUMMARY"
+[ $PLAN = 0 ] && "$PY" - "$RESULTS" "$LOG_EVERY" <<'PY' | tee -a "$SUMMARY"
 import json, sys
 rows = {}
 for line in open(sys.argv[1]):
@@ -102,12 +106,16 @@ else
   DAEMON=(--device cuda:0 --arch resnet50 --width 64 --size 224 --batch 64 --precision bf16 --seed-images 512 --wave 2000 --seconds 90 --stop-timeout 30)
 fi
 rm -rf "$OUT/daemon"
+# The daemon run makes its own dataset: --seed-images records, then the wave.
+seed_images=$(printf '%s\n' "${DAEMON[@]}" | sed -n '/^--seed-images$/{n;p}')
+daemon_batch=$(printf '%s\n' "${DAEMON[@]}" | sed -n '/^--batch$/{n;p}')
+if uses daemon-seed "$daemon_batch" "$seed_images"; then
 with_peak_memory timeout -k 5 "$(case_limit)" "$PY" scripts/gpu_daemon_run.py --byol "$BYOL" --photos "$PHOTOS_SRC" \
-  --work "$OUT/daemon" "${DAEMON[@]}" --json "$OUT/daemon.json" > "$OUT/logs/daemon-run.log" 2>&1 \
+  --work "$OUT/daemon" "${DAEMON[@]}" --json "$OUT/logs/daemon.json" > "$OUT/logs/daemon-run.log" 2>&1 \
   || { say "FAIL: the daemon run (see logs/daemon-run.log)"; tail -n 5 "$OUT/logs/daemon-run.log" | tee -a "$SUMMARY"; fail=1; }
 cp "$OUT/daemon/daemon.log" "$OUT/logs/daemon.log" 2>/dev/null
-add_json daemon < "$OUT/daemon.json" 2>/dev/null || { say "FAIL: no daemon report"; fail=1; }
-"$PY" - "$OUT/daemon.json" <<'PY' 2>/dev/null | tee -a "$SUMMARY"
+add_json daemon < "$OUT/logs/daemon.json" 2>/dev/null || { say "FAIL: no daemon report"; fail=1; }
+"$PY" - "$OUT/logs/daemon.json" <<'PY' 2>/dev/null | tee -a "$SUMMARY"
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"daemon: {r['quiet_images_per_sec']:.1f} img/s without a wave, {r['wave_images_per_sec']:.1f} with "
@@ -116,6 +124,7 @@ print(f"daemon: {r['quiet_images_per_sec']:.1f} img/s without a wave, {r['wave_i
       f"peak device {r['peak_device_mib']} MiB; SIGTERM exit {r['sigterm_exit_code']} in {r['sigterm_secs']:.1f} s "
       f"(limit {r['stop_timeout_secs']:.0f} s), checkpoint {r['last_checkpoint']}")
 PY
+fi
 rm -rf "$OUT/daemon"
 fi
 
@@ -128,17 +137,19 @@ if [ $DRY = 1 ]; then
       -e 's/^device = "cuda:0"/device = "cpu"/' configs/gpu-fmnist.toml > "$CFG"
   PEER=(--width 8 --batch 16 --workers 0 --threads 2 --limit 512)
 fi
-if [ -e "$FMNIST_TRAIN/manifest.json" ]; then
+if ! uses "$(basename "$FMNIST_TRAIN")" "$(batch_of "$CFG")"; then
+  :
+elif [ -e "$FMNIST_TRAIN/manifest.json" ]; then
   rm -rf "$OUT/run-fmnist"
   timeout -k 5 "$(case_limit)" "$BYOL" train --config "$CFG" --data "$FMNIST_TRAIN" --run "$OUT/run-fmnist" --minutes $MINUTES \
     > "$OUT/logs/train-fmnist.log" 2>&1 || { say "FAIL: train (see logs/train-fmnist.log)"; fail=1; }
   tail -n 2 "$OUT/logs/train-fmnist.log" | tee -a "$SUMMARY"
   eval_args=(--checkpoint "$OUT/run-fmnist" --train "$FMNIST_TRAIN" --test "$FMNIST_TEST" --protocol both --random-init --pixels)
   [ $DRY = 1 ] && eval_args+=(--device cpu)
-  timeout -k 5 "$(case_limit)" "$BYOL" eval "${eval_args[@]}" --json "$OUT/eval-fmnist.json" > "$OUT/logs/eval-fmnist.log" 2>&1 \
+  timeout -k 5 "$(case_limit)" "$BYOL" eval "${eval_args[@]}" --json "$OUT/logs/eval-fmnist.json" > "$OUT/logs/eval-fmnist.log" 2>&1 \
     || { say "FAIL: eval (see logs/eval-fmnist.log)"; fail=1; }
-  add_json eval-fmnist < "$OUT/eval-fmnist.json" 2>/dev/null || { say "FAIL: no evaluation report"; fail=1; }
-  "$PY" - "$OUT/eval-fmnist.json" <<'PY' 2>/dev/null | tee -a "$SUMMARY"
+  add_json eval-fmnist < "$OUT/logs/eval-fmnist.json" 2>/dev/null || { say "FAIL: no evaluation report"; fail=1; }
+  "$PY" - "$OUT/logs/eval-fmnist.json" <<'PY' 2>/dev/null | tee -a "$SUMMARY"
 import json, sys
 r = json.load(open(sys.argv[1]))
 for x in r["results"]:
@@ -148,11 +159,14 @@ else
   say "FAIL: no Fashion-MNIST dataset at $FMNIST_TRAIN (scripts/gpu-prepare.sh packs it)"; fail=1
 fi
 FM_IDX=${FM_IDX:-$PACK/fmnist}
-if [ $have_torch = 1 ] && [ -e "$FM_IDX/train-images-idx3-ubyte.gz" ]; then
+peer_batch=$(printf '%s\n' "${PEER[@]}" | sed -n '/^--batch$/{n;p}')
+if ! uses fmnist-train "$peer_batch"; then
+  :
+elif [ $have_torch = 1 ] && [ -e "$FM_IDX/train-images-idx3-ubyte.gz" ]; then
   timeout -k 5 "$(case_limit)" "$PY" scripts/peer_byol_fmnist.py --data "$FM_IDX" --device $TORCH_DEVICE \
-    --minutes $MINUTES "${PEER[@]}" --json "$OUT/peer-fmnist.json" > "$OUT/logs/peer-fmnist.log" 2>&1 \
+    --minutes $MINUTES "${PEER[@]}" --json "$OUT/logs/peer-fmnist.json" > "$OUT/logs/peer-fmnist.log" 2>&1 \
     || { say "FAIL: the PyTorch reference (see logs/peer-fmnist.log)"; fail=1; }
-  "$PY" - "$OUT/peer-fmnist.json" "$RESULTS" <<'PY' 2>/dev/null | tee -a "$SUMMARY"
+  "$PY" - "$OUT/logs/peer-fmnist.json" "$RESULTS" <<'PY' 2>/dev/null | tee -a "$SUMMARY"
 import json, sys
 r = json.load(open(sys.argv[1]))
 row = {k: v for k, v in r.items() if k != "log"}
@@ -167,7 +181,6 @@ else
 fi
 fi
 
+[ $PLAN = 1 ] && finish
 [ $fail = 0 ] && say "gpu-run: all parts ran" || say "gpu-run: some parts FAILED"
-# The logs as one file (what comes back from the GPU machine: at most 8 files, 2 folders deep).
-tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs 2>/dev/null && [ $DRY = 0 ] && rm -rf "$OUT/logs" "$OUT/bin" "$OUT/data" "$OUT"/run-* "$OUT"/*.toml
-exit $fail
+finish

@@ -230,6 +230,28 @@ pub enum ProtocolArg {
     Both,
 }
 
+/// `R,G,B` (or one value for all three channels) as three finite numbers.
+pub fn parse_channels(text: &str) -> Result<[f32; 3], String> {
+    let values = text
+        .split(',')
+        .map(|v| {
+            v.trim()
+                .parse::<f32>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| format!("{v:?} is not a finite number"))
+        })
+        .collect::<Result<Vec<f32>, String>>()?;
+    match values[..] {
+        [v] => Ok([v; 3]),
+        [r, g, b] => Ok([r, g, b]),
+        _ => Err(format!(
+            "expected R,G,B or one value, got {} values",
+            values.len()
+        )),
+    }
+}
+
 /// `byol eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -258,6 +280,14 @@ pub struct EvalArgs {
     /// for checkpoints that do not record it, 32 with the small-image stem, else 224].
     #[arg(long)]
     pub size: Option<u32>,
+    /// Per-channel mean of the [0, 1] values, `R,G,B` or one value for all three
+    /// [default: the normalisation the checkpoint records; ImageNet's when it records none].
+    #[arg(long, value_parser = parse_channels)]
+    pub mean: Option<[f32; 3]>,
+    /// Per-channel standard deviation, `R,G,B` or one value for all three [default: the
+    /// checkpoint's record; ImageNet's when it records none].
+    #[arg(long, value_parser = parse_channels)]
+    pub std: Option<[f32; 3]>,
     /// Images per encoder forward.
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,

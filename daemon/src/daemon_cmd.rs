@@ -147,7 +147,10 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     }
     let augmenter = Augmenter::new(cfg.augment.clone().unwrap_or_default())?;
     let monitor = match &cfg.monitor {
-        Some(m) => Some(Monitor::open(m, augmenter.size())?),
+        Some(m) => Some(Monitor::open(
+            m,
+            &byol_trainer::input::InputSpec::of_views(augmenter.config()),
+        )?),
         None => None,
     };
     let trainer = Trainer::new(cfg.trainer(), loader_cfg.batch_size)?;

@@ -10,9 +10,10 @@ use byol_ingest::Dataset;
 use byol_trainer::checkpoint;
 use byol_trainer::device::{open_device, parse_device};
 use byol_trainer::eval::{
-    Encoder, Features, KnnConfig, Preprocess, ProbeConfig, extract, knn_accuracy, linear_probe,
-    pixel_features, resolve_checkpoint,
+    Encoder, Features, InputOverrides, KnnConfig, Preprocess, ProbeConfig, checkpoint_input,
+    extract, knn_accuracy, linear_probe, pixel_features, resolve_checkpoint,
 };
+use byol_trainer::input::InputSpec;
 use serde::Serialize;
 
 use crate::cli::{EvalArgs, ProtocolArg};
@@ -29,6 +30,10 @@ struct Report {
     test_images: usize,
     classes: usize,
     image_size: u32,
+    /// The preprocessing the encoders were fed (size, normalisation, filter).
+    input: InputSpec,
+    /// `checkpoint` (its record, then the flags) or `imagenet-assumed` (no record).
+    input_source: &'static str,
     results: Vec<Row>,
 }
 
@@ -70,14 +75,19 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let kernels = meta.config.train.kernels;
     let train_ds = open(&args.train)?;
     let test_ds = open(&args.test)?;
-    // The training views' side when the checkpoint records it, else the stem's usual one.
-    let stem_default = if meta.config.model.small_stem {
-        32
-    } else {
-        224
+    // The preprocessing the encoder was trained with (the checkpoint's record), then
+    // the flags.
+    let overrides = InputOverrides {
+        size: args.size,
+        mean: args.mean,
+        std: args.std,
     };
-    let size = args.size.or(meta.view_size).unwrap_or(stem_default);
-    let pre = Preprocess::new(size);
+    let resolved = checkpoint_input(&meta, &overrides);
+    if let Some(warning) = resolved.warning(&overrides) {
+        eprintln!("warning: {warning}");
+    }
+    let size = resolved.input.size;
+    let pre = Preprocess::for_input(&resolved.input);
     let probe = ProbeConfig {
         seed: args.seed,
         max_iters: args.probe_iters,
@@ -160,6 +170,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         test_images: sizes.1,
         classes: sizes.2,
         image_size: size,
+        input: resolved.input.clone(),
+        input_source: if resolved.recorded {
+            "checkpoint"
+        } else {
+            "imagenet-assumed"
+        },
         results: rows,
     };
     print_table(&report);
@@ -217,9 +233,10 @@ fn classify(
 
 fn print_table(r: &Report) {
     println!(
-        "checkpoint {} (step {}); {} train / {} test images, {} classes, {} px",
-        r.checkpoint, r.step, r.train_images, r.test_images, r.classes, r.image_size
+        "checkpoint {} (step {}); {} train / {} test images, {} classes",
+        r.checkpoint, r.step, r.train_images, r.test_images, r.classes
     );
+    println!("input: {} ({})", r.input.describe(), r.input_source);
     println!(
         "{:<12} {:<8} {:>8} {:>8} {:>10}  detail",
         "encoder", "protocol", "top-1", "dim", "seconds"

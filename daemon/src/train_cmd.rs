@@ -23,6 +23,7 @@ use byol_run::{
 };
 use byol_trainer::Trainer;
 use byol_trainer::dist;
+use byol_trainer::input::InputSpec;
 
 use crate::cli::TrainArgs;
 use crate::config::Config;
@@ -72,14 +73,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     // Every rank plans with the dataset as rank 0 opened it.
     let dataset = byol_run::open_agreed(&args.data)
         .with_context(|| format!("cannot open dataset {}", args.data.display()))?;
-    let view_size = aug.size();
+    let input = InputSpec::of_views(aug.config());
+    let view_size = input.size;
     // A memory bank or queue must fit the dataset (before the run folder is touched).
     let memory_warning = trainer_cfg
         .check_memory_fits(dataset.live_records().count())
         .with_context(|| format!("dataset {}", args.data.display()))?;
     // Side inputs are checked before anything is trained.
     let monitor = match &cfg.monitor {
-        Some(m) => Some(Monitor::open(m, view_size)?),
+        Some(m) => Some(Monitor::open(m, &input)?),
         None => None,
     };
     let dir = RunDir::new(&args.run);
@@ -141,7 +143,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         dir,
         trainer,
         loader,
-        view_size,
+        input,
         policy: CheckpointPolicy::from_train(&cfg.train),
         log_every: cfg.train.log_every,
         monitor,

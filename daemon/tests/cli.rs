@@ -712,6 +712,141 @@ fn eval_reports_trained_random_and_pixel_baselines() {
     assert_eq!(r["image_size"], 16);
 }
 
+/// Accuracies (linear, kNN) of the checkpoint's encoder computed here, through the
+/// library, with the normalisation given: the reference `byol eval` must equal.
+fn reference_accuracies(
+    ck: &Path,
+    train: &Path,
+    test: &Path,
+    mean: [f32; 3],
+    std: [f32; 3],
+) -> (f64, f64) {
+    use byol_trainer::eval::{
+        Encoder, KnnConfig, Preprocess, ProbeConfig, extract, knn_accuracy, linear_probe,
+    };
+    let cpu = byol_trainer::device::open_device(byol_trainer::device::DeviceSpec::Cpu).unwrap();
+    let (encoder, _) = Encoder::from_checkpoint(ck, byol_trainer::Kernels::Auto, &cpu).unwrap();
+    let pre = Preprocess {
+        mean,
+        std,
+        ..Preprocess::new(16)
+    };
+    let features = |ds: &Path| {
+        let ds = byol_ingest::Dataset::open(ds).unwrap();
+        extract(&encoder, &ds, &pre, 256, &byol_ingest::NoProgress).unwrap()
+    };
+    let (train, mut test) = (features(train), features(test));
+    test.align_to(&train.classes).unwrap();
+    let knn = KnnConfig {
+        k: 200,
+        ..KnnConfig::default()
+    };
+    (
+        linear_probe(&train, &test, &ProbeConfig::default())
+            .unwrap()
+            .accuracy,
+        knn_accuracy(&train, &test, knn).unwrap(),
+    )
+}
+
+#[test]
+fn eval_feeds_the_encoder_the_normalisation_it_was_trained_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = two_tone(dir.path(), "train", 12, 1);
+    let test = two_tone(dir.path(), "test", 6, 2);
+    // Trained on views normalised with the dataset's own statistics, not ImageNet's.
+    let cfg = dir.path().join("stats.toml");
+    let stats = "mean = [0.3, 0.3, 0.3]\nstd = [0.35, 0.35, 0.35]\n";
+    std::fs::write(
+        &cfg,
+        format!("{TINY_TRAIN}[augment.view1]\n{stats}[augment.view2]\n{stats}"),
+    )
+    .unwrap();
+    let run_dir = dir.path().join("run");
+    let o = train_run(&cfg, &train, &run_dir, &["--steps", "2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let ck = run_dir.join("checkpoints/step-0000000002");
+    let eval = |extra: &[&str], name: &str| {
+        let json = dir.path().join(format!("{name}.json"));
+        let base = [
+            "eval",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--train",
+            train.to_str().unwrap(),
+            "--test",
+            test.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        let o = run(&[&base[..], extra].concat());
+        assert!(o.status.success(), "{}", text(&o));
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let acc = |i: usize| r["results"][i]["accuracy"].as_f64().unwrap();
+        (r.clone(), (acc(0), acc(1)), text(&o))
+    };
+    // The checkpoint's record is used by default, and equals the reference computed
+    // with the training statistics.
+    let (r, recorded, out) = eval(&[], "recorded");
+    assert_eq!(r["input_source"], "checkpoint");
+    assert_eq!(
+        r["input"],
+        serde_json::json!({"size": 16, "mean": [0.3, 0.3, 0.3], "std": [0.35, 0.35, 0.35],
+                           "interpolation": "bicubic"})
+    );
+    assert!(out.contains("mean (0.3, 0.3, 0.3)"), "{out}");
+    assert!(!out.contains("warning"), "{out}");
+    assert_eq!(
+        recorded,
+        reference_accuracies(&ck, &train, &test, [0.3; 3], [0.35; 3])
+    );
+    // Flags override the record (one value for all three channels).
+    let (r, flagged, _) = eval(&["--mean", "0.5", "--std", "0.25"], "flags");
+    assert_eq!(r["input"]["mean"], serde_json::json!([0.5, 0.5, 0.5]));
+    assert_eq!(
+        flagged,
+        reference_accuracies(&ck, &train, &test, [0.5; 3], [0.25; 3])
+    );
+    // The export writes the record into the file's metadata.
+    let out = dir.path().join("encoder.safetensors");
+    let o = run(&[
+        "export",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("mean=[0.3, 0.3, 0.3]"), "{}", text(&o));
+    let bytes = std::fs::read(&out).unwrap();
+    let (_, st) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let input: serde_json::Value =
+        serde_json::from_str(&st.metadata().as_ref().unwrap()["byol.input"]).unwrap();
+    assert_eq!(input["std"], serde_json::json!([0.35, 0.35, 0.35]));
+    // A checkpoint written before the record existed: ImageNet's statistics, with a
+    // warning naming the flags; `--mean`/`--std` given in full silence it.
+    let meta_path = ck.join("meta.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    meta.as_object_mut().unwrap().remove("input");
+    std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+    let (r, old, out) = eval(&[], "old");
+    assert_eq!(r["input_source"], "imagenet-assumed");
+    assert_eq!(r["input"]["mean"], serde_json::json!([0.485, 0.456, 0.406]));
+    assert_eq!(r["image_size"], 16, "the recorded view size is still used");
+    assert!(out.contains("warning") && out.contains("--mean"), "{out}");
+    let (_, _, out) = eval(&["--mean", "0.3", "--std", "0.35"], "old-flags");
+    assert!(!out.contains("warning"), "{out}");
+    let imagenet = reference_accuracies(
+        &ck,
+        &train,
+        &test,
+        [0.485, 0.456, 0.406],
+        [0.229, 0.224, 0.225],
+    );
+    assert_eq!(old, imagenet);
+}
+
 #[test]
 fn eval_errors_name_the_problem() {
     let dir = tempfile::tempdir().unwrap();

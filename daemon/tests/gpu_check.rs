@@ -157,3 +157,82 @@ fn the_gpu_dist_dry_run_compares_the_runs_and_reports() {
     assert!(!summary.contains("FAIL"), "{summary}");
     assert!(out.join("logs.tar.gz").is_file());
 }
+
+/// `bash scripts/SCRIPT --plan` (PARTS as given) with OUT in `dir`: its stdout.
+fn plan(dir: &Path, script: &str, parts: Option<&str>) -> String {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut c = Command::new("bash");
+    c.arg(repo.join("scripts").join(script))
+        .arg("--plan")
+        .env("OUT", dir.join(script));
+    if let Some(parts) = parts {
+        c.env("PARTS", parts);
+    }
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{script} --plan: {}", text(&o));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Every training case of the GPU scripts, at the GPU machine's settings, has at least
+/// one batch of data: each dataset `scripts/gpu-prepare.sh` packs (or a case makes
+/// itself) holds at least the batch size of every case that trains on it, since the
+/// loader drops the last partial batch. Checked from the scripts' own settings, without
+/// training and without writing into the repository.
+#[test]
+fn every_packed_dataset_holds_a_batch_of_every_case_that_trains_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let packed: std::collections::HashMap<String, u64> = plan(dir.path(), "gpu-prepare.sh", None)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.strip_prefix("packs ")?.split_whitespace();
+            Some((f.next()?.to_owned(), f.next()?.parse().ok()?))
+        })
+        .collect();
+    if packed.get("photos") == Some(&0) {
+        assert!(
+            std::env::var("BYOL_REQUIRE_REAL_DATA").as_deref() != Ok("1"),
+            "../shared/data/photos256 is missing"
+        );
+        eprintln!("skipped: ../shared/data/photos256 is missing");
+        return;
+    }
+    let mut cases = Vec::new();
+    for (script, parts) in [
+        ("gpu-check.sh", Some("ops,check,step,train,objectives")),
+        ("gpu-run.sh", Some("steady,daemon,quality")),
+        ("gpu-dist.sh", None),
+    ] {
+        for line in plan(dir.path(), script, parts).lines() {
+            let Some(rest) = line.strip_prefix("uses ") else {
+                continue;
+            };
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let batch: u64 = f[1].parse().unwrap_or_else(|_| panic!("{script}: {line}"));
+            let records = match f.get(2) {
+                Some(own) => own.parse().unwrap(),
+                None => *packed
+                    .get(f[0])
+                    .unwrap_or_else(|| panic!("{script} trains on {}, which is not packed", f[0])),
+            };
+            cases.push(format!("{script}: {} batch {batch} of {records}", f[0]));
+            assert!(
+                batch >= 1 && batch <= records,
+                "{script} trains on {} with batch {batch}, but it holds {records} records",
+                f[0]
+            );
+        }
+    }
+    // The training cases were all found (a script that printed none checks nothing).
+    for needle in [
+        "gpu-check.sh: photos batch 256",
+        "gpu-check.sh: fmnist-train",
+        "gpu-run.sh: photos batch 256",
+        "gpu-run.sh: daemon-seed",
+        "gpu-dist.sh: photos",
+    ] {
+        assert!(
+            cases.iter().any(|c| c.starts_with(needle)),
+            "{needle} missing: {cases:?}"
+        );
+    }
+}

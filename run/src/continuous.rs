@@ -30,6 +30,7 @@ use std::time::Duration;
 use byol_augment::Augmenter;
 use byol_ingest::Dataset;
 use byol_loader::{Loader, LoaderConfig};
+use byol_trainer::input::InputSpec;
 use byol_trainer::{OptimConfig, Schedule, TrainConfig, Trainer};
 use serde::Serialize;
 
@@ -455,13 +456,13 @@ pub fn train_continuously(
         });
     }
     let settings = controls.settings();
-    let view_size = augmenter.size();
+    let input = InputSpec::of_views(augmenter.config());
     let loader = Loader::new(dataset, augmenter, loader_cfg, state)?;
     let (mut run, dropped) = Run::start(RunParts {
         dir,
         trainer,
         loader,
-        view_size,
+        input,
         policy: settings.policy(),
         log_every: settings.train.log_every,
         monitor,

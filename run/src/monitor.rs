@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use byol_ingest::{Dataset, NoProgress};
 use byol_trainer::Trainer;
 use byol_trainer::eval::{Encoder, Features, KnnConfig, Preprocess, extract, knn_accuracy};
+use byol_trainer::input::InputSpec;
 use serde::Deserialize;
 
 use crate::RunError;
@@ -55,8 +56,9 @@ pub struct Measurement {
 impl Monitor {
     /// Opens both datasets and checks, before any step is trained, everything a
     /// measurement needs: both have labelled images, and every class of the test set
-    /// occurs in the train set. Images are preprocessed to `size` (the views' size).
-    pub fn open(cfg: &MonitorConfig, size: u32) -> Result<Self, RunError> {
+    /// occurs in the train set. Images are preprocessed as the views are (`input`: their
+    /// size, normalisation and filter), after the evaluation's centre crop.
+    pub fn open(cfg: &MonitorConfig, input: &InputSpec) -> Result<Self, RunError> {
         if cfg.every_steps == 0 || cfg.k == 0 {
             return Err(RunError::Monitor(
                 "every_steps and k must be at least 1".into(),
@@ -87,7 +89,7 @@ impl Monitor {
             train,
             test,
             cfg: cfg.clone(),
-            pre: Preprocess::new(size),
+            pre: Preprocess::for_input(input),
         })
     }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use byol_loader::{Loader, LoaderState};
 use byol_trainer::dist::ProcessGroup;
 use byol_trainer::eval::{Encoder, export_encoder};
+use byol_trainer::input::InputSpec;
 use byol_trainer::{StepStats, Trainer, checkpoint};
 
 use crate::{
@@ -53,8 +54,8 @@ pub struct RunParts {
     pub trainer: Trainer,
     /// The loader, started from the resumed position.
     pub loader: Loader,
-    /// Side of the square views in pixels.
-    pub view_size: u32,
+    /// The views' preprocessing (side, normalisation, filter): recorded in checkpoints.
+    pub input: InputSpec,
     /// When to checkpoint and how many to keep.
     pub policy: CheckpointPolicy,
     /// Log (metrics line, `tracing` event) every this many steps.
@@ -203,7 +204,7 @@ pub struct Run {
     monitor: Option<Monitor>,
     export_latest: bool,
     faults: FaultPoints,
-    view_size: u32,
+    input: InputSpec,
     /// Loader state and epoch after the last completed step (what a checkpoint records).
     last_state: LoaderState,
     last_epoch: u64,
@@ -285,7 +286,7 @@ impl Run {
                 monitor: parts.monitor,
                 export_latest: parts.export_latest,
                 faults: parts.faults,
-                view_size: parts.view_size,
+                input: parts.input,
                 last_ckpt: (now, step),
                 window: Window::open(),
                 started: now,
@@ -314,7 +315,7 @@ impl Run {
         if let Some((step, loss)) = self.poisoned {
             return Err(RunError::NonFiniteLoss { step, loss });
         }
-        let size = self.view_size as usize;
+        let size = self.input.size as usize;
         let checkpoint_due = self.agree_on_step()?;
         let wait_start = Instant::now();
         let batch = self.loader.next_batch();
@@ -599,7 +600,7 @@ impl Run {
         // checkpoint clock.
         let group = self.group;
         let saved = if group.is_main() {
-            checkpoint::save(&dir, &self.trainer, Some(self.view_size), meta.to_json())
+            checkpoint::save(&dir, &self.trainer, Some(&self.input), meta.to_json())
                 .map_err(RunError::from)
         } else {
             Ok(checkpoint::folder(&dir, step))
@@ -645,7 +646,7 @@ impl Run {
     fn export(&self) -> Result<PathBuf, RunError> {
         let enc = Encoder::from_trainer(&self.trainer)?;
         let path = self.dir.encoder_latest();
-        export_encoder(&enc, &path)?;
+        export_encoder(&enc, Some(&self.input), &path)?;
         Ok(path)
     }
 

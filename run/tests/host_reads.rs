@@ -76,7 +76,7 @@ fn run(dir: &Path, faults: FaultPoints) -> Run {
         dir: RunDir::new(dir.join("run")),
         trainer,
         loader,
-        view_size: 16,
+        input: byol_trainer::input::InputSpec::of_views(&AugmentConfig::small(16)),
         policy: CheckpointPolicy {
             every_steps: 0,
             every_minutes: 0.0,

@@ -1,7 +1,7 @@
 //! Real data end to end: Fashion-MNIST (Debian's dataset-fashion-mnist) and real photos.
 //!
 //! When the data is missing these tests say so and pass, unless BYOL_REQUIRE_REAL_DATA=1
-//! (set by `.ci/run`, which installs the data), where missing data is a failure.
+//! (set by `scripts/test.sh`, which installs the data), where missing data is a failure.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -65,9 +65,11 @@ pub struct StepProfile {
     /// Median seconds of one profiled step (above the plain one: synchronising
     /// serialises it).
     pub step_seconds_median: f64,
-    /// Milliseconds per step and calls per step of each op kind, largest first; the
-    /// last entry, `other`, is the rest of the step (heads' matrix products, the loss,
-    /// casts, the optimizer and the EMA).
+    /// Milliseconds per step and calls per step of each op kind of ours, and of each
+    /// phase of the step outside our ops (`forward and loss`: the heads, the loss and
+    /// casts; `backward`: candle's backward of those and the gradient accumulation;
+    /// `optimizer`; `after-step (EMA, memory)`), largest first; the last entry,
+    /// `other`, is the rest of the step.
     pub ops: Vec<ProfiledOp>,
 }
 
@@ -146,6 +148,7 @@ fn profile_steps(
 ) -> Result<StepProfile, TrainError> {
     use crate::kernels::profile;
     profile::take();
+    profile::take_phases();
     profile::set_enabled(true);
     let mut times = Vec::with_capacity(steps);
     let run = (|| -> Result<(), TrainError> {
@@ -172,13 +175,24 @@ fn profile_steps(
             share: t.seconds / total,
         })
         .collect();
+    // The rest of each phase, outside our ops: candle's ops (the heads, the loss,
+    // casts, gradient accumulation), the optimizer, the EMA.
+    for p in profile::take_phases() {
+        let outside = (p.seconds - p.in_ops_seconds).max(0.0);
+        ops.push(ProfiledOp {
+            op: format!("{} (outside our ops)", p.phase),
+            ms_per_step: per(outside) * 1e3,
+            calls_per_step: 1.0,
+            share: outside / total,
+        });
+    }
     ops.sort_by(|a, b| b.ms_per_step.total_cmp(&a.ms_per_step));
-    let ours: f64 = ops.iter().map(|o| o.ms_per_step).sum();
+    let named: f64 = ops.iter().map(|o| o.ms_per_step).sum();
     ops.push(ProfiledOp {
         op: "other".into(),
-        ms_per_step: (per(total) * 1e3 - ours).max(0.0),
+        ms_per_step: (per(total) * 1e3 - named).max(0.0),
         calls_per_step: 0.0,
-        share: (1.0 - ours / (per(total) * 1e3)).max(0.0),
+        share: (1.0 - named / (per(total) * 1e3)).max(0.0),
     });
     Ok(StepProfile {
         step_seconds_median: times[times.len() / 2],
@@ -368,6 +382,11 @@ pub enum OpShape {
         /// Dimensions of both inputs.
         x: &'static [usize],
     },
+    /// The ImageNet stem's max-pool (3×3, stride 2, padding 1) of `(n, c, h, w)`.
+    MaxPool {
+        /// Input `(n, c, h, w)`.
+        x: [usize; 4],
+    },
 }
 
 impl std::fmt::Display for OpShape {
@@ -392,13 +411,15 @@ impl std::fmt::Display for OpShape {
             }
             OpShape::BatchNormEval { x } => write!(f, "batch_norm_eval+relu x{x:?}"),
             OpShape::AddRelu { x } => write!(f, "add_relu x{x:?}"),
+            OpShape::MaxPool { x } => write!(f, "max_pool 3x3 stride 2 pad 1 x{x:?}"),
         }
     }
 }
 
 /// The shapes [`op_check`] covers: the convolutions of both networks (1×1, 3×3 and 7×7;
 /// strides 1 and 2; odd sizes; batch 1 and 2), BatchNorm over maps and features (with
-/// and without ReLU, training and eval), and the residual add.
+/// and without ReLU, training and eval), the residual add, and the stem's max-pool (odd
+/// and even sides, a map smaller than a window).
 pub fn op_shapes() -> Vec<OpShape> {
     let conv = |x: [usize; 4], co, k, stride, pad| OpShape::Conv {
         x,
@@ -435,6 +456,9 @@ pub fn op_shapes() -> Vec<OpShape> {
         },
         OpShape::BatchNormEval { x: &[2, 16, 5, 5] },
         OpShape::AddRelu { x: &[2, 16, 9, 9] },
+        OpShape::MaxPool { x: [2, 8, 13, 11] },
+        OpShape::MaxPool { x: [1, 4, 16, 16] },
+        OpShape::MaxPool { x: [2, 3, 1, 2] },
     ]
 }
 
@@ -560,6 +584,14 @@ fn run_op(
                 (a + b)?.relu()?
             }
         }
+        OpShape::MaxPool { .. } => {
+            let x = cast(&inputs[0])?;
+            if ours {
+                crate::kernels::max_pool_3x3_s2(&x)?
+            } else {
+                crate::model::max_pool_3x3_s2_p1(&x)?
+            }
+        }
     };
     Ok((back(y.to_dtype(DType::F32)?)?, extra))
 }
@@ -611,6 +643,25 @@ fn op_inputs(shape: &OpShape, seed: u64) -> Result<Vec<(String, Tensor)>, TrainE
                 ((normal(x, seed + 1, 16.0, 0.0)?.round()? + 0.5)? / 16.0)?,
             ),
         ],
+        // Positive and distinct within every window (so no tie decides where a gradient
+        // goes, and zero padding never wins), exact in bf16: the value at (y, x) is
+        // 1 + a seeded permutation, per plane, of the 16 codes of (y mod 4, x mod 4),
+        // over 4.
+        OpShape::MaxPool { x } => {
+            let [n, c, h, w] = x;
+            let mut values = Vec::with_capacity(n * c * h * w);
+            for plane in 0..n * c {
+                let keys = seeded_normal(16, seed + plane as u64);
+                let mut codes: Vec<usize> = (0..16).collect();
+                codes.sort_by(|&a, &b| keys[a].total_cmp(&keys[b]));
+                for iy in 0..h {
+                    for ix in 0..w {
+                        values.push((1 + codes[(iy % 4) * 4 + ix % 4]) as f32 / 4.0);
+                    }
+                }
+            }
+            vec![("x".into(), Tensor::from_vec(values, &x[..], &cpu)?)]
+        }
     })
 }
 

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
 use crate::config::{Method, TrainerConfig};
+use crate::input::InputSpec;
 use crate::trainer::Trainer;
 
 /// Version of the checkpoint layout written (see the module docs for what each holds).
@@ -62,9 +63,15 @@ pub struct CheckpointMeta {
     /// The trainer config (model, optimizer, schedule, seed).
     pub config: TrainerConfig,
     /// Side in pixels of the views the encoder was trained on, evaluation's default input
-    /// size; `None` when not recorded (runs without a loader, older checkpoints).
+    /// size; `None` when not recorded (runs without a loader, older checkpoints). Written
+    /// beside [`CheckpointMeta::input`] (its `size`) for readers that know only this.
     #[serde(default)]
     pub view_size: Option<u32>,
+    /// The preprocessing the encoder expects (the views' size, normalisation and resize
+    /// filter); `None` in checkpoints written before it was recorded and in runs without
+    /// a loader: see [`CheckpointMeta::input_or_imagenet`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<InputSpec>,
     /// Seconds since the Unix epoch when written.
     pub created_unix: u64,
     /// blake3 (hex) of each tensor file by name; empty in checkpoints written before
@@ -75,6 +82,20 @@ pub struct CheckpointMeta {
     /// the loader's resume state and epoch, for `byol train` and the daemon).
     #[serde(flatten)]
     pub run: serde_json::Map<String, serde_json::Value>,
+}
+
+impl CheckpointMeta {
+    /// The recorded preprocessing, or, for a checkpoint without a record, ImageNet's
+    /// statistics at the recorded view size (else `default_size`); the flag says which.
+    pub fn input_or_imagenet(&self, default_size: u32) -> (InputSpec, bool) {
+        match &self.input {
+            Some(input) => (input.clone(), true),
+            None => (
+                InputSpec::imagenet(self.view_size.unwrap_or(default_size)),
+                false,
+            ),
+        }
+    }
 }
 
 fn byol_method() -> String {
@@ -218,15 +239,16 @@ pub fn folder(dir: &Path, step: u64) -> PathBuf {
     dir.join(format!("step-{step:010}"))
 }
 
-/// Writes a checkpoint of `trainer` into `dir` as `step-NNNNNNNNNN/`; `view_size` and
-/// the caller's `run` JSON go into its meta. Returns its folder. Retention is
+/// Writes a checkpoint of `trainer` into `dir` as `step-NNNNNNNNNN/`; `input` (the
+/// preprocessing the encoder was trained with) and the caller's `run` JSON go into its
+/// meta. Returns its folder. Retention is
 /// [`prune`]'s job.
 ///
 /// Errors: a file cannot be written ([`TrainError::Io`], naming it).
 pub fn save(
     dir: &Path,
     trainer: &Trainer,
-    view_size: Option<u32>,
+    input: Option<&InputSpec>,
     run: serde_json::Map<String, serde_json::Value>,
 ) -> Result<PathBuf, TrainError> {
     fs::create_dir_all(dir).map_err(io(dir))?;
@@ -237,7 +259,7 @@ pub fn save(
     }
     fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     // A failed write (a full disk) leaves nothing behind to fill the disk further.
-    if let Err(e) = write_files(&tmp, trainer, view_size, run) {
+    if let Err(e) = write_files(&tmp, trainer, input, run) {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -253,7 +275,7 @@ pub fn save(
 fn write_files(
     tmp: &Path,
     trainer: &Trainer,
-    view_size: Option<u32>,
+    input: Option<&InputSpec>,
     run: serde_json::Map<String, serde_json::Value>,
 ) -> Result<(), TrainError> {
     let files = [
@@ -283,7 +305,8 @@ fn write_files(
         step: trainer.steps_done(),
         batch_size: trainer.batch_size(),
         config: trainer.config().clone(),
-        view_size,
+        view_size: input.map(|i| i.size),
+        input: input.cloned(),
         created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),

@@ -11,6 +11,7 @@ pub mod dist;
 pub mod embedding;
 pub mod eval;
 pub mod host;
+pub mod input;
 pub mod kernels;
 pub mod loss;
 pub mod memory;

@@ -8,6 +8,7 @@ use crate::TrainError;
 use crate::config::TrainerConfig;
 use crate::device::open_for_rank;
 use crate::embedding::EmbeddingStats;
+use crate::kernels::profile::phase;
 use crate::model::{Compute, Network, reinit, sorted, trainable};
 use crate::objective::{Objective, ObjectiveStats};
 use crate::optim::Optimizer;
@@ -271,18 +272,31 @@ impl Trainer {
             self.cfg.train.total_steps,
             self.step,
         );
-        let outcome = self.objective.loss(&self.network, v1, v2)?;
-        let mut grads = outcome.loss.backward()?;
+        // Each phase is timed apart by `byol bench step --profile` (nothing otherwise).
+        let device = self.device.clone();
+        let outcome = phase("forward and loss", &device, || {
+            Ok(self.objective.loss(&self.network, v1, v2)?)
+        })?;
+        let mut grads = phase("backward", &device, || Ok(outcome.loss.backward()?))?;
         // Data-parallel: the mean of every rank's gradients (BatchNorm statistics were
         // synced in forward and backward; a world of one does nothing here).
         let group = crate::dist::group();
         if group.reduces_gradients() {
-            group.average_gradients(&mut grads, &self.reduced)?;
+            phase("gradient all-reduce", &device, || {
+                Ok(group.average_gradients(&mut grads, &self.reduced)?)
+            })?;
         }
-        self.optimizer.step(&grads, lr)?;
-        let objective =
-            self.objective
-                .after_step(&self.online, &self.cfg, self.step, outcome.keys.as_ref())?;
+        phase("optimizer", &device, || {
+            Ok(self.optimizer.step(&grads, lr)?)
+        })?;
+        let objective = phase("after-step (EMA, memory)", &device, || {
+            Ok(self.objective.after_step(
+                &self.online,
+                &self.cfg,
+                self.step,
+                outcome.keys.as_ref(),
+            )?)
+        })?;
         self.step += 1;
         self.embeddings = Some(outcome.embeddings);
         self.health.record(&outcome.loss)?;

@@ -279,7 +279,7 @@ fn export_has_torchvision_names_and_shapes() {
             .collect();
         let enc = Encoder::random(&list.model, 0, Kernels::Auto, &Device::Cpu).unwrap();
         let out = dir.path().join(format!("{file}.safetensors"));
-        let count = export_encoder(&enc, &out).unwrap();
+        let count = export_encoder(&enc, None, &out).unwrap();
         let bytes = std::fs::read(&out).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let mut got: Vec<(String, Vec<usize>, safetensors::Dtype)> = st

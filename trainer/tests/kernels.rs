@@ -326,6 +326,15 @@ fn the_per_op_check_passes_candles_ops_and_reports_every_tensor() {
         // Every op's output and every input's gradient was compared.
         assert!(r.diffs.len() >= 3 * op_shapes().len(), "{}", r.diffs.len());
         assert!(r.diffs.iter().any(|d| d.tensor == "stats"));
+        // The stem's max-pool equals the composite of candle's ops exactly (its inputs
+        // have no ties), forward and backward, in both precisions.
+        let pools: Vec<_> = r
+            .diffs
+            .iter()
+            .filter(|d| d.case.starts_with("max_pool"))
+            .collect();
+        assert_eq!(pools.len(), 6, "{pools:?}");
+        assert!(pools.iter().all(|d| d.rel_l2 == 0.0), "{pools:?}");
     }
     // A tolerance no float arithmetic meets fails, naming the op and shape.
     let r = op_check("cpu", Kernels::Candle, Precision::Fp32, 0.0).unwrap();

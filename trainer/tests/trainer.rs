@@ -410,8 +410,17 @@ fn a_damaged_checkpoint_fails_its_checksum_and_changes_nothing() {
     let mut t = Trainer::new(tiny(), 4).unwrap();
     let (a, b) = views(4, 8, 3);
     t.step_tensors(&a, &b).unwrap();
-    let path = checkpoint::save(dir.path(), &t, Some(8), Default::default()).unwrap();
-    assert_eq!(checkpoint::verify(&path).unwrap().step, 1);
+    let input = byol_trainer::input::InputSpec {
+        mean: [0.25, 0.5, 0.75],
+        ..byol_trainer::input::InputSpec::imagenet(8)
+    };
+    let path = checkpoint::save(dir.path(), &t, Some(&input), Default::default()).unwrap();
+    let meta = checkpoint::verify(&path).unwrap();
+    assert_eq!(meta.step, 1);
+    // The preprocessing is recorded, with the size also where older readers look.
+    assert_eq!(meta.input.as_ref(), Some(&input));
+    assert_eq!(meta.view_size, Some(8));
+    assert_eq!(meta.input_or_imagenet(32), (input, true));
     // One flipped byte in the middle of the objective state (the target network).
     let file = path.join("objective.safetensors");
     let mut bytes = std::fs::read(&file).unwrap();

@@ -9,6 +9,7 @@ use candle_nn::{VarBuilder, VarMap};
 use super::EvalError;
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::config::{Kernels, ModelConfig, Precision};
+use crate::input::InputSpec;
 use crate::model::{Compute, ResNet, reinit, sorted};
 
 /// Prefix of the encoder's variables in the online network and in checkpoints.
@@ -160,4 +161,61 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, EvalError> {
             path: path.to_owned(),
             reason: "neither a checkpoint (no meta.json) nor a run folder with checkpoints".into(),
         })
+}
+
+/// Command-line overrides of the preprocessing a checkpoint records (`None`: keep it).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InputOverrides {
+    /// Input side in pixels.
+    pub size: Option<u32>,
+    /// Per-channel mean (R, G, B) of the [0, 1] values.
+    pub mean: Option<[f32; 3]>,
+    /// Per-channel standard deviation (R, G, B).
+    pub std: Option<[f32; 3]>,
+}
+
+/// The preprocessing to evaluate a checkpoint's encoder with, and whether it came from
+/// the checkpoint's record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedInput {
+    /// What the encoder is fed (the record, then the overrides).
+    pub input: InputSpec,
+    /// The checkpoint records its preprocessing (else ImageNet's was assumed).
+    pub recorded: bool,
+}
+
+impl ResolvedInput {
+    /// A warning for a checkpoint without a record whose normalisation was not given
+    /// in full by the flags (`--mean` and `--std`): ImageNet's statistics are assumed.
+    pub fn warning(&self, overrides: &InputOverrides) -> Option<String> {
+        (!self.recorded && (overrides.mean.is_none() || overrides.std.is_none())).then(|| {
+            "the checkpoint does not record the normalisation its encoder was trained with \
+             (written before byol recorded it): ImageNet's mean and std are assumed; pass \
+             --mean and --std if it was trained with others"
+                .to_owned()
+        })
+    }
+}
+
+/// The preprocessing a checkpoint's encoder expects: its record
+/// ([`CheckpointMeta::input`]: the views' size, normalisation and filter), or for a
+/// checkpoint without one ImageNet's statistics at the recorded view size (else 32 px
+/// with the small-image stem, 224 with ImageNet's); then `overrides`.
+pub fn checkpoint_input(meta: &CheckpointMeta, overrides: &InputOverrides) -> ResolvedInput {
+    let stem_default = if meta.config.model.small_stem {
+        32
+    } else {
+        224
+    };
+    let (mut input, recorded) = meta.input_or_imagenet(stem_default);
+    if let Some(size) = overrides.size {
+        input.size = size;
+    }
+    if let Some(mean) = overrides.mean {
+        input.mean = mean;
+    }
+    if let Some(std) = overrides.std {
+        input.std = std;
+    }
+    ResolvedInput { input, recorded }
 }

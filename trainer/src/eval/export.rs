@@ -2,11 +2,13 @@
 //! without the `encoder.` prefix, torchvision's shapes, and the BatchNorm
 //! `num_batches_tracked` counters (int64 scalars) torchvision keeps; no `fc`.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::Tensor;
 
 use super::{Encoder, EvalError};
+use crate::input::InputSpec;
 
 /// The tensors of the export, sorted by name: every encoder tensor under its
 /// torchvision name, `<bn>.num_batches_tracked` included (each BatchNorm's own count
@@ -19,11 +21,25 @@ pub fn torchvision_state(encoder: &Encoder) -> Result<Vec<(String, Tensor)>, Eva
         .collect()
 }
 
-/// Writes [`torchvision_state`] to `out` (temp file, fsync, rename); returns the
-/// number of tensors written.
-pub fn export_encoder(encoder: &Encoder, out: &Path) -> Result<usize, EvalError> {
+/// The safetensors metadata key holding the encoder's [`InputSpec`] as JSON.
+pub const INPUT_METADATA_KEY: &str = "byol.input";
+
+/// Writes [`torchvision_state`] to `out` (temp file, fsync, rename); `input`, the
+/// preprocessing the encoder was trained with, goes into the file's metadata under
+/// [`INPUT_METADATA_KEY`]. Returns the number of tensors written.
+pub fn export_encoder(
+    encoder: &Encoder,
+    input: Option<&InputSpec>,
+    out: &Path,
+) -> Result<usize, EvalError> {
     let tensors = torchvision_state(encoder)?;
-    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
+    let metadata = input.map(|i| {
+        HashMap::from([(
+            INPUT_METADATA_KEY.to_owned(),
+            serde_json::to_string(i).expect("an InputSpec serialises"),
+        )])
+    });
+    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), metadata)
         .map_err(|e| EvalError::Input(format!("serialising {}: {e}", out.display())))?;
     byol_ingest::fsutil::write_atomic(out, &bytes).map_err(|source| EvalError::Io {
         path: out.to_owned(),

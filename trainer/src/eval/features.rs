@@ -10,6 +10,7 @@ use byol_ingest::{Dataset, Progress, RecordRef, RecordScratch};
 use candle_core::Tensor;
 
 use super::{Encoder, EvalError};
+use crate::input::InputSpec;
 
 /// How an image becomes a network input at evaluation time.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +42,17 @@ impl Preprocess {
             interpolation: Interpolation::Bicubic,
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
+        }
+    }
+
+    /// The evaluation preprocessing of an encoder trained on `input`: its size,
+    /// normalisation and resize filter, after [`Preprocess::new`]'s centre crop.
+    pub fn for_input(input: &InputSpec) -> Self {
+        Preprocess {
+            interpolation: input.interpolation,
+            mean: input.mean,
+            std: input.std,
+            ..Preprocess::new(input.size)
         }
     }
 

@@ -15,7 +15,7 @@ pub mod linear;
 
 use std::path::PathBuf;
 
-pub use encoder::{Encoder, resolve_checkpoint};
+pub use encoder::{Encoder, InputOverrides, ResolvedInput, checkpoint_input, resolve_checkpoint};
 pub use export::{export_encoder, torchvision_state};
 pub use features::{Features, Preprocess, extract, pixel_features};
 pub use knn::{KnnConfig, knn_accuracy, knn_predict};

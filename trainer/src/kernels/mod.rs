@@ -1,5 +1,6 @@
 //! Our kernels for the layers that dominate a ResNet step — convolution, BatchNorm
-//! (with the ReLU that follows it fused in) and the residual add + ReLU — as candle
+//! (with the ReLU that follows it fused in), the residual add + ReLU and the ImageNet
+//! stem's max-pool — as candle
 //! custom ops with their own backward passes, on CPU and (with the `cuda` feature) on
 //! CUDA.
 //!
@@ -21,6 +22,7 @@ mod batch_norm;
 mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod max_pool;
 pub mod profile;
 mod residual;
 
@@ -29,6 +31,7 @@ pub use batch_norm::{
     batch_norm_train_synced,
 };
 pub use conv::conv2d;
+pub use max_pool::max_pool_3x3_s2;
 pub use residual::add_relu;
 
 use std::sync::atomic::{AtomicBool, Ordering};

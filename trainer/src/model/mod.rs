@@ -11,7 +11,7 @@ use candle_core::{Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
 pub use init::{reinit, seeded_normal};
-pub use layers::{Compute, Conv, Dense, Norm};
+pub use layers::{Compute, Conv, Dense, Norm, max_pool_3x3_s2_p1};
 pub use mlp::{Mlp, group_norm, standardize};
 pub use resnet::ResNet;
 

@@ -125,7 +125,9 @@ impl Block {
 /// The encoder: stem, four stages, global average pool. Output `(batch, feature_dim)`.
 pub struct ResNet {
     stem: ConvBn,
-    max_pool: bool,
+    /// The ImageNet stem's max-pool (none with the small stem): our op (`true`) or the
+    /// composite of candle's ops.
+    max_pool: Option<bool>,
     stages: Vec<Vec<Block>>,
 }
 
@@ -166,7 +168,7 @@ impl ResNet {
         }
         Ok(ResNet {
             stem,
-            max_pool: !cfg.small_stem,
+            max_pool: (!cfg.small_stem).then_some(compute.ours()),
             stages,
         })
     }
@@ -174,8 +176,10 @@ impl ResNet {
     /// Pooled features of a batch of images `(batch, 3, h, w)`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut y = self.stem.forward_t(x, train, true)?;
-        if self.max_pool {
-            y = max_pool_3x3_s2_p1(&y)?;
+        match self.max_pool {
+            Some(true) => y = crate::kernels::max_pool_3x3_s2(&y)?,
+            Some(false) => y = max_pool_3x3_s2_p1(&y)?,
+            None => {}
         }
         for stage in &self.stages {
             for block in stage {

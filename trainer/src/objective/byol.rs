@@ -62,8 +62,9 @@ impl Byol {
         let p1 = self.predictor.forward_t(&z1, true)?;
         let z2 = network.forward_t(v2, true)?;
         let p2 = self.predictor.forward_t(&z2, true)?;
-        // Detached at once, so the target's activations are freed layer by layer
-        // instead of living (as part of its graph) until the end of the step.
+        // The target's forward records no graph (its layers hold detached weights:
+        // `EmaNetwork`), so its activations are freed layer by layer; `detach` only
+        // states that no gradient flows into it.
         let t1 = self.target().forward_t(v1, true)?.detach();
         let t2 = self.target().forward_t(v2, true)?.detach();
         Ok(Outcome {

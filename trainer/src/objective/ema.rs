@@ -15,6 +15,14 @@ use crate::objective::memory::Memory;
 use crate::objective::{ObjectiveStats, split_state};
 
 /// A network whose weights follow the online network's by EMA; its own variables.
+///
+/// Its forward records no graph: the network's layers hold *detached* views of the
+/// trainable variables (the same storage, so the in-place EMA update, `start` and a
+/// restore reach them), so no intermediate activation outlives the layer that made it.
+/// With the variables themselves in the layers, candle would keep the whole forward's
+/// activations alive until the output was detached (at ResNet-50, 224 px, batch 256:
+/// about 32 GB in fp32). The BatchNorm running statistics stay variables, updated in
+/// place by the network's own training-mode forwards.
 pub struct EmaNetwork {
     vars: VarMap,
     network: Network,
@@ -25,10 +33,28 @@ impl EmaNetwork {
     /// [`EmaNetwork::start`]).
     pub fn new(cfg: &ModelConfig, compute: Compute, device: &Device) -> Result<Self> {
         let vars = VarMap::new();
-        let network = Network::new(
+        // Built once on the variables (which creates them), then again on detached
+        // views of the trainable ones.
+        Network::new(
             cfg,
             compute,
             VarBuilder::from_varmap(&vars, DType::F32, device),
+        )?;
+        let views: HashMap<String, Tensor> = sorted(&vars)
+            .into_iter()
+            .map(|(name, var)| {
+                let t = if is_running_stat(&name) {
+                    var.as_tensor().clone()
+                } else {
+                    var.as_tensor().detach()
+                };
+                (name, t)
+            })
+            .collect();
+        let network = Network::new(
+            cfg,
+            compute,
+            VarBuilder::from_tensors(views, DType::F32, device),
         )?;
         Ok(EmaNetwork { vars, network })
     }

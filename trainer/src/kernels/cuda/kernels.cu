@@ -181,6 +181,66 @@ __device__ void relu_grad(const T* y, const T* g, T* out, int64_t total) {
     }
 }
 
+// The stem's max-pool (3x3, stride 2, padding 1) of planes h x w: the index in its plane
+// of the first maximum of output (oy, ox)'s window (PyTorch's rule: a NaN is taken).
+template <typename T>
+__device__ int pool_argmax(const T* plane, int h, int w, int oy, int ox) {
+    int y0 = max(2 * oy - 1, 0), x0 = max(2 * ox - 1, 0);
+    int y1 = min(2 * oy + 2, h), x1 = min(2 * ox + 2, w);
+    int best = y0 * w + x0;
+    float m = load(plane, best);
+    for (int iy = y0; iy < y1; ++iy) {
+        for (int ix = x0; ix < x1; ++ix) {
+            float v = load(plane, iy * w + ix);
+            if (v > m || isnan(v)) {
+                m = v;
+                best = iy * w + ix;
+            }
+        }
+    }
+    return best;
+}
+
+// One thread per output: y = the window maximum.
+template <typename T>
+__device__ void max_pool_fwd(const T* x, T* y, int64_t planes, int h, int w, int ho, int wo) {
+    int64_t total = planes * ho * wo;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t p = i / (ho * wo);
+        int r = (int)(i % (ho * wo));
+        const T* plane = x + p * h * w;
+        y[i] = plane[pool_argmax(plane, h, w, r / wo, r % wo)];
+    }
+}
+
+// One thread per input: the sum, in row-major order of the outputs, of the gradients of
+// the (at most 2 x 2) outputs whose window holds it and whose first maximum it is. No
+// atomics: deterministic, and the CPU kernel's order.
+template <typename T>
+__device__ void max_pool_bwd(const T* x, const T* g, T* dx, int64_t planes, int h, int w,
+                             int ho, int wo) {
+    int64_t total = planes * h * w;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t p = i / (h * w);
+        int r = (int)(i % (h * w));
+        int iy = r / w, ix = r % w;
+        const T* plane = x + p * h * w;
+        const T* gp = g + p * ho * wo;
+        // Outputs oy with 2 oy - 1 <= iy <= 2 oy + 1.
+        int oy0 = iy / 2, oy1 = min((iy + 1) / 2, ho - 1);
+        int ox0 = ix / 2, ox1 = min((ix + 1) / 2, wo - 1);
+        float acc = 0.f;
+        for (int oy = oy0; oy <= oy1; ++oy) {
+            for (int ox = ox0; ox <= ox1; ++ox) {
+                if (pool_argmax(plane, h, w, oy, ox) == r) acc += load(gp, oy * wo + ox);
+            }
+        }
+        store(dx, i, acc);
+    }
+}
+
 #define INSTANTIATE(T, SUFFIX)                                                                   \
     extern "C" __global__ void bn_stats_partial_##SUFFIX(const T* x, float* partial, int c,      \
                                                          int64_t count, int64_t s) {             \
@@ -214,6 +274,15 @@ __device__ void relu_grad(const T* y, const T* g, T* out, int64_t total) {
     extern "C" __global__ void relu_grad_##SUFFIX(const T* y, const T* g, T* out,               \
                                                   int64_t total) {                               \
         relu_grad(y, g, out, total);                                                             \
+    }                                                                                            \
+    extern "C" __global__ void max_pool_fwd_##SUFFIX(const T* x, T* y, int64_t planes, int h,   \
+                                                     int w, int ho, int wo) {                    \
+        max_pool_fwd(x, y, planes, h, w, ho, wo);                                                \
+    }                                                                                            \
+    extern "C" __global__ void max_pool_bwd_##SUFFIX(const T* x, const T* g, T* dx,             \
+                                                     int64_t planes, int h, int w, int ho,       \
+                                                     int wo) {                                   \
+        max_pool_bwd(x, g, dx, planes, h, w, ho, wo);                                            \
     }
 
 INSTANTIATE(float, f32)

@@ -439,3 +439,67 @@ pub(crate) fn relu_grad(y: &Tensor, g: &Tensor) -> Result<Tensor> {
     });
     Ok(tensor(out, ly.dims()))
 }
+
+/// `(planes, h, w, ho, wo)` of the stem max-pool over a contiguous `(n, c, h, w)` layout.
+fn pool_dims(layout: &Layout) -> Result<(i64, i32, i32, i32, i32)> {
+    let (n, c, h, w) = layout.shape().dims4()?;
+    let (ho, wo) = (super::max_pool::pooled(h), super::max_pool::pooled(w));
+    Ok(((n * c) as i64, h as i32, w as i32, ho as i32, wo as i32))
+}
+
+/// The stem max-pool's forward (3×3, stride 2, padding 1) of a contiguous `(n, c, h, w)`
+/// storage.
+pub(crate) fn max_pool_forward(x: (&CudaStorage, &Layout)) -> Result<CudaStorage> {
+    const OP: &str = "max_pool_forward";
+    let dev = x.0.device().clone();
+    let (planes, h, w, ho, wo) = pool_dims(x.1)?;
+    let total = planes as usize * ho as usize * wo as usize;
+    with_act!(x.0.dtype(), OP, |T| {
+        let xv = view::<T>(x.0, x.1, OP)?;
+        let mut y = alloc::<T>(&dev, total)?;
+        launch!(
+            dev,
+            &format!("max_pool_fwd_{}", T::SUFFIX),
+            elementwise(total),
+            &xv,
+            &mut y,
+            &planes,
+            &h,
+            &w,
+            &ho,
+            &wo
+        );
+        Ok(CudaStorage::wrap_cuda_slice(y, dev))
+    })
+}
+
+/// The stem max-pool's input gradient from its input `x` and output gradient `g`.
+pub(crate) fn max_pool_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    const OP: &str = "max_pool_backward";
+    let (xg, lx) = x.storage_and_layout();
+    let (gg, lg) = g.storage_and_layout();
+    let xs = cuda_storage(&xg, OP)?;
+    let dev = xs.device().clone();
+    let (planes, h, w, ho, wo) = pool_dims(lx)?;
+    let total = lx.shape().elem_count();
+    let out = with_act!(xs.dtype(), OP, |T| {
+        let xv = view::<T>(xs, lx, OP)?;
+        let gv = view::<T>(cuda_storage(&gg, OP)?, lg, OP)?;
+        let mut dx = alloc::<T>(&dev, total)?;
+        launch!(
+            dev,
+            &format!("max_pool_bwd_{}", T::SUFFIX),
+            elementwise(total),
+            &xv,
+            &gv,
+            &mut dx,
+            &planes,
+            &h,
+            &w,
+            &ho,
+            &wo
+        );
+        CudaStorage::wrap_cuda_slice(dx, dev)
+    });
+    Ok(tensor(out, lx.dims()))
+}
