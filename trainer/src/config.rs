@@ -133,8 +133,14 @@ pub struct OptimConfig {
     pub optimizer: OptimizerKind,
     /// Learning rate at batch 256; the run uses `base_lr * batch / 256`.
     pub base_lr: f64,
-    /// Weight decay (not applied to biases and BatchNorm parameters).
+    /// Weight decay (not applied to biases and BatchNorm parameters unless
+    /// `decay_norm_and_bias`).
     pub weight_decay: f64,
+    /// Apply weight decay (and LARS's trust ratio) to biases and normalisation
+    /// parameters too, as a plain `torch.optim` optimizer over `model.parameters()`
+    /// does. Off by default: BYOL's LARS (Grill et al. 2020, appendix C) and most
+    /// self-supervised recipes exclude them.
+    pub decay_norm_and_bias: bool,
     /// Momentum of LARS and SGD.
     pub momentum: f64,
     /// Nesterov momentum for SGD (PyTorch's `nesterov=True`).
@@ -161,6 +167,7 @@ impl Default for OptimConfig {
             optimizer: OptimizerKind::Lars,
             base_lr: 0.2,
             weight_decay: 1.5e-6,
+            decay_norm_and_bias: false,
             momentum: 0.9,
             nesterov: false,
             trust_coefficient: 1e-3,

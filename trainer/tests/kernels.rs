@@ -326,15 +326,21 @@ fn the_per_op_check_passes_candles_ops_and_reports_every_tensor() {
         // Every op's output and every input's gradient was compared.
         assert!(r.diffs.len() >= 3 * op_shapes().len(), "{}", r.diffs.len());
         assert!(r.diffs.iter().any(|d| d.tensor == "stats"));
-        // The stem's max-pool equals the composite of candle's ops exactly (its inputs
-        // have no ties), forward and backward, in both precisions.
+        // The stem's max-pool equals the composite of candle's ops (its inputs have no
+        // ties): the output exactly, the gradient up to the order in which an input that
+        // is the maximum of two windows sums their gradients.
         let pools: Vec<_> = r
             .diffs
             .iter()
             .filter(|d| d.case.starts_with("max_pool"))
             .collect();
         assert_eq!(pools.len(), 6, "{pools:?}");
-        assert!(pools.iter().all(|d| d.rel_l2 == 0.0), "{pools:?}");
+        assert!(
+            pools
+                .iter()
+                .all(|d| d.rel_l2 <= if d.tensor == "y" { 0.0 } else { 1e-7 }),
+            "{pools:?}"
+        );
     }
     // A tolerance no float arithmetic meets fails, naming the op and shape.
     let r = op_check("cpu", Kernels::Candle, Precision::Fp32, 0.0).unwrap();

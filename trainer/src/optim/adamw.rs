@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
-use super::{is_excluded, restore_tensor};
+use super::{is_decayed, restore_tensor};
 use crate::config::OptimConfig;
 
 struct Param {
@@ -35,7 +35,7 @@ impl AdamW {
                 Ok(Param {
                     m: var.zeros_like()?,
                     v: var.zeros_like()?,
-                    decay: !is_excluded(&var),
+                    decay: is_decayed(cfg, &var),
                     name,
                     var,
                 })

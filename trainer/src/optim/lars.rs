@@ -21,7 +21,7 @@ pub struct Lars {
 impl Lars {
     /// LARS over `params` with the config's momentum, weight decay and trust coefficient.
     pub fn new(cfg: &OptimConfig, params: Vec<(String, Var)>) -> Result<Self> {
-        let params = MomentumParam::all(params)?;
+        let params = MomentumParam::all(cfg, params)?;
         Ok(Lars {
             params,
             momentum: cfg.momentum,

@@ -16,9 +16,15 @@ pub use sgd::Sgd;
 use crate::config::{OptimConfig, OptimizerKind};
 
 /// True for parameters excluded from weight decay and LARS adaptation: biases and
-/// BatchNorm parameters, i.e. every parameter of rank 1.
+/// BatchNorm parameters, i.e. every parameter of rank 1 (unless the config's
+/// `decay_norm_and_bias` decays every parameter).
 pub fn is_excluded(var: &Var) -> bool {
     var.rank() <= 1
+}
+
+/// Whether weight decay (and LARS's trust ratio) applies to `var` under `cfg`.
+pub(crate) fn is_decayed(cfg: &OptimConfig, var: &Var) -> bool {
+    cfg.decay_norm_and_bias || !is_excluded(var)
 }
 
 /// One of the supported optimizers.
@@ -81,13 +87,13 @@ pub(crate) struct MomentumParam {
 
 impl MomentumParam {
     /// One per parameter of `params`, buffers at zero.
-    pub(crate) fn all(params: Vec<(String, Var)>) -> Result<Vec<Self>> {
+    pub(crate) fn all(cfg: &OptimConfig, params: Vec<(String, Var)>) -> Result<Vec<Self>> {
         params
             .into_iter()
             .map(|(name, var)| {
                 Ok(MomentumParam {
                     momentum: var.zeros_like()?,
-                    decayed: !is_excluded(&var),
+                    decayed: is_decayed(cfg, &var),
                     name,
                     var,
                 })

@@ -22,7 +22,7 @@ pub struct Sgd {
 impl Sgd {
     /// SGD over `params` with the config's momentum, Nesterov flag and weight decay.
     pub fn new(cfg: &OptimConfig, params: Vec<(String, Var)>) -> Result<Self> {
-        let params = MomentumParam::all(params)?;
+        let params = MomentumParam::all(cfg, params)?;
         Ok(Sgd {
             params,
             momentum: cfg.momentum,
