@@ -95,10 +95,10 @@ elif [ -e "$OUT/run-dist-plain/$ckpt" ] && [ -e "$OUT/run-dist-plain2/$ckpt" ] &
   "$PY" -c '
 import json, sys
 r, f = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-d, name, floor = r["max_rel_l2"], r["tensor"], f["max_rel_l2"]
+d, name, floor, floor_name = r["max_rel_l2"], r["tensor"], f["max_rel_l2"], f["tensor"]
 tol = max(1e-4, 2 * floor)
 verdict = "PASS" if d <= tol else "FAIL"
-print(f"nccl-one: the plain step against itself (noise floor): max relative L2 {floor:.2e} ({f['tensor']})")
+print(f"nccl-one: the plain step against itself (noise floor): max relative L2 {floor:.2e} ({floor_name})")
 print(f"nccl-one: a world of one through NCCL against the plain step: max relative L2 {d:.2e} ({name}); tolerance {tol:.1e}: {verdict}")
 sys.exit(0 if d <= tol else 1)' "$row" "$floor" | tee -a "$SUMMARY"
   [ "${PIPESTATUS[0]}" = 0 ] || fail=1

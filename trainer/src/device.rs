@@ -52,8 +52,19 @@ pub fn parse_device(s: &str) -> Result<DeviceSpec, TrainError> {
     }
 }
 
-/// Opens the device a setting names.
+/// Opens the device a setting names; a CUDA device is set up for our step
+/// (`kernels::tune_device`: event tracking, the memory pool's release threshold).
 pub fn open_device(spec: DeviceSpec) -> Result<Device, TrainError> {
+    let device = open_plain(spec)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &device {
+        let settings = crate::kernels::tune_device(d)?;
+        tracing::debug!(target: "byol::device", "{settings}");
+    }
+    Ok(device)
+}
+
+fn open_plain(spec: DeviceSpec) -> Result<Device, TrainError> {
     match spec {
         DeviceSpec::Cpu => Ok(Device::Cpu),
         DeviceSpec::Auto => Ok(if cfg!(feature = "cuda") {

@@ -18,6 +18,7 @@
 //! backward pass the two per-channel reductions, then the input gradient. The statistics
 //! stay on the device. The networks pick these kernels unless `train.kernels = "candle"`.
 
+pub mod algo_choice;
 mod batch_norm;
 mod conv;
 #[cfg(feature = "cuda")]
@@ -31,6 +32,8 @@ pub use batch_norm::{
     batch_norm_train_synced,
 };
 pub use conv::conv2d;
+#[cfg(feature = "cuda")]
+pub use cuda::{CUDA_EVENT_TRACKING_ENV, CUDA_FUNC_CACHE_ENV, CUDA_POOL_RELEASE_ENV, tune_device};
 pub use max_pool::max_pool_3x3_s2;
 pub use residual::add_relu;
 

@@ -2,8 +2,10 @@
 //! backward-filter (weight gradient), NCHW, f32 or bf16 with f32 accumulation.
 //!
 //! Per thread and device (cuDNN handles are neither `Send` nor `Sync`) one handle, one
-//! plan per shape (descriptors and the algorithms chosen by cuDNN's heuristics, made on
-//! first use) and one workspace, grown to the largest request and reused. fp32 runs with
+//! plan per shape (descriptors, and for each direction the algorithms cuDNN's heuristics
+//! list, ordered and capped by [`crate::kernels::algo_choice`], made on first use; a
+//! launch that fails moves to the next) and one workspace, grown to the largest request
+//! and reused. fp32 runs with
 //! `CUDNN_FMA_MATH` (true fp32) unless TF32 is asked for ([`crate::kernels::set_tf32`]);
 //! bf16 with tensor-op math.
 
@@ -15,16 +17,17 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::DeviceId;
-use candle_core::cuda_backend::cudarc::cudnn::CudnnError;
 use candle_core::cuda_backend::cudarc::cudnn::{
     ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnDataType,
     FilterDescriptor, TensorDescriptor, sys,
 };
+use candle_core::cuda_backend::cudarc::cudnn::{CudnnError, result};
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, bail};
 use half::bf16;
 
 use super::{Act, view, with_act};
+use crate::kernels::algo_choice::{AlgoChoice, Candidate, workspace_cap};
 
 /// Sizes of one convolution: input `(n, c, h, w)`, weight `(co, c, kh, kw)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -77,15 +80,17 @@ impl ConvType for bf16 {
     }
 }
 
-/// Descriptors and chosen algorithms of one shape (algorithms chosen on first use).
+/// Descriptors and algorithm choices of one shape (each direction's made on first use).
 struct Plan<T: ConvType> {
+    shape: ConvShape,
+    math: sys::cudnnMathType_t,
     x: TensorDescriptor<T>,
     w: FilterDescriptor<T>,
     y: TensorDescriptor<T>,
     conv: ConvDescriptor<f32>,
-    fwd: Option<(sys::cudnnConvolutionFwdAlgo_t, usize)>,
-    bwd_data: Option<(sys::cudnnConvolutionBwdDataAlgo_t, usize)>,
-    bwd_filter: Option<(sys::cudnnConvolutionBwdFilterAlgo_t, usize)>,
+    fwd: Option<AlgoChoice<sys::cudnnConvolutionFwdAlgo_t>>,
+    bwd_data: Option<AlgoChoice<sys::cudnnConvolutionBwdDataAlgo_t>>,
+    bwd_filter: Option<AlgoChoice<sys::cudnnConvolutionBwdFilterAlgo_t>>,
 }
 
 /// Plans by activation type.
@@ -98,8 +103,21 @@ struct Plans {
 /// What one thread keeps per device.
 struct State {
     handle: Arc<Cudnn>,
+    /// A handle of our own for the heuristics' queries (the safe API keeps its handle's
+    /// raw pointer to itself).
+    query: QueryHandle,
     plans: Plans,
     workspace: Option<CudaSlice<u8>>,
+}
+
+/// A raw cuDNN handle, destroyed with it.
+struct QueryHandle(sys::cudnnHandle_t);
+
+impl Drop for QueryHandle {
+    fn drop(&mut self) {
+        // SAFETY: created by `create_handle`, destroyed once, here.
+        let _ = unsafe { result::destroy_handle(self.0) };
+    }
 }
 
 thread_local! {
@@ -113,8 +131,10 @@ fn state(dev: &CudaDevice) -> Result<Rc<RefCell<State>>> {
             return Ok(s.clone());
         }
         let handle = Cudnn::new(dev.cuda_stream()).w()?;
+        let query = QueryHandle(result::create_handle().w()?);
         let s = Rc::new(RefCell::new(State {
             handle,
+            query,
             plans: Plans::default(),
             workspace: None,
         }));
@@ -174,6 +194,8 @@ impl<T: ConvType> Plan<T> {
             .w()?;
         conv.set_math_type(math).w()?;
         Ok(Plan {
+            shape: *shape,
+            math,
             x,
             w,
             y,
@@ -197,12 +219,13 @@ fn math(dtype: DType) -> sys::cudnnMathType_t {
 fn with_plan<T: ConvType, R>(
     dev: &CudaDevice,
     shape: &ConvShape,
-    f: impl FnOnce(&mut Plan<T>, &mut Option<CudaSlice<u8>>, &CudaDevice) -> Result<R>,
+    f: impl FnOnce(&mut Plan<T>, &mut Option<CudaSlice<u8>>, &CudaDevice, &QueryHandle) -> Result<R>,
 ) -> Result<R> {
     let state = state(dev)?;
     let mut state = state.borrow_mut();
     let State {
         handle,
+        query,
         plans,
         workspace,
     } = &mut *state;
@@ -212,18 +235,138 @@ fn with_plan<T: ConvType, R>(
         Entry::Occupied(e) => e.into_mut(),
         Entry::Vacant(e) => e.insert(Plan::new(handle, shape, m)?),
     };
-    f(plan, workspace, dev)
+    f(plan, workspace, dev, query)
 }
 
-/// The algorithm of `slot` and its workspace size, chosen by `pick` on first use.
-fn chosen<A: Copy>(
-    slot: &mut Option<(A, usize)>,
-    pick: impl FnOnce() -> Result<(A, usize)>,
-) -> Result<(A, usize)> {
-    if slot.is_none() {
-        *slot = Some(pick()?);
+/// Raw descriptors of one shape for the heuristics' queries, destroyed with it.
+struct QueryDescs {
+    x: sys::cudnnTensorDescriptor_t,
+    w: sys::cudnnFilterDescriptor_t,
+    y: sys::cudnnTensorDescriptor_t,
+    conv: sys::cudnnConvolutionDescriptor_t,
+}
+
+impl QueryDescs {
+    fn new<T: ConvType>(shape: &ConvShape, math: sys::cudnnMathType_t) -> Result<Self> {
+        use sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW as NCHW;
+        let (ho, wo) = shape.out_hw();
+        let d = QueryDescs {
+            x: result::create_tensor_descriptor().w()?,
+            w: result::create_filter_descriptor().w()?,
+            y: result::create_tensor_descriptor().w()?,
+            conv: result::create_convolution_descriptor().w()?,
+        };
+        // SAFETY: the descriptors were just created and are destroyed only by Drop.
+        unsafe {
+            result::set_tensor4d_descriptor(
+                d.x,
+                NCHW,
+                T::DATA_TYPE,
+                [i(shape.n)?, i(shape.c)?, i(shape.h)?, i(shape.w)?],
+            )
+            .w()?;
+            result::set_filter4d_descriptor(
+                d.w,
+                T::DATA_TYPE,
+                NCHW,
+                [i(shape.co)?, i(shape.c)?, i(shape.kh)?, i(shape.kw)?],
+            )
+            .w()?;
+            result::set_tensor4d_descriptor(
+                d.y,
+                NCHW,
+                T::DATA_TYPE,
+                [i(shape.n)?, i(shape.co)?, i(ho)?, i(wo)?],
+            )
+            .w()?;
+            result::set_convolution2d_descriptor(
+                d.conv,
+                i(shape.pad)?,
+                i(shape.pad)?,
+                i(shape.stride)?,
+                i(shape.stride)?,
+                1,
+                1,
+                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            )
+            .w()?;
+            result::set_convolution_math_type(d.conv, math).w()?;
+        }
+        Ok(d)
     }
-    Ok(slot.expect("set above"))
+}
+
+impl Drop for QueryDescs {
+    fn drop(&mut self) {
+        // SAFETY: each was created in `new` and is destroyed once, here.
+        unsafe {
+            let _ = result::destroy_tensor_descriptor(self.x);
+            let _ = result::destroy_filter_descriptor(self.w);
+            let _ = result::destroy_tensor_descriptor(self.y);
+            let _ = result::destroy_convolution_descriptor(self.conv);
+        }
+    }
+}
+
+/// The runnable candidates of one heuristics query, in its order: status success and
+/// the plan's math type.
+macro_rules! candidates {
+    ($perf:expr, $count:expr, $math:expr) => {
+        $perf[..$count.max(0) as usize]
+            .iter()
+            .filter(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.mathType == $math)
+            .map(|p| Candidate {
+                algo: p.algo,
+                workspace: p.memory,
+                deterministic: p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC,
+            })
+            .collect::<Vec<_>>()
+    };
+}
+
+/// The algorithm choice of one direction of `plan`'s shape: cuDNN's whole heuristic
+/// list (`_v7`), ordered and capped by [`AlgoChoice::new`].
+fn choose<A: Copy>(
+    dev: &CudaDevice,
+    shape: &ConvShape,
+    direction: &str,
+    query: impl FnOnce() -> Result<Vec<Candidate<A>>>,
+) -> Result<AlgoChoice<A>> {
+    let listed = query()?;
+    let (free, _) = dev
+        .cuda_stream()
+        .context()
+        .mem_get_info()
+        .map_err(|e| candle_core::Error::Msg(format!("CUDA: {e:?}")))?;
+    AlgoChoice::new(listed, workspace_cap(free)).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "cuDNN lists no {direction} algorithm for {shape:?} within a workspace of {} MiB",
+            workspace_cap(free) >> 20
+        ))
+    })
+}
+
+/// Runs `launch` with the choice's current candidate and a workspace for it; a failed
+/// launch (or workspace allocation) moves the choice to the next candidate and tries
+/// again; the last error when none is left.
+fn launch_with<A: Copy>(
+    choice: &mut AlgoChoice<A>,
+    ws: &mut Option<CudaSlice<u8>>,
+    dev: &CudaDevice,
+    mut launch: impl FnMut(A, Option<&mut CudaSlice<u8>>) -> Result<()>,
+) -> Result<()> {
+    loop {
+        let Some(c) = choice.current() else {
+            bail!("conv2d: every algorithm cuDNN offered failed")
+        };
+        let outcome = workspace(ws, c.workspace, dev).and_then(|w| launch(c.algo, w));
+        match outcome {
+            Ok(()) => return Ok(()),
+            Err(e) if !choice.fail() => return Err(e),
+            Err(_) => {}
+        }
+    }
 }
 
 /// The workspace, at least `bytes` long (`None` when no workspace is needed).
@@ -264,21 +407,44 @@ pub(crate) fn forward(
         let (xv, wv) = (view::<T>(x.0, x.1, OP)?, view::<T>(w.0, w.1, OP)?);
         // SAFETY: cuDNN writes every output element (beta = 0).
         let mut y = unsafe { dev.alloc::<T>(shape.n * shape.co * ho * wo) }?;
-        with_plan::<T, _>(&dev, shape, |plan, ws, dev| {
+        with_plan::<T, _>(&dev, shape, |plan, ws, dev, query| {
+            if plan.fwd.is_none() {
+                plan.fwd = Some(choose(dev, &plan.shape, "forward", || {
+                    let d = QueryDescs::new::<T>(&plan.shape, plan.math)?;
+                    const N: usize =
+                        sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as usize;
+                    let mut count = 0;
+                    // SAFETY: zeroed perf records are valid; cuDNN fills `count` of them.
+                    let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; N] =
+                        unsafe { std::mem::zeroed() };
+                    // SAFETY: the handle and descriptors are alive; `perf` holds N records.
+                    unsafe {
+                        result::get_convolution_forward_algorithm(
+                            query.0,
+                            d.x,
+                            d.w,
+                            d.conv,
+                            d.y,
+                            N as i32,
+                            &mut count,
+                            perf.as_mut_ptr(),
+                        )
+                    }
+                    .w()?;
+                    Ok(candidates!(perf, count, plan.math))
+                })?);
+            }
             let op = ConvForward {
                 conv: &plan.conv,
                 x: &plan.x,
                 w: &plan.w,
                 y: &plan.y,
             };
-            let (algo, bytes) = chosen(&mut plan.fwd, || {
-                let algo = op.pick_algorithm().w()?;
-                Ok((algo, op.get_workspace_size(algo).w()?))
-            })?;
-            let ws = workspace(ws, bytes, dev)?;
-            // SAFETY: the views and `y` have the descriptors' types and sizes.
-            unsafe { op.launch(algo, ws, (T::ONE, T::ZERO), &xv, &wv, &mut y) }.w()?;
-            Ok(())
+            let choice = plan.fwd.as_mut().expect("chosen above");
+            launch_with(choice, ws, dev, |algo, ws| {
+                // SAFETY: the views and `y` have the descriptors' types and sizes.
+                unsafe { op.launch(algo, ws, (T::ONE, T::ZERO), &xv, &wv, &mut y) }.w()
+            })
         })?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev))
     })
@@ -296,21 +462,45 @@ pub(crate) fn backward_data(
         let (wv, gv) = (view::<T>(w.0, w.1, OP)?, view::<T>(g.0, g.1, OP)?);
         // SAFETY: cuDNN writes every element (beta = 0).
         let mut dx = unsafe { dev.alloc::<T>(shape.n * shape.c * shape.h * shape.w) }?;
-        with_plan::<T, _>(&dev, shape, |plan, ws, dev| {
+        with_plan::<T, _>(&dev, shape, |plan, ws, dev, query| {
+            if plan.bwd_data.is_none() {
+                plan.bwd_data = Some(choose(dev, &plan.shape, "backward-data", || {
+                    let d = QueryDescs::new::<T>(&plan.shape, plan.math)?;
+                    const N: usize =
+                        sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT
+                            as usize;
+                    let mut count = 0;
+                    // SAFETY: zeroed perf records are valid; cuDNN fills `count` of them.
+                    let mut perf: [sys::cudnnConvolutionBwdDataAlgoPerf_t; N] =
+                        unsafe { std::mem::zeroed() };
+                    // SAFETY: the handle and descriptors are alive; `perf` holds N records.
+                    unsafe {
+                        result::get_convolution_backward_data_algorithm(
+                            query.0,
+                            d.w,
+                            d.y,
+                            d.conv,
+                            d.x,
+                            N as i32,
+                            &mut count,
+                            perf.as_mut_ptr(),
+                        )
+                    }
+                    .w()?;
+                    Ok(candidates!(perf, count, plan.math))
+                })?);
+            }
             let op = ConvBackwardData {
                 conv: &plan.conv,
                 dx: &plan.x,
                 w: &plan.w,
                 dy: &plan.y,
             };
-            let (algo, bytes) = chosen(&mut plan.bwd_data, || {
-                let algo = op.pick_algorithm().w()?;
-                Ok((algo, op.get_workspace_size(algo).w()?))
-            })?;
-            let ws = workspace(ws, bytes, dev)?;
-            // SAFETY: the views and `dx` have the descriptors' types and sizes.
-            unsafe { op.launch(algo, ws, (T::ONE, T::ZERO), &mut dx, &wv, &gv) }.w()?;
-            Ok(())
+            let choice = plan.bwd_data.as_mut().expect("chosen above");
+            launch_with(choice, ws, dev, |algo, ws| {
+                // SAFETY: the views and `dx` have the descriptors' types and sizes.
+                unsafe { op.launch(algo, ws, (T::ONE, T::ZERO), &mut dx, &wv, &gv) }.w()
+            })
         })?;
         Ok(CudaStorage::wrap_cuda_slice(dx, dev))
     })
@@ -328,21 +518,44 @@ pub(crate) fn backward_filter(
         let (xv, gv) = (view::<T>(x.0, x.1, OP)?, view::<T>(g.0, g.1, OP)?);
         // SAFETY: cuDNN writes every element (beta = 0).
         let mut dw = unsafe { dev.alloc::<T>(shape.co * shape.c * shape.kh * shape.kw) }?;
-        with_plan::<T, _>(&dev, shape, |plan, ws, dev| {
+        with_plan::<T, _>(&dev, shape, |plan, ws, dev, query| {
+            if plan.bwd_filter.is_none() {
+                plan.bwd_filter = Some(choose(dev, &plan.shape, "backward-filter", || {
+                    let d = QueryDescs::new::<T>(&plan.shape, plan.math)?;
+                    const N: usize = sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT
+                        as usize;
+                    let mut count = 0;
+                    // SAFETY: zeroed perf records are valid; cuDNN fills `count` of them.
+                    let mut perf: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; N] =
+                        unsafe { std::mem::zeroed() };
+                    // SAFETY: the handle and descriptors are alive; `perf` holds N records.
+                    unsafe {
+                        result::get_convolution_backward_filter_algorithm(
+                            query.0,
+                            d.x,
+                            d.y,
+                            d.conv,
+                            d.w,
+                            N as i32,
+                            &mut count,
+                            perf.as_mut_ptr(),
+                        )
+                    }
+                    .w()?;
+                    Ok(candidates!(perf, count, plan.math))
+                })?);
+            }
             let op = ConvBackwardFilter {
                 conv: &plan.conv,
                 x: &plan.x,
                 dw: &plan.w,
                 dy: &plan.y,
             };
-            let (algo, bytes) = chosen(&mut plan.bwd_filter, || {
-                let algo = op.pick_algorithm().w()?;
-                Ok((algo, op.get_workspace_size(algo).w()?))
-            })?;
-            let ws = workspace(ws, bytes, dev)?;
-            // SAFETY: the views and `dw` have the descriptors' types and sizes.
-            unsafe { op.launch(algo, ws, (T::ONE, T::ZERO), &xv, &mut dw, &gv) }.w()?;
-            Ok(())
+            let choice = plan.bwd_filter.as_mut().expect("chosen above");
+            launch_with(choice, ws, dev, |algo, ws| {
+                // SAFETY: the views and `dw` have the descriptors' types and sizes.
+                unsafe { op.launch(algo, ws, (T::ONE, T::ZERO), &xv, &mut dw, &gv) }.w()
+            })
         })?;
         Ok(CudaStorage::wrap_cuda_slice(dw, dev))
     })

@@ -7,7 +7,7 @@ pub(crate) mod conv;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
@@ -122,12 +122,104 @@ fn reduction(c: usize, splits: usize) -> LaunchConfig {
     }
 }
 
-/// Launches `$kernel` (from our module, loaded once per device) on `$dev` with the
-/// arguments in order.
+thread_local! {
+    /// Our kernels' functions by device and name, looked up once
+    /// ([`CUDA_FUNC_CACHE_ENV`]).
+    static FUNCS: std::cell::RefCell<
+        std::collections::HashMap<candle_core::cuda_backend::DeviceId, std::collections::HashMap<String, CudaFunction>>,
+    > = std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// `BYOL_CUDA_FUNC_CACHE=0` looks our kernels up in candle's module on every launch
+/// (a lock and `cuModuleGetFunction` each), as before; by default each is looked up once
+/// per thread and device. A switch, so one device run measures both.
+pub const CUDA_FUNC_CACHE_ENV: &str = "BYOL_CUDA_FUNC_CACHE";
+
+/// The function `name` of our module on `dev`.
+fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    static CACHE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let cache = *CACHE.get_or_init(|| std::env::var(CUDA_FUNC_CACHE_ENV).as_deref() != Ok("0"));
+    let load = || -> Result<CudaFunction> {
+        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        Ok((*func).clone())
+    };
+    if !cache {
+        return load();
+    }
+    FUNCS.with(|funcs| {
+        if let Some(f) = funcs.borrow().get(&dev.id()).and_then(|m| m.get(name)) {
+            return Ok(f.clone());
+        }
+        let f = load()?;
+        funcs
+            .borrow_mut()
+            .entry(dev.id())
+            .or_default()
+            .insert(name.to_owned(), f.clone());
+        Ok(f)
+    })
+}
+
+/// `BYOL_CUDA_EVENT_TRACKING=1` keeps cudarc's event tracking (two CUDA events per
+/// allocation, waited on at each free, when several streams are in use); by default it
+/// is off: all our work is on candle's one stream.
+pub const CUDA_EVENT_TRACKING_ENV: &str = "BYOL_CUDA_EVENT_TRACKING";
+/// `BYOL_CUDA_POOL_RELEASE=0` keeps the driver's default memory pool release threshold
+/// (0: every synchronise hands the pool's free memory back to the driver, to be
+/// allocated again); by default the threshold is the maximum, so freed memory stays in
+/// the pool, as PyTorch's caching allocator keeps it.
+pub const CUDA_POOL_RELEASE_ENV: &str = "BYOL_CUDA_POOL_RELEASE";
+
+/// Sets up a CUDA device for our step once it is opened: event tracking and the memory
+/// pool's release threshold as [`CUDA_EVENT_TRACKING_ENV`] and [`CUDA_POOL_RELEASE_ENV`]
+/// say. Returns the settings in words, for the log.
+pub fn tune_device(dev: &CudaDevice) -> Result<String> {
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    let tracking = std::env::var(CUDA_EVENT_TRACKING_ENV).as_deref() == Ok("1");
+    if !tracking {
+        // SAFETY: candle runs everything on one stream, so no allocation is used on
+        // another stream than the one it was made on (what the events would order).
+        unsafe { ctx.disable_event_tracking() };
+    }
+    let keep = std::env::var(CUDA_POOL_RELEASE_ENV).as_deref() != Ok("0");
+    if keep {
+        use candle_core::cuda_backend::cudarc::driver::{result as drv, sys};
+        let err = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
+            candle_core::Error::Msg(format!("CUDA memory pool: {e:?}"))
+        };
+        ctx.bind_to_thread().map_err(err)?;
+        // SAFETY: the device handle is the context's; the pool is the device's default
+        // one; the attribute takes a u64.
+        unsafe {
+            let pool = drv::device::get_default_mem_pool(ctx.cu_device()).map_err(err)?;
+            let mut threshold = u64::MAX;
+            drv::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+            .map_err(err)?;
+        }
+    }
+    Ok(format!(
+        "event tracking {}, memory pool release threshold {}",
+        if tracking { "on" } else { "off" },
+        if keep {
+            "max (freed memory kept)"
+        } else {
+            "driver default"
+        }
+    ))
+}
+
+/// Launches `$kernel` (from our module, its function looked up once per thread and
+/// device) on `$dev` with the arguments in order.
 macro_rules! launch {
     ($dev:expr, $kernel:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
-        let func = $dev.get_or_load_custom_func(&$kernel, MODULE, PTX)?;
-        let mut builder = func.builder();
+        let func = function(&$dev, &$kernel)?;
+        let stream = $dev.cuda_stream();
+        let mut builder = stream.launch_builder(&func);
         $(builder.arg($arg);)+
         // SAFETY: each caller passes the arguments its kernel declares, in order, with
         // buffers of the sizes the kernel indexes (checked by the callers' shape checks).
