@@ -434,3 +434,40 @@ fn the_follower_settles_a_shard_being_copied_and_retires_a_removed_one() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_long_shard_is_read_in_batches_and_a_late_cut_keeps_the_batches_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("wds");
+    std::fs::create_dir_all(&src).unwrap();
+    let members: Vec<(String, Vec<u8>)> = (0..700u32)
+        .flat_map(|i| {
+            [
+                (format!("{i:05}.png"), common::png(4, 4, i)),
+                (
+                    format!("{i:05}.cls"),
+                    ((i * 7) % 12).to_string().into_bytes(),
+                ),
+            ]
+        })
+        .collect();
+    let whole = tar_of(&members);
+    // Cut inside sample 600's png (its header is whole).
+    let at: usize = members[..1200]
+        .iter()
+        .map(|(_, d)| 512 + d.len().div_ceil(512) * 512)
+        .sum();
+    std::fs::write(src.join("long.tar"), &whole[..at + 512 + 10]).unwrap();
+    let out = dir.path().join("ds");
+    let rep = ingest(&opts(vec![src], &out), &NoProgress).unwrap();
+    assert_eq!(rep.summary.ingested, 600);
+    assert_eq!(rep.rejects.len(), 1);
+    assert_eq!(rep.rejects[0].member.as_deref(), Some("00600"));
+    let ds = Dataset::open(&out).unwrap();
+    // Numeric class names in numeric order, whatever order the samples came in.
+    let want: Vec<String> = (0..12).map(|v| v.to_string()).collect();
+    assert_eq!(ds.manifest().classes, want);
+    let labels: Vec<Option<u32>> = ds.samples().map(|s| s.label).collect();
+    let expected: Vec<Option<u32>> = (0..600u32).map(|i| Some((i * 7) % 12)).collect();
+    assert_eq!(labels, expected);
+}

@@ -5,7 +5,7 @@
 use super::*;
 use crate::manifest::WebDatasetSource;
 use crate::shard::NO_LABEL;
-use crate::webdataset::{self, RawSample, Samples, TarItem};
+use crate::webdataset::{self, RawSample, Samples};
 
 /// Samples decoded together (the reader holds at most one batch in memory)...
 const BATCH_SAMPLES: usize = 256;
@@ -82,56 +82,48 @@ impl Ingester<'_> {
                 return Ok(());
             }
         };
-        let mut archive = tar::Archive::new(stream);
-        let samples = match Samples::new(&mut archive, self.opts.limits.max_file_bytes) {
-            Ok(s) => s,
-            Err(e) => {
-                self.rejects
-                    .push(reject(RejectReason::Unreadable, e.to_string()));
-                return Ok(());
-            }
-        };
         let id = self.new_source_id();
         let mut spans: Vec<Span> = Vec::new();
         let (mut samples_seen, mut damaged) = (0u64, false);
-        let (mut batch, mut batch_bytes) = (Vec::new(), 0);
+        let max_member = self.opts.limits.max_file_bytes;
         self.in_source = true;
-        for item in samples {
-            match item {
-                TarItem::Sample(s) => {
-                    samples_seen += 1;
-                    batch_bytes += s.bytes();
-                    batch.push(s);
-                    if batch.len() >= BATCH_SAMPLES || batch_bytes >= BATCH_BYTES {
-                        self.store_samples(&c.path, id, std::mem::take(&mut batch), &mut spans)?;
-                        batch_bytes = 0;
+        // A reader thread reads the next batch while the workers decode this one.
+        std::thread::scope(|scope| -> Result<(), IngestError> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(2);
+            scope.spawn(move || read_batches(stream, max_member, tx));
+            for item in rx {
+                match item {
+                    Chunk::Batch(batch) => {
+                        samples_seen += batch.len() as u64;
+                        self.store_samples(&c.path, id, batch, &mut spans)?;
+                    }
+                    Chunk::Damaged {
+                        reason,
+                        cut,
+                        samples_before,
+                    } => {
+                        damaged = true;
+                        let detail = match &cut {
+                            Some(key) => format!(
+                                "{reason}; the sample being read ({key}) and everything after \
+                                 it left out, the {samples_before} sample(s) before kept"
+                            ),
+                            None => format!(
+                                "{reason}; everything after it left out, the {samples_before} \
+                                 sample(s) before kept"
+                            ),
+                        };
+                        self.rejects.push(match cut {
+                            Some(key) => {
+                                Reject::sample(&c.path, key, RejectReason::DamagedTar, detail)
+                            }
+                            None => reject(RejectReason::DamagedTar, detail),
+                        });
                     }
                 }
-                TarItem::Damaged {
-                    reason,
-                    cut,
-                    samples_before,
-                } => {
-                    damaged = true;
-                    self.store_samples(&c.path, id, std::mem::take(&mut batch), &mut spans)?;
-                    let detail = match &cut {
-                        Some(key) => format!(
-                            "{reason}; the sample being read ({key}) and everything after it \
-                             left out, the {samples_before} sample(s) before kept"
-                        ),
-                        None => format!(
-                            "{reason}; everything after it left out, the {samples_before} \
-                             sample(s) before kept"
-                        ),
-                    };
-                    self.rejects.push(match cut {
-                        Some(key) => Reject::sample(&c.path, key, RejectReason::DamagedTar, detail),
-                        None => reject(RejectReason::DamagedTar, detail),
-                    });
-                }
             }
-        }
-        self.store_samples(&c.path, id, batch, &mut spans)?;
+            Ok(())
+        })?;
         self.in_source = false;
         if samples_seen == 0 && !damaged {
             self.rejects.push(reject(
@@ -225,6 +217,79 @@ impl Ingester<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// What the reader thread sends: batches of samples, then possibly the damage.
+enum Chunk {
+    Batch(Vec<RawSample>),
+    Damaged {
+        reason: String,
+        cut: Option<String>,
+        samples_before: u64,
+    },
+}
+
+/// Reads the samples of `stream` in batches (of [`BATCH_SAMPLES`], or fewer holding
+/// [`BATCH_BYTES`]) into `tx`, then the damage if any; stops when the receiver is gone.
+/// A panic in the tar reader is damage, not the end of the run.
+fn read_batches(
+    stream: Box<dyn io::Read + Send>,
+    max_member: u64,
+    tx: std::sync::mpsc::SyncSender<Chunk>,
+) {
+    let tx2 = tx.clone();
+    let read = move || {
+        let mut archive = tar::Archive::new(stream);
+        let samples = match Samples::new(&mut archive, max_member) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Chunk::Damaged {
+                    reason: format!("damaged tar: {e}"),
+                    cut: None,
+                    samples_before: 0,
+                });
+                return;
+            }
+        };
+        let (mut batch, mut bytes) = (Vec::new(), 0);
+        for item in samples {
+            match item {
+                webdataset::TarItem::Sample(s) => {
+                    bytes += s.bytes();
+                    batch.push(s);
+                    if batch.len() >= BATCH_SAMPLES || bytes >= BATCH_BYTES {
+                        if tx.send(Chunk::Batch(std::mem::take(&mut batch))).is_err() {
+                            return;
+                        }
+                        bytes = 0;
+                    }
+                }
+                webdataset::TarItem::Damaged {
+                    reason,
+                    cut,
+                    samples_before,
+                } => {
+                    if tx.send(Chunk::Batch(std::mem::take(&mut batch))).is_err() {
+                        return;
+                    }
+                    let _ = tx.send(Chunk::Damaged {
+                        reason,
+                        cut,
+                        samples_before,
+                    });
+                    return;
+                }
+            }
+        }
+        let _ = tx.send(Chunk::Batch(batch));
+    };
+    if catch_unwind(AssertUnwindSafe(read)).is_err() {
+        let _ = tx2.send(Chunk::Damaged {
+            reason: "the tar reader panicked".into(),
+            cut: None,
+            samples_before: 0,
+        });
     }
 }
 
