@@ -417,7 +417,9 @@ pub struct ValidateArgs {
 /// `byol ingest`.
 #[derive(Debug, Args)]
 pub struct IngestArgs {
-    /// Folders, image files or IDX image files (e.g. train-images-idx3-ubyte.gz).
+    /// Folders, image files, IDX image files (e.g. train-images-idx3-ubyte.gz) or
+    /// WebDataset shards (.tar, .tar.gz, .tgz), also as brace patterns
+    /// ('data-{000000..000099}.tar').
     #[arg(required = true)]
     pub sources: Vec<PathBuf>,
     /// Dataset folder (created if missing; later runs add only new files).
@@ -461,6 +463,10 @@ pub struct IngestArgs {
     /// before a crash is kept up to the last save [default: 10].
     #[arg(long)]
     pub commit_interval_secs: Option<f64>,
+    /// The field of a WebDataset sample's .json read as its label when it has no .cls
+    /// [default: label].
+    #[arg(long)]
+    pub json_label: Option<String>,
     /// Exit with status 3 when the run added nothing.
     #[arg(long)]
     pub fail_if_empty: bool,

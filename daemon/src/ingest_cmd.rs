@@ -31,6 +31,7 @@ pub fn run(args: IngestArgs) -> anyhow::Result<ExitCode> {
         threads: args.threads,
         max_megapixels: args.max_megapixels,
         commit_interval_secs: args.commit_interval_secs,
+        json_label: args.json_label,
     };
     let opts = file.or(&flags).ingest_options(args.sources, args.out)?;
     let report = ingest_with_bar(&opts)?;
@@ -136,7 +137,16 @@ pub fn print_report(report: &IngestReport, opts: &IngestOptions) {
         s.seconds, s.generation
     );
     for r in report.rejects.iter().take(REJECTS_SHOWN) {
-        println!("rejected: {}: {}: {}", r.path.display(), r.reason, r.detail);
+        let member = r
+            .member
+            .as_ref()
+            .map_or(String::new(), |k| format!(" [{k}]"));
+        println!(
+            "rejected: {}{member}: {}: {}",
+            r.path.display(),
+            r.reason,
+            r.detail
+        );
     }
     if report.rejects.len() > REJECTS_SHOWN {
         println!(

@@ -109,6 +109,99 @@ fn ingest_then_inspect_reports_classes_and_verifies() {
     );
 }
 
+/// A WebDataset shard of `n` samples `{prefix}{i}`: a PNG and a json `{"y": i % 2}`.
+fn wds_shard(prefix: &str, n: u32) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..n {
+        let members = [
+            (format!("{prefix}{i:03}.png"), photo(20, 16, 1000 + i)),
+            (
+                format!("{prefix}{i:03}.json"),
+                format!("{{\"y\":{}}}", i % 2).into_bytes(),
+            ),
+        ];
+        for (name, data) in members {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, data.as_slice()).unwrap();
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn ingest_of_webdataset_shards_by_brace_pattern_and_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("wds");
+    std::fs::create_dir_all(&src).unwrap();
+    for s in 0..2 {
+        std::fs::write(
+            src.join(format!("data-{s:03}.tar")),
+            wds_shard(&format!("s{s}-"), 4),
+        )
+        .unwrap();
+    }
+    // The third shard is cut in the middle of its third sample's image.
+    let cut = wds_shard("s2-", 4);
+    let two_samples = wds_shard("s2-", 2).len() - 1024; // less the end-of-archive blocks
+    std::fs::write(src.join("data-002.tar"), &cut[..two_samples + 512 + 100]).unwrap();
+    let ds = dir.path().join("ds");
+    let pattern = src.join("data-{000..002}.tar");
+    let o = run(&[
+        "ingest",
+        pattern.to_str().unwrap(),
+        "--out",
+        ds.to_str().unwrap(),
+        "--json-label",
+        "y",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let s = json(&o);
+    assert_eq!(s["ingested"], 10, "{s}");
+    assert_eq!(s["rejected"]["damaged-tar"], 1, "{s}");
+    assert_eq!(s["rejects"][0]["member"], "s2-002", "{s}");
+    let o = run(&["inspect", ds.to_str().unwrap(), "--verify", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        json(&o)["stats"]["per_class"],
+        serde_json::json!([["0", 5], ["1", 5]])
+    );
+
+    // A pattern naming files that are not there: an error naming them.
+    let missing = src.join("data-{000..004}.tar");
+    let o = run(&[
+        "ingest",
+        missing.to_str().unwrap(),
+        "--out",
+        ds.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("data-003.tar, "), "{}", text(&o));
+
+    // The folder, with a shard gone and the cut one completed.
+    std::fs::remove_file(src.join("data-000.tar")).unwrap();
+    std::fs::write(src.join("data-002.tar"), &cut).unwrap();
+    let o = run(&[
+        "ingest",
+        src.to_str().unwrap(),
+        "--out",
+        ds.to_str().unwrap(),
+        "--json-label",
+        "y",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let s = json(&o);
+    assert_eq!(
+        (s["ingested"].as_u64(), s["retired"].as_u64()),
+        (Some(4), Some(6)),
+        "{s}"
+    );
+}
+
 #[test]
 fn verify_names_the_shard_and_record_of_a_flipped_byte() {
     let dir = tempfile::tempdir().unwrap();

@@ -9,6 +9,8 @@
 //! cargo bench -p byol-ingest --bench ingest -- DIR...    # your own folders
 //! cargo bench -p byol-ingest --bench ingest -- --jpeg-only   # the wallpapers' JPEGs only
 //! BYOL_PEER_PYTHON=/opt/torch-venv/bin/python cargo bench -p byol-ingest --bench ingest
+//! scripts/make_wds_fmnist.py /tmp/wds && \
+//!   cargo bench -p byol-ingest --bench ingest -- --wds /tmp/wds   # WebDataset vs IDX
 //! ```
 //! Wallpapers: `apt-get install -y mate-backgrounds plasma-workspace-wallpapers`;
 //! Fashion-MNIST: `apt-get install -y dataset-fashion-mnist`.
@@ -327,7 +329,53 @@ fn fashion_mnist() {
     }
 }
 
+/// Fashion-MNIST's training set from IDX against its WebDataset copy in `wds` (six
+/// shards `fmnist-{000000..000005}.tar` of PNG + cls, `scripts/make_wds_fmnist.py`).
+fn webdataset_vs_idx(wds: &Path) {
+    let idx = Path::new(FASHION_MNIST).join("train-images-idx3-ubyte.gz");
+    let shards = wds.join("fmnist-{000000..000005}.tar");
+    let source_mib = |paths: &[PathBuf]| {
+        paths
+            .iter()
+            .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+            .sum::<u64>() as f64
+            / (1 << 20) as f64
+    };
+    let wds_files = byol_ingest::webdataset::expand_source(&shards).expect("the six shards");
+    println!("Fashion-MNIST train (60,000 images): IDX against WebDataset shards");
+    println!("| source | source MiB | threads | seconds | img/s | stored MiB | records |");
+    println!("|---|---|---|---|---|---|---|");
+    for threads in [1, 2] {
+        for (name, src, mib) in [
+            ("IDX", idx.clone(), source_mib(std::slice::from_ref(&idx))),
+            ("WebDataset", shards.clone(), source_mib(&wds_files)),
+        ] {
+            let mut secs = Vec::new();
+            let mut last = None;
+            for _ in 0..repeats() {
+                let (rate, summary) = ingest_once(std::slice::from_ref(&src), threads, Some(256));
+                secs.push(summary.ingested as f64 / rate);
+                last = Some(summary);
+            }
+            let s = last.unwrap();
+            let t = median(secs);
+            println!(
+                "| {name} | {mib:.1} | {threads} | {t:.2} | {:.0} | {:.2} | {} |",
+                s.ingested as f64 / t,
+                s.bytes_stored as f64 / (1 << 20) as f64,
+                s.ingested
+            );
+        }
+    }
+}
+
 fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = argv.iter().position(|a| a == "--wds") {
+        let dir = argv.get(i + 1).expect("--wds DIR");
+        webdataset_vs_idx(Path::new(dir));
+        return;
+    }
     let args: Vec<PathBuf> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))

@@ -36,6 +36,9 @@ pub struct IngestConfig {
     pub max_megapixels: Option<u64>,
     /// Shortest time between two manifest saves during a run, in seconds.
     pub commit_interval_secs: Option<f64>,
+    /// The field of a WebDataset sample's `json` read as its label (when it has no
+    /// `cls`); `"label"` when unset.
+    pub json_label: Option<String>,
 }
 
 impl IngestConfig {
@@ -52,6 +55,7 @@ impl IngestConfig {
             threads: over.threads.or(self.threads),
             max_megapixels: over.max_megapixels.or(self.max_megapixels),
             commit_interval_secs: over.commit_interval_secs.or(self.commit_interval_secs),
+            json_label: over.json_label.clone().or_else(|| self.json_label.clone()),
         }
     }
 
@@ -75,6 +79,15 @@ impl IngestConfig {
             threads: self.threads.unwrap_or(0),
             ..IngesterOptions::default()
         };
+        if let Some(field) = &self.json_label {
+            if field.is_empty() {
+                return Err(IngestError::InvalidOption {
+                    key: "json_label",
+                    reason: "must name a field".into(),
+                });
+            }
+            o.json_label = field.clone();
+        }
         if let Some(mib) = self.shard_size_mib {
             o.shard_bytes = mib.saturating_mul(1 << 20);
         }
@@ -110,6 +123,7 @@ impl IngestConfig {
         opts.threads = o.threads;
         opts.limits = o.limits;
         opts.commit_interval = o.commit_interval;
+        opts.json_label = o.json_label;
         Ok(opts)
     }
 }

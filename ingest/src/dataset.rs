@@ -214,19 +214,28 @@ impl Dataset {
         // Labels beyond a record's first, for records shared by differently labelled sources.
         let mut more: Vec<Sample> = Vec::new();
         for src in &m.sources {
-            // Folder sources carry their label; IDX sources label each record in its index.
-            let fixed = match (&src.label, &src.labels_file) {
-                (Some(name), _) => Some(class_of.get(name.as_str()).copied().unwrap_or(NO_LABEL)),
-                (None, Some(_)) => None,
-                (None, None) => Some(NO_LABEL),
+            // Folder sources carry their label; IDX sources label each record in its
+            // index; a WebDataset shard's records carry theirs, or take its folder's.
+            let folder = src.label.as_ref().map_or(NO_LABEL, |name| {
+                class_of.get(name.as_str()).copied().unwrap_or(NO_LABEL)
+            });
+            let fixed = match (&src.webdataset, &src.label, &src.labels_file) {
+                (Some(_), _, _) => None,
+                (None, Some(_), _) => Some(folder),
+                (None, None, Some(_)) => None,
+                (None, None, None) => Some(NO_LABEL),
             };
             for span in &src.records {
                 let Some(&shard) = shard_pos.get(&span.shard) else {
                     continue;
                 };
                 for index in span.first..span.first + span.count {
-                    let label =
-                        fixed.unwrap_or_else(|| self.shards[shard].meta(index as usize).label);
+                    let label = fixed.unwrap_or_else(|| {
+                        match self.shards[shard].meta(index as usize).label {
+                            NO_LABEL => folder,
+                            own => own,
+                        }
+                    });
                     let slot = &mut labels[shard][index as usize];
                     if *slot == UNSEEN {
                         *slot = label;

@@ -75,10 +75,26 @@ pub(crate) fn process_image(
     if known.contains(&hash) || queued(&hash) {
         return Outcome::Duplicate { hash };
     }
-    let decoded = match decode::decode_for_ingest(&bytes, limits, settings.max_side) {
-        Ok(d) => d,
-        Err(e) => return reject_decode(c, e),
-    };
+    match encode_file_bytes(&bytes, settings, limits, label, 0) {
+        Ok(record) => Outcome::Stored { hash, record },
+        Err(e) => {
+            let (reason, detail) = reject_reason(e);
+            Outcome::Rejected(Reject::new(&c.path, reason, detail))
+        }
+    }
+}
+
+/// Decodes the bytes of one image file and encodes its record (`item`: its position in
+/// its source): what [`process_image`] does after the hash, and what a WebDataset
+/// sample's image goes through.
+pub(crate) fn encode_file_bytes(
+    bytes: &[u8],
+    settings: &IngestSettings,
+    limits: &DecodeLimits,
+    label: Option<u32>,
+    item: u32,
+) -> Result<StoredRecord, DecodeError> {
+    let decoded = decode::decode_for_ingest(bytes, limits, settings.max_side)?;
     // Readers decode stored files with the same function, EXIF orientation included, so
     // the file's own bytes give the same pixels whether or not it is rotated.
     let keep_original = !decoded.scaled
@@ -87,31 +103,28 @@ pub(crate) fn process_image(
             ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP
         );
     let original = Original {
-        bytes: keep_original.then_some(bytes.as_slice()),
+        bytes: keep_original.then_some(bytes),
         lossy: decoded.format == ImageFormat::Jpeg
-            || (decoded.format == ImageFormat::WebP && !decode::webp_is_lossless(&bytes)),
+            || (decoded.format == ImageFormat::WebP && !decode::webp_is_lossless(bytes)),
     };
-    match encode_record(
+    encode_record(
         decoded.image,
         decoded.full_size,
         original,
         settings,
         label,
-        0,
-    ) {
-        Ok(record) => Outcome::Stored { hash, record },
-        Err(e) => reject_decode(c, e),
-    }
+        item,
+    )
 }
 
-fn reject_decode(c: &Candidate, e: DecodeError) -> Outcome {
-    let (reason, detail) = match e {
+/// The reject category and message of a decode failure.
+pub(crate) fn reject_reason(e: DecodeError) -> (RejectReason, String) {
+    match e {
         DecodeError::NotAnImage => (RejectReason::NotAnImage, "unrecognised content".into()),
         DecodeError::TooLarge(m) => (RejectReason::TooLarge, m),
         DecodeError::Corrupt(m) => (RejectReason::Corrupt, m),
         DecodeError::Unsupported(m) => (RejectReason::Unsupported, m),
-    };
-    Outcome::Rejected(Reject::new(&c.path, reason, detail))
+    }
 }
 
 /// What the `encoded` codec may keep of the source file.

@@ -36,7 +36,8 @@ pub struct SettingsOverride {
 /// Everything an ingest run needs.
 #[derive(Debug, Clone)]
 pub struct IngestOptions {
-    /// Folders, image files or IDX image files.
+    /// Folders, image files, IDX image files, WebDataset shards, or brace patterns of
+    /// them (`data-{000000..000099}.tar`).
     pub sources: Vec<PathBuf>,
     /// Dataset folder (created if missing).
     pub out: PathBuf,
@@ -52,6 +53,8 @@ pub struct IngestOptions {
     pub limits: DecodeLimits,
     /// Shortest time between two manifest saves during a run (the last save is always made).
     pub commit_interval: Duration,
+    /// The field of a WebDataset sample's `json` read as its label.
+    pub json_label: String,
 }
 
 impl IngestOptions {
@@ -66,6 +69,7 @@ impl IngestOptions {
             threads: 0,
             limits: DecodeLimits::default(),
             commit_interval: Duration::from_secs(10),
+            json_label: crate::webdataset::DEFAULT_JSON_LABEL.to_owned(),
         }
     }
 }
@@ -115,6 +119,14 @@ pub enum IngestError {
         /// The dataset folder.
         path: PathBuf,
     },
+    /// A brace pattern given as a source is malformed or names files that do not exist.
+    #[error("{pattern}: {reason}")]
+    Pattern {
+        /// The pattern as given.
+        pattern: PathBuf,
+        /// What is wrong (the missing files, listed).
+        reason: String,
+    },
     /// An option is out of range.
     #[error("invalid option {key}: {reason}")]
     InvalidOption {
@@ -136,6 +148,7 @@ impl IngestError {
             IngestError::Manifest(e) => e.kind(),
             IngestError::Shard(e) => e.kind(),
             IngestError::SettingsConflict { .. }
+            | IngestError::Pattern { .. }
             | IngestError::Locked { .. }
             | IngestError::InvalidOption { .. } => FailureKind::Other,
         }
@@ -240,9 +253,19 @@ pub struct IngestReport {
 /// sources there (a warning: an unmounted disk must not empty a dataset).
 pub fn ingest(opts: &IngestOptions, progress: &dyn Progress) -> Result<IngestReport, IngestError> {
     validate_options(opts)?;
-    // Every source must exist before the dataset is touched.
-    let mut sources = Vec::with_capacity(opts.sources.len());
+    // Every source must exist before the dataset is touched; a brace pattern
+    // (`data-{000000..000099}.tar`) names every file it expands to.
+    let mut given = Vec::with_capacity(opts.sources.len());
     for src in &opts.sources {
+        given.extend(crate::webdataset::expand_source(src).map_err(|reason| {
+            IngestError::Pattern {
+                pattern: src.clone(),
+                reason,
+            }
+        })?);
+    }
+    let mut sources = Vec::with_capacity(given.len());
+    for src in &given {
         let root = std::fs::canonicalize(src).map_err(|source| IngestError::Source {
             path: src.clone(),
             source,
@@ -259,6 +282,7 @@ pub fn ingest(opts: &IngestOptions, progress: &dyn Progress) -> Result<IngestRep
             commit_interval: opts.commit_interval,
             background: false,
             duty: 1.0,
+            json_label: opts.json_label.clone(),
         },
         progress,
     )?;

@@ -12,6 +12,7 @@
 //! next run removes the leftovers and redoes the rest.
 //!
 //! One job per file: `images.rs` (image files), `idx_files.rs` (IDX files),
+//! `tar_files.rs` (WebDataset shards),
 //! `vanished.rs` (sources gone or replaced, at commit), `settings.rs` (the dataset's
 //! fixed settings), `scheduling.rs` (ingest threads beside training), `compact.rs`
 //! (merging small shards); the lock is `fsutil::try_lock_exclusive`.
@@ -44,6 +45,7 @@ mod idx_files;
 mod images;
 mod scheduling;
 mod settings;
+mod tar_files;
 mod vanished;
 
 pub use compact::{CompactPolicy, CompactReport};
@@ -76,6 +78,9 @@ pub struct IngesterOptions {
     /// rests in proportion (1: no rest). Beside training, what an idle-class ingester
     /// still costs it is cache and memory bandwidth; resting trades ingest speed for it.
     pub duty: f64,
+    /// The field of a WebDataset sample's `json` read as its label
+    /// ([`crate::webdataset::DEFAULT_JSON_LABEL`] by default).
+    pub json_label: String,
 }
 
 impl Default for IngesterOptions {
@@ -88,6 +93,7 @@ impl Default for IngesterOptions {
             commit_interval: Duration::from_secs(10),
             background: false,
             duty: 1.0,
+            json_label: crate::webdataset::DEFAULT_JSON_LABEL.to_owned(),
         }
     }
 }
@@ -258,7 +264,11 @@ impl<'p> Ingester<'p> {
             .partition(|c| c.kind == CandidateKind::Image);
         self.add_images(images)?;
         for c in idxs {
-            self.add_idx(c)?;
+            if c.kind == CandidateKind::Tar {
+                self.add_tar(c)?;
+            } else {
+                self.add_idx(c)?;
+            }
         }
         Ok(())
     }

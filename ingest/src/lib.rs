@@ -1,4 +1,4 @@
-//! Packs image folders, image files and IDX files into memory-mapped, zstd-compressed
+//! Packs image folders, image files, IDX files and WebDataset shards into memory-mapped, zstd-compressed
 //! shards with a manifest, and reads them back.
 //!
 //! - [`shard`]: the shard file format, writer and reader (specified in `FORMAT.md`);
@@ -44,6 +44,7 @@ pub mod reject;
 pub mod settle;
 pub mod shard;
 pub mod source;
+pub mod webdataset;
 
 pub use change::SourceChange;
 pub use config::IngestConfig;

@@ -270,6 +270,10 @@ pub struct SourceEntry {
     /// IDX labels file paired with this IDX image file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels_file: Option<LabelsFile>,
+    /// Set for a WebDataset shard (`.tar`): its records are its samples, each labelled
+    /// in its index entry (`label` then only labels samples that carry none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webdataset: Option<WebDatasetSource>,
     /// Id of the source whose records hold the same content, if this one was a duplicate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duplicate_of: Option<u64>,
@@ -286,6 +290,14 @@ pub struct LabelsFile {
     /// Size and modification time when ingested.
     #[serde(flatten)]
     pub stamp: FileStamp,
+}
+
+/// What a WebDataset shard's labels were read with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebDatasetSource {
+    /// The field of each sample's `json` read as its label (when it has no `cls`).
+    pub json_label: String,
 }
 
 /// A folder given to an ingest run, with the layout its labels were read with. Later

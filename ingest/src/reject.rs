@@ -35,6 +35,12 @@ pub enum RejectReason {
     DecoderPanic,
     /// An IDX file (or its labels) that is malformed or inconsistent.
     InvalidIdx,
+    /// A WebDataset shard that is not a tar, or is damaged (truncated, a bad header
+    /// checksum, a broken gzip stream): the samples after the damage are not read.
+    DamagedTar,
+    /// A WebDataset sample that cannot be used: no image member, a label that is not an
+    /// integer or string, a key or member met twice.
+    InvalidSample,
 }
 
 impl RejectReason {
@@ -52,6 +58,8 @@ impl RejectReason {
             RejectReason::TooLarge => "too-large",
             RejectReason::DecoderPanic => "decoder-panic",
             RejectReason::InvalidIdx => "invalid-idx",
+            RejectReason::DamagedTar => "damaged-tar",
+            RejectReason::InvalidSample => "invalid-sample",
         }
     }
 }
@@ -68,6 +76,9 @@ pub struct Reject {
     /// The file (stored as the manifest stores paths: names that are not UTF-8 kept).
     #[serde(with = "crate::manifest::path_serde")]
     pub path: PathBuf,
+    /// The sample inside the file, for a WebDataset shard: its key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
     /// The category.
     pub reason: RejectReason,
     /// The specific message (decoder error, limits, ...).
@@ -79,8 +90,22 @@ impl Reject {
     pub fn new(path: &Path, reason: RejectReason, detail: impl Into<String>) -> Self {
         Reject {
             path: path.to_owned(),
+            member: None,
             reason,
             detail: detail.into(),
+        }
+    }
+
+    /// A reject of the sample `key` of the shard at `path`.
+    pub fn sample(
+        path: &Path,
+        key: impl Into<String>,
+        reason: RejectReason,
+        detail: impl Into<String>,
+    ) -> Self {
+        Reject {
+            member: Some(key.into()),
+            ..Reject::new(path, reason, detail)
         }
     }
 }

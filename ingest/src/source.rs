@@ -1,4 +1,5 @@
-//! Finding the files to ingest: ImageFolder trees, flat folders and IDX files.
+//! Finding the files to ingest: ImageFolder trees, flat folders, IDX files and
+//! WebDataset shards.
 
 use std::fs;
 use std::io;
@@ -68,6 +69,26 @@ pub enum CandidateKind {
         /// The paired labels file.
         labels: Option<PathBuf>,
     },
+    /// A WebDataset shard (`.tar`, `.tar.gz`, `.tgz`): one source, many samples.
+    Tar,
+}
+
+/// The kind of the file at `path`: a WebDataset shard by its name, an IDX image file
+/// by its content (when `idx_name` allows: its name says `idx3`), else an image.
+fn kind_of(path: &Path, idx_name: bool) -> (CandidateKind, Option<PathBuf>) {
+    if crate::webdataset::is_tar_name(path) {
+        (CandidateKind::Tar, None)
+    } else if idx_name && idx::is_idx_images(path) {
+        let labels = idx::labels_path_for(path);
+        (
+            CandidateKind::Idx {
+                labels: labels.clone(),
+            },
+            labels,
+        )
+    } else {
+        (CandidateKind::Image, None)
+    }
 }
 
 /// A file found in a source, not yet read.
@@ -96,13 +117,7 @@ impl Candidate {
                 "not a regular file",
             ));
         }
-        let kind = if idx::is_idx_images(path) {
-            CandidateKind::Idx {
-                labels: idx::labels_path_for(path),
-            }
-        } else {
-            CandidateKind::Image
-        };
+        let (kind, _) = kind_of(path, true);
         Ok(Candidate {
             path: path.to_owned(),
             label,
@@ -178,8 +193,12 @@ fn looks_like_idx(path: &Path, kind: &str) -> bool {
 }
 
 /// True when the first bytes of the file at `path` are those of an image format (or an
-/// IDX image file): a README or a stray text file is not.
+/// IDX image file), or it is a WebDataset shard by its name: a README or a stray text
+/// file is not.
 pub(crate) fn sniffs_as_image(path: &Path) -> bool {
+    if crate::webdataset::is_tar_name(path) {
+        return true;
+    }
     use std::io::Read;
     let mut head = [0u8; 64];
     let n = fs::File::open(path)
@@ -255,13 +274,7 @@ fn scan_at(root: PathBuf, layout: Layout, exclude: Option<&Path>) -> io::Result<
         ..Scan::default()
     };
     if meta.is_file() {
-        let kind = if idx::is_idx_images(&root) {
-            CandidateKind::Idx {
-                labels: idx::labels_path_for(&root),
-            }
-        } else {
-            CandidateKind::Image
-        };
+        let (kind, _) = kind_of(&root, true);
         scan.candidates.push(Candidate {
             path: root,
             label: None,
@@ -326,13 +339,8 @@ fn scan_at(root: PathBuf, layout: Layout, exclude: Option<&Path>) -> io::Result<
                 continue;
             }
         };
-        let kind = if looks_like_idx(&path, "idx3") && idx::is_idx_images(&path) {
-            let labels = idx::labels_path_for(&path);
-            paired_labels.extend(labels.clone());
-            CandidateKind::Idx { labels }
-        } else {
-            CandidateKind::Image
-        };
+        let (kind, labels) = kind_of(&path, looks_like_idx(&path, "idx3"));
+        paired_labels.extend(labels);
         scan.candidates.push(Candidate {
             path,
             label: None,

@@ -55,6 +55,7 @@ impl Ingester<'_> {
             hash: hash.clone(),
             label: None,
             labels_file: labels_file.clone(),
+            webdataset: None,
             duplicate_of,
             records,
         };

@@ -147,6 +147,7 @@ impl Ingester<'_> {
             hash,
             label: c.label.clone(),
             labels_file: None,
+            webdataset: None,
             duplicate_of,
             records,
         });
