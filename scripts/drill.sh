@@ -13,18 +13,22 @@
 #      folder's files ingested.
 #   6. inotify's watch limit reached by new sub-folders while the daemon runs (in a user
 #      namespace with its own limit): they are polled, and their later files ingested.
+#   7. Folders whose watch cannot be added: class folders moved in unreadable (mode 000,
+#      the daemon without root's powers in a user namespace), made readable later: each
+#      said once, watched natively again, its files and later files ingested.
 #
-# Usage: scripts/drill.sh [--kills N] [--files N] [--photos DIR]
+# Usage: scripts/drill.sh [--kills N] [--files N] [--photos DIR] [--only 1,7]
 # Needs a release build (cargo build --release). Prints one line per finding and a
 # summary; exits 1 on the first broken promise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-KILLS=20 FILES=10000 PHOTOS=../shared/data/photos256
+KILLS=20 FILES=10000 PHOTOS=../shared/data/photos256 ONLY=1,2,3,4,5,6,7
 while [ $# -gt 0 ]; do
   case "$1" in
     --kills) KILLS=$2; shift 2 ;;
     --files) FILES=$2; shift 2 ;;
     --photos) PHOTOS=$2; shift 2 ;;
+    --only) ONLY=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -124,6 +128,7 @@ sys.exit(1 if missing or extra or wrong else 0)
 PY
 }
 check_dataset() { dataset_matches "$1" || fail "dataset does not match the folders"; }
+runs() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 wait_all_ingested() { # $1 = folder, $2 = seconds
   local t=0
@@ -132,6 +137,7 @@ wait_all_ingested() { # $1 = folder, $2 = seconds
   done
 }
 
+if runs 1; then
 echo "== 1. kill -9 at random moments, $KILLS times, files arriving"
 D=$W/kills; mkdir -p "$D/in"; config "$D" ""
 for _ in $(seq 1 32); do new_file "$D/in"; done
@@ -156,7 +162,8 @@ wait_all_ingested "$D" 120
 kill -TERM $pid; wait $pid || fail "the final stop did not exit 0"
 check_dataset "$D"
 echo "  $KILLS kills, $restarts restarts reached training, every inspect --verify passed, newest checkpoint step $floor"
-
+fi
+if runs 2; then
 echo "== 2. $FILES files landing at once"
 D=$W/flood; mkdir -p "$D/in" "$D/stage"; config "$D" ""
 "$BYOL" daemon --config "$D/d.toml" > "$D/out.txt" 2>&1 &
@@ -170,7 +177,8 @@ kill -0 $pid || fail "the daemon died under the flood"
 rss=$(grep RssAnon /proc/$pid/status | awk '{print $2}')
 kill -TERM $pid; wait $pid || fail "stop after the flood"
 echo "  $FILES files in ${secs} s, anonymous RSS ${rss} kB at the end"
-
+fi
+if runs 3; then
 echo "== 3. a full disk (tmpfs)"
 if [ "$(id -u)" != 0 ]; then
   echo "  skipped: mounting a tmpfs needs root"
@@ -216,7 +224,8 @@ PY
   kill -TERM $pid; wait $pid || fail "stop after the full disk"
   umount "$D/data" "$D/run"
 fi
-
+fi
+if runs 4; then
 echo "== 4. the watched folder deleted"
 D=$W/gone; mkdir -p "$D/in"; config "$D" ""
 for _ in $(seq 1 40); do new_file "$D/in"; done
@@ -230,6 +239,8 @@ after=$(/usr/bin/python3 -c "import json; print(len(json.load(open('$D/data/mani
 kill -TERM $pid; wait $pid || fail "stop after the deletion"
 echo "  sources before $before, after $after"
 [ "$after" = "$before" ] || echo "  note: files deleted one by one before the folder itself went were retired"
+fi
+if runs 5; then
 echo "== 5. the watched folder replaced (mv in in.old; mkdir in)"
 D=$W/replaced; mkdir -p "$D/in"; config "$D" ""
 for _ in $(seq 1 40); do new_file "$D/in"; done
@@ -244,7 +255,8 @@ wait_all_ingested "$D" 120
 secs=$(/usr/bin/python3 -c "import time; print(round(time.time() - $start, 1))")
 kill -TERM $pid; wait $pid || fail "stop after the replacement"
 echo "  the new folder's 40 files in ${secs} s; the dataset matches the new folder"
-
+fi
+if runs 6; then
 echo "== 6. inotify's watch limit reached by new sub-folders (a user namespace's own limit)"
 if ! unshare -U -r true 2>/dev/null; then
   echo "  skipped: no user namespaces here"
@@ -267,5 +279,40 @@ else
   grep -m1 "^warning: .*watch limit" "$D/out.txt" | sed 's/^/  /'
   kill -TERM $pid; wait $pid || fail "stop after the watch limit"
   echo "  15 files written into 3 sub-folders past the limit, all ingested in ${secs} s"
+fi
+fi
+if runs 7; then
+echo "== 7. folders whose watch cannot be added (unreadable when moved in; the daemon without root's powers)"
+if ! unshare -U sh -c 'test ! -r /proc/1/root' 2>/dev/null; then
+  echo "  skipped: no user namespace without root's powers here"
+else
+  D=$W/unwatched; mkdir -p "$D/in/c0" "$D/stage"; config "$D" "poll_interval_secs = 1.0"
+  for _ in $(seq 1 20); do new_file "$D/in"; done
+  unshare -U "$BYOL" daemon --config "$D/d.toml" > "$D/out.txt" 2>&1 &
+  pid=$!
+  wait_all_ingested "$D" 120
+  for k in 1 2 3 4 5; do
+    mkdir -p "$D/stage/p$k"
+    for j in 1 2; do cp "${SEEDS[$(( (k * 7 + j) % ${#SEEDS[@]} ))]}" "$D/stage/p$k/early$j.jpg"; done
+    chmod 000 "$D/stage/p$k"; mv "$D/stage/p$k" "$D/in/p$k"
+  done
+  t=0; until [ "$(grep -c 'cannot watch natively' "$D/out.txt")" -ge 5 ]; do sleep 1; t=$((t+1)); [ $t -lt 30 ] || fail "the failed watches were not said"; done
+  sleep 2
+  said=$(grep -c 'cannot watch natively' "$D/out.txt")
+  [ "$said" = 5 ] || fail "each failed watch said once: $said lines for 5 folders"
+  start=$(date +%s.%N)
+  for k in 1 2 3 4 5; do chmod 755 "$D/in/p$k"; done
+  t=0; until [ "$(grep -c 'is watched natively again' "$D/out.txt")" -ge 5 ]; do sleep 1; t=$((t+1)); [ $t -lt 30 ] || fail "the watches were not restored"; done
+  restored=$(/usr/bin/python3 -c "import time; print(round(time.time() - $start, 1))")
+  for k in 1 2 3 4 5; do for j in 1 2 3; do
+    cp "${SEEDS[$(( (k * 11 + j) % ${#SEEDS[@]} ))]}" "$D/in/p$k/late$j.jpg"
+  done; done
+  start=$(date +%s.%N)
+  wait_all_ingested "$D" 120
+  secs=$(/usr/bin/python3 -c "import time; print(round(time.time() - $start, 1))")
+  grep -m1 'cannot watch natively' "$D/out.txt" | sed 's/^/  /'
+  kill -TERM $pid; wait $pid || fail "stop after the unreadable folders"
+  echo "  5 unreadable folders: said once each, watched natively ${restored} s after the chmod; their 25 files ingested (15 later ones in ${secs} s)"
+fi
 fi
 echo "all drills passed; logs in $W"

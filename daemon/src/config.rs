@@ -112,7 +112,74 @@ pub struct DaemonConfig {
     pub stop_timeout_secs: f64,
 }
 
+/// `path` made absolute and resolved as far as it exists (a folder not made yet is
+/// judged by its nearest existing parent).
+fn resolved(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let mut rest = Vec::new();
+    let mut at = abs.as_path();
+    loop {
+        if let Ok(c) = std::fs::canonicalize(at) {
+            return rest.iter().rev().fold(c, |p, r| p.join(r));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                at = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
 impl DaemonConfig {
+    /// The folders the daemon writes, by name: `("dataset folder", data)`, `("run
+    /// folder", run)`; everything under them is never ingested.
+    fn own_folders(&self) -> [(&'static str, &Path); 2] {
+        [("dataset folder", &self.data), ("run folder", &self.run)]
+    }
+
+    /// A watched folder at or inside a folder the daemon writes (nothing in it would
+    /// ever be ingested): the error that says so.
+    fn check_own_folders(&self, layout: byol_ingest::Layout) -> anyhow::Result<()> {
+        for entry in &self.watch {
+            let (path, _) = entry.resolve(layout);
+            let w = resolved(&path);
+            for (what, own) in self.own_folders() {
+                let o = resolved(own);
+                anyhow::ensure!(
+                    !w.starts_with(&o),
+                    "[daemon] watch: {} is inside the {what} {}, which holds the daemon's own \
+                     files and is never ingested; watch a folder outside it",
+                    path.display(),
+                    own.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// What `byol validate` and the daemon say about a folder the daemon writes inside
+    /// a watched folder: it is never ingested.
+    pub fn own_folder_notes(&self, layout: byol_ingest::Layout) -> Vec<String> {
+        let mut notes = Vec::new();
+        for entry in &self.watch {
+            let (path, _) = entry.resolve(layout);
+            let w = resolved(&path);
+            for (what, own) in self.own_folders() {
+                if resolved(own).starts_with(&w) {
+                    notes.push(format!(
+                        "the {what} {} is inside the watched folder {}: the daemon's own files \
+                         are never ingested",
+                        own.display(),
+                        path.display()
+                    ));
+                }
+            }
+        }
+        notes
+    }
+
     /// The metrics endpoint's address.
     pub fn listen_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
         self.listen
@@ -252,6 +319,7 @@ impl Config {
                 path.display()
             );
         }
+        d.check_own_folders(self.ingest.layout())?;
         let secs = |key: &str, v: f64| {
             anyhow::ensure!(
                 v.is_finite() && v >= 0.0,
@@ -338,5 +406,67 @@ mod tests {
             format!("{err:#}").contains("[optim] schedule = \"cosine\""),
             "{err:#}"
         );
+    }
+
+    /// A daemon config watching `watch` into `data` and `run`.
+    fn layout(watch: &Path, data: &Path, run: &Path) -> Config {
+        let text = format!(
+            "[daemon]\nwatch = [\"{}\"]\ndata = \"{}\"\nrun = \"{}\"\n",
+            watch.display(),
+            data.display(),
+            run.display()
+        );
+        toml::from_str::<Config>(&text).unwrap().for_daemon()
+    }
+
+    /// What the daemon writes is never its data: a watched folder that holds the run or
+    /// dataset folder is noted; one at or inside either is refused, naming both, even
+    /// before the run folder exists and through a symlink.
+    #[test]
+    fn a_watched_folder_inside_the_daemons_own_folders_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("in")).unwrap();
+        std::fs::create_dir_all(root.join("run/inbox")).unwrap();
+        std::fs::create_dir_all(root.join("data")).unwrap();
+        std::os::unix::fs::symlink(root.join("run/inbox"), root.join("linked")).unwrap();
+        let layout_of = |c: &Config| c.ingest.layout();
+        // The run and dataset folders inside the watched folder (one not made yet).
+        let cfg = layout(
+            &root.join("in"),
+            &root.join("in/data"),
+            &root.join("in/run"),
+        );
+        cfg.validate(true).unwrap();
+        let notes = cfg
+            .daemon
+            .as_ref()
+            .unwrap()
+            .own_folder_notes(layout_of(&cfg));
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[1].contains("run folder") && notes[1].contains("never ingested"));
+        // Siblings: nothing to say.
+        let cfg = layout(&root.join("in"), &root.join("data"), &root.join("run2"));
+        cfg.validate(true).unwrap();
+        assert!(
+            cfg.daemon
+                .as_ref()
+                .unwrap()
+                .own_folder_notes(layout_of(&cfg))
+                .is_empty()
+        );
+        // Watched folders at or inside the run or dataset folder.
+        for (watch, what) in [
+            (root.join("run/inbox"), "run folder"),
+            (root.join("linked"), "run folder"),
+            (root.join("data"), "dataset folder"),
+        ] {
+            let cfg = layout(&watch, &root.join("data"), &root.join("run"));
+            let err = format!("{:#}", cfg.validate(true).unwrap_err());
+            assert!(
+                err.contains(what) && err.contains("never ingested"),
+                "{err}"
+            );
+        }
     }
 }

@@ -42,6 +42,11 @@ pub fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
     cfg.validate(daemon)
         .with_context(|| format!("invalid config {}", args.config.display()))?;
     println!("{}: valid", args.config.display());
+    if let Some(d) = cfg.daemon.as_ref().filter(|_| daemon) {
+        for note in d.own_folder_notes(cfg.ingest.layout()) {
+            println!("note: {note}");
+        }
+    }
     if daemon && !cfg.schedule_written {
         println!(
             "note: [optim] schedule is unset: the daemon trains with schedule = \"constant\" \
@@ -222,6 +227,11 @@ fn start_services(
     let shard_bytes = ingest_opts.shard_bytes;
     let mut follower = Follower::open(&d.data, &roots, ingest_opts.clone())
         .with_context(|| format!("cannot open dataset {}", d.data.display()))?;
+    // What the daemon writes is never its data (the dataset is excluded by the follower).
+    follower.exclude([d.run.clone()]);
+    for note in d.own_folder_notes(cfg.ingest.layout()) {
+        tracing::info!(event = "own_folders", "{note}");
+    }
     let (bound, server) = serve(d.listen_addr()?, metrics.clone(), healthy.clone())?;
     tracing::info!(event = "listening", address = %bound, "metrics on http://{bound}/metrics");
     let watched: Vec<PathBuf> = follower.roots().iter().map(|r| r.path.clone()).collect();

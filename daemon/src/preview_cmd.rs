@@ -99,7 +99,7 @@ fn pick_images(path: &Path, n: usize, seed: u64) -> anyhow::Result<Vec<Picked>> 
         }
         return Ok(out);
     }
-    let scan = byol_ingest::source::scan(path, Layout::Flat, None).with_context(|| {
+    let scan = byol_ingest::source::scan(path, Layout::Flat, &[]).with_context(|| {
         format!(
             "{}: neither a dataset nor a readable folder",
             path.display()

@@ -3,6 +3,7 @@
 //! handled on its own (a file added, replaced, moved or deleted; a folder created or
 //! removed), with no rescan of the trees.
 
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -28,6 +29,9 @@ pub struct Follower {
     ing: Ingester<'static>,
     roots: Vec<WatchRoot>,
     data: PathBuf,
+    /// Folders byol writes (the dataset first, then [`Follower::exclude`]'s), canonical:
+    /// never ingested, wherever they lie.
+    own: Vec<PathBuf>,
 }
 
 impl Follower {
@@ -57,8 +61,43 @@ impl Follower {
         Ok(Follower {
             ing,
             roots: resolved,
+            own: vec![data.clone()],
             data,
         })
+    }
+
+    /// Never ingests anything under `folders` (besides the dataset): the folders the
+    /// daemon writes, its run folder (checkpoints, their `.tmp` folders, metrics,
+    /// exports). A folder that does not exist yet is taken as given.
+    pub fn exclude(&mut self, folders: impl IntoIterator<Item = PathBuf>) {
+        for f in folders {
+            let f = std::fs::canonicalize(&f).unwrap_or(f);
+            if !self.own.contains(&f) {
+                self.own.push(f);
+            }
+        }
+    }
+
+    /// The folders never ingested: the dataset and [`Follower::exclude`]'s, canonical.
+    pub fn excluded(&self) -> &[PathBuf] {
+        &self.own
+    }
+
+    /// True when `path` lies in a folder byol writes ([`Follower::exclude`], the
+    /// dataset), by its path or through a symlink: its folder resolved (once per
+    /// folder in `resolved`), and the path itself when it is a symlink.
+    fn is_own(&self, path: &Path, resolved: &mut HashMap<PathBuf, bool>) -> bool {
+        let inside = |p: &Path| self.own.iter().any(|o| p.starts_with(o));
+        if inside(path) {
+            return true;
+        }
+        let parent = path.parent().unwrap_or(path);
+        let in_own_folder = *resolved
+            .entry(parent.to_owned())
+            .or_insert_with(|| std::fs::canonicalize(parent).is_ok_and(|p| inside(&p)));
+        in_own_folder
+            || (std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+                && std::fs::canonicalize(path).is_ok_and(|p| inside(&p)))
     }
 
     /// The watched folders, canonical.
@@ -98,7 +137,7 @@ impl Follower {
             .iter()
             .map(|r| (r.path.clone(), r.layout))
             .collect();
-        let scanned = scan_roots(&mut self.ing, &roots, Some(&self.data))?;
+        let scanned = scan_roots(&mut self.ing, &roots, &self.own)?;
         let mut report = self.ing.flush()?;
         report.summary.ignored = scanned.ignored;
         report.summary.roots = scanned.roots;
@@ -113,18 +152,61 @@ impl Follower {
     /// are skipped (hidden, temporary, partial downloads) and paths outside the watched
     /// folders are ignored. Commits, and returns what was done.
     ///
+    /// Every other name the dataset records for a file found here (same device and
+    /// inode: a hard link, the same folder seen through another watched folder) is
+    /// handled as changed too when its recorded stamp differs: its new content is stored
+    /// and the old retired where no file holds it any more, or it is retired when gone.
+    ///
     /// Errors only when the dataset cannot be written; bad files become rejects.
     pub fn apply(&mut self, paths: &[PathBuf]) -> Result<IngestReport, IngestError> {
         let mut candidates: Vec<Candidate> = Vec::new();
         let mut rejects = Vec::new();
-        // Whether each watched folder still holds images (looked at once per call).
-        let mut holds_images: std::collections::HashMap<PathBuf, bool> = Default::default();
-        for path in paths {
+        // Whether each watched folder still holds images, and whether each folder is
+        // one byol writes (each looked at once per call).
+        let mut holds_images: HashMap<PathBuf, bool> = Default::default();
+        let mut resolved: HashMap<PathBuf, bool> = Default::default();
+        let mut queue: Vec<PathBuf> = paths.to_vec();
+        let mut seen: std::collections::HashSet<PathBuf> = paths.iter().cloned().collect();
+        let mut checked = 0;
+        while !queue.is_empty() {
+            for path in &std::mem::take(&mut queue) {
+                let seen_by = (&mut holds_images, &mut resolved);
+                self.apply_one(path, &mut candidates, &mut rejects, seen_by)?;
+            }
+            // The other names of each file found, where their stamp is not this one.
+            seen.extend(candidates[checked..].iter().map(|c| c.path.clone()));
+            for c in &candidates[checked..] {
+                let Some(id) = c.stamp.identity() else {
+                    continue;
+                };
+                for other in self.ing.stale_names(id, &c.stamp) {
+                    if seen.insert(other.clone()) {
+                        queue.push(other);
+                    }
+                }
+            }
+            checked = candidates.len();
+        }
+        self.ing.note_rejects(rejects);
+        self.ing.add(candidates)?;
+        self.ing.flush()
+    }
+
+    /// [`Follower::apply`] for one changed path: candidates and rejects collected, a
+    /// path that is gone retired.
+    fn apply_one(
+        &mut self,
+        path: &Path,
+        candidates: &mut Vec<Candidate>,
+        rejects: &mut Vec<Reject>,
+        (holds_images, resolved): (&mut HashMap<PathBuf, bool>, &mut HashMap<PathBuf, bool>),
+    ) -> Result<(), IngestError> {
+        {
             let Some(root) = self.root_of(path) else {
-                continue;
+                return Ok(());
             };
-            if path.starts_with(&self.data) || skipped_name(&root.path, path) {
-                continue;
+            if skipped_name(&root.path, path) || self.is_own(path, resolved) {
+                return Ok(());
             }
             match std::fs::metadata(path) {
                 Ok(m) if m.is_dir() => {
@@ -136,15 +218,15 @@ impl Follower {
                             RejectReason::SymlinkLoop,
                             "symlink loop".to_owned(),
                         ));
-                        continue;
+                        return Ok(());
                     }
                     let layout = self.layout_of(&root);
                     // By the path found (a symlinked folder keeps its class).
-                    let mut scan = match source::scan_found(path, Layout::Flat, Some(&self.data)) {
+                    let mut scan = match source::scan_found(path, Layout::Flat, &self.own) {
                         Ok(scan) => scan,
                         Err(e) => {
                             rejects.push(unreadable(path, &e));
-                            continue;
+                            return Ok(());
                         }
                     };
                     if layout == Layout::ImageFolder {
@@ -208,9 +290,7 @@ impl Follower {
                 Err(e) => rejects.push(unreadable(path, &e)),
             }
         }
-        self.ing.note_rejects(rejects);
-        self.ing.add(candidates)?;
-        self.ing.flush()
+        Ok(())
     }
 
     /// The watched folder `path` lies in (the innermost).
@@ -231,7 +311,7 @@ impl Follower {
         if let Some(kept) = self.ing.manifest().root_layout(&root.path) {
             return kept;
         }
-        match source::scan(&root.path, Layout::Auto, Some(&self.data)) {
+        match source::scan(&root.path, Layout::Auto, &self.own) {
             Ok(scan) => {
                 if !scan.candidates.is_empty() {
                     self.ing.set_root_layout(&root.path, scan.layout);

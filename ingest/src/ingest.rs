@@ -290,7 +290,7 @@ pub fn ingest(opts: &IngestOptions, progress: &dyn Progress) -> Result<IngestRep
         .into_iter()
         .map(|(_, root)| (root, opts.layout))
         .collect();
-    let scanned = scan_roots(&mut ing, &roots, Some(&opts.out))?;
+    let scanned = scan_roots(&mut ing, &roots, std::slice::from_ref(&opts.out))?;
     let mut report = ing.finish()?;
     report.summary.ignored = scanned.ignored;
     report.summary.roots = scanned.roots;
@@ -315,7 +315,7 @@ pub(crate) struct Scanned {
 pub(crate) fn scan_roots(
     ing: &mut Ingester<'_>,
     roots: &[(PathBuf, Layout)],
-    exclude: Option<&std::path::Path>,
+    exclude: &[PathBuf],
 ) -> Result<Scanned, IngestError> {
     // Each folder scanned, and whether any of its files is an image.
     let mut reconciled: Vec<PathBuf> = Vec::new();

@@ -78,6 +78,8 @@ pub struct IngestLoop {
     retry_at: Option<Instant>,
     rescan: bool,
     compact: Option<CompactPolicy>,
+    /// The follower's excluded folders, kept for a reopened one.
+    excluded: Vec<PathBuf>,
 }
 
 impl IngestLoop {
@@ -92,6 +94,7 @@ impl IngestLoop {
         compact: Option<CompactPolicy>,
     ) -> Self {
         IngestLoop {
+            excluded: follower.excluded().to_vec(),
             follower: Some(follower),
             reopen,
             settler: Settler::new(settle),
@@ -136,7 +139,8 @@ impl IngestLoop {
                 options,
             } = &self.reopen;
             match Follower::open(data, roots, options.clone()) {
-                Ok(f) => {
+                Ok(mut f) => {
+                    f.exclude(self.excluded.iter().cloned());
                     self.follower = Some(f);
                     self.retry_at = None;
                     self.rescan = true;

@@ -122,6 +122,9 @@ pub struct Ingester<'p> {
     hash_refs: HashMap<String, usize>,
     /// Path → index in `work.sources` (vanished entries are not in it).
     by_path: HashMap<String, usize>,
+    /// File identity (device, inode) → indices in `work.sources` recorded with it (may
+    /// hold stale indices: [`Ingester::stale_names`] checks each).
+    by_identity: HashMap<(u64, u64), Vec<usize>>,
     next_source_id: u64,
     /// Sources with an id from this one on were added by this ingester.
     first_new_id: u64,
@@ -182,6 +185,7 @@ impl<'p> Ingester<'p> {
             *hash_refs.entry(s.hash.clone()).or_default() += 1;
             by_path.insert(s.path.clone(), i);
         }
+        let by_identity = identities(&work.sources);
         Ok(Ingester {
             out: out.to_owned(),
             _lock: lock,
@@ -198,6 +202,7 @@ impl<'p> Ingester<'p> {
             by_hash,
             hash_refs,
             by_path,
+            by_identity,
             in_source: false,
             dirty: false,
             last_commit: Instant::now(),
@@ -244,6 +249,31 @@ impl<'p> Ingester<'p> {
                     .filter(|p| p.starts_with(root))
                     .map(|p| p.into_owned()),
             )
+            .collect()
+    }
+
+    /// The paths of the sources recorded as file `identity` (device, inode;
+    /// [`FileStamp::identity`]) with a stamp other than `now`, applied or pending: the
+    /// names of one file the dataset holds that are out of date. One hash lookup.
+    pub fn stale_names(&self, identity: (u64, u64), now: &FileStamp) -> Vec<PathBuf> {
+        let applied = self
+            .by_identity
+            .get(&identity)
+            .into_iter()
+            .flatten()
+            .filter_map(|&i| self.work.sources.get(i).map(|s| (i, s)))
+            .filter(|(i, s)| {
+                s.stamp.identity() == Some(identity) && self.by_path.get(&s.path) == Some(i)
+            })
+            .map(|(_, s)| s);
+        let pending = self
+            .pending
+            .iter()
+            .filter(|s| s.stamp.identity() == Some(identity));
+        applied
+            .chain(pending)
+            .filter(|s| s.stamp != *now)
+            .map(|s| stored_path(&s.path).into_owned())
             .collect()
     }
 
@@ -438,6 +468,17 @@ impl<'p> Ingester<'p> {
     /// Puts `entry` into the working manifest, replacing the entry of the same path.
     fn apply(&mut self, entry: SourceEntry) {
         *self.hash_refs.entry(entry.hash.clone()).or_default() += 1;
+        let at = self
+            .by_path
+            .get(&entry.path)
+            .copied()
+            .unwrap_or(self.work.sources.len());
+        if let Some(id) = entry.stamp.identity() {
+            let at_id = self.by_identity.entry(id).or_default();
+            if !at_id.contains(&at) {
+                at_id.push(at);
+            }
+        }
         match self.by_path.get(&entry.path) {
             Some(&i) => {
                 let old = std::mem::replace(&mut self.work.sources[i], entry);
@@ -535,4 +576,15 @@ impl Ingester<'static> {
     pub fn open_quiet(out: &Path, opts: IngesterOptions) -> Result<Self, IngestError> {
         Ingester::open(out, opts, &NoProgress)
     }
+}
+
+/// File identity → the indices of `sources` recorded with it.
+fn identities(sources: &[SourceEntry]) -> HashMap<(u64, u64), Vec<usize>> {
+    let mut by_identity: HashMap<(u64, u64), Vec<usize>> = HashMap::new();
+    for (i, s) in sources.iter().enumerate() {
+        if let Some(id) = s.stamp.identity() {
+            by_identity.entry(id).or_default().push(i);
+        }
+    }
+    by_identity
 }

@@ -83,16 +83,19 @@ pub mod path_serde {
     }
 }
 
-/// The manifest version this build writes. Version 3 stores paths losslessly
+/// The manifest version this build writes. Version 4 added a source's `dev` (device
+/// number) to its stamp: with the inode it says which recorded sources are one file
+/// (hard links, a folder seen through two watched folders). Version 3 stores paths losslessly
 /// ([`path_key`]) and added a source's `ctime_ns` and `inode` to its stamp (an edit that
 /// keeps size and mtime is seen); version 2 made a
 /// record's label the label of the source(s) that refer to it (see `FORMAT.md`). This
-/// build also reads versions 1 and 2, whose manifests mean the same under these rules
-/// (a stamp without ctime or inode is compared on size and mtime).
-pub const MANIFEST_VERSION: u32 = 3;
+/// build also reads versions 1 to 3, whose manifests mean the same under these rules
+/// (a stamp without ctime or inode is compared on size and mtime; one without `dev`
+/// gets it when its file is next looked at).
+pub const MANIFEST_VERSION: u32 = 4;
 /// Manifest versions this build reads (version 2's paths were made UTF-8, see
 /// `FORMAT.md`).
-pub const READABLE_VERSIONS: [u32; 3] = [1, 2, 3];
+pub const READABLE_VERSIONS: [u32; 4] = [1, 2, 3, 4];
 
 /// Errors loading or saving a manifest.
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +206,11 @@ pub struct FileStamp {
     /// Inode number; absent in manifests before version 3 and off Unix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inode: Option<u64>,
+    /// Device number (`st_dev`); absent in manifests before version 4 and off Unix. Not
+    /// part of [`FileStamp::unchanged`] (a remount may renumber a device); with the
+    /// inode it names the file ([`FileStamp::identity`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev: Option<u64>,
 }
 
 impl FileStamp {
@@ -217,22 +225,29 @@ impl FileStamp {
             })
             .unwrap_or(0);
         #[cfg(unix)]
-        let (ctime_ns, inode) = {
+        let (ctime_ns, inode, dev) = {
             use std::os::unix::fs::MetadataExt;
             let ctime = meta
                 .ctime()
                 .checked_mul(1_000_000_000)
                 .and_then(|s| s.checked_add(meta.ctime_nsec()));
-            (ctime, Some(meta.ino()))
+            (ctime, Some(meta.ino()), Some(meta.dev()))
         };
         #[cfg(not(unix))]
-        let (ctime_ns, inode) = (None, None);
+        let (ctime_ns, inode, dev) = (None, None, None);
         FileStamp {
             size: meta.len(),
             mtime_ns,
             ctime_ns,
             inode,
+            dev,
         }
+    }
+
+    /// The file itself, `(device, inode)`, where both were recorded: two paths with the
+    /// same identity are two names of one file.
+    pub fn identity(&self) -> Option<(u64, u64)> {
+        self.dev.zip(self.inode)
     }
 
     /// True when a file recorded with this stamp still has it (`now`): size and mtime

@@ -152,8 +152,10 @@ fn is_hidden(name: &std::ffi::OsStr) -> bool {
 }
 
 /// Extensions (lower case) of files that are not meant as data: backups, temporary
-/// files and partial downloads.
-pub const IGNORED_EXTENSIONS: [&str; 9] = [
+/// files and partial downloads, and what byol itself writes (checkpoints and exports
+/// `.safetensors`, shards `.shard`, metrics and reports `.jsonl`, manifests and
+/// checkpoint metas `.json`), wherever it lies.
+pub const IGNORED_EXTENSIONS: [&str; 13] = [
     "bak",
     "tmp",
     "temp",
@@ -163,6 +165,10 @@ pub const IGNORED_EXTENSIONS: [&str; 9] = [
     "download",
     "swp",
     "old",
+    "safetensors",
+    "shard",
+    "jsonl",
+    "json",
 ];
 
 /// True for a file name that is skipped whatever its content: hidden (`.name`), editor
@@ -247,13 +253,14 @@ fn choose_layout(class_folders: usize, root_images: usize, root_other: usize) ->
 
 /// Lists what `src` (a folder, an image file or an IDX file) holds.
 ///
-/// `exclude` (the dataset folder) is never descended into. Hidden files and folders,
+/// `exclude` (folders byol writes: the dataset, the daemon's run folder) is never
+/// descended into, wherever it is found (through a symlink too). Hidden files and folders,
 /// backups, temporary files and partial downloads ([`is_ignored_name`]) are skipped and
 /// counted. With [`Layout::Auto`] the layout is chosen from the tree: flat when no
 /// first-level subfolder holds a file, image-folder otherwise (images at the root then
 /// stay unlabelled; non-image files at the root never change the choice). Fails only
 /// when `src` itself cannot be read.
-pub fn scan(src: &Path, layout: Layout, exclude: Option<&Path>) -> io::Result<Scan> {
+pub fn scan(src: &Path, layout: Layout, exclude: &[PathBuf]) -> io::Result<Scan> {
     scan_at(fs::canonicalize(src)?, layout, exclude)
 }
 
@@ -261,11 +268,11 @@ pub fn scan(src: &Path, layout: Layout, exclude: Option<&Path>) -> io::Result<Sc
 /// path it was found at, symlinks in it not resolved: a symlinked class folder keeps its
 /// place under the watched folder, and so its class, as the walk from the watched folder
 /// at start-up gives it.
-pub fn scan_found(path: &Path, layout: Layout, exclude: Option<&Path>) -> io::Result<Scan> {
+pub fn scan_found(path: &Path, layout: Layout, exclude: &[PathBuf]) -> io::Result<Scan> {
     scan_at(path.to_owned(), layout, exclude)
 }
 
-fn scan_at(root: PathBuf, layout: Layout, exclude: Option<&Path>) -> io::Result<Scan> {
+fn scan_at(root: PathBuf, layout: Layout, exclude: &[PathBuf]) -> io::Result<Scan> {
     let meta = fs::metadata(&root)?;
     let mut scan = Scan {
         root: root.clone(),
@@ -291,7 +298,10 @@ fn scan_at(root: PathBuf, layout: Layout, exclude: Option<&Path>) -> io::Result<
     }
     // The root itself must be listable: an unreadable root is an error, not an empty tree.
     fs::read_dir(&root)?;
-    let exclude = exclude.and_then(|p| fs::canonicalize(p).ok());
+    let exclude: Vec<PathBuf> = exclude
+        .iter()
+        .filter_map(|p| fs::canonicalize(p).ok())
+        .collect();
     let walker = walkdir::WalkDir::new(&root)
         .follow_links(true)
         .sort_by_file_name()
@@ -299,9 +309,8 @@ fn scan_at(root: PathBuf, layout: Layout, exclude: Option<&Path>) -> io::Result<
         .filter_entry(|e| {
             let excluded = || {
                 e.file_type().is_dir()
-                    && exclude
-                        .as_deref()
-                        .is_some_and(|x| fs::canonicalize(e.path()).is_ok_and(|p| p == x))
+                    && !exclude.is_empty()
+                    && fs::canonicalize(e.path()).is_ok_and(|p| exclude.contains(&p))
             };
             e.depth() == 0 || !(is_hidden(e.file_name()) || excluded())
         });
@@ -448,7 +457,7 @@ mod tests {
         touch(&d.path().join("dog/c.png"));
         touch(&d.path().join(".hidden/x.jpg"));
         touch(&d.path().join("dog/.DS_Store"));
-        let s = scan(d.path(), Layout::Auto, None).unwrap();
+        let s = scan(d.path(), Layout::Auto, &[]).unwrap();
         let got: Vec<_> = s
             .candidates
             .iter()
@@ -496,7 +505,7 @@ mod tests {
         touch(&d.path().join("a.jpg"));
         touch(&d.path().join("b.jpg"));
         fs::create_dir(d.path().join("empty")).unwrap();
-        let s = scan(d.path(), Layout::Auto, None).unwrap();
+        let s = scan(d.path(), Layout::Auto, &[]).unwrap();
         assert_eq!(s.layout, Layout::Flat);
         assert_eq!(s.candidates.len(), 2);
         assert!(s.candidates.iter().all(|c| c.label.is_none()));
@@ -509,7 +518,7 @@ mod tests {
         write(&d.path().join("cat/a.png"), &png_bytes());
         write(&d.path().join("dog/b.png"), &png_bytes());
         fs::write(d.path().join("README"), "class folders of pets\n").unwrap();
-        let s = scan(d.path(), Layout::Auto, None).unwrap();
+        let s = scan(d.path(), Layout::Auto, &[]).unwrap();
         assert_eq!(s.layout, Layout::ImageFolder);
         let reason = s.layout_reason.clone().unwrap();
         assert!(reason.contains("2 class folder(s)"), "{reason}");
@@ -526,7 +535,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         write(&d.path().join("cat/a.png"), &png_bytes());
         write(&d.path().join("stray.png"), &png_bytes());
-        let s = scan(d.path(), Layout::Auto, None).unwrap();
+        let s = scan(d.path(), Layout::Auto, &[]).unwrap();
         assert_eq!(s.layout, Layout::ImageFolder);
         assert!(
             s.layout_reason
@@ -555,7 +564,7 @@ mod tests {
         ] {
             write(&d.path().join(name), &png_bytes());
         }
-        let s = scan(d.path(), Layout::Auto, None).unwrap();
+        let s = scan(d.path(), Layout::Auto, &[]).unwrap();
         assert_eq!(labels_of(&s), vec![("a.png", None)]);
         assert_eq!(s.ignored, 6, "hidden files are skipped without counting");
         assert!(!is_ignored_name(".bak".as_ref()) || is_hidden(".bak".as_ref()));
@@ -570,7 +579,7 @@ mod tests {
             .unwrap();
         std::os::unix::fs::symlink(d.path(), d.path().join("loop")).unwrap();
         std::os::unix::fs::symlink(d.path().join("self"), d.path().join("self")).unwrap();
-        let s = scan(d.path(), Layout::Flat, None).unwrap();
+        let s = scan(d.path(), Layout::Flat, &[]).unwrap();
         assert_eq!(s.candidates.len(), 1);
         let mut reasons: Vec<_> = s.rejects.iter().map(|r| r.reason).collect();
         reasons.sort();
@@ -589,7 +598,40 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         touch(&d.path().join("a.jpg"));
         touch(&d.path().join("out/shards/000000.shard"));
-        let s = scan(d.path(), Layout::Flat, Some(&d.path().join("out"))).unwrap();
+        let s = scan(d.path(), Layout::Flat, &[d.path().join("out")]).unwrap();
         assert_eq!(s.candidates.len(), 1);
+    }
+
+    #[test]
+    fn every_excluded_folder_is_skipped_also_through_a_symlink() {
+        let d = tempfile::tempdir().unwrap();
+        let watched = d.path().join("in");
+        touch(&watched.join("a.jpg"));
+        touch(&watched.join("data/shards/000000.jpg"));
+        touch(&watched.join("run/checkpoints/x.jpg"));
+        touch(&d.path().join("elsewhere/run2/y.jpg"));
+        std::os::unix::fs::symlink(d.path().join("elsewhere/run2"), watched.join("link")).unwrap();
+        let exclude = [
+            watched.join("data"),
+            watched.join("run"),
+            d.path().join("elsewhere/run2"),
+        ];
+        let s = scan(&watched, Layout::Flat, &exclude).unwrap();
+        let names: Vec<_> = s.candidates.iter().map(|c| c.path.clone()).collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn what_byol_writes_is_ignored_by_name() {
+        for name in [
+            "encoder.safetensors",
+            "000001.shard",
+            "metrics.jsonl",
+            "manifest.json",
+            "meta.JSON",
+        ] {
+            assert!(is_ignored_name(name.as_ref()), "{name}");
+        }
+        assert!(!is_ignored_name("photo.png".as_ref()));
     }
 }

@@ -18,12 +18,13 @@ impl Ingester<'_> {
                 .existing(&path_key(&c.path))
                 .is_some_and(|e| e.stamp.unchanged(&c.stamp));
             if present {
-                unchanged.push((c.path.clone(), c.label.clone()));
+                unchanged.push((c.path.clone(), c.label.clone(), c.stamp));
             }
             !present
         });
-        for (path, label) in unchanged {
+        for (path, label, stamp) in unchanged {
             self.summary.already_present += 1;
+            self.complete_stamp(&path, stamp);
             self.relabel(&path, label.as_deref())?;
         }
         let labels: Vec<Option<u32>> = images
@@ -152,6 +153,27 @@ impl Ingester<'_> {
             records,
         });
         self.maybe_commit()
+    }
+
+    /// An unchanged file's stamp recorded by an older manifest (no ctime, inode or
+    /// device) gets what `now` adds: a manifest change only.
+    fn complete_stamp(&mut self, path: &Path, now: FileStamp) {
+        let key = path_key(path);
+        let Some(&i) = self.by_path.get(&key) else {
+            return;
+        };
+        let stamp = &mut self.work.sources[i].stamp;
+        if *stamp == now {
+            return;
+        }
+        *stamp = now;
+        self.dirty = true;
+        if let Some(id) = now.identity() {
+            let at = self.by_identity.entry(id).or_default();
+            if !at.contains(&i) {
+                at.push(i);
+            }
+        }
     }
 
     /// Id of a source (applied or pending) holding `hash`.

@@ -83,6 +83,7 @@ impl Ingester<'_> {
             .enumerate()
             .map(|(i, s)| (s.path.clone(), i))
             .collect();
+        self.by_identity = identities(&self.work.sources);
         for old in gone {
             self.retire_records(&old, false);
         }
