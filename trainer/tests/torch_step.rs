@@ -425,6 +425,16 @@ fn lars_matches_byols_definition_step_for_step() {
     run_case("lars");
 }
 
+/// The online variable `name` of `trainer`.
+fn online_var(trainer: &Trainer, name: &str) -> candle_core::Var {
+    trainer
+        .online_named()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no online variable {name}"))
+        .1
+}
+
 /// The switch is what the two SGD fixtures differ by: decaying biases and BatchNorm's
 /// parameters moves them, and ours without the switch does not match PyTorch's run with
 /// decay on every parameter (so the fixture can tell the two apart).
@@ -439,12 +449,7 @@ fn weight_decay_on_norm_and_bias_is_a_switch_the_fixture_tells_apart() {
     trainer
         .step_tensors(&t["step0.v1"], &t["step0.v2"])
         .unwrap();
-    let bias = trainer
-        .online_named()
-        .into_iter()
-        .find(|(n, _)| n == "projector.0.bias")
-        .unwrap()
-        .1;
+    let bias = online_var(&trainer, "projector.0.bias");
     // Its gradient vanishes (a BatchNorm follows): only the decay moves it, by
     // lr · wd = 1.6e-4 of its value; both sides' rounding is far below that.
     let init = &t["init.online.projector.0.bias"];
@@ -461,12 +466,7 @@ fn weight_decay_on_norm_and_bias_is_a_switch_the_fixture_tells_apart() {
     trainer
         .step_tensors(&t["step0.v1"], &t["step0.v2"])
         .unwrap();
-    let bias = trainer
-        .online_named()
-        .into_iter()
-        .find(|(n, _)| n == "projector.0.bias")
-        .unwrap()
-        .1;
+    let bias = online_var(&trainer, "projector.0.bias");
     let err = rel_l2(bias.as_tensor(), &t["step0.online.projector.0.bias"], 0.0);
     assert!(
         err < 0.01 * moved,

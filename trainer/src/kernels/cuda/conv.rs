@@ -309,20 +309,31 @@ impl Drop for QueryDescs {
     }
 }
 
-/// The runnable candidates of one heuristics query, in its order: status success and
-/// the plan's math type.
-macro_rules! candidates {
-    ($perf:expr, $count:expr, $math:expr) => {
-        $perf[..$count.max(0) as usize]
+/// The runnable candidates cuDNN's heuristics list for `$plan`'s shape in one direction
+/// (`$get`: `cudnnGetConvolution*Algorithm_v7` taking the query handle, the descriptors
+/// `$d` names in `$args` order, and `$n` records of `$perf`), in its order: status
+/// success and the plan's math type.
+macro_rules! heuristics {
+    ($plan:expr, $query:expr, $perf:ty, $n:expr, $get:path, |$d:ident| ($($arg:ident),+)) => {{
+        let $d = QueryDescs::new::<T>(&$plan.shape, $plan.math)?;
+        const N: usize = $n as usize;
+        let mut count = 0;
+        // SAFETY: zeroed perf records are valid; cuDNN fills `count` of them.
+        let mut perf: [$perf; N] = unsafe { std::mem::zeroed() };
+        // SAFETY: the handle and descriptors are alive; `perf` holds N records.
+        unsafe { $get($query.0, $($d.$arg),+, N as i32, &mut count, perf.as_mut_ptr()) }.w()?;
+        Ok(perf[..count.max(0) as usize]
             .iter()
-            .filter(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.mathType == $math)
+            .filter(|p| {
+                p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.mathType == $plan.math
+            })
             .map(|p| Candidate {
                 algo: p.algo,
                 workspace: p.memory,
                 deterministic: p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC,
             })
-            .collect::<Vec<_>>()
-    };
+            .collect::<Vec<_>>())
+    }};
 }
 
 /// The algorithm choice of one direction of `plan`'s shape: cuDNN's whole heuristic
@@ -410,28 +421,14 @@ pub(crate) fn forward(
         with_plan::<T, _>(&dev, shape, |plan, ws, dev, query| {
             if plan.fwd.is_none() {
                 plan.fwd = Some(choose(dev, &plan.shape, "forward", || {
-                    let d = QueryDescs::new::<T>(&plan.shape, plan.math)?;
-                    const N: usize =
-                        sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as usize;
-                    let mut count = 0;
-                    // SAFETY: zeroed perf records are valid; cuDNN fills `count` of them.
-                    let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; N] =
-                        unsafe { std::mem::zeroed() };
-                    // SAFETY: the handle and descriptors are alive; `perf` holds N records.
-                    unsafe {
-                        result::get_convolution_forward_algorithm(
-                            query.0,
-                            d.x,
-                            d.w,
-                            d.conv,
-                            d.y,
-                            N as i32,
-                            &mut count,
-                            perf.as_mut_ptr(),
-                        )
-                    }
-                    .w()?;
-                    Ok(candidates!(perf, count, plan.math))
+                    heuristics!(
+                        plan,
+                        query,
+                        sys::cudnnConvolutionFwdAlgoPerf_t,
+                        sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT,
+                        result::get_convolution_forward_algorithm,
+                        |d| (x, w, conv, y)
+                    )
                 })?);
             }
             let op = ConvForward {
@@ -465,29 +462,14 @@ pub(crate) fn backward_data(
         with_plan::<T, _>(&dev, shape, |plan, ws, dev, query| {
             if plan.bwd_data.is_none() {
                 plan.bwd_data = Some(choose(dev, &plan.shape, "backward-data", || {
-                    let d = QueryDescs::new::<T>(&plan.shape, plan.math)?;
-                    const N: usize =
-                        sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT
-                            as usize;
-                    let mut count = 0;
-                    // SAFETY: zeroed perf records are valid; cuDNN fills `count` of them.
-                    let mut perf: [sys::cudnnConvolutionBwdDataAlgoPerf_t; N] =
-                        unsafe { std::mem::zeroed() };
-                    // SAFETY: the handle and descriptors are alive; `perf` holds N records.
-                    unsafe {
-                        result::get_convolution_backward_data_algorithm(
-                            query.0,
-                            d.w,
-                            d.y,
-                            d.conv,
-                            d.x,
-                            N as i32,
-                            &mut count,
-                            perf.as_mut_ptr(),
-                        )
-                    }
-                    .w()?;
-                    Ok(candidates!(perf, count, plan.math))
+                    heuristics!(
+                        plan,
+                        query,
+                        sys::cudnnConvolutionBwdDataAlgoPerf_t,
+                        sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT,
+                        result::get_convolution_backward_data_algorithm,
+                        |d| (w, y, conv, x)
+                    )
                 })?);
             }
             let op = ConvBackwardData {
@@ -521,28 +503,14 @@ pub(crate) fn backward_filter(
         with_plan::<T, _>(&dev, shape, |plan, ws, dev, query| {
             if plan.bwd_filter.is_none() {
                 plan.bwd_filter = Some(choose(dev, &plan.shape, "backward-filter", || {
-                    let d = QueryDescs::new::<T>(&plan.shape, plan.math)?;
-                    const N: usize = sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT
-                        as usize;
-                    let mut count = 0;
-                    // SAFETY: zeroed perf records are valid; cuDNN fills `count` of them.
-                    let mut perf: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; N] =
-                        unsafe { std::mem::zeroed() };
-                    // SAFETY: the handle and descriptors are alive; `perf` holds N records.
-                    unsafe {
-                        result::get_convolution_backward_filter_algorithm(
-                            query.0,
-                            d.x,
-                            d.y,
-                            d.conv,
-                            d.w,
-                            N as i32,
-                            &mut count,
-                            perf.as_mut_ptr(),
-                        )
-                    }
-                    .w()?;
-                    Ok(candidates!(perf, count, plan.math))
+                    heuristics!(
+                        plan,
+                        query,
+                        sys::cudnnConvolutionBwdFilterAlgoPerf_t,
+                        sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT,
+                        result::get_convolution_backward_filter_algorithm,
+                        |d| (x, y, conv, w)
+                    )
                 })?);
             }
             let op = ConvBackwardFilter {
