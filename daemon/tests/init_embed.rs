@@ -13,8 +13,6 @@ const TINY: &str = r#"
 [augment]
 preset = "small"
 size = 16
-mean = [0.3, 0.3, 0.3]
-std = [0.35, 0.35, 0.35]
 [loader]
 batch_size = 8
 threads = 2
@@ -33,6 +31,12 @@ device = "cpu"
 total_steps = 20
 log_every = 1
 checkpoint_every_steps = 100
+[augment.view1]
+mean = [0.3, 0.3, 0.3]
+std = [0.35, 0.35, 0.35]
+[augment.view2]
+mean = [0.3, 0.3, 0.3]
+std = [0.35, 0.35, 0.35]
 "#;
 
 /// An ImageFolder of two classes (dark, bright) of 20 x 16 PNGs, ingested to `dir/name`.

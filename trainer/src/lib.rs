@@ -77,8 +77,8 @@ pub enum TrainError {
     Init {
         /// The weights file.
         path: std::path::PathBuf,
-        /// What is wrong.
-        problem: pretrained::InitProblem,
+        /// What is wrong (boxed: the error stays small).
+        problem: Box<pretrained::InitProblem>,
     },
 }
 

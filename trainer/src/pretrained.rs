@@ -172,7 +172,7 @@ pub struct WeightsFile {
 fn refuse(path: &Path, problem: InitProblem) -> TrainError {
     TrainError::Init {
         path: path.to_owned(),
-        problem,
+        problem: Box::new(problem),
     }
 }
 

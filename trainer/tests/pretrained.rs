@@ -245,7 +245,7 @@ fn refusal(result: Result<impl std::fmt::Debug, TrainError>) -> (InitProblem, St
             let TrainError::Init { problem, .. } = e else {
                 unreachable!()
             };
-            (problem, message)
+            (*problem, message)
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
