@@ -56,6 +56,8 @@ pub enum Command {
     Eval(EvalArgs),
     /// Write a checkpoint's online encoder as a torchvision ResNet state_dict.
     Export(ExportArgs),
+    /// Write the encoder's features of every image of a dataset (.npy + .jsonl, or .csv).
+    Embed(EmbedArgs),
     /// Draw a run's training curves (loss, collapse, kNN accuracy) as a PNG.
     Plot(PlotArgs),
     /// Measure the BYOL step on synthetic input (throughput, or a check against the CPU).
@@ -316,6 +318,36 @@ pub struct ExportArgs {
     pub out: PathBuf,
 }
 
+/// `byol embed`.
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// A checkpoint folder (step-N), or a run folder (its newest checkpoint).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// The dataset whose live images are embedded (from `byol ingest`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The file to write: `.npy` (float32 N x D, with a `.jsonl` of record, source and
+    /// label beside it) or `.csv` (lightly's `filenames,embedding_0,...,labels`).
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Input side in pixels [default: the checkpoint's record, as `byol eval`].
+    #[arg(long)]
+    pub size: Option<u32>,
+    /// Per-channel mean, `R,G,B` or one value [default: the checkpoint's record].
+    #[arg(long, value_parser = parse_channels)]
+    pub mean: Option<[f32; 3]>,
+    /// Per-channel standard deviation [default: the checkpoint's record].
+    #[arg(long, value_parser = parse_channels)]
+    pub std: Option<[f32; 3]>,
+    /// Images per encoder forward.
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// `cpu`, `cuda:N` or `auto` [default: the checkpoint's train.device].
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
 /// `byol plot`.
 #[derive(Debug, Args)]
 pub struct PlotArgs {
@@ -360,6 +392,11 @@ pub struct TrainArgs {
     /// (overrides `[train] method`; a resume refuses a checkpoint of another method).
     #[arg(long)]
     pub method: Option<byol_trainer::Method>,
+    /// Start the encoder from pretrained weights: a PyTorch checkpoint (.pth/.pt, zip
+    /// format) or a safetensors file with torchvision's ResNet names (overrides
+    /// `[train] init`; a resume ignores it).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
 }
 
 /// Augmentation preset choices.

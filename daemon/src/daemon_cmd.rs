@@ -99,6 +99,8 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("invalid config {}", args.config.display()))?;
     let d = cfg.daemon.clone().expect("validated");
     let dir = RunDir::new(&d.run);
+    // `[train] init` that does not fit is refused before the run folder is written to.
+    byol_run::check_init(&cfg.trainer(), &dir.checkpoints())?;
     let _lock = if main {
         Some(dir.lock().with_context(|| {
             format!(

@@ -7,6 +7,7 @@ mod config;
 mod console;
 mod daemon_cmd;
 mod demo;
+mod embed_cmd;
 mod eval_cmd;
 mod export_cmd;
 mod ingest_cmd;
@@ -80,6 +81,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         Some(cli::Command::Validate(args)) => daemon_cmd::validate(args),
         Some(cli::Command::Eval(args)) => eval_cmd::run(args),
         Some(cli::Command::Export(args)) => export_cmd::run(args),
+        Some(cli::Command::Embed(args)) => embed_cmd::run(args),
         Some(cli::Command::Plot(args)) => plot_cmd::run(args),
         Some(cli::Command::Bench(cmd)) => bench_cmd::run(cmd),
     }

@@ -60,6 +60,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     if let Some(method) = args.method {
         cfg.train.method = method;
     }
+    if let Some(init) = &args.init {
+        cfg.train.init = Some(std::path::absolute(init).unwrap_or_else(|_| init.clone()));
+    }
     let trainer_cfg = cfg.trainer();
     trainer_cfg.validate()?;
     let mut loader_cfg = cfg.loader.clone();
@@ -94,9 +97,20 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             ckpt_dir.display()
         );
     }
+    let init = trainer_cfg.train.init.clone();
+    let mut trainer = Trainer::new(trainer_cfg, loader_cfg.batch_size)?;
+    // A fresh run starts from `[train] init` when set; a file that does not fit is
+    // refused before the run folder is written to.
+    if let Some(init) = init.as_ref().filter(|_| !args.resume) {
+        let report = trainer
+            .start_from(init)
+            .context("cannot start from [train] init")?;
+        if main {
+            println!("{report}");
+        }
+    }
     // Only rank 0 writes under the run folder.
     let _lock = if main { Some(dir.lock()?) } else { None };
-    let mut trainer = Trainer::new(trainer_cfg, loader_cfg.batch_size)?;
     let state = if args.resume {
         let resumed = resume_agreed(&mut trainer, &ckpt_dir)
             .context("cannot resume")?
@@ -110,6 +124,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
                 resumed.path.display(),
                 resumed.meta.step
             );
+            if let Some(init) = &init {
+                eprintln!("note: {}", byol_run::init_ignored(init, &resumed.path));
+            }
         }
         // A `--minutes` run refits the schedules to its budget on purpose.
         if let Some(change) =

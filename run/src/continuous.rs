@@ -403,7 +403,7 @@ pub fn train_continuously(
     } = setup;
     let tick = heartbeat.min(WAIT_TICK);
     let group = byol_trainer::dist::group();
-    let resumed = crate::resume_agreed(&mut trainer, &dir.checkpoints())?;
+    let resumed = crate::resume_or_init(&mut trainer, &dir.checkpoints())?;
     if let Some(r) = &resumed {
         on_event(Event::Resumed {
             path: &r.path,

@@ -29,7 +29,10 @@ pub use layout::{RunDir, RunLock};
 pub use metrics::{MetricsLine, MetricsSink};
 pub use monitor::{Measurement, Monitor, MonitorConfig};
 pub use policy::CheckpointPolicy;
-pub use resume::{Resumed, RunMeta, ScheduleChange, resume, resume_agreed, schedule_change};
+pub use resume::{
+    Resumed, RunMeta, ScheduleChange, check_init, init_ignored, resume, resume_agreed,
+    resume_or_init, schedule_change,
+};
 pub use run::open_agreed;
 pub use run::{
     CheckpointOutcome, FaultPoints, Finished, RETRY_AFTER, Run, RunParts, StepReport,

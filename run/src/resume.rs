@@ -167,6 +167,71 @@ pub fn resume_agreed(trainer: &mut Trainer, dir: &Path) -> Result<Option<Resumed
     }
 }
 
+/// How a run starts: from its newest usable checkpoint ([`resume_agreed`]), else, when
+/// `[train] init` names pretrained weights, from those ([`Trainer::start_from`]), else
+/// from the seeded random init. A resume ignores `init` (the checkpoint wins) and says
+/// so on the log, once per call: a changed or removed `init` never stops a resume.
+///
+/// Errors: as [`resume_agreed`]; the init file is unreadable or does not fit the model.
+pub fn resume_or_init(trainer: &mut Trainer, dir: &Path) -> Result<Option<Resumed>, RunError> {
+    start(trainer, dir, true)
+}
+
+/// [`resume_or_init`]; `say` whether a resume ignoring `init` is logged (a rollback
+/// does not say it again).
+pub(crate) fn start(
+    trainer: &mut Trainer,
+    dir: &Path,
+    say: bool,
+) -> Result<Option<Resumed>, RunError> {
+    let resumed = resume_agreed(trainer, dir)?;
+    let Some(init) = trainer.config().train.init.clone() else {
+        return Ok(resumed);
+    };
+    match &resumed {
+        Some(r) if say => tracing::warn!(
+            init = %init.display(),
+            checkpoint = %r.path.display(),
+            "{}",
+            init_ignored(&init, &r.path)
+        ),
+        Some(_) => {}
+        None => {
+            let report = trainer.start_from(&init)?;
+            tracing::info!(init = %init.display(), "{report}");
+        }
+    }
+    Ok(resumed)
+}
+
+/// The notice of a resume that ignores `[train] init`.
+pub fn init_ignored(init: &Path, checkpoint: &Path) -> String {
+    format!(
+        "train.init = {} ignored: resuming from {} (a checkpoint's weights win over init)",
+        init.display(),
+        checkpoint.display()
+    )
+}
+
+/// Before a run writes to its folder: when it will start fresh (no checkpoint in
+/// `checkpoints`) and `cfg` names `[train] init`, checks that the file fits the model
+/// (read, mapped, every shape), so a file that does not fit is refused before anything
+/// is written. `Ok(None)` when there is nothing to check.
+///
+/// Errors: the init file is unreadable or does not fit ([`byol_trainer::TrainError::Init`],
+/// naming the first tensor that does not fit and what the model expects).
+pub fn check_init(
+    cfg: &byol_trainer::TrainerConfig,
+    checkpoints: &Path,
+) -> Result<Option<byol_trainer::pretrained::InitReport>, RunError> {
+    match &cfg.train.init {
+        Some(init) if checkpoint::list(checkpoints).is_empty() => Ok(Some(
+            byol_trainer::pretrained::check_file(init, &cfg.model)?,
+        )),
+        _ => Ok(None),
+    }
+}
+
 /// A resume whose `train.total_steps` differs from the checkpoint's: under the cosine
 /// schedules the learning rate and τ at the resumed step change with it (the learning
 /// rate jumps back up, τ drops), so the run says so. See [`schedule_change`].

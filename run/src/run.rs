@@ -652,12 +652,13 @@ impl Run {
 
     /// Puts the weights, optimizer and step back to the newest usable checkpoint (after
     /// a non-finite loss); the loader goes on from where it is, so the batch that
-    /// diverged is not replayed. Without a checkpoint the trainer starts afresh from its
-    /// seed. Metrics lines past the restored step are dropped. Returns the checkpoint
-    /// used.
+    /// diverged is not replayed. Without a checkpoint the trainer starts afresh (from
+    /// `[train] init`, else its seed). Metrics lines past the restored step are
+    /// dropped. Returns the checkpoint used.
     pub fn rollback(&mut self) -> Result<Option<PathBuf>, RunError> {
         let mut fresh = Trainer::new(self.trainer.config().clone(), self.trainer.batch_size())?;
-        let resumed = crate::resume_agreed(&mut fresh, &self.dir.checkpoints())?;
+        // Without a checkpoint, the run's start again: `[train] init` or the seed.
+        let resumed = crate::resume::start(&mut fresh, &self.dir.checkpoints(), false)?;
         self.trainer = fresh;
         self.poisoned = None;
         self.health_read_at = self.trainer.steps_done();

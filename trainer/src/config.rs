@@ -396,6 +396,14 @@ pub struct TrainConfig {
     /// forward and backward, in every network (BYOL's cross-replica BatchNorm). No
     /// effect in one process.
     pub sync_bn: bool,
+    /// Pretrained weights the encoder starts from (`None`: seeded random init): a
+    /// PyTorch checkpoint (zip format) or a safetensors file with torchvision's names
+    /// ([`crate::pretrained`]). The heads start fresh and an EMA target copies the
+    /// loaded encoder. Applied only when a run starts without checkpoints
+    /// ([`crate::Trainer::start_from`]); a resume ignores it, so changing or removing it
+    /// never stops a resume. Recorded in every checkpoint's `config`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<std::path::PathBuf>,
 }
 
 /// Numeric precision of the training step.
@@ -438,6 +446,7 @@ impl Default for TrainConfig {
             precision: Precision::Fp32,
             tf32: false,
             sync_bn: true,
+            init: None,
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod memory;
 pub mod model;
 pub mod objective;
 pub mod optim;
+pub mod pretrained;
 pub mod schedule;
 mod trainer;
 
@@ -70,6 +71,14 @@ pub enum TrainError {
         path: std::path::PathBuf,
         /// What is wrong.
         problem: checkpoint::CheckpointProblem,
+    },
+    /// A file of pretrained weights (`[train] init`) cannot start this encoder.
+    #[error("init weights {path}: {problem}")]
+    Init {
+        /// The weights file.
+        path: std::path::PathBuf,
+        /// What is wrong (boxed: the error stays small).
+        problem: Box<pretrained::InitProblem>,
     },
 }
 

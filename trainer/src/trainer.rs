@@ -12,6 +12,7 @@ use crate::kernels::profile::phase;
 use crate::model::{Compute, Network, reinit, sorted, trainable};
 use crate::objective::{Objective, ObjectiveStats};
 use crate::optim::Optimizer;
+use crate::pretrained::InitReport;
 use crate::schedule;
 
 /// What one step measured without reading the device (its loss stays there: see
@@ -159,6 +160,25 @@ impl Trainer {
             health,
             reduced,
         })
+    }
+
+    /// Starts the encoder from the pretrained weights at `path` (see
+    /// [`crate::pretrained`]): the online encoder's variables, BatchNorm statistics
+    /// included, are set from the file; the projector and the objective's heads keep
+    /// their fresh initialisation, and an EMA target or key encoder starts again as a
+    /// copy of the online network. Call it before the first step.
+    ///
+    /// Errors: the file is unreadable or does not fit the model ([`TrainError::Init`],
+    /// naming the first tensor that does not fit); nothing is changed then.
+    pub fn start_from(&mut self, path: &std::path::Path) -> Result<InitReport, TrainError> {
+        let file = crate::pretrained::read_weights(path)?;
+        let encoder: Vec<(String, Var)> = sorted(&self.online)
+            .into_iter()
+            .filter_map(|(n, v)| Some((n.strip_prefix("encoder.")?.to_owned(), v)))
+            .collect();
+        let report = crate::pretrained::load_encoder(&file, &encoder, &self.cfg.model)?;
+        self.objective.start(&self.online)?;
+        Ok(report)
     }
 
     /// Sets the length of the cosine schedules (`train.total_steps`), e.g. once a

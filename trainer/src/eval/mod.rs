@@ -5,8 +5,11 @@
 //! - [`features`]: the evaluation preprocessing and feature extraction over a dataset;
 //! - [`linear`]: standardisation and multinomial logistic regression with an L2 search;
 //! - [`knn`]: weighted kNN on cosine similarity;
+//! - [`embed`]: the encoder's features of every record, written as `.npy` + `.jsonl` or
+//!   lightly's `.csv`;
 //! - [`export`]: the encoder as a torchvision `state_dict` in safetensors.
 
+pub mod embed;
 pub mod encoder;
 pub mod export;
 pub mod features;
@@ -15,6 +18,7 @@ pub mod linear;
 
 use std::path::PathBuf;
 
+pub use embed::{EmbedFormat, EmbedReport, RowInfo, embed};
 pub use encoder::{Encoder, InputOverrides, ResolvedInput, checkpoint_input, resolve_checkpoint};
 pub use export::{export_encoder, torchvision_state};
 pub use features::{Features, Preprocess, extract, pixel_features};
