@@ -254,6 +254,43 @@ pub fn parse_channels(text: &str) -> Result<[f32; 3], String> {
     }
 }
 
+/// Overrides of the preprocessing a checkpoint records (`byol eval`, `byol embed`).
+#[derive(Debug, Args)]
+pub struct InputArgs {
+    /// Input side in pixels [default: the side of the views the checkpoint was trained on;
+    /// for checkpoints that do not record it, 32 with the small-image stem, else 224].
+    #[arg(long)]
+    pub size: Option<u32>,
+    /// Per-channel mean of the [0, 1] values, `R,G,B` or one value for all three
+    /// [default: the normalisation the checkpoint records; ImageNet's when it records none].
+    #[arg(long, value_parser = parse_channels)]
+    pub mean: Option<[f32; 3]>,
+    /// Per-channel standard deviation, `R,G,B` or one value for all three [default: the
+    /// checkpoint's record; ImageNet's when it records none].
+    #[arg(long, value_parser = parse_channels)]
+    pub std: Option<[f32; 3]>,
+}
+
+impl InputArgs {
+    /// The preprocessing for the encoder of a checkpoint with `meta`: its record, then
+    /// these flags; a warning on stderr when ImageNet's statistics are assumed.
+    pub fn resolve(
+        &self,
+        meta: &byol_trainer::CheckpointMeta,
+    ) -> byol_trainer::eval::ResolvedInput {
+        let overrides = byol_trainer::eval::InputOverrides {
+            size: self.size,
+            mean: self.mean,
+            std: self.std,
+        };
+        let resolved = byol_trainer::eval::checkpoint_input(meta, &overrides);
+        if let Some(warning) = resolved.warning(&overrides) {
+            eprintln!("warning: {warning}");
+        }
+        resolved
+    }
+}
+
 /// `byol eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -278,18 +315,9 @@ pub struct EvalArgs {
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Input side in pixels [default: the side of the views the checkpoint was trained on;
-    /// for checkpoints that do not record it, 32 with the small-image stem, else 224].
-    #[arg(long)]
-    pub size: Option<u32>,
-    /// Per-channel mean of the [0, 1] values, `R,G,B` or one value for all three
-    /// [default: the normalisation the checkpoint records; ImageNet's when it records none].
-    #[arg(long, value_parser = parse_channels)]
-    pub mean: Option<[f32; 3]>,
-    /// Per-channel standard deviation, `R,G,B` or one value for all three [default: the
-    /// checkpoint's record; ImageNet's when it records none].
-    #[arg(long, value_parser = parse_channels)]
-    pub std: Option<[f32; 3]>,
+    /// The input's size and normalisation [default: the checkpoint's record].
+    #[command(flatten)]
+    pub input: InputArgs,
     /// Images per encoder forward.
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
@@ -331,15 +359,9 @@ pub struct EmbedArgs {
     /// label beside it) or `.csv` (lightly's `filenames,embedding_0,...,labels`).
     #[arg(long, short)]
     pub out: PathBuf,
-    /// Input side in pixels [default: the checkpoint's record, as `byol eval`].
-    #[arg(long)]
-    pub size: Option<u32>,
-    /// Per-channel mean, `R,G,B` or one value [default: the checkpoint's record].
-    #[arg(long, value_parser = parse_channels)]
-    pub mean: Option<[f32; 3]>,
-    /// Per-channel standard deviation [default: the checkpoint's record].
-    #[arg(long, value_parser = parse_channels)]
-    pub std: Option<[f32; 3]>,
+    /// The input's size and normalisation [default: the checkpoint's record].
+    #[command(flatten)]
+    pub input: InputArgs,
     /// Images per encoder forward.
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,

@@ -8,9 +8,7 @@ use anyhow::Context;
 use byol_ingest::Dataset;
 use byol_trainer::checkpoint;
 use byol_trainer::device::{open_device, parse_device};
-use byol_trainer::eval::{
-    Encoder, InputOverrides, Preprocess, checkpoint_input, embed, resolve_checkpoint,
-};
+use byol_trainer::eval::{Encoder, Preprocess, embed, resolve_checkpoint};
 
 use crate::cli::EmbedArgs;
 use crate::progress::Bar;
@@ -25,15 +23,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<ExitCode> {
     let device = open_device(parse_device(device_name)?)?;
     let dataset = Dataset::open(&args.data)
         .with_context(|| format!("cannot open dataset {}", args.data.display()))?;
-    let overrides = InputOverrides {
-        size: args.size,
-        mean: args.mean,
-        std: args.std,
-    };
-    let resolved = checkpoint_input(&meta, &overrides);
-    if let Some(warning) = resolved.warning(&overrides) {
-        eprintln!("warning: {warning}");
-    }
+    let resolved = args.input.resolve(&meta);
     let pre = Preprocess::for_input(&resolved.input);
     let (encoder, _) = Encoder::from_checkpoint(&ck, meta.config.train.kernels, &device)?;
     let started = Instant::now();

@@ -10,8 +10,8 @@ use byol_ingest::Dataset;
 use byol_trainer::checkpoint;
 use byol_trainer::device::{open_device, parse_device};
 use byol_trainer::eval::{
-    Encoder, Features, InputOverrides, KnnConfig, Preprocess, ProbeConfig, checkpoint_input,
-    extract, knn_accuracy, linear_probe, pixel_features, resolve_checkpoint,
+    Encoder, Features, KnnConfig, Preprocess, ProbeConfig, extract, knn_accuracy, linear_probe,
+    pixel_features, resolve_checkpoint,
 };
 use byol_trainer::input::InputSpec;
 use serde::Serialize;
@@ -77,15 +77,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let test_ds = open(&args.test)?;
     // The preprocessing the encoder was trained with (the checkpoint's record), then
     // the flags.
-    let overrides = InputOverrides {
-        size: args.size,
-        mean: args.mean,
-        std: args.std,
-    };
-    let resolved = checkpoint_input(&meta, &overrides);
-    if let Some(warning) = resolved.warning(&overrides) {
-        eprintln!("warning: {warning}");
-    }
+    let resolved = args.input.resolve(&meta);
     let size = resolved.input.size;
     let pre = Preprocess::for_input(&resolved.input);
     let probe = ProbeConfig {
