@@ -342,13 +342,7 @@ fn write_rows(
                 }
                 Err(reason) => {
                     skipped += 1;
-                    tracing::warn!(
-                        dataset = %dataset.dir().display(),
-                        shard = r.shard,
-                        index = r.index,
-                        %reason,
-                        "skipping corrupt record"
-                    );
+                    super::features::warn_corrupt(dataset, &r, &reason);
                 }
             }
         }

@@ -165,6 +165,18 @@ impl Features {
 
 /// Labelled samples of `dataset` (a record under two labels is two samples), in shard
 /// order; the count of unlabelled ones. Errors when there is no labelled sample.
+/// Logs that record `r` of `dataset` is skipped as corrupt (features and embeddings
+/// leave it out and count it).
+pub(crate) fn warn_corrupt(dataset: &Dataset, r: &RecordRef, reason: &str) {
+    tracing::warn!(
+        dataset = %dataset.dir().display(),
+        shard = r.shard,
+        index = r.index,
+        %reason,
+        "skipping corrupt record"
+    );
+}
+
 fn labelled(dataset: &Dataset) -> Result<(Vec<(RecordRef, u32)>, usize), EvalError> {
     let mut out = Vec::new();
     let mut unlabelled = 0;
@@ -234,13 +246,7 @@ fn for_each_batch(
                 }
                 Err(reason) => {
                     skipped += 1;
-                    tracing::warn!(
-                        dataset = %dataset.dir().display(),
-                        shard = r.shard,
-                        index = r.index,
-                        %reason,
-                        "skipping corrupt record"
-                    );
+                    warn_corrupt(dataset, &r, &reason);
                 }
             }
         }
