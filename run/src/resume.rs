@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use byol_loader::LoaderState;
-use byol_trainer::{CheckpointMeta, Schedule, Trainer, checkpoint, schedule};
+use byol_trainer::{
+    CheckpointMeta, CheckpointProblem, Schedule, TrainError, Trainer, checkpoint, schedule,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::RunError;
@@ -76,29 +78,32 @@ pub fn resume(trainer: &mut Trainer, dir: &Path) -> Result<Option<Resumed>, RunE
         // A meta that cannot be read, or tensor files that fail their checksums, pass
         // the checkpoint over; one made for another model is a config error. The
         // tensor files are read once, by the load.
-        let mut pass_over = |path: PathBuf, e: byol_trainer::TrainError| {
+        let mut pass_over = |path: PathBuf, e: TrainError| {
             tracing::warn!(checkpoint = %path.display(), reason = %e, "checkpoint passed over");
             skipped.push((path, e.to_string()));
         };
-        let meta = match checkpoint::read_meta(&path) {
-            Ok(meta) => meta,
-            Err(e) => {
-                pass_over(path, e);
-                continue;
+        // One made with other settings (the load checks them first, from the meta) is a
+        // config error, named at the checkpoint's folder: falling back would not fix it.
+        // Anything else (an unreadable meta, a failed checksum, a tensor that does not
+        // fit) passes it over.
+        match trainer.load_checkpoint(&path) {
+            Ok(meta) => {
+                let run = RunMeta::from_checkpoint(&meta, &path)?;
+                return Ok(Some(Resumed {
+                    path,
+                    meta,
+                    run,
+                    skipped,
+                }));
             }
-        };
-        trainer.check_fits(&meta, &path)?;
-        if let Err(e) = trainer.load_checkpoint(&path) {
-            pass_over(path, e);
-            continue;
+            Err(TrainError::Checkpoint {
+                path: at,
+                problem: problem @ CheckpointProblem::Mismatch { .. },
+            }) if at == path => {
+                return Err(TrainError::Checkpoint { path: at, problem }.into());
+            }
+            Err(e) => pass_over(path, e),
         }
-        let run = RunMeta::from_checkpoint(&meta, &path)?;
-        return Ok(Some(Resumed {
-            path,
-            meta,
-            run,
-            skipped,
-        }));
     }
     let reasons: Vec<String> = skipped.iter().map(|(_, r)| r.clone()).collect();
     Err(RunError::Resume(format!(
@@ -150,9 +155,7 @@ pub fn resume_agreed(trainer: &mut Trainer, dir: &Path) -> Result<Option<Resumed
                         dir.display()
                     ))
                 })?;
-            let meta = checkpoint::read_meta(&path)?;
-            trainer.check_fits(&meta, &path)?;
-            trainer.load_checkpoint(&path)?;
+            let meta = trainer.load_checkpoint(&path)?;
             let run = RunMeta::from_checkpoint(&meta, &path)?;
             Ok(Some(Resumed {
                 path,

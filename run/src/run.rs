@@ -600,7 +600,9 @@ impl Run {
         // checkpoint clock.
         let group = self.group;
         let saved = if group.is_main() {
-            checkpoint::save(&dir, &self.trainer, Some(&self.input), meta.to_json())
+            self.trainer
+                .state()
+                .and_then(|state| checkpoint::save(&dir, &state, Some(&self.input), meta.to_json()))
                 .map_err(RunError::from)
         } else {
             Ok(checkpoint::folder(&dir, step))

@@ -13,6 +13,10 @@
 //!   step, the training-mode forwards a step made), `target.safetensors` (the target
 //!   under its own names), `optimizer.safetensors`; no `method` (BYOL).
 //!
+//! This module is the IO of a [`TrainerState`] (the trainer gives and takes the state:
+//! [`crate::Trainer::state`], [`crate::Trainer::restore`]); format 1 is upgraded to the
+//! state's terms as it is read.
+//!
 //! A checkpoint is a folder `step-NNNNNNNNNN/` written as `step-NNNNNNNNNN.tmp/`, every
 //! file fsynced, then renamed (and the parent fsynced): a killed write leaves only a
 //! `.tmp` folder, which loaders ignore and [`prune`] removes. `meta.json` holds the
@@ -21,18 +25,18 @@
 //! ([`prune`]), and what else a run records (loader position, epoch) is the caller's
 //! JSON, kept in [`CheckpointMeta::run`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use byol_ingest::fsutil;
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
 use crate::config::{Method, TrainerConfig};
 use crate::input::InputSpec;
-use crate::trainer::Trainer;
+use crate::state::{RestoreError, StateDict, StateError, StateOrigin, StatePart, TrainerState};
 
 /// Version of the checkpoint layout written (see the module docs for what each holds).
 pub const CHECKPOINT_VERSION: u32 = 2;
@@ -181,6 +185,45 @@ fn problem(path: &Path, problem: CheckpointProblem) -> TrainError {
     }
 }
 
+/// A [`StateError`] about the checkpoint file (or folder) `path` as a [`TrainError`]: a
+/// [`TrainError::Checkpoint`] with the same problem, or the device's error.
+pub(crate) fn state_error(path: &Path, e: StateError) -> TrainError {
+    let p = match e {
+        StateError::Candle(e) => return TrainError::Candle(e),
+        StateError::TensorCount { found, expected } => {
+            CheckpointProblem::TensorCount { found, expected }
+        }
+        StateError::MissingTensor(name) => CheckpointProblem::MissingTensor(name),
+        StateError::Shape {
+            name,
+            found,
+            expected,
+        } => CheckpointProblem::Shape {
+            name,
+            found,
+            expected,
+        },
+        StateError::Value { name, reason } => CheckpointProblem::Value { name, reason },
+        StateError::Mismatch { what, theirs, ours } => {
+            CheckpointProblem::Mismatch { what, theirs, ours }
+        }
+    };
+    problem(path, p)
+}
+
+/// A refused restore of the checkpoint at `path` (`meta` read from it), naming the file
+/// of the refused part (the folder for its settings).
+pub(crate) fn restore_error(path: &Path, meta: &CheckpointMeta, e: RestoreError) -> TrainError {
+    let file = match e.part {
+        StatePart::Origin => path.to_owned(),
+        StatePart::Online => path.join(ONLINE),
+        StatePart::Objective if meta.format_version == 1 => path.join(V1_TARGET),
+        StatePart::Objective => path.join(OBJECTIVE),
+        StatePart::Optimizer => path.join(OPTIMIZER),
+    };
+    state_error(&file, e.error)
+}
+
 fn unreadable(
     path: &Path,
 ) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> TrainError + '_ {
@@ -198,19 +241,13 @@ fn checksum(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex().to_string()
 }
 
-fn safetensors_bytes(tensors: &[(String, Tensor)], file: &Path) -> Result<Vec<u8>, TrainError> {
+fn safetensors_bytes(tensors: &StateDict, file: &Path) -> Result<Vec<u8>, TrainError> {
     let cpu: Vec<(String, Tensor)> = tensors
         .iter()
-        .map(|(n, t)| Ok((n.clone(), crate::host::to_cpu(t)?)))
+        .map(|(n, t)| Ok((n.to_owned(), crate::host::to_cpu(t)?)))
         .collect::<Result<_, TrainError>>()?;
     let views = cpu.iter().map(|(n, t)| (n.as_str(), t));
     safetensors::serialize(views, None).map_err(|e| unreadable(file)(e.into()))
-}
-
-fn named(vars: Vec<(String, Var)>) -> Vec<(String, Tensor)> {
-    vars.into_iter()
-        .map(|(n, v)| (n, v.as_tensor().clone()))
-        .collect()
 }
 
 /// Checkpoint folders in `dir`, oldest first.
@@ -239,27 +276,27 @@ pub fn folder(dir: &Path, step: u64) -> PathBuf {
     dir.join(format!("step-{step:010}"))
 }
 
-/// Writes a checkpoint of `trainer` into `dir` as `step-NNNNNNNNNN/`; `input` (the
-/// preprocessing the encoder was trained with) and the caller's `run` JSON go into its
-/// meta. Returns its folder. Retention is
-/// [`prune`]'s job.
+/// Writes a checkpoint of `state` (a [`crate::Trainer::state`]) into `dir` as
+/// `step-NNNNNNNNNN/`; `input` (the preprocessing the encoder was trained with) and the
+/// caller's `run` JSON go into its meta. Returns its folder. Retention is [`prune`]'s
+/// job.
 ///
 /// Errors: a file cannot be written ([`TrainError::Io`], naming it).
 pub fn save(
     dir: &Path,
-    trainer: &Trainer,
+    state: &TrainerState,
     input: Option<&InputSpec>,
     run: serde_json::Map<String, serde_json::Value>,
 ) -> Result<PathBuf, TrainError> {
     fs::create_dir_all(dir).map_err(io(dir))?;
-    let done = folder(dir, trainer.steps_done());
+    let done = folder(dir, state.step);
     let tmp = done.with_extension("tmp");
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     // A failed write (a full disk) leaves nothing behind to fill the disk further.
-    if let Err(e) = write_files(&tmp, trainer, input, run) {
+    if let Err(e) = write_files(&tmp, state, input, run) {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -274,22 +311,19 @@ pub fn save(
 /// the folder.
 fn write_files(
     tmp: &Path,
-    trainer: &Trainer,
+    state: &TrainerState,
     input: Option<&InputSpec>,
     run: serde_json::Map<String, serde_json::Value>,
 ) -> Result<(), TrainError> {
     let files = [
-        (
-            ONLINE,
-            safetensors_bytes(&named(trainer.online_named()), &tmp.join(ONLINE))?,
-        ),
+        (ONLINE, safetensors_bytes(&state.online, &tmp.join(ONLINE))?),
         (
             OBJECTIVE,
-            safetensors_bytes(&trainer.objective().state()?, &tmp.join(OBJECTIVE))?,
+            safetensors_bytes(&state.objective, &tmp.join(OBJECTIVE))?,
         ),
         (
             OPTIMIZER,
-            safetensors_bytes(&trainer.optimizer().state(), &tmp.join(OPTIMIZER))?,
+            safetensors_bytes(&state.optimizer, &tmp.join(OPTIMIZER))?,
         ),
     ];
     let mut checksums = BTreeMap::new();
@@ -297,14 +331,14 @@ fn write_files(
         let path = tmp.join(file);
         fsutil::write_synced(&path, bytes).map_err(io(&path))?;
         checksums.insert((*file).to_owned(), checksum(bytes));
-        byol_ingest::fault::abort_if("BYOL_TEST_ABORT_IN_CHECKPOINT", trainer.steps_done());
+        byol_ingest::fault::abort_if("BYOL_TEST_ABORT_IN_CHECKPOINT", state.step);
     }
     let meta = CheckpointMeta {
         format_version: CHECKPOINT_VERSION,
-        method: trainer.objective().method().as_str().to_owned(),
-        step: trainer.steps_done(),
-        batch_size: trainer.batch_size(),
-        config: trainer.config().clone(),
+        method: state.origin.method.as_str().to_owned(),
+        step: state.step,
+        batch_size: state.origin.batch_size,
+        config: state.origin.config.clone(),
         view_size: input.map(|i| i.size),
         input: input.cloned(),
         created_unix: std::time::SystemTime::now()
@@ -390,13 +424,59 @@ pub fn read_meta(path: &Path) -> Result<CheckpointMeta, TrainError> {
     serde_json::from_slice(&bytes).map_err(|e| unreadable(&file)(e.into()))
 }
 
+/// What the checkpoint `meta` (read from `path`) was made with.
+///
+/// Errors: a method this build does not know ([`CheckpointProblem::UnknownMethod`]).
+pub fn origin(meta: &CheckpointMeta, path: &Path) -> Result<StateOrigin, TrainError> {
+    let method = meta.method.parse::<Method>().map_err(|_| {
+        problem(
+            &path.join(META),
+            CheckpointProblem::UnknownMethod(meta.method.clone()),
+        )
+    })?;
+    Ok(StateOrigin {
+        method,
+        batch_size: meta.batch_size,
+        config: meta.config.clone(),
+    })
+}
+
+/// The state of the checkpoint at `path` (`meta` read from it and `origin` from
+/// [`origin`]), every file checked against its checksum; format 1 upgraded (BYOL's target
+/// under [`crate::objective::byol::TARGET_PREFIX`] in the objective's state, the missing
+/// `num_batches_tracked` filled in).
+///
+/// Errors: a file unreadable, or failing its checksum (naming it).
+pub fn read_state(
+    path: &Path,
+    meta: &CheckpointMeta,
+    origin: StateOrigin,
+    device: &candle_core::Device,
+) -> Result<TrainerState, TrainError> {
+    let online = load_online(path, meta, device)?;
+    let objective = if meta.format_version == 1 {
+        let mut target = load_tensors(&path.join(V1_TARGET), meta, device)?;
+        add_batch_counts(&mut target, meta.step, device)?;
+        target.with_prefix(crate::objective::byol::TARGET_PREFIX)
+    } else {
+        load_tensors(&path.join(OBJECTIVE), meta, device)?
+    };
+    Ok(TrainerState {
+        origin,
+        step: meta.step,
+        online,
+        objective,
+        optimizer: load_tensors(&path.join(OPTIMIZER), meta, device)?,
+    })
+}
+
 /// The online variables of the checkpoint at `path` (`meta` read from it), format 1's
 /// missing `num_batches_tracked` filled in.
 pub(crate) fn load_online(
     path: &Path,
     meta: &CheckpointMeta,
     device: &candle_core::Device,
-) -> Result<HashMap<String, Tensor>, TrainError> {
+) -> Result<StateDict, TrainError> {
     let mut tensors = load_tensors(&path.join(ONLINE), meta, device)?;
     if meta.format_version == 1 {
         add_batch_counts(&mut tensors, meta.step, device)?;
@@ -407,20 +487,19 @@ pub(crate) fn load_online(
 /// Format 1 kept no `num_batches_tracked`: each BatchNorm (one per `running_mean`) gets
 /// the training-mode forwards of `step` BYOL steps, two (one per view).
 fn add_batch_counts(
-    tensors: &mut HashMap<String, Tensor>,
+    tensors: &mut StateDict,
     step: u64,
     device: &candle_core::Device,
 ) -> Result<(), TrainError> {
     let count = i64::try_from(step.saturating_mul(2)).unwrap_or(i64::MAX);
     let layers: Vec<String> = tensors
-        .keys()
-        .filter_map(|n| n.strip_suffix(".running_mean").map(str::to_owned))
+        .iter()
+        .filter_map(|(n, _)| n.strip_suffix(".running_mean").map(str::to_owned))
         .collect();
     for layer in layers {
-        if let std::collections::hash_map::Entry::Vacant(slot) =
-            tensors.entry(format!("{layer}.num_batches_tracked"))
-        {
-            slot.insert(Tensor::new(count, device)?);
+        let name = format!("{layer}.num_batches_tracked");
+        if !tensors.contains(&name) {
+            tensors.insert(name, Tensor::new(count, device)?);
         }
     }
     Ok(())
@@ -431,134 +510,10 @@ pub(crate) fn load_tensors(
     path: &Path,
     meta: &CheckpointMeta,
     device: &candle_core::Device,
-) -> Result<HashMap<String, Tensor>, TrainError> {
+) -> Result<StateDict, TrainError> {
     let bytes = fs::read(path).map_err(io(path))?;
     check_sum(path, &bytes, meta)?;
-    candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| unreadable(path)(e.into()))
-}
-
-pub(crate) fn restore_vars(
-    vars: Vec<(String, Var)>,
-    tensors: &HashMap<String, Tensor>,
-    file: &Path,
-) -> Result<(), TrainError> {
-    if vars.len() != tensors.len() {
-        return Err(problem(
-            file,
-            CheckpointProblem::TensorCount {
-                found: tensors.len(),
-                expected: vars.len(),
-            },
-        ));
-    }
-    for (name, var) in vars {
-        let Some(t) = tensors.get(&name) else {
-            return Err(problem(file, CheckpointProblem::MissingTensor(name)));
-        };
-        if t.dims() != var.dims() {
-            return Err(problem(
-                file,
-                CheckpointProblem::Shape {
-                    name,
-                    found: t.dims().to_vec(),
-                    expected: var.dims().to_vec(),
-                },
-            ));
-        }
-        var.set(t)?;
-    }
-    Ok(())
-}
-
-impl Trainer {
-    /// Restores weights, the objective's state, the optimizer's state and the step from
-    /// the checkpoint at `path` (any of [`READABLE_VERSIONS`]).
-    ///
-    /// Refuses a checkpoint made with another method, model, optimizer or batch size,
-    /// naming the difference, or one whose files fail their checksums; nothing is
-    /// changed then.
-    pub fn load_checkpoint(&mut self, path: &Path) -> Result<CheckpointMeta, TrainError> {
-        let meta = read_meta(path)?;
-        self.check_fits(&meta, path)?;
-        let device = self.device().clone();
-        let online = load_online(path, &meta, &device)?;
-        let (objective_file, objective_state) = if meta.format_version == 1 {
-            let file = path.join(V1_TARGET);
-            let mut target = load_tensors(&file, &meta, &device)?;
-            add_batch_counts(&mut target, meta.step, &device)?;
-            let prefixed = target
-                .into_iter()
-                .map(|(n, t)| (format!("{}{n}", crate::objective::byol::TARGET_PREFIX), t))
-                .collect();
-            (file, prefixed)
-        } else {
-            let file = path.join(OBJECTIVE);
-            let state = load_tensors(&file, &meta, &device)?;
-            (file, state)
-        };
-        let optim = load_tensors(&path.join(OPTIMIZER), &meta, &device)?;
-        restore_vars(self.online_named(), &online, &path.join(ONLINE))?;
-        self.restore_parts(|objective, optimizer| {
-            objective.load_state(&objective_state, &objective_file)?;
-            optimizer.load_state(&optim)?;
-            Ok(meta.step)
-        })?;
-        Ok(meta)
-    }
-
-    /// Refuses a checkpoint (its `meta`, read from `path`) made with another method,
-    /// model, memory size (`msf.bank_size`, `mocov2.queue_size`), SimSiam bottleneck,
-    /// optimizer or batch size, naming the difference.
-    pub fn check_fits(&self, meta: &CheckpointMeta, path: &Path) -> Result<(), TrainError> {
-        let mismatch = |what: &'static str, theirs: String, ours: String| {
-            problem(path, CheckpointProblem::Mismatch { what, theirs, ours })
-        };
-        let method = self.objective().method();
-        if meta.method != method.as_str() {
-            return Err(mismatch("method", meta.method.clone(), method.to_string()));
-        }
-        // The BatchNorm sync is how the step runs, not what the model is.
-        let unsynced = |m: &crate::config::ModelConfig| crate::config::ModelConfig {
-            synced_bn: false,
-            ..m.clone()
-        };
-        if unsynced(&meta.config.model) != unsynced(&self.config().model) {
-            return Err(mismatch(
-                "model",
-                format!("{:?}", meta.config.model),
-                format!("{:?}", self.config().model),
-            ));
-        }
-        // The method's settings that shape its state (same method, checked above).
-        let ours = self.config();
-        if let (Some(theirs), Some(m)) = (meta.config.memory(), ours.memory())
-            && theirs.size != m.size
-        {
-            return Err(mismatch(m.key, theirs.size.to_string(), m.size.to_string()));
-        }
-        if method == crate::Method::Simsiam
-            && meta.config.simsiam.bottleneck != ours.simsiam.bottleneck
-        {
-            return Err(mismatch(
-                "simsiam.bottleneck",
-                meta.config.simsiam.bottleneck.to_string(),
-                ours.simsiam.bottleneck.to_string(),
-            ));
-        }
-        if meta.config.optim.optimizer != self.config().optim.optimizer {
-            return Err(mismatch(
-                "optimizer",
-                format!("{:?}", meta.config.optim.optimizer),
-                format!("{:?}", self.config().optim.optimizer),
-            ));
-        }
-        if meta.batch_size != self.batch_size() {
-            return Err(mismatch(
-                "batch size",
-                meta.batch_size.to_string(),
-                self.batch_size().to_string(),
-            ));
-        }
-        Ok(())
-    }
+    candle_core::safetensors::load_buffer(&bytes, device)
+        .map(StateDict::from)
+        .map_err(|e| unreadable(path)(e.into()))
 }

@@ -20,6 +20,7 @@ pub mod objective;
 pub mod optim;
 pub mod pretrained;
 pub mod schedule;
+pub mod state;
 mod trainer;
 
 pub use checkpoint::{
@@ -32,6 +33,7 @@ pub use config::{
 };
 pub use embedding::EmbeddingStats;
 pub use objective::{Objective, ObjectiveStats};
+pub use state::{StateDict, TrainerState};
 pub use trainer::{Health, StepStats, Trainer};
 
 /// Errors of the trainer.

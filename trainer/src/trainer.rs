@@ -5,6 +5,7 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::Serialize;
 
 use crate::TrainError;
+use crate::checkpoint;
 use crate::config::TrainerConfig;
 use crate::device::open_for_rank;
 use crate::embedding::EmbeddingStats;
@@ -14,6 +15,7 @@ use crate::objective::{Objective, ObjectiveStats};
 use crate::optim::Optimizer;
 use crate::pretrained::InitReport;
 use crate::schedule;
+use crate::state::{RestoreError, StateDict, StateError, StateOrigin, StatePart, TrainerState};
 
 /// What one step measured without reading the device (its loss stays there: see
 /// [`Trainer::read_health`]).
@@ -245,19 +247,141 @@ impl Trainer {
         Ok((outcome.loss, grads))
     }
 
-    /// The objective, the optimizer and the step counter, for a checkpoint's restore;
-    /// the device's step count follows.
-    pub(crate) fn restore_parts(
-        &mut self,
-        restore: impl FnOnce(&mut Objective, &mut Optimizer) -> Result<u64, TrainError>,
-    ) -> Result<(), TrainError> {
-        self.step = restore(&mut self.objective, &mut self.optimizer)?;
-        self.health = DeviceHealth::new(&self.device, self.step)?;
+    /// The whole state (what a checkpoint writes): what it was made with, the step, and
+    /// the online, objective and optimizer tensors. The tensors share the variables'
+    /// storage: write them out before the next step.
+    pub fn state(&self) -> Result<TrainerState, TrainError> {
+        Ok(TrainerState {
+            origin: StateOrigin {
+                method: self.objective.method(),
+                batch_size: self.batch_size,
+                config: self.cfg.clone(),
+            },
+            step: self.step,
+            online: StateDict::of_vars(&self.online_named()),
+            objective: self.objective.state()?,
+            optimizer: self.optimizer.state(),
+        })
+    }
+
+    /// Refuses a state made with another method, model, memory size (`msf.bank_size`,
+    /// `mocov2.queue_size`), SimSiam bottleneck, optimizer or batch size, naming the
+    /// difference ([`StateError::Mismatch`]).
+    pub fn check_fits(&self, origin: &StateOrigin) -> Result<(), StateError> {
+        let mismatch = |what: &'static str, theirs: String, ours: String| {
+            Err(StateError::Mismatch { what, theirs, ours })
+        };
+        let method = self.objective.method();
+        if origin.method != method {
+            return mismatch("method", origin.method.to_string(), method.to_string());
+        }
+        let (theirs, ours) = (&origin.config, &self.cfg);
+        // The BatchNorm sync is how the step runs, not what the model is.
+        let unsynced = |m: &crate::config::ModelConfig| crate::config::ModelConfig {
+            synced_bn: false,
+            ..m.clone()
+        };
+        if unsynced(&theirs.model) != unsynced(&ours.model) {
+            return mismatch(
+                "model",
+                format!("{:?}", theirs.model),
+                format!("{:?}", ours.model),
+            );
+        }
+        // The method's settings that shape its state (same method, checked above).
+        if let (Some(t), Some(m)) = (theirs.memory(), ours.memory())
+            && t.size != m.size
+        {
+            return mismatch(m.key, t.size.to_string(), m.size.to_string());
+        }
+        if method == crate::Method::Simsiam && theirs.simsiam.bottleneck != ours.simsiam.bottleneck
+        {
+            return mismatch(
+                "simsiam.bottleneck",
+                theirs.simsiam.bottleneck.to_string(),
+                ours.simsiam.bottleneck.to_string(),
+            );
+        }
+        if theirs.optim.optimizer != ours.optim.optimizer {
+            return mismatch(
+                "optimizer",
+                format!("{:?}", theirs.optim.optimizer),
+                format!("{:?}", ours.optim.optimizer),
+            );
+        }
+        if origin.batch_size != self.batch_size {
+            return mismatch(
+                "batch size",
+                origin.batch_size.to_string(),
+                self.batch_size.to_string(),
+            );
+        }
         Ok(())
     }
 
-    pub(crate) fn optimizer(&self) -> &Optimizer {
-        &self.optimizer
+    /// Restores a [`Trainer::state`]: the online variables, the objective's and the
+    /// optimizer's state and the step. Every part is checked before anything is set
+    /// ([`Trainer::check_fits`], then each part's names and shapes), so a refused state
+    /// changes nothing.
+    pub fn restore(&mut self, state: TrainerState) -> Result<(), RestoreError> {
+        self.check_fits(&state.origin)
+            .map_err(|error| RestoreError {
+                part: StatePart::Origin,
+                error,
+            })?;
+        self.restore_fitted(state)
+    }
+
+    /// [`Trainer::restore`] of a state whose origin was checked already.
+    fn restore_fitted(&mut self, state: TrainerState) -> Result<(), RestoreError> {
+        let at = |part: StatePart| move |error: StateError| RestoreError { part, error };
+        let online = self.online_named();
+        state
+            .online
+            .check_vars(&online)
+            .map_err(at(StatePart::Online))?;
+        self.objective
+            .check_state(&state.objective)
+            .map_err(at(StatePart::Objective))?;
+        self.optimizer
+            .check_state(&state.optimizer)
+            .map_err(at(StatePart::Optimizer))?;
+        // All checked: from here only the device can fail.
+        state
+            .online
+            .restore_vars(&online)
+            .map_err(at(StatePart::Online))?;
+        self.objective
+            .load_state(&state.objective)
+            .map_err(at(StatePart::Objective))?;
+        self.optimizer
+            .load_state(&state.optimizer)
+            .map_err(at(StatePart::Optimizer))?;
+        self.step = state.step;
+        self.health = DeviceHealth::new(&self.device, self.step)
+            .map_err(|e| at(StatePart::Online)(e.into()))?;
+        Ok(())
+    }
+
+    /// Restores the checkpoint at `path` (any of [`crate::checkpoint::READABLE_VERSIONS`]):
+    /// its settings are checked against this trainer first, from the meta alone, then its
+    /// tensors are read and restored ([`Trainer::restore`]).
+    ///
+    /// Errors: a checkpoint made with another method, model, optimizer or batch size
+    /// ([`crate::CheckpointProblem::Mismatch`], naming the difference), or whose files fail
+    /// their checksums or do not fit (naming the file); nothing is changed then.
+    pub fn load_checkpoint(
+        &mut self,
+        path: &std::path::Path,
+    ) -> Result<checkpoint::CheckpointMeta, TrainError> {
+        let meta = checkpoint::read_meta(path)?;
+        let origin = checkpoint::origin(&meta, path)?;
+        self.check_fits(&origin)
+            .map_err(|e| checkpoint::state_error(path, e))?;
+        let state = checkpoint::read_state(path, &meta, origin, &self.device)?;
+        self.restore_fitted(state)
+            .map_err(|e| checkpoint::restore_error(path, &meta, e))?;
+        Ok(meta)
     }
 
     /// Batch size the schedules are scaled for.

@@ -211,7 +211,13 @@ fn the_encoder_of_a_checkpoint_is_the_trained_online_encoder() {
     let (a, b) = (images(4, 8, 1), images(4, 8, 2));
     t.step_tensors(&a, &b).unwrap();
     let run = dir.path().join("run");
-    let ck = checkpoint::save(&run.join("checkpoints"), &t, None, Default::default()).unwrap();
+    let ck = checkpoint::save(
+        &run.join("checkpoints"),
+        &t.state().unwrap(),
+        None,
+        Default::default(),
+    )
+    .unwrap();
     // A checkpoint folder, a run folder and a checkpoints folder all name it.
     assert_eq!(resolve_checkpoint(&ck).unwrap(), ck);
     assert_eq!(resolve_checkpoint(&run).unwrap(), ck);

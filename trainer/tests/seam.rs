@@ -161,8 +161,13 @@ fn a_format_1_checkpoint_resumes_bit_exactly() {
             .collect();
         assert_matches_reference(&t, kind, &losses, 6);
         // Its next checkpoint is written in today's format, and loads as well.
-        let next =
-            checkpoint::save(&dir.path().join("next"), &t, None, Default::default()).unwrap();
+        let next = checkpoint::save(
+            &dir.path().join("next"),
+            &t.state().unwrap(),
+            None,
+            Default::default(),
+        )
+        .unwrap();
         let meta = checkpoint::read_meta(&next).unwrap();
         assert_eq!(meta.format_version, checkpoint::CHECKPOINT_VERSION);
         let mut again = Trainer::new(tiny(kind), 4).unwrap();
@@ -178,7 +183,7 @@ fn a_checkpoint_of_another_method_is_refused_and_nothing_changes() {
     let mut t = Trainer::new(tiny(OptimizerKind::Lars), 4).unwrap();
     let (a, b) = views(1);
     t.step_tensors(&a, &b).unwrap();
-    let ck = checkpoint::save(dir.path(), &t, None, Default::default()).unwrap();
+    let ck = checkpoint::save(dir.path(), &t.state().unwrap(), None, Default::default()).unwrap();
     let meta_file = ck.join("meta.json");
     let bytes = std::fs::read_to_string(&meta_file).unwrap();
     // A method this build knows nothing of (e.g. written by a later build).

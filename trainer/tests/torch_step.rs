@@ -131,7 +131,7 @@ fn trainer_at(
     dir: &Path,
 ) -> Trainer {
     let mut trainer = Trainer::new(cfg.clone(), batch).unwrap();
-    let ck = checkpoint::save(dir, &trainer, None, Default::default()).unwrap();
+    let ck = checkpoint::save(dir, &trainer.state().unwrap(), None, Default::default()).unwrap();
     let save = |file: &str, tensors: HashMap<String, Tensor>| {
         candle_core::safetensors::save(&tensors, ck.join(file)).unwrap();
     };
@@ -378,7 +378,7 @@ fn check(case: &str) -> Vec<(String, f64, String)> {
             );
             let ck = checkpoint::save(
                 &dir.path().join(format!("states-{run}")),
-                trainer,
+                &trainer.state().unwrap(),
                 None,
                 Default::default(),
             )

@@ -205,7 +205,8 @@ fn resume_from_a_checkpoint_is_exact() {
             first.step_tensors(a, b).unwrap();
         }
         let ckdir = dir.path().join(format!("{kind:?}"));
-        let path = checkpoint::save(&ckdir, &first, None, Default::default()).unwrap();
+        let path =
+            checkpoint::save(&ckdir, &first.state().unwrap(), None, Default::default()).unwrap();
         drop(first);
         let mut resumed = Trainer::new(cfg.clone(), 4).unwrap();
         let meta = resumed.load_checkpoint(&path).unwrap();
@@ -232,7 +233,7 @@ fn a_killed_checkpoint_write_leaves_the_previous_one_loadable() {
     let mut t = Trainer::new(tiny(), 4).unwrap();
     let (a, b) = views(4, 8, 3);
     t.step_tensors(&a, &b).unwrap();
-    let good = checkpoint::save(dir.path(), &t, None, Default::default()).unwrap();
+    let good = checkpoint::save(dir.path(), &t.state().unwrap(), None, Default::default()).unwrap();
     // A write killed half-way: a temp folder with a partial file, never renamed.
     let partial = dir.path().join("step-0000000002.tmp");
     std::fs::create_dir_all(&partial).unwrap();
@@ -244,7 +245,7 @@ fn a_killed_checkpoint_write_leaves_the_previous_one_loadable() {
     let mut t = Trainer::new(tiny(), 4).unwrap();
     for _ in 0..3 {
         t.step_tensors(&a, &b).unwrap();
-        checkpoint::save(dir.path(), &t, None, Default::default()).unwrap();
+        checkpoint::save(dir.path(), &t.state().unwrap(), None, Default::default()).unwrap();
         checkpoint::prune(dir.path(), 2).unwrap();
     }
     assert!(!partial.exists());
@@ -259,7 +260,7 @@ fn a_killed_checkpoint_write_leaves_the_previous_one_loadable() {
 fn an_incompatible_checkpoint_is_refused_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let t = Trainer::new(tiny(), 4).unwrap();
-    let path = checkpoint::save(dir.path(), &t, None, Default::default()).unwrap();
+    let path = checkpoint::save(dir.path(), &t.state().unwrap(), None, Default::default()).unwrap();
     let mut other = tiny();
     other.model.width = 8;
     let mut wider = Trainer::new(other, 4).unwrap();
@@ -414,7 +415,13 @@ fn a_damaged_checkpoint_fails_its_checksum_and_changes_nothing() {
         mean: [0.25, 0.5, 0.75],
         ..byol_trainer::input::InputSpec::imagenet(8)
     };
-    let path = checkpoint::save(dir.path(), &t, Some(&input), Default::default()).unwrap();
+    let path = checkpoint::save(
+        dir.path(),
+        &t.state().unwrap(),
+        Some(&input),
+        Default::default(),
+    )
+    .unwrap();
     let meta = checkpoint::verify(&path).unwrap();
     assert_eq!(meta.step, 1);
     // The preprocessing is recorded, with the size also where older readers look.
@@ -534,4 +541,58 @@ fn the_deprecated_tau_key_is_read_and_a_contradiction_named() {
         }
         other => panic!("expected a config error, got {:?}", other.err()),
     }
+}
+
+/// A restore refused in any part changes nothing: not the online variables (restored
+/// first when nothing is refused), not the objective's state, not the step. Each part
+/// is refused in turn by a state whose settings fit but whose tensors do not; through
+/// a checkpoint, the error names the refused part's file.
+#[test]
+fn a_refused_restore_changes_nothing_whichever_part_refuses() {
+    use byol_trainer::state::StatePart;
+    let mut trained = Trainer::new(tiny(), 4).unwrap();
+    let (a, b) = views(4, 16, 1);
+    trained.step_tensors(&a, &b).unwrap();
+    let good = trained.state().unwrap();
+    type Spoil = fn(&mut byol_trainer::TrainerState);
+    let cases: [(StatePart, Spoil); 4] = [
+        (StatePart::Online, |s| {
+            let last = s.online.iter().last().map(|(n, _)| n.to_owned()).unwrap();
+            s.online.retain(|n| n != last)
+        }),
+        (StatePart::Objective, |s| {
+            let t = s.objective.get("target.encoder.conv1.weight").unwrap();
+            let wrong = t.flatten_all().unwrap();
+            s.objective.insert("target.encoder.conv1.weight", wrong);
+        }),
+        (StatePart::Optimizer, |s| {
+            s.optimizer
+                .retain(|n| !n.ends_with(".momentum") || !n.starts_with("predictor."))
+        }),
+        (StatePart::Origin, |s| s.origin.batch_size = 8),
+    ];
+    for (part, spoil) in cases {
+        let mut fresh = Trainer::new(tiny(), 4).unwrap();
+        let online = snapshot(fresh.online_named());
+        let target = snapshot(byol(&fresh).target_named());
+        let mut state = good.clone();
+        spoil(&mut state);
+        let e = fresh.restore(state).unwrap_err();
+        assert_eq!(e.part, part, "{e}");
+        assert_eq!(online, snapshot(fresh.online_named()), "{part:?}: online");
+        assert_eq!(
+            target,
+            snapshot(byol(&fresh).target_named()),
+            "{part:?}: target"
+        );
+        assert_eq!(fresh.steps_done(), 0, "{part:?}: step");
+    }
+    // The good state restores whole.
+    let mut fresh = Trainer::new(tiny(), 4).unwrap();
+    fresh.restore(good).unwrap();
+    assert_eq!(fresh.steps_done(), 1);
+    assert_eq!(
+        snapshot(fresh.online_named()),
+        snapshot(trained.online_named())
+    );
 }

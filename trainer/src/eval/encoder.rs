@@ -67,8 +67,10 @@ impl Encoder {
         let meta = checkpoint::read_meta(path)?;
         let enc = Self::unset(&meta.config.model, kernels, device)?;
         let mut tensors = checkpoint::load_online(path, &meta, device)?;
-        tensors.retain(|name, _| name.starts_with(ENCODER_PREFIX));
-        checkpoint::restore_vars(sorted(&enc.vars), &tensors, &path.join(checkpoint::ONLINE))?;
+        tensors.retain(|name| name.starts_with(ENCODER_PREFIX));
+        tensors
+            .restore_vars(&sorted(&enc.vars))
+            .map_err(|e| checkpoint::state_error(&path.join(checkpoint::ONLINE), e))?;
         Ok((enc, meta))
     }
 

@@ -2,18 +2,15 @@
 //! network (encoder + projector), and the symmetric regression loss
 //! `L(p1, sg ξ2) + L(p2, sg ξ1)` with `L(p, z) = 2 − 2·cos(p, z)` (so in [0, 8]).
 
-use std::collections::HashMap;
-use std::path::Path;
-
 use candle_core::{Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::TrainError;
 use crate::config::TrainerConfig;
 use crate::loss::byol_loss;
 use crate::model::{Compute, Mlp, Network};
 use crate::objective::ema::EmaNetwork;
 use crate::objective::{ObjectiveStats, Outcome, predictor};
+use crate::state::{StateDict, StateError};
 
 /// Prefix of the target's tensors in the checkpoint's objective state.
 pub const TARGET_PREFIX: &str = "target.";
@@ -93,16 +90,17 @@ impl Byol {
     }
 
     /// The target's tensors as `target.<name>`.
-    pub fn state(&self) -> Vec<(String, Tensor)> {
+    pub fn state(&self) -> StateDict {
         self.target.state(TARGET_PREFIX)
     }
 
-    /// Restores the target from `target.<name>` tensors.
-    pub fn load_state(
-        &mut self,
-        tensors: &HashMap<String, Tensor>,
-        file: &Path,
-    ) -> std::result::Result<(), TrainError> {
-        self.target.load_state(TARGET_PREFIX, tensors, file)
+    /// Checks `target.<name>` tensors without changing anything.
+    pub fn check_state(&self, state: &StateDict) -> std::result::Result<(), StateError> {
+        self.target.check_state(TARGET_PREFIX, state)
+    }
+
+    /// Restores the target from `target.<name>` tensors (checked in full first).
+    pub fn load_state(&mut self, state: &StateDict) -> std::result::Result<(), StateError> {
+        self.target.load_state(TARGET_PREFIX, state)
     }
 }

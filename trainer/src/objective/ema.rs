@@ -3,16 +3,15 @@
 //! (MSF's target and bank, MoCo's key encoder and queue).
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::TrainError;
 use crate::config::{ModelConfig, TrainerConfig};
 use crate::model::{Compute, Network, is_running_stat, sorted};
+use crate::objective::ObjectiveStats;
 use crate::objective::memory::Memory;
-use crate::objective::{ObjectiveStats, split_state};
+use crate::state::{StateDict, StateError};
 
 /// A network whose weights follow the online network's by EMA; its own variables.
 ///
@@ -107,27 +106,35 @@ impl EmaNetwork {
     }
 
     /// Its tensors as `<prefix><name>`.
-    pub fn state(&self, prefix: &str) -> Vec<(String, Tensor)> {
+    pub fn state(&self, prefix: &str) -> StateDict {
+        StateDict::of_vars(&self.named()).with_prefix(prefix)
+    }
+
+    /// Its variables named `<prefix><name>`.
+    fn prefixed(&self, prefix: &str) -> Vec<(String, Var)> {
         self.named()
             .into_iter()
-            .map(|(n, v)| (format!("{prefix}{n}"), v.as_tensor().clone()))
+            .map(|(n, v)| (format!("{prefix}{n}"), v))
             .collect()
     }
 
-    /// Restores it from `<prefix><name>` tensors (exactly those: `tensors` holds no
-    /// others).
+    /// Checks that `state` holds exactly its `<prefix><name>` tensors, each of its shape.
+    pub fn check_state(
+        &self,
+        prefix: &str,
+        state: &StateDict,
+    ) -> std::result::Result<(), StateError> {
+        state.check_vars(&self.prefixed(prefix))
+    }
+
+    /// Restores it from `<prefix><name>` tensors (exactly those: `state` holds no
+    /// others); checked in full first, so a refused state changes nothing.
     pub fn load_state(
         &self,
         prefix: &str,
-        tensors: &HashMap<String, Tensor>,
-        file: &Path,
-    ) -> std::result::Result<(), TrainError> {
-        let vars = self
-            .named()
-            .into_iter()
-            .map(|(n, v)| (format!("{prefix}{n}"), v))
-            .collect();
-        crate::checkpoint::restore_vars(vars, tensors, file)
+        state: &StateDict,
+    ) -> std::result::Result<(), StateError> {
+        state.restore_vars(&self.prefixed(prefix))
     }
 }
 
@@ -180,21 +187,28 @@ impl EmaWithMemory {
     }
 
     /// The network's and the memory's tensors.
-    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+    pub fn state(&self) -> candle_core::Result<StateDict> {
         let mut s = self.network.state(self.network_prefix);
-        s.extend(self.memory.state(self.memory_prefix)?);
+        for (n, t) in self.memory.state(self.memory_prefix)? {
+            s.insert(n, t);
+        }
         Ok(s)
     }
 
-    /// Restores [`EmaWithMemory::state`]; the memory first, so another size is refused
-    /// before the network changes.
-    pub fn load_state(
-        &mut self,
-        tensors: &HashMap<String, Tensor>,
-        file: &Path,
-    ) -> std::result::Result<(), TrainError> {
-        let (memory, network) = split_state(tensors, self.memory_prefix);
-        self.memory.load_state(self.memory_prefix, &memory, file)?;
-        self.network.load_state(self.network_prefix, &network, file)
+    /// Checks [`EmaWithMemory::state`]'s tensors: the memory's first (another size is
+    /// named as such), then the network's.
+    pub fn check_state(&self, state: &StateDict) -> std::result::Result<(), StateError> {
+        let (memory, network) = state.split_prefix(self.memory_prefix);
+        self.memory.check_state(self.memory_prefix, &memory)?;
+        self.network.check_state(self.network_prefix, &network)
+    }
+
+    /// Restores [`EmaWithMemory::state`], checked in full first
+    /// ([`EmaWithMemory::check_state`]): a refused state changes nothing.
+    pub fn load_state(&mut self, state: &StateDict) -> std::result::Result<(), StateError> {
+        self.check_state(state)?;
+        let (memory, network) = state.split_prefix(self.memory_prefix);
+        self.memory.load_state(self.memory_prefix, &memory)?;
+        self.network.load_state(self.network_prefix, &network)
     }
 }

@@ -4,13 +4,9 @@
 //! pointer, evicting the oldest entries first. Until the ring has been filled once, only
 //! the filled rows are read (the daemon's dataset starts small).
 
-use std::collections::HashMap;
-use std::path::Path;
-
 use candle_core::{DType, Device, Result, Tensor};
 
-use crate::TrainError;
-use crate::checkpoint::CheckpointProblem;
+use crate::state::{StateDict, StateError};
 
 /// How full a memory is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -128,7 +124,7 @@ impl Memory {
 
     /// Its state as `<prefix>entries` `(capacity, dim)`, `<prefix>pointer` and
     /// `<prefix>filled` (int64 scalars).
-    pub fn state(&self, prefix: &str) -> Result<Vec<(String, Tensor)>> {
+    pub fn state(&self, prefix: &str) -> Result<StateDict> {
         let device = self.entries.device();
         Ok(vec![
             (format!("{prefix}entries"), self.entries.clone()),
@@ -140,55 +136,61 @@ impl Memory {
                 format!("{prefix}filled"),
                 Tensor::new(self.filled as i64, device)?,
             ),
-        ])
+        ]
+        .into())
     }
 
-    /// Restores [`Memory::state`] from `tensors`.
+    /// Checks [`Memory::state`]'s tensors in `state` and returns its pointer and count.
     ///
     /// Errors: a tensor missing, a pointer or count out of range (damage); entries of
-    /// another size than this run's (a [`CheckpointProblem::Mismatch`] naming the key).
-    pub fn load_state(
-        &mut self,
+    /// another size than this run's (a [`StateError::Mismatch`] naming the key).
+    pub fn check_state(
+        &self,
         prefix: &str,
-        tensors: &HashMap<String, Tensor>,
-        file: &Path,
-    ) -> std::result::Result<(), TrainError> {
-        let fail = |problem| TrainError::Checkpoint {
-            path: file.to_owned(),
-            problem,
-        };
+        state: &StateDict,
+    ) -> std::result::Result<(usize, usize), StateError> {
         let get = |name: &str| {
             let name = format!("{prefix}{name}");
-            tensors
-                .get(&name)
-                .ok_or_else(|| fail(CheckpointProblem::MissingTensor(name)))
+            state.get(&name).ok_or(StateError::MissingTensor(name))
         };
         let entries = get("entries")?;
         if entries.dims() != self.entries.dims() {
-            return Err(fail(CheckpointProblem::Mismatch {
+            return Err(StateError::Mismatch {
                 what: self.key,
                 theirs: format!("{:?}", entries.dims()),
                 ours: format!("{:?}", self.entries.dims()),
-            }));
+            });
         }
-        let scalar = |name: &str| -> std::result::Result<usize, TrainError> {
+        let scalar = |name: &str| -> std::result::Result<usize, StateError> {
             let v = crate::host::scalar::<i64>(&get(name)?.to_dtype(DType::I64)?)?;
-            usize::try_from(v).map_err(|_| {
-                fail(CheckpointProblem::Value {
-                    name: format!("{prefix}{name}"),
-                    reason: format!("{v} is negative"),
-                })
+            usize::try_from(v).map_err(|_| StateError::Value {
+                name: format!("{prefix}{name}"),
+                reason: format!("{v} is negative"),
             })
         };
         let (pointer, filled, cap) = (scalar("pointer")?, scalar("filled")?, self.capacity());
         if filled > cap || pointer >= cap || (filled < cap && pointer != filled) {
-            return Err(fail(CheckpointProblem::Value {
+            return Err(StateError::Value {
                 name: format!("{prefix}pointer"),
                 reason: format!(
                     "pointer {pointer} and filled {filled} do not describe a ring of {cap}"
                 ),
-            }));
+            });
         }
+        Ok((pointer, filled))
+    }
+
+    /// Restores [`Memory::state`] from `state`, checked first ([`Memory::check_state`]):
+    /// a refused state changes nothing.
+    pub fn load_state(
+        &mut self,
+        prefix: &str,
+        state: &StateDict,
+    ) -> std::result::Result<(), StateError> {
+        let (pointer, filled) = self.check_state(prefix, state)?;
+        let entries = &state
+            .get(&format!("{prefix}entries"))
+            .expect("checked above");
         self.entries = entries
             .to_device(self.entries.device())?
             .to_dtype(DType::F32)?
@@ -276,25 +278,20 @@ mod tests {
     fn state_round_trips_and_bad_state_is_refused() {
         let mut m = Memory::new("test.size", 3, 2, &Device::Cpu).unwrap();
         m.push(&keys(&[1.0, 2.0])).unwrap();
-        let state: HashMap<String, Tensor> = m.state("bank.").unwrap().into_iter().collect();
+        let state = m.state("bank.").unwrap();
         let mut r = Memory::new("test.size", 3, 2, &Device::Cpu).unwrap();
-        r.load_state("bank.", &state, Path::new("f")).unwrap();
+        r.load_state("bank.", &state).unwrap();
         m.push(&keys(&[3.0, 4.0])).unwrap();
         r.push(&keys(&[3.0, 4.0])).unwrap();
         assert_eq!(rows(&r), rows(&m));
         assert_eq!(rows(&r), [4.0, 2.0, 3.0]);
 
         let mut other = Memory::new("test.size", 4, 2, &Device::Cpu).unwrap();
-        let e = other
-            .load_state("bank.", &state, Path::new("f"))
-            .unwrap_err();
+        let e = other.load_state("bank.", &state).unwrap_err();
         assert!(e.to_string().contains("test.size"), "{e}");
         let mut bad = state.clone();
-        bad.insert(
-            "bank.pointer".into(),
-            Tensor::new(7i64, &Device::Cpu).unwrap(),
-        );
-        let e = r.load_state("bank.", &bad, Path::new("f")).unwrap_err();
+        bad.insert("bank.pointer", Tensor::new(7i64, &Device::Cpu).unwrap());
+        let e = r.load_state("bank.", &bad).unwrap_err();
         assert!(e.to_string().contains("bank.pointer"), "{e}");
         assert_eq!(rows(&r), [4.0, 2.0, 3.0], "nothing changed on a refusal");
     }

@@ -9,13 +9,9 @@
 //! batch's keys are enqueued and the oldest dequeued). Until the queue has filled once,
 //! only its filled entries are negatives. Single-process, so no shuffled BatchNorm.
 
-use std::collections::HashMap;
-use std::path::Path;
-
 use candle_core::{D, DType, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::TrainError;
 use crate::config::TrainerConfig;
 use crate::dist::gather_rows;
 use crate::loss::l2_normalize;
@@ -24,6 +20,7 @@ use crate::objective::ema::EmaWithMemory;
 use crate::objective::memory::Memory;
 use crate::objective::simclr::log_sum_exp;
 use crate::objective::{ObjectiveStats, Outcome};
+use crate::state::{StateDict, StateError};
 
 /// Prefix of the key encoder's tensors in the checkpoint's objective state.
 pub const KEY_PREFIX: &str = "key.";
@@ -87,17 +84,18 @@ impl MocoV2 {
     }
 
     /// The key encoder as `key.<name>` and the queue as `queue.{entries,pointer,filled}`.
-    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+    pub fn state(&self) -> Result<StateDict> {
         self.key.state()
     }
 
     /// Restores [`MocoV2::state`].
-    pub fn load_state(
-        &mut self,
-        tensors: &HashMap<String, Tensor>,
-        file: &Path,
-    ) -> std::result::Result<(), TrainError> {
-        self.key.load_state(tensors, file)
+    pub fn load_state(&mut self, state: &StateDict) -> std::result::Result<(), StateError> {
+        self.key.load_state(state)
+    }
+
+    /// Checks [`MocoV2::state`]'s tensors without changing anything.
+    pub fn check_state(&self, state: &StateDict) -> std::result::Result<(), StateError> {
+        self.key.check_state(state)
     }
 }
 

@@ -27,9 +27,6 @@ pub mod msf;
 pub mod simclr;
 pub mod simsiam;
 
-use std::collections::HashMap;
-use std::path::Path;
-
 use candle_core::{Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::Serialize;
@@ -42,9 +39,9 @@ pub use msf::Msf;
 pub use simclr::SimClr;
 pub use simsiam::SimSiam;
 
-use crate::TrainError;
 use crate::config::{Method, TrainerConfig};
 use crate::model::{Compute, Mlp, Network};
+use crate::state::{StateDict, StateError};
 
 /// What an objective computed on one batch of two views.
 pub struct Outcome {
@@ -164,32 +161,42 @@ impl Objective {
 
     /// The method's state for checkpoints (BYOL: the target as `target.*`; MSF: also
     /// `bank.*`; MoCo v2: `key.*` and `queue.*`; none for the others).
-    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+    pub fn state(&self) -> Result<StateDict> {
         match self {
             Objective::Byol(o) => Ok(o.state()),
             Objective::Msf(o) => o.state(),
             Objective::MocoV2(o) => o.state(),
             Objective::SimSiam(_) | Objective::SimClr(_) | Objective::BarlowTwins(_) => {
-                Ok(Vec::new())
+                Ok(StateDict::new())
             }
         }
     }
 
-    /// Restores [`Objective::state`] from the tensors of the checkpoint file `file`.
+    /// Checks that `state` can be restored ([`Objective::load_state`]) without changing
+    /// anything.
     ///
-    /// Errors: a tensor missing or misshapen, or extra ones ([`TrainError::Checkpoint`]);
-    /// a memory of another size than the config's (a mismatch naming its key).
-    pub fn load_state(
-        &mut self,
-        tensors: &HashMap<String, Tensor>,
-        file: &Path,
-    ) -> std::result::Result<(), TrainError> {
+    /// Errors: a tensor missing or misshapen, or extra ones; a memory of another size than
+    /// the config's (a mismatch naming its key); a memory's pointer out of range.
+    pub fn check_state(&self, state: &StateDict) -> std::result::Result<(), StateError> {
         match self {
-            Objective::Byol(o) => o.load_state(tensors, file),
-            Objective::Msf(o) => o.load_state(tensors, file),
-            Objective::MocoV2(o) => o.load_state(tensors, file),
+            Objective::Byol(o) => o.check_state(state),
+            Objective::Msf(o) => o.check_state(state),
+            Objective::MocoV2(o) => o.check_state(state),
             Objective::SimSiam(_) | Objective::SimClr(_) | Objective::BarlowTwins(_) => {
-                crate::checkpoint::restore_vars(Vec::new(), tensors, file)
+                state.check_vars(&[])
+            }
+        }
+    }
+
+    /// Restores [`Objective::state`], checked in full first
+    /// ([`Objective::check_state`]): a refused state changes nothing.
+    pub fn load_state(&mut self, state: &StateDict) -> std::result::Result<(), StateError> {
+        match self {
+            Objective::Byol(o) => o.load_state(state),
+            Objective::Msf(o) => o.load_state(state),
+            Objective::MocoV2(o) => o.load_state(state),
+            Objective::SimSiam(_) | Objective::SimClr(_) | Objective::BarlowTwins(_) => {
+                state.check_vars(&[])
             }
         }
     }
@@ -205,15 +212,4 @@ pub(crate) fn predictor(
 ) -> Result<Mlp> {
     let d = cfg.model.projection_dim;
     Mlp::new(d, hidden, d, &cfg.model, compute, online.pp("predictor"))
-}
-
-/// `tensors` split into those whose name starts with `prefix` and the rest.
-pub(crate) fn split_state(
-    tensors: &HashMap<String, Tensor>,
-    prefix: &str,
-) -> (HashMap<String, Tensor>, HashMap<String, Tensor>) {
-    tensors
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .partition(|(k, _)| k.starts_with(prefix))
 }

@@ -11,13 +11,9 @@
 //! in [0, 4], half the scale of BYOL's symmetric loss). The views are asymmetric: the
 //! `msf` augment preset makes view 1 strong and view 2 weak.
 
-use std::collections::HashMap;
-use std::path::Path;
-
 use candle_core::{D, DType, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::TrainError;
 use crate::config::TrainerConfig;
 use crate::dist::gather_rows;
 use crate::loss::l2_normalize;
@@ -25,6 +21,7 @@ use crate::model::{Compute, Mlp, Network};
 use crate::objective::ema::EmaWithMemory;
 use crate::objective::memory::Memory;
 use crate::objective::{ObjectiveStats, Outcome, predictor};
+use crate::state::{StateDict, StateError};
 
 /// Prefix of the target's tensors in the checkpoint's objective state.
 pub const TARGET_PREFIX: &str = "target.";
@@ -99,17 +96,18 @@ impl Msf {
     }
 
     /// The target as `target.<name>` and the bank as `bank.{entries,pointer,filled}`.
-    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+    pub fn state(&self) -> Result<StateDict> {
         self.target.state()
     }
 
     /// Restores [`Msf::state`].
-    pub fn load_state(
-        &mut self,
-        tensors: &HashMap<String, Tensor>,
-        file: &Path,
-    ) -> std::result::Result<(), TrainError> {
-        self.target.load_state(tensors, file)
+    pub fn load_state(&mut self, state: &StateDict) -> std::result::Result<(), StateError> {
+        self.target.load_state(state)
+    }
+
+    /// Checks [`Msf::state`]'s tensors without changing anything.
+    pub fn check_state(&self, state: &StateDict) -> std::result::Result<(), StateError> {
+        self.target.check_state(state)
     }
 }
 

@@ -1,7 +1,7 @@
 //! AdamW (Loshchilov & Hutter 2019) for small experiments; weight decay is decoupled and
 //! not applied to biases and BatchNorm parameters.
 
-use std::collections::HashMap;
+use crate::state::StateDict;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
@@ -101,7 +101,7 @@ impl AdamW {
     }
 
     /// Restores moments and step count.
-    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+    pub fn load_state(&mut self, state: &StateDict) -> Result<()> {
         for p in &mut self.params {
             restore_tensor(state, &format!("{}.m", p.name), &mut p.m)?;
             restore_tensor(state, &format!("{}.v", p.name), &mut p.v)?;

@@ -2,7 +2,7 @@
 //! `g ← g + wd·w; g ← g·η·‖w‖/‖g‖; μ ← m·μ + g; w ← w − lr·μ`, with biases and BatchNorm
 //! parameters excluded from both the decay and the trust ratio (plain momentum SGD).
 
-use std::collections::HashMap;
+use crate::state::StateDict;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
@@ -66,7 +66,7 @@ impl Lars {
     }
 
     /// Restores momentum buffers.
-    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+    pub fn load_state(&mut self, state: &StateDict) -> Result<()> {
         MomentumParam::load_state(&mut self.params, state)
     }
 }

@@ -4,8 +4,6 @@ mod adamw;
 mod lars;
 mod sgd;
 
-use std::collections::HashMap;
-
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
@@ -14,6 +12,7 @@ pub use lars::Lars;
 pub use sgd::Sgd;
 
 use crate::config::{OptimConfig, OptimizerKind};
+use crate::state::{StateDict, StateError};
 
 /// True for parameters excluded from weight decay and LARS adaptation: biases and
 /// BatchNorm parameters, i.e. every parameter of rank 1 (unless the config's
@@ -57,21 +56,31 @@ impl Optimizer {
     }
 
     /// The state tensors by name (for checkpoints).
-    pub fn state(&self) -> Vec<(String, Tensor)> {
+    pub fn state(&self) -> StateDict {
         match self {
             Optimizer::Lars(o) => o.state(),
             Optimizer::AdamW(o) => o.state(),
             Optimizer::Sgd(o) => o.state(),
         }
+        .into()
     }
 
-    /// Restores the state saved by [`Optimizer::state`].
-    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+    /// Checks that `state` holds exactly the tensors of [`Optimizer::state`], each of its
+    /// shape, without changing anything.
+    pub fn check_state(&self, state: &StateDict) -> std::result::Result<(), StateError> {
+        state.check_layout_of(&self.state())
+    }
+
+    /// Restores the state saved by [`Optimizer::state`], checked in full first
+    /// ([`Optimizer::check_state`]): a refused state changes nothing.
+    pub fn load_state(&mut self, state: &StateDict) -> std::result::Result<(), StateError> {
+        self.check_state(state)?;
         match self {
             Optimizer::Lars(o) => o.load_state(state),
             Optimizer::AdamW(o) => o.load_state(state),
             Optimizer::Sgd(o) => o.load_state(state),
-        }
+        }?;
+        Ok(())
     }
 }
 
@@ -110,7 +119,7 @@ impl MomentumParam {
     }
 
     /// Restores the buffers saved by [`MomentumParam::state`].
-    pub(crate) fn load_state(params: &mut [Self], state: &HashMap<String, Tensor>) -> Result<()> {
+    pub(crate) fn load_state(params: &mut [Self], state: &StateDict) -> Result<()> {
         for p in params {
             restore_tensor(state, &format!("{}.momentum", p.name), &mut p.momentum)?;
         }
@@ -119,11 +128,7 @@ impl MomentumParam {
 }
 
 /// Copies `state[name]` into `slot`, checking the shape.
-pub(crate) fn restore_tensor(
-    state: &HashMap<String, Tensor>,
-    name: &str,
-    slot: &mut Tensor,
-) -> Result<()> {
+pub(crate) fn restore_tensor(state: &StateDict, name: &str, slot: &mut Tensor) -> Result<()> {
     let t = state
         .get(name)
         .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state {name} is missing")))?;

@@ -2,7 +2,7 @@
 //! `g ← g + wd·w; b ← m·b + g; w ← w − lr·(g + m·b)` with Nesterov, `w ← w − lr·b`
 //! without; weight decay not applied to biases and BatchNorm parameters.
 
-use std::collections::HashMap;
+use crate::state::StateDict;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
@@ -60,7 +60,7 @@ impl Sgd {
     }
 
     /// Restores momentum buffers.
-    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+    pub fn load_state(&mut self, state: &StateDict) -> Result<()> {
         MomentumParam::load_state(&mut self.params, state)
     }
 }
