@@ -285,9 +285,8 @@ pub fn schedule_change(meta: &CheckpointMeta, trainer: &Trainer) -> Option<Sched
         old_total_steps: old,
         new_total_steps: new,
         lr: (lr(old), lr(new)),
-        tau: cfg
-            .tau_at(old, step)
-            .zip(cfg.tau_at(new, step))
+        tau: schedule::tau_at(cfg, old, step)
+            .zip(schedule::tau_at(cfg, new, step))
             .filter(|(a, b)| a != b),
     })
 }

@@ -508,21 +508,6 @@ impl TrainerConfig {
         ))
     }
 
-    /// τ of the objective's EMA target after step `step` (0-based) of a run of
-    /// `total_steps`: BYOL's `tau_base` on the learning rate's schedule
-    /// ([`crate::schedule::tau`]), MSF's `tau` (constant unless `tau_cosine`), MoCo v2's
-    /// constant `tau`; `None` for an objective without a target.
-    pub fn tau_at(&self, total_steps: u64, step: u64) -> Option<f64> {
-        let cosine = |base| crate::schedule::tau(&self.optim, base, total_steps, step);
-        match self.train.method {
-            Method::Byol => Some(cosine(self.byol.tau_base)),
-            Method::Msf if self.msf.tau_cosine => Some(cosine(self.msf.tau)),
-            Method::Msf => Some(self.msf.tau),
-            Method::Mocov2 => Some(self.mocov2.tau),
-            Method::Simsiam | Method::Simclr | Method::BarlowTwins => None,
-        }
-    }
-
     /// The objective's memory of past embeddings, if it has one.
     pub fn memory(&self) -> Option<MemorySize> {
         match self.train.method {

@@ -1,6 +1,6 @@
 //! Learning-rate and EMA schedules.
 
-use crate::config::{OptimConfig, Schedule};
+use crate::config::{Method, OptimConfig, Schedule, TrainerConfig};
 
 /// Learning rate at `step` (0-based): `base_lr * batch / 256`, linear warm-up from 0 over
 /// `warmup_steps`, then cosine decay to 0 at `total_steps` (or constant).
@@ -28,6 +28,21 @@ pub fn tau(cfg: &OptimConfig, tau_base: f64, total_steps: u64, step: u64) -> f64
             let progress = (step as f64 / total_steps.max(1) as f64).min(1.0);
             1.0 - (1.0 - tau_base) * ((std::f64::consts::PI * progress).cos() + 1.0) / 2.0
         }
+    }
+}
+
+/// τ of the objective's EMA target after step `step` (0-based) of a run of
+/// `total_steps` under `cfg`: BYOL's `tau_base` on the learning rate's schedule
+/// ([`tau`]), MSF's `tau` (constant unless `tau_cosine`), MoCo v2's constant `tau`;
+/// `None` for an objective without a target.
+pub fn tau_at(cfg: &TrainerConfig, total_steps: u64, step: u64) -> Option<f64> {
+    let cosine = |base| tau(&cfg.optim, base, total_steps, step);
+    match cfg.train.method {
+        Method::Byol => Some(cosine(cfg.byol.tau_base)),
+        Method::Msf if cfg.msf.tau_cosine => Some(cosine(cfg.msf.tau)),
+        Method::Msf => Some(cfg.msf.tau),
+        Method::Mocov2 => Some(cfg.mocov2.tau),
+        Method::Simsiam | Method::Simclr | Method::BarlowTwins => None,
     }
 }
 

@@ -88,7 +88,7 @@ impl CustomOp1 for MaxPool {
         super::profile::timed("max_pool forward", &super::cuda::device(s), || {
             let (n, c, h, w) = l.shape().dims4()?;
             Ok((
-                super::cuda::max_pool_forward((s, l))?,
+                super::cuda::max_pool_forward((s, l), (pooled(h), pooled(w)))?,
                 Shape::from((n, c, pooled(h), pooled(w))),
             ))
         })

@@ -73,7 +73,7 @@ impl Byol {
 
     /// The EMA update after optimizer step `step`: `ξ ← τ·ξ + (1 − τ)·θ` for every
     /// trainable target variable (running statistics excluded), τ from `[byol] tau_base`
-    /// on the learning rate's schedule ([`TrainerConfig::tau_at`]).
+    /// on the learning rate's schedule ([`crate::schedule::tau_at`]).
     pub fn after_step(
         &mut self,
         online: &VarMap,

@@ -96,10 +96,9 @@ impl EmaNetwork {
     }
 
     /// The update after optimizer step `step` (0-based) with the objective's τ
-    /// ([`TrainerConfig::tau_at`]); returns τ.
+    /// ([`crate::schedule::tau_at`]); returns τ.
     pub fn after_step(&self, online: &VarMap, cfg: &TrainerConfig, step: u64) -> Result<f64> {
-        let tau = cfg
-            .tau_at(cfg.train.total_steps, step)
+        let tau = crate::schedule::tau_at(cfg, cfg.train.total_steps, step)
             .expect("an objective with an EMA network has a tau");
         self.update(online, tau)?;
         Ok(tau)

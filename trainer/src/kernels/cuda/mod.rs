@@ -532,19 +532,22 @@ pub(crate) fn relu_grad(y: &Tensor, g: &Tensor) -> Result<Tensor> {
     Ok(tensor(out, ly.dims()))
 }
 
-/// `(planes, h, w, ho, wo)` of the stem max-pool over a contiguous `(n, c, h, w)` layout.
-fn pool_dims(layout: &Layout) -> Result<(i64, i32, i32, i32, i32)> {
+/// `(planes, h, w, ho, wo)` of the stem max-pool over a contiguous `(n, c, h, w)` layout
+/// with output planes of `(ho, wo)`.
+fn pool_dims(layout: &Layout, (ho, wo): (usize, usize)) -> Result<(i64, i32, i32, i32, i32)> {
     let (n, c, h, w) = layout.shape().dims4()?;
-    let (ho, wo) = (super::max_pool::pooled(h), super::max_pool::pooled(w));
     Ok(((n * c) as i64, h as i32, w as i32, ho as i32, wo as i32))
 }
 
 /// The stem max-pool's forward (3×3, stride 2, padding 1) of a contiguous `(n, c, h, w)`
-/// storage.
-pub(crate) fn max_pool_forward(x: (&CudaStorage, &Layout)) -> Result<CudaStorage> {
+/// storage into output planes of `out` = `(ho, wo)` (the op's shape).
+pub(crate) fn max_pool_forward(
+    x: (&CudaStorage, &Layout),
+    out: (usize, usize),
+) -> Result<CudaStorage> {
     const OP: &str = "max_pool_forward";
     let dev = x.0.device().clone();
-    let (planes, h, w, ho, wo) = pool_dims(x.1)?;
+    let (planes, h, w, ho, wo) = pool_dims(x.1, out)?;
     let total = planes as usize * ho as usize * wo as usize;
     with_act!(x.0.dtype(), OP, |T| {
         let xv = view::<T>(x.0, x.1, OP)?;
@@ -572,7 +575,8 @@ pub(crate) fn max_pool_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
     let (gg, lg) = g.storage_and_layout();
     let xs = cuda_storage(&xg, OP)?;
     let dev = xs.device().clone();
-    let (planes, h, w, ho, wo) = pool_dims(lx)?;
+    let (_, _, ho, wo) = lg.shape().dims4()?;
+    let (planes, h, w, ho, wo) = pool_dims(lx, (ho, wo))?;
     let total = lx.shape().elem_count();
     let out = with_act!(xs.dtype(), OP, |T| {
         let xv = view::<T>(xs, lx, OP)?;
