@@ -207,11 +207,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let mut finished = run.finish();
     // `--steps 0` on a fresh run: the encoder it starts from (random, or `init`) as
     // checkpoint step 0, for `byol eval`, `embed` and `export`.
-    if finished.checkpoint.is_none()
-        && outcome.is_ok()
-        && run.trainer().steps_done() == 0
-        && !has_checkpoints
-    {
+    if target == 0 && outcome.is_ok() && run.trainer().steps_done() == 0 && !has_checkpoints {
         finished.checkpoint = Some(run.checkpoint());
     }
     if let Err(e) = &finished.metrics {
