@@ -396,7 +396,8 @@ pub struct TrainArgs {
     /// Run folder: metrics.jsonl and checkpoints/.
     #[arg(long, default_value = "byol-run")]
     pub run: PathBuf,
-    /// Train until this many steps are done [default: train.total_steps].
+    /// Train until this many steps are done [default: train.total_steps]; 0 on a new
+    /// run folder writes the encoder it starts from (random or `--init`) as checkpoint 0.
     #[arg(long, conflicts_with = "epochs")]
     pub steps: Option<u64>,
     /// Train for this many epochs of the dataset.

@@ -204,7 +204,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let run = &mut train.run;
     // Whatever ended the loop, the last completed step is kept, with its metrics lines
     // (the daemon's path too).
-    let finished = run.finish();
+    let mut finished = run.finish();
+    // `--steps 0` on a fresh run: the encoder it starts from (random, or `init`) as
+    // checkpoint step 0, for `byol eval`, `embed` and `export`.
+    if target == 0 && outcome.is_ok() && run.trainer().steps_done() == 0 && !has_checkpoints {
+        finished.checkpoint = Some(run.checkpoint());
+    }
     if let Err(e) = &finished.metrics {
         eprintln!(
             "error: metrics lines could not be written ({}): {e}",

@@ -205,6 +205,109 @@ fn train_starts_from_an_export_and_a_resume_ignores_a_changed_init() {
     assert!(!refused.exists());
 }
 
+/// kNN top-1 of `byol eval` per encoder row (`trained`, and `random-init` when asked).
+fn knn(dir: &Path, ck: &Path, ds: &Path, extra: &[&str]) -> Vec<(String, f64)> {
+    let json = dir.join("knn.json");
+    let base = [
+        "eval",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--train",
+        ds.to_str().unwrap(),
+        "--test",
+        ds.to_str().unwrap(),
+        "--protocol",
+        "knn",
+        "--k",
+        "3",
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    let o = run(&[&base[..], extra].concat());
+    assert!(o.status.success(), "{}", text(&o));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    r["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["encoder"].as_str().unwrap().to_owned(),
+                x["accuracy"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn steps_0_checkpoints_the_start_and_a_run_from_an_export_starts_from_its_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = two_tone(dir.path(), "data", 6);
+    let cfg = config(dir.path(), TINY);
+    let first = dir.path().join("first");
+    let o = train(&cfg, &ds, &first, &["--steps", "3"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let export = dir.path().join("first.safetensors");
+    let o = run(&[
+        "export",
+        "--checkpoint",
+        first.to_str().unwrap(),
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // Step 0 of a run from the export: checkpointed by --steps 0, it embeds every image
+    // as the exported checkpoint does, bit for bit, so kNN agrees too.
+    let zero = dir.path().join("zero");
+    let o = train(
+        &cfg,
+        &ds,
+        &zero,
+        &["--steps", "0", "--init", export.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("trained to step 0"), "{}", text(&o));
+    assert!(zero.join("checkpoints/step-0000000000/meta.json").is_file());
+    let embed = |ck: &Path, out: &Path| {
+        let o = run(&[
+            "embed",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--data",
+            ds.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        std::fs::read(out).unwrap()
+    };
+    let exported = embed(&first, &dir.path().join("first.npy"));
+    assert_eq!(exported, embed(&zero, &dir.path().join("zero.npy")));
+    assert_eq!(
+        knn(dir.path(), &first, &ds, &[]),
+        knn(dir.path(), &zero, &ds, &[])
+    );
+    // Training goes on from it.
+    let o = train(&cfg, &ds, &zero, &["--steps", "1", "--resume"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("(step 0)"), "{}", text(&o));
+    assert!(zero.join("checkpoints/step-0000000001").is_dir());
+
+    // Without init, step 0 is the random encoder `byol eval --random-init` rebuilds.
+    let random = dir.path().join("random");
+    let o = train(&cfg, &ds, &random, &["--steps", "0"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let rows = knn(dir.path(), &random, &ds, &["--random-init"]);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0].1, rows[1].1, "{rows:?}");
+    // A resume at step 0 writes no second checkpoint 0.
+    let o = train(&cfg, &ds, &random, &["--steps", "0", "--resume"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let saved = byol_trainer::checkpoint::list(&random.join("checkpoints"));
+    assert_eq!(saved.len(), 1, "{}", text(&o));
+}
+
 /// The rows of an `.npy` float32 2-D file: `(rows, dim, values)`.
 fn read_npy(path: &Path) -> (usize, usize, Vec<f32>) {
     let bytes = std::fs::read(path).unwrap();
