@@ -306,7 +306,9 @@ pub struct EvalArgs {
     /// Which classifiers to run on the features.
     #[arg(long, value_enum, default_value_t = ProtocolArg::Both)]
     pub protocol: ProtocolArg,
-    /// Also evaluate the untrained encoder the run started from (its config and seed).
+    /// Also evaluate the encoder at random init (the run's config and seed): where a run
+    /// started, unless it started from `[train] init` weights (their start is scored by
+    /// a step-0 checkpoint: `byol train --init PATH --steps 0`).
     #[arg(long)]
     pub random_init: bool,
     /// Also fit the linear probe on the raw pixels (the preprocessed images).
