@@ -8,8 +8,9 @@
   rss         anonymous resident memory (RssAnon; the mapped shards inflate RSS) over
               a long run with a wave every minute: first and last minutes, peak
 
-Usage: scripts/bench_daemon.py [throughput|latency|rss|all] [--minutes N]
-Needs a release build (target/release/byol), the photos in ../shared/data/photos256 and
+Usage: scripts/bench_daemon.py [throughput|latency|rss|all] [--minutes N] [--byol PATH]
+Needs a release build (target/release/byol, or the binary given in --byol: e.g. an older
+commit's, for runs before and after), the photos in ../shared/data/photos256 and
 Debian's wallpapers (apt-get install mate-backgrounds plasma-workspace-wallpapers).
 """
 import glob, json, os, re, shutil, signal, statistics, subprocess, sys, tempfile, time, urllib.request
@@ -237,6 +238,8 @@ if __name__ == "__main__":
     minutes = 30
     if "--minutes" in sys.argv:
         minutes = float(sys.argv[sys.argv.index("--minutes") + 1])
+    if "--byol" in sys.argv:
+        BYOL = os.path.abspath(sys.argv[sys.argv.index("--byol") + 1])
     if not os.access(BYOL, os.X_OK):
         raise SystemExit("build first: cargo build --release")
     if what in ("throughput", "all"):

@@ -17,22 +17,24 @@
 #      the daemon without root's powers in a user namespace), made readable later: each
 #      said once, watched natively again, its files and later files ingested.
 #
-# Usage: scripts/drill.sh [--kills N] [--files N] [--photos DIR] [--only 1,7]
-# Needs a release build (cargo build --release). Prints one line per finding and a
-# summary; exits 1 on the first broken promise.
+# Usage: scripts/drill.sh [--kills N] [--files N] [--photos DIR] [--only 1,7] [--byol PATH]
+# Needs a release build (cargo build --release), or the binary to drill in --byol (e.g. an
+# older commit's, for figures before and after). Prints one line per finding and a summary;
+# exits 1 on the first broken promise.
 set -euo pipefail
+HERE=$PWD
 cd "$(dirname "$0")/.."
-KILLS=20 FILES=10000 PHOTOS=../shared/data/photos256 ONLY=1,2,3,4,5,6,7
+KILLS=20 FILES=10000 PHOTOS=../shared/data/photos256 ONLY=1,2,3,4,5,6,7 BYOL=$PWD/target/release/byol
 while [ $# -gt 0 ]; do
   case "$1" in
     --kills) KILLS=$2; shift 2 ;;
     --files) FILES=$2; shift 2 ;;
     --photos) PHOTOS=$2; shift 2 ;;
     --only) ONLY=$2; shift 2 ;;
+    --byol) BYOL=$(cd "$HERE" && realpath "$2"); shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
-BYOL=$PWD/target/release/byol
 [ -x "$BYOL" ] || { echo "build first: cargo build --release" >&2; exit 2; }
 W=$(mktemp -d /tmp/byol-drill.XXXXXX)
 echo "drill folder: $W"
@@ -128,6 +130,9 @@ sys.exit(1 if missing or extra or wrong else 0)
 PY
 }
 check_dataset() { dataset_matches "$1" || fail "dataset does not match the folders"; }
+# Console lines (said once each) matching $2; the log's own lines, which begin with a
+# timestamp, not counted.
+said() { grep -v '^[0-9]\{4\}-[0-9][0-9]-[0-9][0-9]T' "$1" | grep -c "$2" || true; }
 runs() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 wait_all_ingested() { # $1 = folder, $2 = seconds
@@ -141,7 +146,7 @@ if runs 1; then
 echo "== 1. kill -9 at random moments, $KILLS times, files arriving"
 D=$W/kills; mkdir -p "$D/in"; config "$D" ""
 for _ in $(seq 1 32); do new_file "$D/in"; done
-floor=0; restarts=0
+floor=0; restarts=0; committed=0; early=0
 for i in $(seq 1 "$KILLS"); do
   "$BYOL" daemon --config "$D/d.toml" > "$D/out$i.txt" 2>&1 &
   pid=$!
@@ -153,7 +158,13 @@ for i in $(seq 1 "$KILLS"); do
     [ "$from" -ge "$floor" ] || fail "kill $i: resumed at $from, below the checkpoint at $floor"
     restarts=$((restarts + 1))
   fi
-  "$BYOL" inspect "$D/data" --verify > "$D/verify$i.txt" 2>&1 || fail "kill $i: inspect --verify: $(tail -3 "$D/verify$i.txt")"
+  if [ ! -e "$D/data/manifest.json" ] && [ "$committed" = 0 ]; then
+    # Killed before the first commit (a loaded machine): no dataset yet, the next start begins it.
+    early=$((early + 1))
+  else
+    "$BYOL" inspect "$D/data" --verify > "$D/verify$i.txt" 2>&1 || fail "kill $i: inspect --verify: $(tail -3 "$D/verify$i.txt")"
+    committed=1
+  fi
   floor=$(newest_checkpoint "$D"); floor=${floor:-0}
 done
 "$BYOL" daemon --config "$D/d.toml" > "$D/final.txt" 2>&1 &
@@ -161,7 +172,7 @@ pid=$!
 wait_all_ingested "$D" 120
 kill -TERM $pid; wait $pid || fail "the final stop did not exit 0"
 check_dataset "$D"
-echo "  $KILLS kills, $restarts restarts reached training, every inspect --verify passed, newest checkpoint step $floor"
+echo "  $KILLS kills ($early before the first commit), $restarts restarts reached training, every inspect --verify passed, newest checkpoint step $floor"
 fi
 if runs 2; then
 echo "== 2. $FILES files landing at once"
@@ -296,13 +307,13 @@ else
     for j in 1 2; do cp "${SEEDS[$(( (k * 7 + j) % ${#SEEDS[@]} ))]}" "$D/stage/p$k/early$j.jpg"; done
     chmod 000 "$D/stage/p$k"; mv "$D/stage/p$k" "$D/in/p$k"
   done
-  t=0; until [ "$(grep -c 'cannot watch natively' "$D/out.txt")" -ge 5 ]; do sleep 1; t=$((t+1)); [ $t -lt 30 ] || fail "the failed watches were not said"; done
+  t=0; until [ "$(said "$D/out.txt" 'cannot watch natively')" -ge 5 ]; do sleep 1; t=$((t+1)); [ $t -lt 30 ] || fail "the failed watches were not said"; done
   sleep 2
-  said=$(grep -c 'cannot watch natively' "$D/out.txt")
+  said=$(said "$D/out.txt" 'cannot watch natively')
   [ "$said" = 5 ] || fail "each failed watch said once: $said lines for 5 folders"
   start=$(date +%s.%N)
   for k in 1 2 3 4 5; do chmod 755 "$D/in/p$k"; done
-  t=0; until [ "$(grep -c 'is watched natively again' "$D/out.txt")" -ge 5 ]; do sleep 1; t=$((t+1)); [ $t -lt 30 ] || fail "the watches were not restored"; done
+  t=0; until [ "$(said "$D/out.txt" 'is watched natively again')" -ge 5 ]; do sleep 1; t=$((t+1)); [ $t -lt 30 ] || fail "the watches were not restored"; done
   restored=$(/usr/bin/python3 -c "import time; print(round(time.time() - $start, 1))")
   for k in 1 2 3 4 5; do for j in 1 2 3; do
     cp "${SEEDS[$(( (k * 11 + j) % ${#SEEDS[@]} ))]}" "$D/in/p$k/late$j.jpg"
@@ -310,7 +321,7 @@ else
   start=$(date +%s.%N)
   wait_all_ingested "$D" 120
   secs=$(/usr/bin/python3 -c "import time; print(round(time.time() - $start, 1))")
-  grep -m1 'cannot watch natively' "$D/out.txt" | sed 's/^/  /'
+  grep -m1 '^warning: .*cannot watch natively' "$D/out.txt" | sed 's/^/  /'
   kill -TERM $pid; wait $pid || fail "stop after the unreadable folders"
   echo "  5 unreadable folders: said once each, watched natively ${restored} s after the chmod; their 25 files ingested (15 later ones in ${secs} s)"
 fi
