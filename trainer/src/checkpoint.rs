@@ -124,35 +124,10 @@ pub enum CheckpointProblem {
     /// Made with an objective this build does not know.
     #[error("was made with method {0}, which this build does not know")]
     UnknownMethod(String),
-    /// The file holds another number of tensors than the model.
-    #[error("{found} tensors, the model has {expected}")]
-    TensorCount {
-        /// Tensors in the file.
-        found: usize,
-        /// Tensors of the model.
-        expected: usize,
-    },
-    /// A tensor of the model is not in the file.
-    #[error("{0} is missing")]
-    MissingTensor(String),
-    /// A tensor has another shape than the model's.
-    #[error("{name} has shape {found:?}, the model has {expected:?}")]
-    Shape {
-        /// The tensor.
-        name: String,
-        /// Its shape in the file.
-        found: Vec<usize>,
-        /// The model's.
-        expected: Vec<usize>,
-    },
-    /// A tensor's value is out of its range (e.g. a memory's pointer).
-    #[error("{name}: {reason}")]
-    Value {
-        /// The tensor.
-        name: String,
-        /// Why.
-        reason: String,
-    },
+    /// The file's tensors do not fit the model: a count, a name or a shape, or a value
+    /// out of range (a memory's pointer).
+    #[error(transparent)]
+    Tensors(Box<StateError>),
     /// Made with another method, model, optimizer or batch size than this run.
     #[error("was made with {what} {theirs}, this run has {ours}")]
     Mismatch {
@@ -190,23 +165,10 @@ fn problem(path: &Path, problem: CheckpointProblem) -> TrainError {
 pub(crate) fn state_error(path: &Path, e: StateError) -> TrainError {
     let p = match e {
         StateError::Candle(e) => return TrainError::Candle(e),
-        StateError::TensorCount { found, expected } => {
-            CheckpointProblem::TensorCount { found, expected }
-        }
-        StateError::MissingTensor(name) => CheckpointProblem::MissingTensor(name),
-        StateError::Shape {
-            name,
-            found,
-            expected,
-        } => CheckpointProblem::Shape {
-            name,
-            found,
-            expected,
-        },
-        StateError::Value { name, reason } => CheckpointProblem::Value { name, reason },
         StateError::Mismatch { what, theirs, ours } => {
             CheckpointProblem::Mismatch { what, theirs, ours }
         }
+        tensors => CheckpointProblem::Tensors(Box::new(tensors)),
     };
     problem(path, p)
 }
