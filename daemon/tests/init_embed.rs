@@ -99,16 +99,13 @@ fn counters(file: &Path) -> Vec<(String, i64)> {
     out
 }
 
-#[test]
-fn train_starts_from_an_export_and_a_resume_ignores_a_changed_init() {
-    let dir = tempfile::tempdir().unwrap();
-    let ds = two_tone(dir.path(), "data", 8);
-    let cfg = config(dir.path(), TINY);
-    // The weights to start from: our own export of a 2-step run.
-    let first = dir.path().join("first");
-    let o = train(&cfg, &ds, &first, &["--steps", "2"]);
+/// A run `dir/first` of `steps` steps on `ds`, exported to `dir/first.safetensors`: the
+/// run folder and the export.
+fn trained_and_exported(dir: &Path, cfg: &Path, ds: &Path, steps: u32) -> (PathBuf, PathBuf) {
+    let first = dir.join("first");
+    let o = train(cfg, ds, &first, &["--steps", &steps.to_string()]);
     assert!(o.status.success(), "{}", text(&o));
-    let export = dir.path().join("first.safetensors");
+    let export = dir.join("first.safetensors");
     let o = run(&[
         "export",
         "--checkpoint",
@@ -117,6 +114,16 @@ fn train_starts_from_an_export_and_a_resume_ignores_a_changed_init() {
         export.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", text(&o));
+    (first, export)
+}
+
+#[test]
+fn train_starts_from_an_export_and_a_resume_ignores_a_changed_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = two_tone(dir.path(), "data", 8);
+    let cfg = config(dir.path(), TINY);
+    // The weights to start from: our own export of a 2-step run.
+    let (_, export) = trained_and_exported(dir.path(), &cfg, &ds, 2);
     let exported = counters(&export);
     assert!(exported.iter().all(|(_, c)| *c == 4), "{exported:?}");
 
@@ -244,18 +251,7 @@ fn steps_0_checkpoints_the_start_and_a_run_from_an_export_starts_from_its_encode
     let dir = tempfile::tempdir().unwrap();
     let ds = two_tone(dir.path(), "data", 6);
     let cfg = config(dir.path(), TINY);
-    let first = dir.path().join("first");
-    let o = train(&cfg, &ds, &first, &["--steps", "3"]);
-    assert!(o.status.success(), "{}", text(&o));
-    let export = dir.path().join("first.safetensors");
-    let o = run(&[
-        "export",
-        "--checkpoint",
-        first.to_str().unwrap(),
-        "--out",
-        export.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
+    let (first, export) = trained_and_exported(dir.path(), &cfg, &ds, 3);
 
     // Step 0 of a run from the export: checkpointed by --steps 0, it embeds every image
     // as the exported checkpoint does, bit for bit, so kNN agrees too.
