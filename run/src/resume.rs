@@ -75,17 +75,10 @@ pub fn resume(trainer: &mut Trainer, dir: &Path) -> Result<Option<Resumed>, RunE
     }
     let mut skipped = Vec::new();
     for (_, path) in all.into_iter().rev() {
-        // A meta that cannot be read, or tensor files that fail their checksums, pass
-        // the checkpoint over; one made for another model is a config error. The
-        // tensor files are read once, by the load.
-        let mut pass_over = |path: PathBuf, e: TrainError| {
-            tracing::warn!(checkpoint = %path.display(), reason = %e, "checkpoint passed over");
-            skipped.push((path, e.to_string()));
-        };
         // One made with other settings (the load checks them first, from the meta) is a
-        // config error, named at the checkpoint's folder: falling back would not fix it.
-        // Anything else (an unreadable meta, a failed checksum, a tensor that does not
-        // fit) passes it over.
+        // config error: falling back would not fix it. Anything else (an unreadable
+        // meta, a failed checksum, a tensor that does not fit) passes it over, since the
+        // older ones are complete. The tensor files are read once, by the load.
         match trainer.load_checkpoint(&path) {
             Ok(meta) => {
                 let run = RunMeta::from_checkpoint(&meta, &path)?;
@@ -96,13 +89,16 @@ pub fn resume(trainer: &mut Trainer, dir: &Path) -> Result<Option<Resumed>, RunE
                     skipped,
                 }));
             }
-            Err(TrainError::Checkpoint {
-                path: at,
-                problem: problem @ CheckpointProblem::Mismatch { .. },
-            }) if at == path => {
-                return Err(TrainError::Checkpoint { path: at, problem }.into());
+            Err(
+                e @ TrainError::Checkpoint {
+                    problem: CheckpointProblem::Mismatch { .. },
+                    ..
+                },
+            ) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(checkpoint = %path.display(), reason = %e, "checkpoint passed over");
+                skipped.push((path, e.to_string()));
             }
-            Err(e) => pass_over(path, e),
         }
     }
     let reasons: Vec<String> = skipped.iter().map(|(_, r)| r.clone()).collect();

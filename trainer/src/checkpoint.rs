@@ -174,7 +174,8 @@ pub(crate) fn state_error(path: &Path, e: StateError) -> TrainError {
 }
 
 /// A refused restore of the checkpoint at `path` (`meta` read from it), naming the file
-/// of the refused part (the folder for its settings).
+/// of the refused part (the folder for its settings). Only the settings give a
+/// [`CheckpointProblem::Mismatch`]; every other part's refusal is damage.
 pub(crate) fn restore_error(path: &Path, meta: &CheckpointMeta, e: RestoreError) -> TrainError {
     let file = match e.part {
         StatePart::Origin => path.to_owned(),
@@ -183,7 +184,14 @@ pub(crate) fn restore_error(path: &Path, meta: &CheckpointMeta, e: RestoreError)
         StatePart::Objective => path.join(OBJECTIVE),
         StatePart::Optimizer => path.join(OPTIMIZER),
     };
-    state_error(&file, e.error)
+    match e.error {
+        // The settings fit (checked from the meta first): a file that disagrees with
+        // them, a memory of another size, is damage, not a config error.
+        mismatch @ StateError::Mismatch { .. } if e.part != StatePart::Origin => {
+            problem(&file, CheckpointProblem::Tensors(Box::new(mismatch)))
+        }
+        error => state_error(&file, error),
+    }
 }
 
 fn unreadable(
