@@ -31,6 +31,23 @@ pub enum HeadNorm {
     None,
 }
 
+/// How the encoder's convolution weights start (every convolution is followed by
+/// BatchNorm, so the choice sets their scale, and with it SGD's effective step on them,
+/// lr / ‖w‖², until weight decay brings the norms together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConvInit {
+    /// Kaiming normal, fan-out, ReLU gain: std √(2 / (k²·c_out)) (He et al. 2015; what
+    /// `torchvision.models.resnet*()` sets).
+    #[default]
+    KaimingNormalFanOut,
+    /// PyTorch's `nn.Conv2d` default, Kaiming uniform with a = √5:
+    /// U(−1/√(k²·c_in), 1/√(k²·c_in)), 2.4× smaller at c_in = c_out (what a ResNet
+    /// written on bare `nn.Conv2d`, as in lightly's and solo-learn's small-image
+    /// benchmarks, starts from).
+    PytorchDefault,
+}
+
 /// Groups of the heads' GroupNorm ([`HeadNorm::GroupWs`]; Wu & He 2018's default).
 pub const HEAD_GROUPS: usize = 32;
 
@@ -56,6 +73,8 @@ pub struct ModelConfig {
     pub bn_eps: f64,
     /// Normalisation inside the projector and predictor.
     pub head_norm: HeadNorm,
+    /// Initialisation of the encoder's convolutions.
+    pub conv_init: ConvInit,
     /// Every BatchNorm normalises with the whole data-parallel batch's statistics (not a
     /// file setting: the trainer sets it from `train.sync_bn` when more than one process
     /// trains).
@@ -75,6 +94,7 @@ impl Default for ModelConfig {
             bn_momentum: 0.1,
             bn_eps: 1e-5,
             head_norm: HeadNorm::Batch,
+            conv_init: ConvInit::KaimingNormalFanOut,
             synced_bn: false,
         }
     }

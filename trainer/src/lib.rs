@@ -27,9 +27,9 @@ pub use checkpoint::{
     CheckpointMeta, CheckpointProblem, latest as latest_checkpoint, save as save_checkpoint,
 };
 pub use config::{
-    Arch, BarlowTwinsConfig, ByolConfig, HeadNorm, Kernels, MemorySize, Method, MocoV2Config,
-    ModelConfig, MsfConfig, OptimConfig, OptimizerKind, Precision, Schedule, SimClrConfig,
-    SimSiamConfig, TrainConfig, TrainerConfig,
+    Arch, BarlowTwinsConfig, ByolConfig, ConvInit, HeadNorm, Kernels, MemorySize, Method,
+    MocoV2Config, ModelConfig, MsfConfig, OptimConfig, OptimizerKind, Precision, Schedule,
+    SimClrConfig, SimSiamConfig, TrainConfig, TrainerConfig,
 };
 pub use embedding::EmbeddingStats;
 pub use objective::{Objective, ObjectiveStats};

@@ -144,7 +144,7 @@ impl Trainer {
         let network = Network::new(&cfg.model, compute, vb.clone())?;
         let mut objective = Objective::new(&cfg, compute, vb)?;
         // Each variable's initial values depend on the seed and its name only.
-        reinit(&online, cfg.train.seed)?;
+        reinit(&online, cfg.train.seed, cfg.model.conv_init)?;
         objective.start(&online)?;
         let optimizer = Optimizer::new(&cfg.optim, trainable(&online))?;
         let health = DeviceHealth::new(&device, 0)?;
@@ -276,9 +276,11 @@ impl Trainer {
             return mismatch("method", origin.method.to_string(), method.to_string());
         }
         let (theirs, ours) = (&origin.config, &self.cfg);
-        // The BatchNorm sync is how the step runs, not what the model is.
+        // The BatchNorm sync is how the step runs and the convolutions' init how the run
+        // started, not what the model is: neither changes the state a checkpoint holds.
         let unsynced = |m: &crate::config::ModelConfig| crate::config::ModelConfig {
             synced_bn: false,
+            conv_init: Default::default(),
             ..m.clone()
         };
         if unsynced(&theirs.model) != unsynced(&ours.model) {

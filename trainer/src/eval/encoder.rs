@@ -34,7 +34,7 @@ impl Encoder {
         device: &Device,
     ) -> Result<Self, EvalError> {
         let enc = Self::unset(cfg, kernels, device)?;
-        reinit(&enc.vars, seed)?;
+        reinit(&enc.vars, seed, cfg.conv_init)?;
         Ok(enc)
     }
 
