@@ -23,6 +23,7 @@ use byol_augment::Augmenter;
 use byol_ingest::{Follower, IngestEvent, IngestLoop, IngestReport, Reopen};
 use byol_loader::Output;
 use byol_run::continuous::{self, Controls, DaemonSettings, Event, Settings, Setup, TrainSettings};
+use byol_run::replica::{FollowerParts, Leader};
 use byol_run::{FaultPoints, Monitor, Operation, RunDir};
 use byol_trainer::Trainer;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -89,63 +90,23 @@ fn settings(cfg: &Config, d: &DaemonConfig) -> Settings {
 
 /// Runs `byol daemon`.
 pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
-    // Data-parallel (under mpirun): rank 0 alone holds the run folder, watches, ingests
-    // and serves metrics; every rank trains its share of each batch on rank 0's
-    // decisions (`continuous::train_continuously`).
+    // Data-parallel (under mpirun): rank 0 runs the daemon (it alone holds the run
+    // folder, watches, ingests, serves metrics and takes signals and reloads); every
+    // other rank trains its share of each batch on rank 0's orders (`replica::follow`).
     let group = byol_trainer::dist::init()?;
-    let main = group.is_main();
     let cfg = Config::load_for_daemon(&args.config)?;
     cfg.validate(true)
         .with_context(|| format!("invalid config {}", args.config.display()))?;
     let d = cfg.daemon.clone().expect("validated");
     let dir = RunDir::new(&d.run);
-    // `[train] init` that does not fit is refused before the run folder is written to.
-    byol_run::check_init(&cfg.trainer(), &dir.checkpoints())?;
-    let _lock = if main {
-        Some(dir.lock().with_context(|| {
-            format!(
-                "cannot start: is another byol daemon running on {}?",
-                d.run.display()
-            )
-        })?)
-    } else {
-        None
-    };
-
     // Thread budget: the loader gets it all, ingest half of it at a lower priority.
     let budget = match d.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let metrics = Arc::new(Metrics::new());
-    let healthy = Arc::new(AtomicBool::new(true));
-    let controls = Arc::new(Controls::new(settings(&cfg, &d)));
-    let stop_ingest = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let services = if main {
-        let ingest = start_services(
-            &cfg,
-            &d,
-            budget,
-            &metrics,
-            &healthy,
-            &controls,
-            &stop_ingest,
-            (&tx, rx),
-        )?;
-        Some(ingest)
-    } else {
-        None
-    };
-    let signals = spawn_signals(
-        &args.config,
-        controls.clone(),
-        healthy.clone(),
-        d.stop_timeout_secs,
-    )?;
-
     let mut loader_cfg = cfg.loader.clone();
     loader_cfg.output = Output::F32;
+    loader_cfg.part = byol_run::replica::share(group);
     if loader_cfg.threads == 0 {
         loader_cfg.threads = budget;
     }
@@ -153,6 +114,50 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         loader_cfg.refresh_every_batches = d.new_data_within_steps.max(1);
     }
     let augmenter = Augmenter::new(cfg.augment.clone().unwrap_or_default())?;
+    let healthy = Arc::new(AtomicBool::new(true));
+    let controls = Arc::new(Controls::new(settings(&cfg, &d)));
+    if !group.is_main() {
+        // mpirun forwards signals to every rank: a follower takes them (a second one
+        // still ends it at once) and goes on until rank 0's stop order.
+        let _signals = spawn_signals(&args.config, controls, healthy, d.stop_timeout_secs)?;
+        let parts = FollowerParts {
+            trainer: Trainer::new(cfg.trainer(), loader_cfg.batch_size)?,
+            data: d.data.clone(),
+            augmenter,
+            loader: loader_cfg,
+            checkpoints: dir.checkpoints(),
+        };
+        byol_run::replica::follow(parts, group)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    // `[train] init` that does not fit is refused before the run folder is written to.
+    byol_run::check_init(&cfg.trainer(), &dir.checkpoints())?;
+    let _lock = dir.lock().with_context(|| {
+        format!(
+            "cannot start: is another byol daemon running on {}?",
+            d.run.display()
+        )
+    })?;
+    let metrics = Arc::new(Metrics::new());
+    let stop_ingest = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let services = start_services(
+        &cfg,
+        &d,
+        budget,
+        &metrics,
+        &healthy,
+        &controls,
+        &stop_ingest,
+        (&tx, rx),
+    )?;
+    let signals = spawn_signals(
+        &args.config,
+        controls.clone(),
+        healthy.clone(),
+        d.stop_timeout_secs,
+    )?;
+
     let monitor = match &cfg.monitor {
         Some(m) => Some(Monitor::open(
             m,
@@ -176,28 +181,26 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         heartbeat: notifier
             .ping_every()
             .map_or(Duration::from_millis(500), |p| p / 2),
+        leader: Leader::of_group(group),
     };
     let started = Instant::now();
     let mut reporter = Reporter {
         metrics: metrics.clone(),
         notifier,
-        main,
     };
     let outcome = continuous::train_continuously(setup, &controls, &mut |e| reporter.on_event(e));
     healthy.store(false, Ordering::SeqCst);
     stop_ingest.store(true, Ordering::SeqCst);
     drop(tx);
-    let ingest_result =
-        services.map(|(ingest, _server)| ingest.join().expect("the ingest thread does not panic"));
+    let (ingest, _server) = services;
+    let ingest_result = ingest.join().expect("the ingest thread does not panic");
     drop(signals);
     let sig = outcome?;
-    ingest_result.transpose()?;
-    if main {
-        println!(
-            "stopped by signal {sig} after {:.1} s",
-            started.elapsed().as_secs_f64()
-        );
-    }
+    ingest_result?;
+    println!(
+        "stopped by signal {sig} after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -286,16 +289,10 @@ fn start_services(
 struct Reporter {
     metrics: Arc<Metrics>,
     notifier: Notifier,
-    /// Rank 0 (or the only process): the one that logs and reports; other ranks of a
-    /// data-parallel job report only their failures.
-    main: bool,
 }
 
 impl Reporter {
     fn on_event(&mut self, e: Event) {
-        if !self.main && !matches!(e, Event::Failed { .. }) {
-            return;
-        }
         self.metrics.on_event(&e);
         self.notifier.alive();
         match e {

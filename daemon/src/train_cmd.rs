@@ -5,8 +5,9 @@
 //! completed step before the process exits.
 //!
 //! Under `mpirun -np N` (built with the `mpi` feature) the N processes train one model
-//! data-parallel: each loads its share of every global batch, rank 0 decides when to
-//! stop (signals, `--minutes`) and alone writes under the run folder and prints.
+//! data-parallel: each loads its share of every global batch; rank 0 runs this command
+//! (it decides when to stop, from signals and `--minutes`, and alone writes under the
+//! run folder and prints) and the other ranks follow its orders (`byol_run::replica`).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -17,9 +18,10 @@ use byol_augment::Augmenter;
 use byol_ingest::Dataset;
 use byol_loader::{Loader, Output};
 use byol_run::continuous::{Controls, DaemonSettings, Settings, TrainSettings};
+use byol_run::replica::{FollowerParts, Leader, Order};
 use byol_run::{
-    CheckpointPolicy, FaultPoints, Monitor, RETRY_AFTER, Run, RunDir, RunParts, StepReport,
-    resume_agreed, schedule_change,
+    CheckpointPolicy, FaultPoints, Monitor, RETRY_AFTER, Run, RunDir, RunParts, StepReport, resume,
+    schedule_change,
 };
 use byol_trainer::Trainer;
 use byol_trainer::dist;
@@ -43,7 +45,6 @@ struct Budget {
 /// Runs `byol train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let group = dist::init()?;
-    let main = group.is_main();
     let mut cfg = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
@@ -67,14 +68,26 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     trainer_cfg.validate()?;
     let mut loader_cfg = cfg.loader.clone();
     loader_cfg.output = Output::F32;
-    loader_cfg.part = byol_loader::Part {
-        rank: group.rank(),
-        world: group.world(),
-    };
+    loader_cfg.part = byol_run::replica::share(group);
     let aug = Augmenter::new(cfg.augment.clone().unwrap_or_default())
         .context("invalid [augment] settings")?;
-    // Every rank plans with the dataset as rank 0 opened it.
-    let dataset = byol_run::open_agreed(&args.data)
+    let dir = RunDir::new(&args.run);
+    let ckpt_dir = dir.checkpoints();
+    if !group.is_main() {
+        byol_run::replica::follow(
+            FollowerParts {
+                trainer: Trainer::new(trainer_cfg, loader_cfg.batch_size)?,
+                data: args.data.clone(),
+                augmenter: aug,
+                loader: loader_cfg,
+                checkpoints: ckpt_dir,
+            },
+            group,
+        )?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let leader = Leader::of_group(group);
+    let dataset = Dataset::open(&args.data)
         .with_context(|| format!("cannot open dataset {}", args.data.display()))?;
     let input = InputSpec::of_views(aug.config());
     let view_size = input.size;
@@ -87,8 +100,6 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         Some(m) => Some(Monitor::open(m, &input)?),
         None => None,
     };
-    let dir = RunDir::new(&args.run);
-    let ckpt_dir = dir.checkpoints();
     let has_checkpoints = !byol_trainer::checkpoint::list(&ckpt_dir).is_empty();
     if has_checkpoints && !args.resume {
         bail!(
@@ -105,28 +116,26 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         let report = trainer
             .start_from(init)
             .context("cannot start from [train] init")?;
-        if main {
-            println!("{report}");
-        }
+        println!("{report}");
     }
-    // Only rank 0 writes under the run folder.
-    let _lock = if main { Some(dir.lock()?) } else { None };
+    let _lock = dir.lock()?;
     let state = if args.resume {
-        let resumed = resume_agreed(&mut trainer, &ckpt_dir)
+        let resumed = resume(&mut trainer, &ckpt_dir)
             .context("cannot resume")?
             .with_context(|| format!("--resume: no checkpoint in {}", ckpt_dir.display()))?;
+        leader.send(&Order::Resume {
+            step: Some(resumed.meta.step),
+        });
         for (path, reason) in &resumed.skipped {
             eprintln!("warning: passed over {}: {reason}", path.display());
         }
-        if main {
-            println!(
-                "resumed from {} (step {})",
-                resumed.path.display(),
-                resumed.meta.step
-            );
-            if let Some(init) = &init {
-                eprintln!("note: {}", byol_run::init_ignored(init, &resumed.path));
-            }
+        println!(
+            "resumed from {} (step {})",
+            resumed.path.display(),
+            resumed.meta.step
+        );
+        if let Some(init) = &init {
+            eprintln!("note: {}", byol_run::init_ignored(init, &resumed.path));
         }
         // A `--minutes` run refits the schedules to its budget on purpose.
         if let Some(change) =
@@ -136,8 +145,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         }
         resumed.run.loader
     } else {
+        leader.send(&Order::Resume { step: None });
         None
     };
+    leader.send(&Order::Start {
+        manifest: std::borrow::Cow::Borrowed(dataset.manifest()),
+    });
     let short_side = median_short_side(&dataset);
     let loader = Loader::new(dataset, aug, loader_cfg, state)?;
     let target = match (args.steps, args.epochs, args.minutes) {
@@ -152,7 +165,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         size_warning(&args.data, short_side, view_size),
         memory_warning,
     ];
-    for warning in warnings.into_iter().flatten().filter(|_| main) {
+    for warning in warnings.into_iter().flatten() {
         eprintln!("warning: {warning}");
         tracing::info!("{warning}");
     }
@@ -168,6 +181,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         faults: FaultPoints::from_env(),
         batch_trace: std::env::var_os(byol_run::TRACE_BATCHES_ENV).map(Into::into),
         retry: RETRY_AFTER,
+        leader,
     })?;
     if dropped > 0 {
         println!(
@@ -183,19 +197,19 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             calibrated: false,
         }),
     };
-    if group.world() > 1 && main {
+    if leader.has_followers() {
         println!(
             "data-parallel: {} processes, {} images each of every global batch of {}",
-            group.world(),
-            cfg.loader.batch_size / group.world(),
+            leader.world(),
+            cfg.loader.batch_size / leader.world(),
             cfg.loader.batch_size
         );
     }
     let started = Instant::now();
     let outcome = train.steps(target);
-    // A failure of one rank's step is not its peers': the job ends at once (the binary
-    // aborts every rank), keeping the last checkpoint.
-    if group.world() > 1
+    // The other ranks may wait in a collective of the step that failed: the job ends at
+    // once (the binary aborts every rank), keeping the last checkpoint.
+    if leader.has_followers()
         && let Err(e) = &outcome
         && !matches!(e, byol_run::RunError::NonFiniteLoss { .. })
     {
@@ -210,6 +224,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     if target == 0 && outcome.is_ok() && run.trainer().steps_done() == 0 && !has_checkpoints {
         finished.checkpoint = Some(run.checkpoint());
     }
+    leader.send(&Order::Stop);
     if let Err(e) = &finished.metrics {
         eprintln!(
             "error: metrics lines could not be written ({}): {e}",
@@ -243,14 +258,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
                 None => "trained to step".into(),
             };
             let secs = started.elapsed().as_secs_f64();
-            if main {
-                println!(
-                    "{how} {step} in {secs:.1} s; metrics in {}, checkpoints in {}",
-                    run.dir().metrics().display(),
-                    ckpt_dir.display()
-                );
-            }
-            if group.reduces_gradients() && main {
+            println!(
+                "{how} {step} in {secs:.1} s; metrics in {}, checkpoints in {}",
+                run.dir().metrics().display(),
+                ckpt_dir.display()
+            );
+            if group.reduces_gradients() {
                 let t = group.sync_times();
                 println!(
                     "data-parallel sync on rank 0: gradients {:.1} s ({:.1}%), BatchNorm {:.1} s ({:.1}%), other {:.1} s ({:.1}%) of {secs:.1} s",
@@ -286,15 +299,12 @@ impl TrainLoop {
         // When and at which step the calibration of a `--minutes` run started timing
         // (after its first step, which pays one-off costs).
         let mut calibration = (Instant::now(), first_step);
-        let group = dist::group();
         while self.run.trainer().steps_done() < target {
             // A stop is rank 0's decision (mpirun forwards signals to every rank, but not
-            // at the same step).
-            let mut stop = [self.controls.stop_requested().map_or(0, |s| s as u64)];
-            group.broadcast_u64(&mut stop);
-            if stop[0] > 0 {
+            // at the same step; the others ignore theirs).
+            if let Some(sig) = self.controls.stop_requested() {
                 bar.finish();
-                return Ok(Some(stop[0] as i32));
+                return Ok(Some(sig));
             }
             // The last step of a `--minutes` run is the one that reaches the deadline,
             // and the last step of the target is logged.
@@ -311,24 +321,15 @@ impl TrainLoop {
             // The last step: the deadline's, or the target's (also one that a
             // `--minutes` fit has just moved to the step done, after its step was
             // taken without a forced log).
-            let mut last = out_of_time(&self.budget) || self.run.trainer().steps_done() >= target;
-            if group.world() > 1 {
-                // The budget's clock and fit are rank 0's.
-                let mut word = [u64::from(last), target];
-                group.broadcast_u64(&mut word);
-                if word[1] != target && self.budget.is_some() {
-                    target = word[1];
-                    self.run.trainer_mut().set_total_steps(target);
-                }
-                last = word[0] == 1;
-            }
+            let last = out_of_time(&self.budget) || self.run.trainer().steps_done() >= target;
             let logged = match (report.logged, last) {
                 (true, _) => report.line.clone(),
                 (false, true) => match self.run.log_last(&report)? {
                     (line, Ok(())) => Some(line),
-                    // Rank 0 alone writes metrics: its failure is not the job's end (its
-                    // peers could not take the last checkpoint with it); `finish` retries.
-                    (line, Err(e)) if group.world() > 1 => {
+                    // Data-parallel, a failed metrics write is not the job's end (the
+                    // other ranks could not take the last checkpoint with it); `finish`
+                    // retries.
+                    (line, Err(e)) if self.run.leader().has_followers() => {
                         eprintln!("warning: the last metrics line waits ({}): {e}", e.kind());
                         Some(line)
                     }

@@ -34,6 +34,7 @@ use byol_trainer::input::InputSpec;
 use byol_trainer::{OptimConfig, Schedule, TrainConfig, Trainer};
 use serde::Serialize;
 
+use crate::replica::{Leader, Order};
 use crate::{
     CheckpointOutcome, CheckpointPolicy, FaultPoints, Monitor, Operation, Run, RunDir, RunError,
     RunParts, StepReport,
@@ -176,29 +177,9 @@ impl Controls {
         self.generation.load(Ordering::SeqCst)
     }
 
-    /// What the loop acts on now, the same on every rank of a data-parallel job: rank
-    /// 0's stop, checkpoint request (taken), data generation and settings, broadcast
-    /// (rank 0 alone watches the folders, ingests and takes signals and reloads). In one
-    /// process, its own. Every rank must call it at the same points of the loop. The
-    /// checkpoint request is taken only when `take_checkpoint` (the loop acts on it).
-    fn agreed(&self, take_checkpoint: bool) -> Agreed {
-        let group = byol_trainer::dist::group();
-        let mine = || Agreed {
-            stop: self.stop_requested(),
-            checkpoint: take_checkpoint && self.checkpoint.swap(false, Ordering::SeqCst),
-            generation: self.generation(),
-            settings: self.settings(),
-        };
-        if group.world() == 1 {
-            return mine();
-        }
-        let mut word = if group.is_main() {
-            mine().encode()
-        } else {
-            [0; Agreed::WORDS]
-        };
-        group.broadcast_u64(&mut word);
-        Agreed::decode(word)
+    /// Takes the checkpoint request (the loop acts on it).
+    fn take_checkpoint(&self) -> bool {
+        self.checkpoint.swap(false, Ordering::SeqCst)
     }
 
     fn wake(&self) {
@@ -210,63 +191,6 @@ impl Controls {
     fn wait(&self, timeout: Duration) {
         let guard = self.wake.0.lock().unwrap();
         let _ = self.wake.1.wait_timeout(guard, timeout).unwrap();
-    }
-}
-
-/// The controls as the loop acts on them ([`Controls::agreed`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Agreed {
-    stop: Option<i32>,
-    checkpoint: bool,
-    generation: u64,
-    settings: Settings,
-}
-
-impl Agreed {
-    const WORDS: usize = 8;
-
-    /// As words for a broadcast (f64 by its bits).
-    fn encode(self) -> [u64; Self::WORDS] {
-        // Destructured in full: a new setting does not compile until it is sent too.
-        let Settings {
-            train:
-                TrainSettings {
-                    log_every,
-                    checkpoint_every_steps,
-                    checkpoint_every_minutes,
-                    keep_last,
-                },
-            daemon: DaemonSettings { idle_after_epochs },
-        } = self.settings;
-        [
-            self.stop.map_or(0, |s| s as u64),
-            u64::from(self.checkpoint),
-            self.generation,
-            log_every,
-            checkpoint_every_steps,
-            checkpoint_every_minutes.to_bits(),
-            keep_last as u64,
-            idle_after_epochs,
-        ]
-    }
-
-    fn decode(w: [u64; Self::WORDS]) -> Self {
-        Agreed {
-            stop: (w[0] != 0).then_some(w[0] as i32),
-            checkpoint: w[1] != 0,
-            generation: w[2],
-            settings: Settings {
-                train: TrainSettings {
-                    log_every: w[3],
-                    checkpoint_every_steps: w[4],
-                    checkpoint_every_minutes: f64::from_bits(w[5]),
-                    keep_last: w[6] as usize,
-                },
-                daemon: DaemonSettings {
-                    idle_after_epochs: w[7],
-                },
-            },
-        }
     }
 }
 
@@ -362,6 +286,9 @@ pub struct Setup {
     /// How often [`Event::Heartbeat`] is reported while the loop waits or is paused
     /// (at most every half second; a watchdog's interval over 4, say).
     pub heartbeat: Duration,
+    /// The other ranks of a data-parallel job, which follow this loop's orders
+    /// ([`crate::replica::follow`]; [`Leader::alone`] in one process).
+    pub leader: Leader,
 }
 
 /// Refuses a schedule that ends: open-ended training needs `schedule = "constant"`.
@@ -400,10 +327,13 @@ pub fn train_continuously(
         faults,
         retry,
         heartbeat,
+        leader,
     } = setup;
     let tick = heartbeat.min(WAIT_TICK);
-    let group = byol_trainer::dist::group();
     let resumed = crate::resume_or_init(&mut trainer, &dir.checkpoints())?;
+    leader.send(&Order::Resume {
+        step: resumed.as_ref().map(|r| r.meta.step),
+    });
     if let Some(r) = &resumed {
         on_event(Event::Resumed {
             path: &r.path,
@@ -416,20 +346,17 @@ pub fn train_continuously(
     let needed_shards = state.map_or(0, |s| s.shards as usize);
     // The loader needs one batch of records (and, resuming, the shards it had).
     let mut waiting_reported = None;
-    // Rank 0 decides when the dataset is ready, and with how many records the run
-    // starts; every rank then opens it and plans with that count.
     let dataset = loop {
-        if let Some(sig) = controls.agreed(false).stop {
+        if let Some(sig) = controls.stop_requested() {
+            leader.send(&Order::Stop);
             return Ok(sig);
         }
-        let mut ready = [0u64];
-        if group.is_main()
-            && let Ok(ds) = Dataset::open(&data)
-        {
+        if let Ok(ds) = Dataset::open(&data) {
             let records = ds.live_records().count();
             if records >= loader_cfg.batch_size && ds.shards().len() >= needed_shards {
-                ready[0] = 1;
-            } else if waiting_reported != Some(records) {
+                break ds;
+            }
+            if waiting_reported != Some(records) {
                 waiting_reported = Some(records);
                 on_event(Event::Waiting {
                     records,
@@ -437,13 +364,13 @@ pub fn train_continuously(
                 });
             }
         }
-        group.broadcast_u64(&mut ready);
-        if ready[0] > 0 {
-            break crate::open_agreed(&data)?;
-        }
         on_event(Event::Heartbeat);
-        controls.wait(tick);
+        wait(controls, leader, tick);
     };
+    // Every rank plans with the records this manifest lists.
+    leader.send(&Order::Start {
+        manifest: std::borrow::Cow::Borrowed(dataset.manifest()),
+    });
     let records = dataset.live_records().count();
     if let Some(m) = trainer.objective().memory()
         && m.capacity() > records
@@ -470,6 +397,7 @@ pub fn train_continuously(
         faults,
         batch_trace: std::env::var_os(crate::TRACE_BATCHES_ENV).map(PathBuf::from),
         retry,
+        leader,
     })?;
     if dropped > 0 {
         tracing::info!(dropped, "metrics lines past the resumed step dropped");
@@ -478,10 +406,11 @@ pub fn train_continuously(
         step: run.trainer().steps_done(),
     });
     let outcome = steps(&mut run, controls, settings, tick, on_event);
-    // Data-parallel, an error of this rank alone is not its peers': they wait in their
-    // next collective, so the last checkpoint (a collective step) cannot be taken; the
-    // caller ends the job (`dist::abort`), keeping the checkpoints written so far.
-    if group.world() > 1
+    // Data-parallel, the other ranks may wait in a collective of the step that failed,
+    // so no order reaches them and the last checkpoint (which reads every rank's
+    // health) cannot be taken; the caller ends the job (`dist::abort`), keeping the
+    // checkpoints written so far.
+    if leader.has_followers()
         && outcome
             .as_ref()
             .is_err_and(|e| !matches!(e, RunError::NonFiniteLoss { .. }))
@@ -503,7 +432,17 @@ pub fn train_continuously(
         Some(Err(e)) => tracing::error!(error = %e, "the last checkpoint failed too"),
         None => {}
     }
+    leader.send(&Order::Stop);
     outcome
+}
+
+/// Waits for `tick` (or until the controls wake the loop), the other ranks told to
+/// wait as long.
+fn wait(controls: &Controls, leader: Leader, tick: Duration) {
+    leader.send(&Order::Wait {
+        millis: tick.as_millis() as u64,
+    });
+    controls.wait(tick);
 }
 
 /// The events of [`Run::retry_due_writes`]: a metrics write that failed again, and the
@@ -557,24 +496,24 @@ fn steps(
     tick: Duration,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<i32, RunError> {
-    let mut seen_generation = controls.agreed(false).generation;
+    let mut seen_generation = controls.generation();
     let mut last_new_epoch = run.epoch();
     let mut rollbacks = 0;
     loop {
-        let agreed = controls.agreed(true);
-        if let Some(sig) = agreed.stop {
+        if let Some(sig) = controls.stop_requested() {
             return Ok(sig);
         }
-        if agreed.settings != settings {
-            settings = agreed.settings;
+        let reloaded = controls.settings();
+        if reloaded != settings {
+            settings = reloaded;
             run.set_policy(settings.policy());
             run.set_log_every(settings.train.log_every);
             tracing::info!(?settings, "settings reloaded");
         }
-        if agreed.checkpoint && run.has_unsaved_steps() {
+        if controls.take_checkpoint() && run.has_unsaved_steps() {
             checkpoint_now(run, on_event);
         }
-        let generation = agreed.generation;
+        let generation = controls.generation();
         if generation != seen_generation {
             seen_generation = generation;
             last_new_epoch = run.epoch();
@@ -588,19 +527,19 @@ fn steps(
             on_event(Event::Paused {
                 epochs: idle_epochs,
             });
-            let resumed_by = loop {
-                let agreed = controls.agreed(false);
-                if agreed.generation != seen_generation || agreed.stop.is_some() {
-                    break agreed;
+            let generation = loop {
+                if let Some(sig) = controls.stop_requested() {
+                    return Ok(sig);
+                }
+                let generation = controls.generation();
+                if generation != seen_generation {
+                    break generation;
                 }
                 on_event(Event::Heartbeat);
                 report_retries(run, on_event);
-                controls.wait(tick);
+                wait(controls, run.leader(), tick);
             };
-            if let Some(sig) = resumed_by.stop {
-                return Ok(sig);
-            }
-            seen_generation = resumed_by.generation;
+            seen_generation = generation;
             last_new_epoch = run.epoch();
             on_event(Event::Training {
                 step: run.trainer().steps_done(),

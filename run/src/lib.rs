@@ -11,6 +11,8 @@
 //!   the step a run resumes from;
 //! - [`resume()`]: the newest checkpoint that passes its checksums, falling back to older
 //!   ones, and the loader position it recorded ([`RunMeta`]);
+//! - [`replica`]: data-parallel training as rank 0 leading and the other ranks
+//!   following its [`replica::Order`]s ([`replica::follow`] is their whole life);
 //! - [`continuous`]: open-ended training on a growing dataset, paused when idle, rolled
 //!   back on a non-finite loss, driven by [`continuous::Controls`] (the daemon's signals
 //!   and its ingester set them).
@@ -22,6 +24,7 @@ mod layout;
 mod metrics;
 mod monitor;
 mod policy;
+pub mod replica;
 mod resume;
 mod run;
 
@@ -30,13 +33,12 @@ pub use metrics::{MetricsLine, MetricsSink};
 pub use monitor::{Measurement, Monitor, MonitorConfig};
 pub use policy::CheckpointPolicy;
 pub use resume::{
-    Resumed, RunMeta, ScheduleChange, check_init, init_ignored, resume, resume_agreed,
-    resume_or_init, schedule_change,
+    Resumed, RunMeta, ScheduleChange, check_init, init_ignored, resume, resume_or_init,
+    schedule_change,
 };
-pub use run::open_agreed;
 pub use run::{
-    CheckpointOutcome, FaultPoints, Finished, RETRY_AFTER, Run, RunParts, StepReport,
-    TRACE_BATCHES_ENV,
+    CheckpointOutcome, FaultPoints, Finished, MANIFEST_PATIENCE, RETRY_AFTER, Run, RunParts,
+    StepReport, TRACE_BATCHES_ENV,
 };
 
 use std::path::PathBuf;

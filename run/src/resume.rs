@@ -109,69 +109,15 @@ pub fn resume(trainer: &mut Trainer, dir: &Path) -> Result<Option<Resumed>, RunE
     )))
 }
 
-/// [`resume`] as one decision of a data-parallel job: rank 0 picks the checkpoint (the
-/// newest usable one) and broadcasts its step; every other rank loads that step's
-/// checkpoint, so all ranks go on from the same weights. In a world of one, [`resume`].
-///
-/// Errors: rank 0's resume failed (every rank returns an error: rank 0 its own, the
-/// others [`RunError::Resume`] saying so), or this rank cannot load the checkpoint rank 0
-/// chose.
-pub fn resume_agreed(trainer: &mut Trainer, dir: &Path) -> Result<Option<Resumed>, RunError> {
-    let group = byol_trainer::dist::group();
-    if group.world() == 1 {
-        return resume(trainer, dir);
-    }
-    // [outcome, step]: outcome 0 = none, 1 = resumed, 2 = failed.
-    let mut word = [0u64; 2];
-    let mine = if group.is_main() {
-        let r = resume(trainer, dir);
-        word = match &r {
-            Ok(None) => [0, 0],
-            Ok(Some(r)) => [1, r.meta.step],
-            Err(_) => [2, 0],
-        };
-        Some(r)
-    } else {
-        None
-    };
-    group.broadcast_u64(&mut word);
-    if let Some(r) = mine {
-        return r;
-    }
-    match word {
-        [0, _] => Ok(None),
-        [1, step] => {
-            let path = checkpoint::list(dir)
-                .into_iter()
-                .find(|(s, _)| *s == step)
-                .map(|(_, p)| p)
-                .ok_or_else(|| {
-                    RunError::Resume(format!(
-                        "rank 0 resumed from step {step}, which is not in {}",
-                        dir.display()
-                    ))
-                })?;
-            let meta = trainer.load_checkpoint(&path)?;
-            let run = RunMeta::from_checkpoint(&meta, &path)?;
-            Ok(Some(Resumed {
-                path,
-                meta,
-                run,
-                skipped: Vec::new(),
-            }))
-        }
-        _ => Err(RunError::Resume(
-            "rank 0 could not resume (its error says why)".into(),
-        )),
-    }
-}
-
-/// How a run starts: from its newest usable checkpoint ([`resume_agreed`]), else, when
+/// How a run starts: from its newest usable checkpoint ([`resume`]), else, when
 /// `[train] init` names pretrained weights, from those ([`Trainer::start_from`]), else
 /// from the seeded random init. A resume ignores `init` (the checkpoint wins) and says
 /// so on the log, once per call: a changed or removed `init` never stops a resume.
 ///
-/// Errors: as [`resume_agreed`]; the init file is unreadable or does not fit the model.
+/// Data-parallel, rank 0 decides; it then sends the other ranks
+/// [`Order::Resume`](crate::replica::Order::Resume) with the step it chose.
+///
+/// Errors: as [`resume`]; the init file is unreadable or does not fit the model.
 pub fn resume_or_init(trainer: &mut Trainer, dir: &Path) -> Result<Option<Resumed>, RunError> {
     start(trainer, dir, true)
 }
@@ -183,7 +129,7 @@ pub(crate) fn start(
     dir: &Path,
     say: bool,
 ) -> Result<Option<Resumed>, RunError> {
-    let resumed = resume_agreed(trainer, dir)?;
+    let resumed = resume(trainer, dir)?;
     let Some(init) = trainer.config().train.init.clone() else {
         return Ok(resumed);
     };

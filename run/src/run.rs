@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use byol_loader::{Loader, LoaderState};
-use byol_trainer::dist::ProcessGroup;
 use byol_trainer::eval::{Encoder, export_encoder};
 use byol_trainer::input::InputSpec;
 use byol_trainer::{StepStats, Trainer, checkpoint};
 
+use crate::replica::{Leader, Order};
 use crate::{
     CheckpointPolicy, MetricsLine, MetricsSink, Monitor, Operation, RunDir, RunError, RunMeta,
 };
@@ -72,6 +72,9 @@ pub struct RunParts {
     /// How long after a failed checkpoint or metrics write the next try waits
     /// ([`RETRY_AFTER`] for `byol train`, `[daemon] retry_secs` for the daemon).
     pub retry: Duration,
+    /// The other ranks of a data-parallel job, told what to do at each step
+    /// ([`Leader::alone`] in one process).
+    pub leader: Leader,
 }
 
 /// Environment variable naming the batch trace file ([`RunParts::batch_trace`]).
@@ -123,9 +126,9 @@ pub struct StepReport {
     pub epoch: u64,
     /// Images in the batch.
     pub images: usize,
-    /// The metrics line, when this step was logged (rank 0's: `None` on other ranks).
+    /// The metrics line, when this step was logged.
     pub line: Option<MetricsLine>,
-    /// This step was a log step (every rank read the health; only rank 0 has the line).
+    /// This step was a log step.
     pub logged: bool,
     /// The checkpoint the policy asked for after this step, if it did: written (with
     /// its prune and export outcomes), or why it failed (a full disk, say; it is tried
@@ -147,58 +150,20 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(60);
 /// decided on (a commit rank 0 saw first, on shared storage).
 pub const MANIFEST_PATIENCE: Duration = Duration::from_secs(60);
 
-/// The dataset at `data` as every rank starts with it: as of rank 0's reading of its
-/// manifest, broadcast (one process: as it opens). Other ranks retry opening it, and the
-/// shards rank 0's manifest lists, for up to [`MANIFEST_PATIENCE`]. Every rank must call
-/// it.
-///
-/// Errors: the dataset cannot be opened (rank 0's error ends the job; the others say
-/// the manifest they were sent is invalid or its shards cannot be opened).
-pub fn open_agreed(data: &std::path::Path) -> Result<byol_ingest::Dataset, RunError> {
-    let group = byol_trainer::dist::group();
-    if group.world() == 1 {
-        return Ok(byol_ingest::Dataset::open(data)?);
-    }
-    let mut bytes = Vec::new();
-    let mine = if group.is_main() {
-        let ds = byol_ingest::Dataset::open(data)?;
-        bytes = serde_json::to_vec(ds.manifest()).expect("a manifest serialises");
-        Some(ds)
-    } else {
-        None
-    };
-    group.broadcast_bytes(&mut bytes);
-    if let Some(ds) = mine {
-        return Ok(ds);
-    }
-    let manifest: byol_ingest::Manifest = serde_json::from_slice(&bytes)
-        .map_err(|e| RunError::Peer(format!("rank 0's manifest of {}: {e}", data.display())))?;
-    let deadline = Instant::now() + MANIFEST_PATIENCE;
-    loop {
-        let attempt = byol_ingest::Dataset::open(data)
-            .and_then(|ds| Ok(ds.with_manifest(manifest.clone())?.unwrap_or(ds)));
-        match attempt {
-            Ok(ds) => return Ok(ds),
-            Err(e) if Instant::now() >= deadline => return Err(e.into()),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-}
-
 /// A training run between steps (see the crate docs).
 ///
-/// Data-parallel ([`byol_trainer::dist`]): every rank runs the same `Run` on its share
-/// of each global batch; rank 0 decides what depends on time or on the disk (dataset
-/// growth, wall-clock checkpoints) and broadcasts it with each step, and alone writes
-/// under the run folder (metrics, checkpoints, exports).
+/// Single-process code: data-parallel, rank 0 alone runs it, decides what depends on
+/// time or on the disk (dataset growth, wall-clock checkpoints) and alone writes under
+/// the run folder (metrics, checkpoints, exports); before each step and health read it
+/// sends the other ranks their [`Order`] ([`crate::replica`]).
 pub struct Run {
-    /// The data-parallel group (a world of one outside `mpirun`).
-    group: &'static ProcessGroup,
+    /// The other ranks (none outside `mpirun`).
+    leader: Leader,
     dir: RunDir,
     trainer: Trainer,
     loader: Loader,
-    /// `metrics.jsonl` (rank 0 only).
-    metrics: Option<MetricsSink>,
+    /// `metrics.jsonl`.
+    metrics: MetricsSink,
     policy: CheckpointPolicy,
     log_every: u64,
     monitor: Option<Monitor>,
@@ -251,30 +216,23 @@ impl Run {
     /// Starts a run: opens `metrics.jsonl`, dropping lines past the trainer's step.
     /// Returns the run and the number of dropped lines.
     pub fn start(parts: RunParts) -> Result<(Self, usize), RunError> {
-        let group = byol_trainer::dist::group();
         let step = parts.trainer.steps_done();
         let batch_trace = match &parts.batch_trace {
-            // Rank 0's alone (the other ranks' batches are shares of its).
-            Some(p) if group.is_main() => Some(
+            Some(p) => Some(
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(p)
                     .map_err(crate::io(p))?,
             ),
-            _ => None,
+            None => None,
         };
-        let (metrics, dropped) = if group.is_main() {
-            let (sink, dropped) = MetricsSink::open(&parts.dir.metrics(), step, parts.retry)?;
-            (Some(sink), dropped)
-        } else {
-            (None, 0)
-        };
+        let (metrics, dropped) = MetricsSink::open(&parts.dir.metrics(), step, parts.retry)?;
         let state = parts.loader.state();
         let now = Instant::now();
         Ok((
             Run {
-                group,
+                leader: parts.leader,
                 dir: parts.dir,
                 last_epoch: state.epoch,
                 last_state: state,
@@ -316,7 +274,11 @@ impl Run {
             return Err(RunError::NonFiniteLoss { step, loss });
         }
         let size = self.input.size as usize;
-        let checkpoint_due = self.agree_on_step()?;
+        let step = self.trainer.steps_done() + 1;
+        let checkpoint_due = self.checkpoint_due_after_step();
+        let measure = self.monitor.as_ref().is_some_and(|m| m.due(step));
+        let log_due = force_log || step.is_multiple_of(self.log_every) || measure;
+        self.order_step(log_due || checkpoint_due);
         let wait_start = Instant::now();
         let batch = self.loader.next_batch();
         self.window.data_wait += wait_start.elapsed();
@@ -336,27 +298,25 @@ impl Run {
         }
         drop(batch);
         // Throughput counts the global batch: every rank loads an equal share of it.
-        self.window.images += (images * self.group.world()) as u64;
+        self.window.images += (images * self.leader.world()) as u64;
         self.last_state = self.loader.state();
         self.last_epoch = epoch;
         if self.faults.nan_at == Some(stats.step) {
             self.faults.nan_at = None;
             self.injected_non_finite = Some(stats.step);
         }
-        let measure = self.monitor.as_ref().is_some_and(|m| m.due(stats.step));
-        let log_due = force_log || stats.step.is_multiple_of(self.log_every) || measure;
+        debug_assert_eq!(stats.step, step);
         let loss = if log_due || checkpoint_due {
             Some(self.read_health()?)
         } else {
             None
         };
-        let main = self.group.is_main();
         let knn = match &self.monitor {
-            Some(m) if measure && main => Some(m.measure(&self.trainer)?),
+            Some(m) if measure => Some(m.measure(&self.trainer)?),
             _ => None,
         };
         let (line, metrics_error) = match loss {
-            Some(loss) if log_due && main => {
+            Some(loss) if log_due => {
                 let (line, written) = self.log(&stats, loss, epoch, knn);
                 (Some(line), written.err())
             }
@@ -385,46 +345,23 @@ impl Run {
         })
     }
 
-    /// The decisions of the coming step, rank 0's broadcast to every rank: the dataset
-    /// view the loader plans its next boundaries with (rank 0's [`Loader::refresh`];
-    /// when it changed, its manifest goes to the other ranks, which apply it with
-    /// [`Loader::apply_manifest`]: same records, retirements and shards everywhere), and
-    /// whether a checkpoint follows the step (the policy's clock is rank 0's). Returns
-    /// the latter.
-    fn agree_on_step(&mut self) -> Result<bool, RunError> {
-        let group = self.group;
-        let main = group.is_main();
-        let changed = if main {
-            self.loader.refresh_shared().unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "dataset refresh failed; the next epochs keep the records known so far");
-                None
-            })
-        } else {
+    /// Refreshes the dataset view the loader plans its next boundaries with (a failed
+    /// refresh keeps the records known so far) and orders the other ranks' step: the
+    /// new view when it changed (they apply it with [`Loader::apply_manifest`]: same
+    /// records, retirements and shards everywhere), the schedules' length, and whether
+    /// the health is read after it.
+    fn order_step(&mut self, read_health: bool) {
+        let changed = self.loader.refresh_shared().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "dataset refresh failed; the next epochs keep the records known so far");
             None
-        };
-        if group.world() == 1 {
-            return Ok(self.checkpoint_due_after_step());
-        }
-        let mut word = [0u64; 2];
-        if main {
-            word = [
-                u64::from(changed.is_some()),
-                u64::from(self.checkpoint_due_after_step()),
-            ];
-        }
-        group.broadcast_u64(&mut word);
-        if word[0] == 1 {
-            let mut bytes = changed
-                .map(|ds| serde_json::to_vec(ds.manifest()).expect("a manifest serialises"))
-                .unwrap_or_default();
-            group.broadcast_bytes(&mut bytes);
-            if !main {
-                let manifest = serde_json::from_slice(&bytes)
-                    .map_err(|e| RunError::Peer(format!("rank 0's manifest: {e}")))?;
-                self.loader.apply_manifest(manifest, MANIFEST_PATIENCE)?;
-            }
-        }
-        Ok(word[1] == 1)
+        });
+        self.leader.send(&Order::Step {
+            manifest: changed
+                .as_deref()
+                .map(|ds| std::borrow::Cow::Borrowed(ds.manifest())),
+            total_steps: self.trainer.config().train.total_steps,
+            read_health,
+        });
     }
 
     /// True when the policy wants a checkpoint after the coming step (and no failed one
@@ -440,20 +377,21 @@ impl Run {
 
     /// Writes the metrics line of a step that [`Run::step`] did not log (the last step
     /// of a run that ends on a deadline): the line, and whether it reached
-    /// `metrics.jsonl` (a failed write keeps it waiting, see [`Run::finish`]; only rank 0
-    /// writes). Errors: a step since the last read had a non-finite loss
-    /// ([`RunError::NonFiniteLoss`], the same on every rank).
+    /// `metrics.jsonl` (a failed write keeps it waiting, see [`Run::finish`]). Errors: a
+    /// step since the last read had a non-finite loss ([`RunError::NonFiniteLoss`]).
     pub fn log_last(
         &mut self,
         report: &StepReport,
     ) -> Result<(MetricsLine, Result<(), RunError>), RunError> {
+        self.leader.send(&Order::ReadHealth);
         let loss = self.read_health()?;
         Ok(self.log(&report.stats, loss, report.epoch, None))
     }
 
     /// Reads the trainer's health: the last step's loss, or [`RunError::NonFiniteLoss`]
     /// (the first such step since the last read) and the run poisoned until
-    /// [`Run::rollback`].
+    /// [`Run::rollback`]. The other ranks read theirs at the same point (a step's order
+    /// says so, or an [`Order::ReadHealth`] before this).
     fn read_health(&mut self) -> Result<f32, RunError> {
         let health = self.trainer.read_health()?;
         self.health_read_at = self.trainer.steps_done();
@@ -482,7 +420,7 @@ impl Run {
     /// checkpoint (`None` when there were none).
     pub fn finish(&mut self) -> Finished {
         Finished {
-            metrics: self.metrics.as_mut().map_or(Ok(()), MetricsSink::flush),
+            metrics: self.metrics.flush(),
             checkpoint: self.has_unsaved_steps().then(|| self.checkpoint()),
         }
     }
@@ -491,16 +429,12 @@ impl Run {
     /// write that failed, once its retry interval has passed. Returns what was tried.
     pub fn retry_due_writes(&mut self) -> Finished {
         let now = Instant::now();
-        let metrics = match &mut self.metrics {
-            Some(m) if m.retry_due(now) => m.flush(),
-            _ => Ok(()),
+        let metrics = if self.metrics.retry_due(now) {
+            self.metrics.flush()
+        } else {
+            Ok(())
         };
-        // Rank 0's clock decides (a checkpoint is a collective step).
-        let mut due = [u64::from(
-            self.retry_at.is_some_and(|t| now >= t) && self.has_unsaved_steps(),
-        )];
-        self.group.broadcast_u64(&mut due);
-        let due = due[0] == 1;
+        let due = self.retry_at.is_some_and(|t| now >= t) && self.has_unsaved_steps();
         Finished {
             metrics,
             checkpoint: due.then(|| self.checkpoint()),
@@ -543,7 +477,7 @@ impl Run {
             knn_accuracy: knn.map(|k| k.accuracy),
             knn_skipped_records: knn.map(|k| k.skipped as u64),
         };
-        let written = self.metrics.as_mut().map_or(Ok(()), |m| m.append(&line));
+        let written = self.metrics.append(&line);
         let tau_text = tau.map(|t| format!(" tau {t:.4}")).unwrap_or_default();
         tracing::info!(
             event = "step",
@@ -582,6 +516,7 @@ impl Run {
         let step = self.trainer.steps_done();
         // Never a diverged state: the steps since the last read are checked first.
         if self.poisoned.is_none() && self.health_read_at != step {
+            self.leader.send(&Order::ReadHealth);
             match self.read_health() {
                 Ok(_) | Err(RunError::NonFiniteLoss { .. }) => {}
                 Err(e) => return Err(e),
@@ -594,27 +529,13 @@ impl Run {
         let meta = RunMeta {
             epoch: self.last_epoch,
             loader: Some(self.last_state),
-            world_size: Some(self.group.world() as u64),
+            world_size: Some(self.leader.world() as u64),
         };
-        // Rank 0 writes; every rank learns whether it worked, so all keep the same
-        // checkpoint clock.
-        let group = self.group;
-        let saved = if group.is_main() {
-            self.trainer
-                .state()
-                .and_then(|state| checkpoint::save(&dir, &state, Some(&self.input), meta.to_json()))
-                .map_err(RunError::from)
-        } else {
-            Ok(checkpoint::folder(&dir, step))
-        };
-        let mut ok = [u64::from(saved.is_ok())];
-        group.broadcast_u64(&mut ok);
-        let saved = match saved {
-            Ok(_) if ok[0] == 0 => Err(RunError::Peer(format!(
-                "rank 0 could not write the checkpoint of step {step}"
-            ))),
-            other => other,
-        };
+        let saved = self
+            .trainer
+            .state()
+            .and_then(|state| checkpoint::save(&dir, &state, Some(&self.input), meta.to_json()))
+            .map_err(RunError::from);
         let path = match saved {
             Ok(path) => path,
             Err(e) => {
@@ -627,14 +548,8 @@ impl Run {
         let unix_secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
-        let (pruned, exported) = if group.is_main() {
-            (
-                checkpoint::prune(&dir, self.policy.keep_last).map_err(RunError::from),
-                self.export_latest.then(|| self.export()),
-            )
-        } else {
-            (Ok(()), None)
-        };
+        let pruned = checkpoint::prune(&dir, self.policy.keep_last).map_err(RunError::from);
+        let exported = self.export_latest.then(|| self.export());
         Ok(CheckpointOutcome {
             path,
             step,
@@ -661,12 +576,13 @@ impl Run {
         let mut fresh = Trainer::new(self.trainer.config().clone(), self.trainer.batch_size())?;
         // Without a checkpoint, the run's start again: `[train] init` or the seed.
         let resumed = crate::resume::start(&mut fresh, &self.dir.checkpoints(), false)?;
+        self.leader.send(&Order::Resume {
+            step: resumed.as_ref().map(|r| r.meta.step),
+        });
         self.trainer = fresh;
         self.poisoned = None;
         self.health_read_at = self.trainer.steps_done();
-        if let Some(m) = &mut self.metrics {
-            m.truncate_to(self.trainer.steps_done())?;
-        }
+        self.metrics.truncate_to(self.trainer.steps_done())?;
         self.last_ckpt = (Instant::now(), self.trainer.steps_done());
         Ok(resumed.map(|r| r.path))
     }
@@ -684,6 +600,11 @@ impl Run {
     /// The trainer, mutably (e.g. to fit the schedules to a time budget).
     pub fn trainer_mut(&mut self) -> &mut Trainer {
         &mut self.trainer
+    }
+
+    /// The other ranks of a data-parallel job.
+    pub fn leader(&self) -> Leader {
+        self.leader
     }
 
     /// The loader.

@@ -2,95 +2,20 @@
 //! non-finite flag and the embeddings' health are read at log steps and before
 //! checkpoints only (every read counted by `byol_trainer::host`).
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+mod common;
 
-use byol_augment::{AugmentConfig, Augmenter};
-use byol_ingest::{Dataset, IngestOptions, NoProgress, ingest};
-use byol_loader::{Loader, LoaderConfig, Output};
-use byol_run::{CheckpointPolicy, FaultPoints, Run, RunDir, RunError, RunParts};
-use byol_trainer::config::{ModelConfig, OptimizerKind};
+use std::path::Path;
+
+use byol_run::replica::Leader;
+use byol_run::{FaultPoints, Run, RunError};
 use byol_trainer::host::reads_on_this_thread;
-use byol_trainer::{OptimConfig, TrainConfig, Trainer, TrainerConfig};
-
-/// 32 small labelled PNGs, ingested.
-fn dataset(dir: &Path) -> PathBuf {
-    let src = dir.join("src");
-    for i in 0..32u32 {
-        let class = if i % 2 == 0 { "a" } else { "b" };
-        std::fs::create_dir_all(src.join(class)).unwrap();
-        image::RgbImage::from_fn(20 + i % 5, 18, |x, y| {
-            image::Rgb([(x * 9 + i) as u8, (y * 13 + i * 3) as u8, (i * 31) as u8])
-        })
-        .save(src.join(class).join(format!("{i:03}.png")))
-        .unwrap();
-    }
-    let out = dir.join("ds");
-    let mut o = IngestOptions::new(vec![src], out.clone());
-    o.settings.max_side = Some(0);
-    ingest(&o, &NoProgress).unwrap();
-    out
-}
 
 /// A width-4 ResNet-18 on 16-px views, batch 8, logging every 5 steps, no checkpoint by
 /// policy.
 fn run(dir: &Path, faults: FaultPoints) -> Run {
-    let trainer = Trainer::new(
-        TrainerConfig {
-            model: ModelConfig {
-                width: 4,
-                projector_hidden: 32,
-                projection_dim: 16,
-                predictor_hidden: 32,
-                ..ModelConfig::small(4)
-            },
-            optim: OptimConfig {
-                optimizer: OptimizerKind::Adamw,
-                base_lr: 1e-3,
-                ..OptimConfig::default()
-            },
-            train: TrainConfig {
-                device: "cpu".into(),
-                total_steps: 100,
-                ..TrainConfig::default()
-            },
-            ..TrainerConfig::default()
-        },
-        8,
-    )
-    .unwrap();
-    let loader = Loader::new(
-        Dataset::open(&dataset(dir)).unwrap(),
-        Augmenter::new(AugmentConfig::small(16)).unwrap(),
-        LoaderConfig {
-            batch_size: 8,
-            threads: 1,
-            output: Output::F32,
-            ..LoaderConfig::default()
-        },
-        None,
-    )
-    .unwrap();
-    std::fs::create_dir_all(dir.join("run")).unwrap();
-    Run::start(RunParts {
-        dir: RunDir::new(dir.join("run")),
-        trainer,
-        loader,
-        input: byol_trainer::input::InputSpec::of_views(&AugmentConfig::small(16)),
-        policy: CheckpointPolicy {
-            every_steps: 0,
-            every_minutes: 0.0,
-            keep_last: 2,
-        },
-        log_every: 5,
-        monitor: None,
-        export_latest: false,
-        faults,
-        batch_trace: None,
-        retry: Duration::from_secs(1),
-    })
-    .unwrap()
-    .0
+    let loader = common::loader(&common::dataset(dir));
+    let parts = common::parts(dir, common::trainer(), loader, faults, 0, Leader::alone());
+    Run::start(parts).unwrap().0
 }
 
 #[test]
