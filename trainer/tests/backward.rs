@@ -32,7 +32,11 @@ fn several_contributions_sum_exactly() -> Result<()> {
     let loss = (loss + (x.as_tensor() * &a)?.neg()?.sum_all()?)?;
     let grads = loss.backward()?;
     let got = values(grads.get(&x).expect("x has a gradient"))?;
-    let want: Vec<f32> = A.iter().zip(B).map(|(a, b)| a + b - 1.0 + 2.0 - a).collect();
+    let want: Vec<f32> = A
+        .iter()
+        .zip(B)
+        .map(|(a, b)| a + b - 1.0 + 2.0 - a)
+        .collect();
     assert_eq!(got, want);
     Ok(())
 }
